@@ -1,0 +1,88 @@
+# CUDA detection for diffuse (included from the top-level CMakeLists.txt at
+# file scope, because enable_language() must not be called inside a function).
+#
+#   DIFFUSE_CUDA=AUTO  (default) enable CUDA when a working nvcc is found
+#   DIFFUSE_CUDA=ON    require CUDA (configure fails without nvcc)
+#   DIFFUSE_CUDA=OFF   CPU only, no CUDA probing at all
+#
+# nvcc lookup: CMAKE_CUDA_COMPILER or $CUDACXX if given; else nvcc on PATH; else
+# /usr/local/cuda/bin/nvcc (the default toolkit location, often not on PATH).
+#
+# CMAKE_CUDA_ARCHITECTURES, unless given (or $CUDAARCHS is set): "native" when
+# `nvidia-smi -L` lists a GPU, otherwise "80;90" (A100 + H100).
+#
+# Result: cache variable DIFFUSE_HAVE_CUDA (ON/OFF); when ON, CUDA is an enabled
+# language and CUDAToolkit (CUDA::cudart, CUDA::cublas, ...) has been found.
+
+set(DIFFUSE_CUDA AUTO CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
+set_property(CACHE DIFFUSE_CUDA PROPERTY STRINGS AUTO ON OFF)
+string(TOUPPER "${DIFFUSE_CUDA}" _diffuse_cuda_mode)
+if(_diffuse_cuda_mode MATCHES "^(1|TRUE|YES|Y)$")
+  set(_diffuse_cuda_mode ON)
+elseif(_diffuse_cuda_mode MATCHES "^(0|FALSE|NO|N)$")
+  set(_diffuse_cuda_mode OFF)
+endif()
+if(NOT _diffuse_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "diffuse: DIFFUSE_CUDA must be AUTO, ON or OFF (got '${DIFFUSE_CUDA}')")
+endif()
+
+set(_diffuse_have_cuda OFF)
+if(NOT _diffuse_cuda_mode STREQUAL "OFF")
+  # Point CMake at the default toolkit location when nvcc is not on PATH.
+  if(NOT DEFINED CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX})
+    # Search $PATH only: CMake's own search would also accept e.g. a
+    # /usr/local/bin/nvcc wrapper script, from which it cannot identify the toolkit.
+    find_program(_diffuse_nvcc_on_path nvcc NO_CACHE NO_PACKAGE_ROOT_PATH NO_CMAKE_PATH
+                 NO_CMAKE_ENVIRONMENT_PATH NO_CMAKE_SYSTEM_PATH NO_CMAKE_INSTALL_PREFIX)
+    if(NOT _diffuse_nvcc_on_path AND EXISTS /usr/local/cuda/bin/nvcc)
+      set(ENV{CUDACXX} /usr/local/cuda/bin/nvcc)
+    endif()
+  endif()
+
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
+    set(_diffuse_cuda_archs "80;90")
+    execute_process(COMMAND nvidia-smi -L
+                    RESULT_VARIABLE _diffuse_smi_rc OUTPUT_VARIABLE _diffuse_smi_out
+                    ERROR_QUIET TIMEOUT 30)
+    if(_diffuse_smi_rc EQUAL 0 AND _diffuse_smi_out MATCHES "GPU [0-9]+:")
+      set(_diffuse_cuda_archs native)
+    endif()
+    set(CMAKE_CUDA_ARCHITECTURES "${_diffuse_cuda_archs}" CACHE STRING "CUDA architectures to build for")
+  endif()
+
+  if(_diffuse_cuda_mode STREQUAL "AUTO")
+    include(CheckLanguage)
+    check_language(CUDA)
+    if(CMAKE_CUDA_COMPILER)
+      set(_diffuse_have_cuda ON)
+    endif()
+  else()
+    set(_diffuse_have_cuda ON)   # ON: enable_language fails loudly without nvcc
+  endif()
+endif()
+
+if(_diffuse_have_cuda)
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  set(CMAKE_CUDA_EXTENSIONS OFF)
+  # diffuse::cuda links the shared CUDA::cudart; do not add a static cudart too.
+  if(NOT DEFINED CMAKE_CUDA_RUNTIME_LIBRARY)
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
+  endif()
+  # CMake < 3.26 does not know nvcc's C++20 flag; nvcc >= 12 accepts -std=c++20.
+  if(NOT DEFINED CMAKE_CUDA20_STANDARD_COMPILE_OPTION
+     AND CMAKE_CUDA_COMPILER_ID STREQUAL "NVIDIA"
+     AND CMAKE_CUDA_COMPILER_VERSION VERSION_GREATER_EQUAL 12.0)
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  endif()
+  message(STATUS "diffuse: CUDA enabled (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, "
+                 "architectures ${CMAKE_CUDA_ARCHITECTURES})")
+elseif(_diffuse_cuda_mode STREQUAL "OFF")
+  message(STATUS "diffuse: CUDA disabled (DIFFUSE_CUDA=OFF) - building CPU-only")
+else()
+  message(STATUS "diffuse: nvcc not found - building CPU-only")
+endif()
+set(DIFFUSE_HAVE_CUDA ${_diffuse_have_cuda} CACHE INTERNAL "diffuse is built with CUDA")

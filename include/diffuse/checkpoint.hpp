@@ -1,0 +1,108 @@
+// Training checkpoints in safetensors: model weights under their PyTorch names
+// (so the file loads into the reference with load_state_dict), plus
+// "ema.<name>", "optim.exp_avg.<name>", "optim.exp_avg_sq.<name>", and the step,
+// optimiser step, EMA count and RNG state in the metadata. Restoring all of it
+// makes a resumed run continue bit for bit.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+
+#include "module.hpp"
+#include "optim.hpp"
+#include "safetensors.hpp"
+
+namespace diffuse {
+
+inline constexpr const char* kCheckpointFormat = "diffuse.checkpoint.v1";
+
+struct TrainState {
+  int64_t step = 0;
+  Generator rng;
+  safetensors::Metadata metadata;  // everything in the file's metadata, including the caller's extras
+};
+
+template <class T>
+inline void save_checkpoint(const std::string& path, const Module<T>& model, Adam<T>* opt, EMA<T>* ema,
+                            int64_t step, const Generator& rng, const safetensors::Metadata& extra = {}) {
+  safetensors::Writer w;
+  const auto params = model.named_parameters();
+  for (const auto& [name, p] : params) w.add(name, p.value());
+  if (ema)
+    for (size_t k = 0; k < params.size(); ++k) w.add("ema." + params[k].first, ema->shadow()[k]);
+  if (opt)
+    for (size_t k = 0; k < params.size(); ++k) {
+      w.add("optim.exp_avg." + params[k].first, opt->first_moments()[k]);
+      w.add("optim.exp_avg_sq." + params[k].first, opt->second_moments()[k]);
+    }
+  w.metadata = extra;
+  w.metadata["format"] = kCheckpointFormat;
+  w.metadata["step"] = std::to_string(step);
+  w.metadata["rng.seed"] = std::to_string(rng.seed);
+  w.metadata["rng.offset"] = std::to_string(rng.offset);
+  if (opt) w.metadata["optim.step"] = std::to_string(opt->steps());
+  if (ema) w.metadata["ema.updates"] = std::to_string(ema->updates());
+  w.write(path);
+}
+
+namespace detail {
+inline int64_t meta_int(const safetensors::File& f, const std::string& key) {
+  auto it = f.metadata().find(key);
+  if (it == f.metadata().end())
+    throw std::runtime_error("diffuse: checkpoint '" + f.path() + "' has no metadata '" + key + "'");
+  return std::stoll(it->second);
+}
+}  // namespace detail
+
+// Loads model weights (strict: every parameter present with its shape). Other
+// tensors in the file are ignored only if they belong to the ema./optim. groups.
+template <class T>
+inline void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
+  std::set<std::string> expected;
+  for (auto& [name, p] : model.named_parameters()) {
+    const std::string key = prefix + name;
+    expected.insert(key);
+    if (!f.contains(key)) throw std::runtime_error("diffuse: '" + f.path() + "' is missing tensor '" + key + "'");
+    const safetensors::View& v = f.at(key);
+    if (v.shape != p.value().shape())
+      throw std::runtime_error("diffuse: '" + f.path() + "': tensor '" + key + "' has shape " + shape_str(v.shape) +
+                               ", the model expects " + shape_str(p.value().shape()));
+    f.copy_converted(v, key, p.value().data());
+  }
+  if (prefix.empty())
+    for (const auto& n : f.names())
+      if (!expected.count(n) && n.rfind("ema.", 0) != 0 && n.rfind("optim.", 0) != 0)
+        throw std::runtime_error("diffuse: '" + f.path() + "' has tensor '" + n + "' that the model does not have");
+}
+
+template <class T>
+inline TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* opt, EMA<T>* ema) {
+  const safetensors::File f = safetensors::File::read(path);
+  load_weights(f, model);
+  const auto params = model.named_parameters();
+  if (ema) {
+    for (size_t k = 0; k < params.size(); ++k) {
+      const std::string key = "ema." + params[k].first;
+      ema->shadow()[k] = f.tensor<T>(key, &params[k].second.value().shape());
+    }
+    ema->set_updates(detail::meta_int(f, "ema.updates"));
+  }
+  if (opt) {
+    for (size_t k = 0; k < params.size(); ++k) {
+      const Shape& s = params[k].second.value().shape();
+      opt->first_moments()[k] = f.tensor<T>("optim.exp_avg." + params[k].first, &s);
+      opt->second_moments()[k] = f.tensor<T>("optim.exp_avg_sq." + params[k].first, &s);
+    }
+    opt->set_steps(detail::meta_int(f, "optim.step"));
+  }
+  TrainState st;
+  st.step = detail::meta_int(f, "step");
+  st.rng = Generator(static_cast<uint64_t>(std::stoull(f.metadata().at("rng.seed"))),
+                     static_cast<uint64_t>(std::stoull(f.metadata().at("rng.offset"))));
+  st.metadata = f.metadata();
+  return st;
+}
+
+}  // namespace diffuse

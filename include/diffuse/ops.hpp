@@ -1,0 +1,457 @@
+// Differentiable ops on Var<T> (CPU reference implementations).
+//
+// Each op computes its value and, when a gradient is needed, records a
+// backward function that writes straight into its inputs' gradient buffers.
+// Matrix products go through Eigen's GEMM (multithreaded with OpenMP).
+#pragma once
+
+#include <Eigen/Core>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "autograd.hpp"
+
+namespace diffuse {
+
+namespace detail {
+
+template <class T>
+using MatR = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using MapR = Eigen::Map<MatR<T>>;
+template <class T>
+using CMapR = Eigen::Map<const MatR<T>>;
+
+inline constexpr size_t kParallelMin = size_t(1) << 15;  // below this, threads cost more than they give
+
+[[noreturn]] inline void shape_error(const char* op, const Shape& a, const Shape& b) {
+  throw std::invalid_argument(std::string("diffuse: ") + op + ": incompatible shapes " + shape_str(a) + " and " +
+                              shape_str(b));
+}
+
+// NumPy broadcasting of two shapes: the output shape and, for each output
+// dimension, the stride of each input (0 where the input is broadcast).
+struct Broadcast {
+  Shape out;
+  std::vector<int64_t> sa, sb;
+};
+
+inline Broadcast broadcast(const Shape& a, const Shape& b, const char* op) {
+  const size_t nd = std::max(a.size(), b.size());
+  Broadcast r;
+  r.out.assign(nd, 1);
+  r.sa.assign(nd, 0);
+  r.sb.assign(nd, 0);
+  for (size_t i = 0; i < nd; ++i) {
+    const int64_t da = i + a.size() >= nd ? a[i + a.size() - nd] : 1;
+    const int64_t db = i + b.size() >= nd ? b[i + b.size() - nd] : 1;
+    if (da != db && da != 1 && db != 1) shape_error(op, a, b);
+    r.out[i] = std::max(da, db);
+  }
+  int64_t st_a = 1, st_b = 1;
+  for (size_t k = nd; k-- > 0;) {
+    const int64_t da = k + a.size() >= nd ? a[k + a.size() - nd] : 1;
+    const int64_t db = k + b.size() >= nd ? b[k + b.size() - nd] : 1;
+    r.sa[k] = (da == 1) ? 0 : st_a;
+    r.sb[k] = (db == 1) ? 0 : st_b;
+    st_a *= da;
+    st_b *= db;
+  }
+  return r;
+}
+
+// Calls f(i, ia, ib) for every output element i with the matching input offsets.
+template <class F>
+inline void for_each_broadcast(const Broadcast& bc, F&& f) {
+  const size_t nd = bc.out.size();
+  if (nd == 0) {
+    f(size_t(0), int64_t(0), int64_t(0));
+    return;
+  }
+  const int64_t inner = bc.out[nd - 1], ia_s = bc.sa[nd - 1], ib_s = bc.sb[nd - 1];
+  const int64_t outer = inner ? shape_numel(bc.out) / inner : 0;
+  std::vector<int64_t> idx(nd, 0);
+  int64_t ia = 0, ib = 0;
+  size_t i = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t j = 0; j < inner; ++j) f(i++, ia + j * ia_s, ib + j * ib_s);
+    for (size_t k = nd - 1; k-- > 0;) {  // odometer over the outer dimensions
+      ++idx[k];
+      ia += bc.sa[k];
+      ib += bc.sb[k];
+      if (idx[k] < bc.out[k]) break;
+      ia -= bc.sa[k] * idx[k];
+      ib -= bc.sb[k] * idx[k];
+      idx[k] = 0;
+    }
+  }
+}
+
+// d(out)/d(input) reduced over the broadcast dimensions: sink[i_in] += g[i] * w(i, other offset).
+template <class T, class W>
+inline void reduce_broadcast_grad(GradSink<T> s, size_t n_in, const Broadcast& bc, bool first, const T* g, W&& w) {
+  if (!s.accumulate) std::fill(s.data, s.data + n_in, T(0));
+  for_each_broadcast(bc, [&](size_t i, int64_t ia, int64_t ib) {
+    if (first)
+      s.data[ia] += g[i] * w(ib);
+    else
+      s.data[ib] += g[i] * w(ia);
+  });
+}
+
+enum class BinOp { Add, Sub, Mul };
+
+template <class T>
+inline Var<T> binary(const Var<T>& a, const Var<T>& b, BinOp op, const char* name) {
+  const Tensor<T>& A = a.value();
+  const Tensor<T>& B = b.value();
+  auto apply = [op](T x, T y) { return op == BinOp::Add ? x + y : op == BinOp::Sub ? x - y : x * y; };
+  Tensor<T> out;
+  const bool same = A.shape() == B.shape();
+  Broadcast bc;
+  if (same) {
+    out = Tensor<T>(A.shape());
+    const size_t n = out.size();
+    const T *pa = A.data(), *pb = B.data();
+    T* po = out.data();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (size_t i = 0; i < n; ++i) po[i] = apply(pa[i], pb[i]);
+  } else {
+    bc = broadcast(A.shape(), B.shape(), name);
+    out = Tensor<T>(bc.out);
+    const T *pa = A.data(), *pb = B.data();
+    T* po = out.data();
+    for_each_broadcast(bc, [&](size_t i, int64_t ia, int64_t ib) { po[i] = apply(pa[ia], pb[ib]); });
+  }
+  return make_result<T>(std::move(out), {&a, &b}, [a, b, op, same, bc]() {
+    return [a, b, op, same, bc](const Tensor<T>& g) {
+      const T* pg = g.data();
+      const size_t n = g.size();
+      for (int side = 0; side < 2; ++side) {
+        const Var<T>& self = side == 0 ? a : b;
+        const Var<T>& other = side == 0 ? b : a;
+        if (!self.requires_grad()) continue;
+        const T sign = (op == BinOp::Sub && side == 1) ? T(-1) : T(1);
+        const T* po = other.value().data();
+        GradSink<T> s = grad_sink(*self.node());
+        if (same) {
+          if (op == BinOp::Mul) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+            for (size_t i = 0; i < n; ++i) s.put(i, pg[i] * po[i]);
+          } else {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+            for (size_t i = 0; i < n; ++i) s.put(i, sign * pg[i]);
+          }
+        } else if (op == BinOp::Mul) {
+          reduce_broadcast_grad<T>(s, self.value().size(), bc, side == 0, pg, [po](int64_t j) { return po[j]; });
+        } else {
+          reduce_broadcast_grad<T>(s, self.value().size(), bc, side == 0, pg, [sign](int64_t) { return sign; });
+        }
+      }
+    };
+  });
+}
+
+}  // namespace detail
+
+// Elementwise with NumPy broadcasting.
+template <class T>
+inline Var<T> add(const Var<T>& a, const Var<T>& b) {
+  return detail::binary(a, b, detail::BinOp::Add, "add");
+}
+template <class T>
+inline Var<T> sub(const Var<T>& a, const Var<T>& b) {
+  return detail::binary(a, b, detail::BinOp::Sub, "sub");
+}
+template <class T>
+inline Var<T> mul(const Var<T>& a, const Var<T>& b) {
+  return detail::binary(a, b, detail::BinOp::Mul, "mul");
+}
+template <class T>
+inline Var<T> operator+(const Var<T>& a, const Var<T>& b) { return add(a, b); }
+template <class T>
+inline Var<T> operator-(const Var<T>& a, const Var<T>& b) { return sub(a, b); }
+template <class T>
+inline Var<T> operator*(const Var<T>& a, const Var<T>& b) { return mul(a, b); }
+
+// a * s for a constant s.
+template <class T>
+inline Var<T> scale(const Var<T>& a, T s) {
+  Tensor<T> out(a.shape());
+  const size_t n = out.size();
+  for (size_t i = 0; i < n; ++i) out[i] = a.value()[i] * s;
+  return make_result<T>(std::move(out), {&a}, [a, s]() {
+    return [a, s](const Tensor<T>& g) {
+      GradSink<T> sk = grad_sink(*a.node());
+      for (size_t i = 0; i < g.size(); ++i) sk.put(i, g[i] * s);
+    };
+  });
+}
+
+// Pointwise activations. The derivative is computed from the saved input.
+template <class T>
+inline T silu_value(T x) { return x / (T(1) + std::exp(-x)); }
+template <class T>
+inline T silu_grad(T x) {
+  const T s = T(1) / (T(1) + std::exp(-x));
+  return s * (T(1) + x * (T(1) - s));
+}
+
+namespace detail {
+template <class T, class F, class DF>
+inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
+  Tensor<T> out(a.shape());
+  const size_t n = out.size();
+  const T* pa = a.value().data();
+  T* po = out.data();
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (size_t i = 0; i < n; ++i) po[i] = f(pa[i]);
+  return make_result<T>(std::move(out), {&a}, [a, df]() {
+    return [a, df](const Tensor<T>& g) {
+      const size_t n = g.size();
+      const T* pa = a.value().data();
+      const T* pg = g.data();
+      GradSink<T> s = grad_sink(*a.node());
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+      for (size_t i = 0; i < n; ++i) s.put(i, pg[i] * df(pa[i]));
+    };
+  });
+}
+}  // namespace detail
+
+template <class T>
+inline Var<T> silu(const Var<T>& a) {
+  return detail::pointwise(a, [](T x) { return silu_value(x); }, [](T x) { return silu_grad(x); });
+}
+template <class T>
+inline Var<T> relu(const Var<T>& a) {
+  return detail::pointwise(a, [](T x) { return x > T(0) ? x : T(0); }, [](T x) { return x > T(0) ? T(1) : T(0); });
+}
+
+// [m,k] x [k,n] -> [m,n].
+template <class T>
+inline Var<T> matmul(const Var<T>& a, const Var<T>& b) {
+  if (a.value().dim() != 2 || b.value().dim() != 2 || a.size(1) != b.size(0))
+    detail::shape_error("matmul", a.shape(), b.shape());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  Tensor<T> out({m, n});
+  detail::MapR<T>(out.data(), m, n).noalias() =
+      detail::CMapR<T>(a.value().data(), m, k) * detail::CMapR<T>(b.value().data(), k, n);
+  return make_result<T>(std::move(out), {&a, &b}, [a, b, m, k, n]() {
+    return [a, b, m, k, n](const Tensor<T>& g) {
+      detail::CMapR<T> G(g.data(), m, n);
+      if (a.requires_grad()) {
+        GradSink<T> s = grad_sink(*a.node());
+        detail::MapR<T> GA(s.data, m, k);
+        auto rhs = G * detail::CMapR<T>(b.value().data(), k, n).transpose();
+        if (s.accumulate) GA.noalias() += rhs; else GA.noalias() = rhs;
+      }
+      if (b.requires_grad()) {
+        GradSink<T> s = grad_sink(*b.node());
+        detail::MapR<T> GB(s.data, k, n);
+        auto rhs = detail::CMapR<T>(a.value().data(), m, k).transpose() * G;
+        if (s.accumulate) GB.noalias() += rhs; else GB.noalias() = rhs;
+      }
+    };
+  });
+}
+
+// y = x W^T + b, as torch.nn.functional.linear: x [N,in], W [out,in], b [out] (may be undefined).
+template <class T>
+inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>()) {
+  if (x.value().dim() != 2 || w.value().dim() != 2 || x.size(1) != w.size(1))
+    detail::shape_error("linear", x.shape(), w.shape());
+  const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
+  const bool has_b = b.defined();
+  if (has_b && (b.value().dim() != 1 || b.size(0) != out)) detail::shape_error("linear (bias)", w.shape(), b.shape());
+  Tensor<T> y({N, out});
+  detail::MapR<T> Y(y.data(), N, out);
+  Y.noalias() = detail::CMapR<T>(x.value().data(), N, in) * detail::CMapR<T>(w.value().data(), out, in).transpose();
+  if (has_b) Y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b.value().data(), out);
+  const Var<T> bias = has_b ? b : x;  // placeholder keeps the capture simple; unused without a bias
+  // A bias that is undefined is passed as `x` again: it never adds a requirement of its own.
+  return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, bias, has_b, N, in, out]() {
+    return [x, w, bias, has_b, N, in, out](const Tensor<T>& g) {
+      detail::CMapR<T> G(g.data(), N, out);
+      if (x.requires_grad()) {
+        GradSink<T> s = grad_sink(*x.node());
+        detail::MapR<T> GX(s.data, N, in);
+        auto rhs = G * detail::CMapR<T>(w.value().data(), out, in);
+        if (s.accumulate) GX.noalias() += rhs; else GX.noalias() = rhs;
+      }
+      if (w.requires_grad()) {
+        GradSink<T> s = grad_sink(*w.node());
+        detail::MapR<T> GW(s.data, out, in);
+        auto rhs = G.transpose() * detail::CMapR<T>(x.value().data(), N, in);
+        if (s.accumulate) GW.noalias() += rhs; else GW.noalias() = rhs;
+      }
+      if (has_b && bias.requires_grad()) {
+        GradSink<T> s = grad_sink(*bias.node());
+        Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> GB(s.data, out);
+        if (s.accumulate) GB += G.colwise().sum(); else GB = G.colwise().sum();
+      }
+    };
+  });
+}
+
+// Concatenation along `axis`.
+template <class T>
+inline Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
+  if (xs.empty()) throw std::invalid_argument("diffuse: concat of nothing");
+  const Shape& s0 = xs[0].shape();
+  const int64_t nd = static_cast<int64_t>(s0.size());
+  if (axis < 0) axis += nd;
+  if (axis < 0 || axis >= nd) throw std::invalid_argument("diffuse: concat axis out of range");
+  Shape os = s0;
+  os[axis] = 0;
+  for (const auto& v : xs) {
+    for (int64_t d = 0; d < nd; ++d)
+      if (d != axis && (static_cast<int64_t>(v.shape().size()) != nd || v.shape()[d] != s0[d]))
+        detail::shape_error("concat", s0, v.shape());
+    os[axis] += v.shape()[axis];
+  }
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= s0[d];
+  for (int64_t d = axis + 1; d < nd; ++d) inner *= s0[d];
+  Tensor<T> out(os);
+  const int64_t row = os[axis] * inner;
+  int64_t off = 0;
+  std::vector<int64_t> offs;
+  for (const auto& v : xs) {
+    const int64_t w = v.shape()[axis] * inner;
+    offs.push_back(off);
+    for (int64_t o = 0; o < outer; ++o)
+      std::copy_n(v.value().data() + o * w, w, out.data() + o * row + off);
+    off += w;
+  }
+  bool need = false;
+  if (Tape<T>::grad_enabled())
+    for (const auto& v : xs) need = need || v.requires_grad();
+  Var<T> res(std::move(out), need);
+  if (need) {
+    Tape<T>::current().record(res.node_ptr(), [xs, offs, outer, inner, row, axis](const Tensor<T>& g) {
+      for (size_t k = 0; k < xs.size(); ++k) {
+        if (!xs[k].requires_grad()) continue;
+        const int64_t w = xs[k].shape()[axis] * inner;
+        GradSink<T> s = grad_sink(*xs[k].node());
+        for (int64_t o = 0; o < outer; ++o)
+          for (int64_t j = 0; j < w; ++j) s.put(static_cast<size_t>(o * w + j), g[o * row + offs[k] + j]);
+      }
+    });
+  }
+  return res;
+}
+
+// Elements [start, end) along `axis` (a copy).
+template <class T>
+inline Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
+  const Shape& s = a.shape();
+  const int64_t nd = static_cast<int64_t>(s.size());
+  if (axis < 0) axis += nd;
+  if (axis < 0 || axis >= nd || start < 0 || end > s[axis] || start > end)
+    throw std::invalid_argument("diffuse: slice [" + std::to_string(start) + ", " + std::to_string(end) +
+                                ") out of range for " + shape_str(s));
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= s[d];
+  for (int64_t d = axis + 1; d < nd; ++d) inner *= s[d];
+  Shape os = s;
+  os[axis] = end - start;
+  Tensor<T> out(os);
+  const int64_t w = (end - start) * inner, row = s[axis] * inner, off = start * inner;
+  for (int64_t o = 0; o < outer; ++o) std::copy_n(a.value().data() + o * row + off, w, out.data() + o * w);
+  return make_result<T>(std::move(out), {&a}, [a, outer, w, row, off]() {
+    return [a, outer, w, row, off](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*a.node());
+      if (!s.accumulate) std::fill(s.data, s.data + a.value().size(), T(0));
+      for (int64_t o = 0; o < outer; ++o)
+        for (int64_t j = 0; j < w; ++j) s.data[o * row + off + j] += g[o * w + j];
+    };
+  });
+}
+
+// out[i, :] = table[idx[i], :]   (an embedding lookup; the backward scatters-adds).
+template <class T>
+inline Var<T> gather_rows(const Var<T>& table, const std::vector<int32_t>& idx) {
+  if (table.value().dim() != 2) throw std::invalid_argument("diffuse: gather_rows needs a 2-D table");
+  const int64_t V = table.size(0), D = table.size(1), N = static_cast<int64_t>(idx.size());
+  Tensor<T> out({N, D});
+  for (int64_t i = 0; i < N; ++i) {
+    if (idx[i] < 0 || idx[i] >= V)
+      throw std::out_of_range("diffuse: gather_rows index " + std::to_string(idx[i]) + " outside [0, " +
+                              std::to_string(V) + ")");
+    std::copy_n(table.value().data() + idx[i] * D, D, out.data() + i * D);
+  }
+  return make_result<T>(std::move(out), {&table}, [table, idx, D]() {
+    return [table, idx, D](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*table.node());
+      if (!s.accumulate) std::fill(s.data, s.data + table.value().size(), T(0));
+      for (size_t i = 0; i < idx.size(); ++i)
+        for (int64_t j = 0; j < D; ++j) s.data[idx[i] * D + j] += g[i * D + j];
+    };
+  });
+}
+
+template <class T>
+inline Var<T> reshape(const Var<T>& a, Shape s) {
+  Tensor<T> out = a.value().reshape(std::move(s));
+  return make_result<T>(std::move(out), {&a}, [a]() {
+    return [a](const Tensor<T>& g) {
+      GradSink<T> sk = grad_sink(*a.node());
+      for (size_t i = 0; i < g.size(); ++i) sk.put(i, g[i]);
+    };
+  });
+}
+
+// Sum / mean of all elements -> a scalar (shape []). Accumulated in double.
+template <class T>
+inline Var<T> sum(const Var<T>& a) {
+  double acc = 0;
+  const size_t n = a.value().size();
+  const T* p = a.value().data();
+#pragma omp parallel for reduction(+ : acc) schedule(static) if (n >= detail::kParallelMin)
+  for (size_t i = 0; i < n; ++i) acc += p[i];
+  Tensor<T> out = Tensor<T>::full({}, static_cast<T>(acc));
+  return make_result<T>(std::move(out), {&a}, [a]() {
+    return [a](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*a.node());
+      for (size_t i = 0; i < a.value().size(); ++i) s.put(i, g[0]);
+    };
+  });
+}
+template <class T>
+inline Var<T> mean(const Var<T>& a) {
+  return scale(sum(a), T(1) / static_cast<T>(std::max<size_t>(1, a.value().size())));
+}
+
+// mean((a - b)^2), as torch.nn.functional.mse_loss; gradients flow to both inputs.
+template <class T>
+inline Var<T> mse(const Var<T>& a, const Var<T>& b) {
+  if (a.shape() != b.shape()) detail::shape_error("mse", a.shape(), b.shape());
+  const size_t n = a.value().size();
+  const T *pa = a.value().data(), *pb = b.value().data();
+  double acc = 0;
+#pragma omp parallel for reduction(+ : acc) schedule(static) if (n >= detail::kParallelMin)
+  for (size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(pa[i]) - static_cast<double>(pb[i]);
+    acc += d * d;
+  }
+  Tensor<T> out = Tensor<T>::full({}, static_cast<T>(acc / static_cast<double>(n)));
+  return make_result<T>(std::move(out), {&a, &b}, [a, b, n]() {
+    return [a, b, n](const Tensor<T>& g) {
+      const T c = g[0] * T(2) / static_cast<T>(n);
+      const T *pa = a.value().data(), *pb = b.value().data();
+      for (int side = 0; side < 2; ++side) {
+        const Var<T>& self = side ? b : a;
+        if (!self.requires_grad()) continue;
+        const T sgn = side ? T(-1) : T(1);
+        GradSink<T> s = grad_sink(*self.node());
+#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
+        for (size_t i = 0; i < n; ++i) s.put(i, sgn * c * (pa[i] - pb[i]));
+      }
+    };
+  });
+}
+
+}  // namespace diffuse

@@ -1,0 +1,163 @@
+// Optimisers and training helpers: Adam / AdamW (PyTorch's update rule, bias
+// corrected), global gradient-norm clipping, EMA of weights, learning-rate warmup.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "autograd.hpp"
+
+namespace diffuse {
+
+template <class T>
+using NamedParams = std::vector<std::pair<std::string, Var<T>>>;
+
+struct AdamOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decoupled = false;  // true: AdamW (decay the weights), false: Adam (L2 added to the gradient)
+};
+
+// torch.optim.Adam / AdamW, step for step:
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+// Parameters without a gradient this step are left alone, as PyTorch does.
+template <class T>
+class Adam {
+ public:
+  Adam(NamedParams<T> params, AdamOptions o) : params_(std::move(params)), opt_(o) {
+    for (auto& [n, p] : params_) {
+      m_.push_back(Tensor<T>::zeros(p.shape()));
+      v_.push_back(Tensor<T>::zeros(p.shape()));
+    }
+  }
+
+  void step() {
+    ++t_;
+    const double bc1 = 1.0 - std::pow(opt_.beta1, static_cast<double>(t_));
+    const double bc2 = 1.0 - std::pow(opt_.beta2, static_cast<double>(t_));
+    const T step_size = static_cast<T>(opt_.lr / bc1);
+    const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
+    const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2), eps = static_cast<T>(opt_.eps);
+    const T wd = static_cast<T>(opt_.weight_decay), lr = static_cast<T>(opt_.lr);
+    for (size_t k = 0; k < params_.size(); ++k) {
+      Var<T>& p = params_[k].second;
+      if (!p.has_grad()) continue;
+      T* w = p.value().data();
+      const T* g = p.node()->grad.data();
+      T* m = m_[k].data();
+      T* v = v_[k].data();
+      const size_t n = p.value().size();
+      for (size_t i = 0; i < n; ++i) {
+        T gi = g[i];
+        if (wd != T(0)) {
+          if (opt_.decoupled)
+            w[i] *= T(1) - lr * wd;
+          else
+            gi += wd * w[i];
+        }
+        m[i] = b1 * m[i] + (T(1) - b1) * gi;
+        v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
+        w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+      }
+    }
+  }
+
+  void zero_grad() {
+    for (auto& [n, p] : params_) p.zero_grad();
+  }
+  void set_lr(double lr) { opt_.lr = lr; }
+  double lr() const { return opt_.lr; }
+  const AdamOptions& options() const { return opt_; }
+  int64_t steps() const { return t_; }
+  void set_steps(int64_t t) { t_ = t; }
+  const NamedParams<T>& params() const { return params_; }
+  // Moment tensors, in the order of params(); for checkpoints.
+  std::vector<Tensor<T>>& first_moments() { return m_; }
+  std::vector<Tensor<T>>& second_moments() { return v_; }
+
+ private:
+  NamedParams<T> params_;
+  AdamOptions opt_;
+  std::vector<Tensor<T>> m_, v_;
+  int64_t t_ = 0;
+};
+
+// Scales all gradients so that their global L2 norm is at most max_norm
+// (torch.nn.utils.clip_grad_norm_: factor max_norm / (norm + 1e-6) when above).
+// Returns the norm before clipping.
+template <class T>
+inline double clip_grad_norm(const NamedParams<T>& params, double max_norm) {
+  double sq = 0;
+  for (auto& [n, p] : params) {
+    if (!p.has_grad()) continue;
+    const T* g = p.node()->grad.data();
+    for (size_t i = 0; i < p.value().size(); ++i) sq += static_cast<double>(g[i]) * g[i];
+  }
+  const double norm = std::sqrt(sq);
+  const double c = max_norm / (norm + 1e-6);
+  if (c < 1.0) {
+    for (auto& [n, p] : params) {
+      if (!p.has_grad()) continue;
+      T* g = p.node()->grad.data();
+      for (size_t i = 0; i < p.value().size(); ++i) g[i] = static_cast<T>(g[i] * c);
+    }
+  }
+  return norm;
+}
+
+// Exponential moving average of the weights: shadow = d shadow + (1 - d) w.
+// With warmup, d = min(decay, (1 + n) / (10 + n)) after n updates, so early
+// averages are not dominated by the random initial weights.
+template <class T>
+class EMA {
+ public:
+  EMA(const NamedParams<T>& params, double decay, bool warmup = true)
+      : params_(params), decay_(decay), warmup_(warmup) {
+    for (auto& [n, p] : params_) shadow_.push_back(p.value().clone());
+  }
+  double current_decay() const {
+    return warmup_ ? std::min(decay_, (1.0 + updates_) / (10.0 + updates_)) : decay_;
+  }
+  void update() {
+    const T d = static_cast<T>(current_decay());
+    for (size_t k = 0; k < params_.size(); ++k) {
+      const T* w = params_[k].second.value().data();
+      T* s = shadow_[k].data();
+      for (size_t i = 0; i < shadow_[k].size(); ++i) s[i] = d * s[i] + (T(1) - d) * w[i];
+    }
+    ++updates_;
+  }
+  // Exchanges the live weights and the averages (call twice to restore).
+  void swap_into_model() {
+    for (size_t k = 0; k < params_.size(); ++k) {
+      Tensor<T>& w = params_[k].second.value();
+      for (size_t i = 0; i < w.size(); ++i) std::swap(w[i], shadow_[k][i]);
+    }
+  }
+  std::vector<Tensor<T>>& shadow() { return shadow_; }
+  int64_t updates() const { return updates_; }
+  void set_updates(int64_t n) { updates_ = n; }
+  double decay() const { return decay_; }
+
+ private:
+  NamedParams<T> params_;
+  std::vector<Tensor<T>> shadow_;
+  double decay_;
+  bool warmup_;
+  int64_t updates_ = 0;
+};
+
+// Linear warmup from lr/warmup to lr over the first `warmup` steps (step counts from 0).
+inline double warmup_lr(double lr, int64_t step, int64_t warmup) {
+  if (warmup <= 0) return lr;
+  return lr * std::min(1.0, static_cast<double>(step + 1) / static_cast<double>(warmup));
+}
+
+}  // namespace diffuse

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# diffuse: one entry point for setup, build, tests and the demo.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: ./run.sh <command> [args...]
+
+  deps [--test]        install missing Debian packages (--test: also the PyTorch
+                       reference used by the tests); uses sudo when not root
+  build                deps + configure build/ (Release) + build everything
+  test                 deps --test + build + ctest
+  demo [flags...]      build + build/examples/train_2d --out out/2d [flags...]
+  -h, --help           this text
+
+Environment:
+  DIFFUSE_BUILD_DIR    build directory (default: build)
+  DIFFUSE_CMAKE_ARGS   extra arguments for the cmake configure step,
+                       e.g. "-DDIFFUSE_CUDA=OFF"
+  CI                   when set, CUDA code is built for sm_80 only
+USAGE
+}
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+BUILD_DIR=${DIFFUSE_BUILD_DIR:-build}
+JOBS=$(nproc 2>/dev/null || echo 2)
+
+BASE_PKGS=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
+           libstb-dev zlib1g-dev libcli11-dev)
+TEST_PKGS=(python3-torch python3-numpy python3-scipy libopenblas0-openmp)
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+deps() {
+  local pkgs=("${BASE_PKGS[@]}")
+  if [[ ${1:-} == --test ]]; then
+    pkgs+=("${TEST_PKGS[@]}")
+  elif [[ $# -gt 0 ]]; then
+    die "deps: unknown argument '$1'"
+  fi
+  say "deps: checking ${#pkgs[@]} Debian packages"
+  if ! command -v dpkg-query >/dev/null 2>&1; then
+    say "deps: dpkg-query not found (not Debian?) - install these yourself: ${pkgs[*]}"
+    return 0
+  fi
+  local missing=() p status
+  for p in "${pkgs[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [[ $status == "install ok installed" ]] || missing+=("$p")
+  done
+  if [[ ${#missing[@]} -eq 0 ]]; then
+    say "deps: all present"
+    return 0
+  fi
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "deps: not root and no sudo; install: ${missing[*]}"
+    sudo=(sudo)
+  fi
+  say "deps: installing ${missing[*]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+configure_and_build() {
+  local args=(-S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release)
+  if [[ -n ${CI:-} ]]; then
+    args+=(-DCMAKE_CUDA_ARCHITECTURES=80)
+  fi
+  if [[ -n ${DIFFUSE_CMAKE_ARGS:-} ]]; then
+    # shellcheck disable=SC2206  # word splitting intended
+    args+=(${DIFFUSE_CMAKE_ARGS})
+  fi
+  say "configure: cmake ${args[*]}"
+  cmake "${args[@]}"
+  say "build: cmake --build $BUILD_DIR -j$JOBS"
+  cmake --build "$BUILD_DIR" -j"$JOBS"
+}
+
+cmd=${1:-}
+[[ $# -gt 0 ]] && shift
+case $cmd in
+  deps)
+    deps "$@"
+    ;;
+  build)
+    [[ $# -eq 0 ]] || die "build takes no arguments"
+    deps
+    configure_and_build
+    ;;
+  test)
+    [[ $# -eq 0 ]] || die "test takes no arguments"
+    deps --test
+    configure_and_build
+    # The consumer tests hold a RESOURCE_LOCK, so they never overlap each other.
+    say "test: ctest --test-dir $BUILD_DIR --output-on-failure -j$JOBS"
+    ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$JOBS"
+    ;;
+  demo)
+    deps
+    configure_and_build
+    exe=$BUILD_DIR/examples/train_2d
+    [[ -x $exe ]] || die "demo: $exe was not built (is examples/train_2d.cpp there?)"
+    mkdir -p out/2d
+    say "demo: $exe --out out/2d $*"
+    exec "$exe" --out out/2d "$@"
+    ;;
+  -h|--help|help)
+    usage
+    ;;
+  "")
+    usage >&2
+    exit 2
+    ;;
+  *)
+    printf 'run.sh: unknown command "%s"\n\n' "$cmd" >&2
+    usage >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,80 @@
+# Build and run tests/consumer against diffuse (ctest drives this with cmake -P).
+#
+#   -DMODE=subdirectory|package   how the consumer gets diffuse
+#   -DCONSUMER_SOURCE=dir         tests/consumer
+#   -DDIFFUSE_SOURCE=dir          the diffuse source tree (subdirectory mode)
+#   -DMAIN_BUILD_DIR=dir          diffuse build tree to install (package mode)
+#   -DINSTALL_PREFIX=dir          where to install it (package mode; wiped first)
+#   -DWORK_DIR=dir                scratch directory (wiped first)
+#   -DCXX_COMPILER=path -DGENERATOR=name [-DMAKE_PROGRAM=path] [-DBUILD_TYPE=cfg]
+#
+# Any failing step is fatal.
+cmake_minimum_required(VERSION 3.25)
+
+foreach(var MODE CONSUMER_SOURCE WORK_DIR CXX_COMPILER GENERATOR)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "run_consumer.cmake: -D${var}=... is required")
+  endif()
+endforeach()
+
+set(mode_args "")
+if(MODE STREQUAL "subdirectory")
+  if(NOT DIFFUSE_SOURCE)
+    message(FATAL_ERROR "run_consumer.cmake: subdirectory mode needs -DDIFFUSE_SOURCE")
+  endif()
+  list(APPEND mode_args "-DDIFFUSE_SOURCE=${DIFFUSE_SOURCE}")
+elseif(MODE STREQUAL "package")
+  if(NOT MAIN_BUILD_DIR OR NOT INSTALL_PREFIX)
+    message(FATAL_ERROR "run_consumer.cmake: package mode needs -DMAIN_BUILD_DIR and -DINSTALL_PREFIX")
+  endif()
+else()
+  message(FATAL_ERROR "run_consumer.cmake: MODE must be subdirectory or package (got '${MODE}')")
+endif()
+
+set(config_args "")
+set(build_type_arg "")
+if(BUILD_TYPE)
+  set(config_args --config "${BUILD_TYPE}")
+  set(build_type_arg "-DCMAKE_BUILD_TYPE=${BUILD_TYPE}")
+endif()
+
+file(REMOVE_RECURSE "${WORK_DIR}")
+file(MAKE_DIRECTORY "${WORK_DIR}")
+
+if(MODE STREQUAL "package")
+  file(REMOVE_RECURSE "${INSTALL_PREFIX}")
+  message(STATUS "consumer: installing ${MAIN_BUILD_DIR} into ${INSTALL_PREFIX}")
+  execute_process(
+    COMMAND "${CMAKE_COMMAND}" --install "${MAIN_BUILD_DIR}" --prefix "${INSTALL_PREFIX}" ${config_args}
+    COMMAND_ERROR_IS_FATAL ANY)
+  list(APPEND mode_args
+    "-DCMAKE_PREFIX_PATH=${INSTALL_PREFIX}"
+    "-DDIFFUSE_EXPECTED_PREFIX=${INSTALL_PREFIX}"
+    -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
+endif()
+
+set(make_program_arg "")
+if(MAKE_PROGRAM)
+  set(make_program_arg "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}")
+endif()
+
+message(STATUS "consumer: configuring (${MODE})")
+execute_process(
+  COMMAND "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK_DIR}/build"
+          -G "${GENERATOR}" ${make_program_arg}
+          "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" ${build_type_arg}
+          "-DDIFFUSE_MODE=${MODE}" -DDIFFUSE_CUDA=OFF ${mode_args}
+  COMMAND_ERROR_IS_FATAL ANY)
+
+message(STATUS "consumer: building")
+execute_process(
+  COMMAND "${CMAKE_COMMAND}" --build "${WORK_DIR}/build" ${config_args}
+  COMMAND_ERROR_IS_FATAL ANY)
+
+set(exe "${WORK_DIR}/build/bin/diffuse_consumer")
+if(NOT EXISTS "${exe}" AND EXISTS "${exe}.exe")
+  set(exe "${exe}.exe")
+endif()
+message(STATUS "consumer: running ${exe}")
+execute_process(COMMAND "${exe}" COMMAND_ERROR_IS_FATAL ANY)
+message(STATUS "consumer: ${MODE} OK")

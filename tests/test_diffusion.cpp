@@ -1,0 +1,195 @@
+// Schedules against closed forms, q_sample statistics, samplers, optimisers,
+// checkpoints and exact resume.
+#include <catch2/catch.hpp>
+
+#include <diffuse/diffuse.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+using namespace diffuse;
+
+TEST_CASE("linear schedule matches the closed forms") {
+  for (int T : {1000, 200, 50}) {
+    auto s = NoiseSchedule::linear(T);
+    const double b0 = 1e-4 * 1000.0 / T, b1 = 0.02 * 1000.0 / T;
+    CHECK(s.beta.front() == Approx(b0).epsilon(1e-14));
+    CHECK(s.beta.back() == Approx(b1).epsilon(1e-14));
+    double prod = 1;
+    for (int t = 0; t < T; ++t) {
+      const double bt = b0 + (b1 - b0) * t / (T - 1);
+      REQUIRE(s.beta[t] == Approx(bt).epsilon(1e-13));
+      const double prev = prod;
+      prod *= 1 - bt;
+      REQUIRE(s.abar[t] == Approx(prod).epsilon(1e-12));
+      REQUIRE(s.posterior_variance[t] == Approx(bt * (1 - prev) / (1 - prod)).epsilon(1e-12).margin(1e-300));
+    }
+    CHECK(s.posterior_variance[0] == 0.0);
+    CHECK(s.abar.back() < 1e-3);  // ends near pure noise at any T
+  }
+}
+
+TEST_CASE("cosine schedule matches the closed form and clips at 0.999") {
+  const int T = 100;
+  auto s = NoiseSchedule::cosine(T);
+  auto f = [&](double t) { double c = std::cos((t / T + 0.008) / 1.008 * M_PI / 2); return c * c; };
+  for (int t = 0; t < T - 1; ++t) REQUIRE(s.abar[t] == Approx(f(t + 1) / f(0)).epsilon(1e-10));
+  CHECK(s.beta.back() == 0.999);
+  CHECK_THROWS(NoiseSchedule::by_name("sigmoidx", 10));
+}
+
+TEST_CASE("q_sample has the right mean and variance") {
+  auto s = NoiseSchedule::linear(200);
+  Generator g(3);
+  const int B = 4, n = 50000;
+  Tensor<double> x0 = Tensor<double>::full({B, n}, 1.5);
+  std::vector<int32_t> t = {0, 50, 120, 199};
+  Tensor<double> eps = Tensor<double>::randn({B, n}, g);
+  Tensor<double> xt = q_sample(s, x0, t, eps);
+  for (int b = 0; b < B; ++b) {
+    double m = 0, v = 0;
+    for (int i = 0; i < n; ++i) m += xt[b * n + i];
+    m /= n;
+    for (int i = 0; i < n; ++i) v += (xt[b * n + i] - m) * (xt[b * n + i] - m);
+    v /= n - 1;
+    const double sd = std::sqrt(1 - s.abar[t[b]]);
+    CHECK(m == Approx(1.5 * s.sqrt_abar[t[b]]).margin(5 * sd / std::sqrt(n)));
+    CHECK(v == Approx(1 - s.abar[t[b]]).epsilon(0.03));
+  }
+}
+
+TEST_CASE("samplers invert a perfect denoiser of a point mass") {
+  // Data = the constant c: the exact eps given x_t is (x_t - sqrt(abar) c) / sqrt(1 - abar).
+  auto s = NoiseSchedule::linear(100);
+  const double c = 0.7;
+  EpsModel<double> oracle = [&](const Tensor<double>& x, const std::vector<int32_t>& t) {
+    Tensor<double> e(x.shape());
+    for (size_t i = 0; i < x.size(); ++i) e[i] = (x[i] - s.sqrt_abar[t[0]] * c) / s.sqrt_one_minus_abar[t[0]];
+    return e;
+  };
+  Generator g(5);
+  for (Variance v : {Variance::FixedSmall, Variance::FixedLarge}) {
+    SampleOptions o;
+    o.variance = v;
+    int calls = 0;
+    Tensor<double> x = ddpm_sample<double>(s, oracle, {64, 2}, g, o, [&](int, const Tensor<double>&) { ++calls; });
+    CHECK(calls == 101);
+    for (double xi : x) CHECK(xi == Approx(c).margin(0.05));
+  }
+  SampleOptions o;
+  o.steps = 10;
+  Tensor<double> x = ddim_sample<double>(s, oracle, {16, 2}, g, o);
+  for (double xi : x) CHECK(xi == Approx(c).margin(1e-9));
+  CHECK(ddim_timesteps(200, 50)[1] == 4);
+  CHECK_THROWS(ddim_timesteps(10, 11));
+}
+
+TEST_CASE("Adam matches a hand-computed first step; clipping and EMA") {
+  Var<double> p(Tensor<double>::from({1.0, -2.0}, {2}), true);
+  NamedParams<double> ps = {{"p", p}};
+  AdamOptions o;
+  o.lr = 0.1;
+  Adam<double> opt(ps, o);
+  backward(sum(mul(p, p)));  // grad = 2p
+  opt.step();
+  // first step of bias-corrected Adam moves each weight by lr * sign(g) (up to eps)
+  CHECK(p.value()[0] == Approx(0.9).epsilon(1e-6));
+  CHECK(p.value()[1] == Approx(-1.9).epsilon(1e-6));
+  opt.zero_grad();
+  backward(sum(scale(p, 3.0)));  // grad = (3, 3), norm 4.243
+  CHECK(clip_grad_norm(ps, 1.0) == Approx(std::sqrt(18.0)));
+  CHECK(p.grad()[0] == Approx(3.0 / std::sqrt(18.0)).epsilon(1e-5));
+  EMA<double> ema(ps, 0.5, false);
+  p.value()[0] = 2.9;
+  ema.update();
+  CHECK(ema.shadow()[0][0] == Approx(0.5 * 0.9 + 0.5 * 2.9));
+  CHECK(warmup_lr(1.0, 0, 10) == Approx(0.1));
+  CHECK(warmup_lr(1.0, 50, 10) == 1.0);
+}
+
+namespace {
+struct Run {
+  Generator init{7};
+  ToyMLP<float> model{ToyMLPConfig{2, 32, 2, 16, Activation::SiLU}, init};
+  Adam<float> opt{model.named_parameters(), AdamOptions{}};
+  EMA<float> ema{model.named_parameters(), 0.99};
+  NoiseSchedule sched = NoiseSchedule::linear(50);
+  Generator rng{42};
+  int64_t step = 0;
+  void train(int n) {
+    for (int i = 0; i < n; ++i, ++step) {
+      Tensor<float> x0 = Tensor<float>::randn({64, 2}, rng);
+      auto nb = make_noised_batch(sched, x0, rng);
+      opt.zero_grad();
+      backward(epsilon_loss<float>([&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t); }, nb));
+      clip_grad_norm(opt.params(), 1.0);
+      opt.step();
+      ema.update();
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("checkpoint resume is bit-exact") {
+  const std::string path = (std::filesystem::temp_directory_path() / "diffuse_test_resume.safetensors").string();
+  Run straight;
+  straight.train(30);
+  Run first;
+  first.train(12);
+  save_checkpoint(path, first.model, &first.opt, &first.ema, first.step, first.rng);
+  Run second;
+  TrainState st = load_checkpoint(path, second.model, &second.opt, &second.ema);
+  second.step = st.step;
+  second.rng = st.rng;
+  CHECK(second.step == 12);
+  second.train(18);
+  auto a = straight.model.named_parameters(), b = second.model.named_parameters();
+  for (size_t k = 0; k < a.size(); ++k)
+    REQUIRE(std::memcmp(a[k].second.value().data(), b[k].second.value().data(), a[k].second.value().size() * 4) == 0);
+  for (size_t k = 0; k < a.size(); ++k)
+    REQUIRE(std::memcmp(straight.ema.shadow()[k].data(), second.ema.shadow()[k].data(), a[k].second.value().size() * 4) == 0);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("safetensors round trip and clear errors") {
+  const std::string path = (std::filesystem::temp_directory_path() / "diffuse_test_st.safetensors").string();
+  Generator g(9);
+  Tensor<float> a = Tensor<float>::randn({3, 5}, g);
+  Tensor<double> b = Tensor<double>::randn({7}, g);
+  safetensors::Writer w;
+  w.add("a.weight", a);
+  w.add("b", b);
+  w.metadata["hello"] = "world";
+  w.write(path);
+  CHECK_FALSE(std::filesystem::exists(path + ".tmp"));
+  auto f = safetensors::File::read(path);
+  CHECK(f.metadata().at("hello") == "world");
+  Tensor<float> a2 = f.tensor<float>("a.weight");
+  CHECK(std::memcmp(a.data(), a2.data(), a.size() * 4) == 0);
+  CHECK(f.tensor<double>("b")[6] == b[6]);
+  CHECK_THROWS_WITH(f.at("c"), Catch::Contains("no tensor 'c'"));
+  Shape wrong{5, 3};
+  CHECK_THROWS_WITH(f.tensor<float>("a.weight", &wrong), Catch::Contains("expected [5, 3]"));
+  // a truncated file is refused with a one-line reason
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 4);
+  CHECK_THROWS_WITH(safetensors::File::read(path), Catch::Contains("not a valid safetensors file"));
+  {
+    std::ofstream o(path, std::ios::binary);
+    o << "abc";
+  }
+  CHECK_THROWS_WITH(safetensors::File::read(path), Catch::Contains("shorter than"));
+  CHECK_THROWS_WITH(safetensors::File::read(path + ".missing"), Catch::Contains("cannot open"));
+  std::remove(path.c_str());
+}
+
+TEST_CASE("loading weights into a model of another shape names the tensor") {
+  const std::string path = (std::filesystem::temp_directory_path() / "diffuse_test_w.safetensors").string();
+  Generator g(1);
+  ToyMLP<float> small(ToyMLPConfig{2, 16, 3, 8, Activation::SiLU}, g), big(ToyMLPConfig{}, g);
+  save_checkpoint<float>(path, small, nullptr, nullptr, 0, g);
+  CHECK_THROWS_WITH(load_checkpoint<float>(path, big, nullptr, nullptr),
+                    Catch::Contains("net.0.weight"));
+  std::remove(path.c_str());
+}
