@@ -1,0 +1,20 @@
+# Runs train_2d with its default settings on one dataset and fails unless the
+# energy distance of the samples is within 3x of the data-vs-data floor.
+execute_process(COMMAND ${TRAIN_2D} --dataset ${DATASET} --out ${OUT} --log-every 100000
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}${err}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "train_2d exited with ${rc}")
+endif()
+if(NOT out MATCHES "samples/floor ([0-9.]+)")
+  message(FATAL_ERROR "no quality line in the output")
+endif()
+set(ratio ${CMAKE_MATCH_1})
+if(ratio GREATER_EQUAL 3.0)
+  message(FATAL_ERROR "samples/floor = ${ratio}, expected < 3")
+endif()
+foreach(f samples.csv samples.png process.png checkpoint.safetensors)
+  if(NOT EXISTS ${OUT}/${f})
+    message(FATAL_ERROR "missing ${OUT}/${f}")
+  endif()
+endforeach()
