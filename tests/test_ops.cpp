@@ -47,6 +47,48 @@ TEST_CASE("gradcheck: matmul and linear") {
   CHECK(y.value()[2 * 3 + 1] == Approx(ref).epsilon(1e-12));
 }
 
+TEST_CASE("gradcheck: fused linear_act and linear_gather_act") {
+  Generator g(21);
+  for (int64_t in : {2, 7}) {  // 2 takes the small-inner-dimension path
+    auto x = rand_var({6, in}, g), w = rand_var({5, in}, g), b = rand_var({5}, g), tab = rand_var({3, 5}, g);
+    const std::vector<int32_t> idx{2, 0, 1, 2, 2, 0};
+    for (Activation a : {Activation::SiLU, Activation::ReLU, Activation::None}) {
+      INFO("in " << in << " activation " << static_cast<int>(a));
+      CHECK(max_gradcheck_error([a](auto& v) { return linear_act(v[0], v[1], v[2], a); }, {x, w, b}, 30) < kTol);
+      CHECK(max_gradcheck_error([a, &idx](auto& v) { return linear_gather_act(v[0], v[1], v[2], v[3], idx, a); },
+                                {x, w, b, tab}, 31) < kTol);
+      NoGrad ng;  // values equal the unfused composition
+      Var<double> fused = linear_gather_act(x, w, b, tab, idx, a);
+      Var<double> ref = activate(add(linear(x, w, b), gather_rows(tab, idx)), a);
+      for (size_t i = 0; i < ref.value().size(); ++i) CHECK(fused.value()[i] == Approx(ref.value()[i]).margin(1e-12));
+    }
+  }
+}
+
+TEST_CASE("fused linear_act matches the unfused ops on a size that runs in parallel") {
+  // 2*N*in*out well above the threshold at which the rows are split between threads.
+  Generator g(22);
+  const int64_t N = 1000, in = 96, out = 80;
+  Var<float> x(Tensor<float>::randn({N, in}, g), true), w(Tensor<float>::randn({out, in}, g), true),
+      b(Tensor<float>::randn({out}, g), true), R(Tensor<float>::randn({N, out}, g));
+  auto grads = [&](bool fused) {
+    for (Var<float>* v : {&x, &w, &b}) v->zero_grad();
+    Var<float> y = fused ? linear_act(x, w, b, Activation::SiLU) : silu(linear(x, w, b));
+    backward(sum(mul(y, R)));
+    return std::vector<Tensor<float>>{y.value().clone(), x.grad().clone(), w.grad().clone(), b.grad().clone()};
+  };
+  auto f = grads(true), u = grads(false);
+  for (size_t k = 0; k < f.size(); ++k) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < f[k].size(); ++i) {
+      num += std::pow(double(f[k][i]) - u[k][i], 2);
+      den += std::pow(double(u[k][i]), 2);
+    }
+    INFO("tensor " << k);
+    CHECK(std::sqrt(num / den) < 1e-5);
+  }
+}
+
 TEST_CASE("gradcheck: silu and relu") {
   Generator g(13);
   auto a = rand_var({7, 3}, g);

@@ -13,6 +13,10 @@
 
 #include "autograd.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace diffuse {
 
 namespace detail {
@@ -278,6 +282,83 @@ inline Var<T> matmul(const Var<T>& a, const Var<T>& b) {
   });
 }
 
+// Splits rows [0, m) into one contiguous chunk per thread and runs
+// f(r0, r1) on each, in a single OpenMP region. Every GEMM below is split this
+// way (Eigen single-threaded inside each chunk): one fork/join per product
+// instead of Eigen's own parallel GEMM, whose per-block barriers cost more than
+// they gave on the small products of these models (docs/performance.md).
+// `flops` decides whether threads are worth starting at all.
+namespace detail {
+template <class F>
+inline void parallel_rows(int64_t m, double flops, F&& f) {
+  int nt = 1;
+#ifdef _OPENMP
+  if (flops >= 4e6 && !omp_in_parallel()) nt = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m / 16));
+#endif
+  if (nt <= 1) {
+    f(int64_t(0), m);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int64_t id = 0, n = 1;
+#endif
+    // Chunks are multiples of 8 rows so that every thread's block starts aligned.
+    const int64_t chunk = ((m + n - 1) / n + 7) / 8 * 8;
+    const int64_t r0 = std::min(m, id * chunk), r1 = std::min(m, r0 + chunk);
+    if (r1 > r0) f(r0, r1);
+  }
+}
+
+template <class T>
+using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+
+// Y = X W^T (+ b), row-parallel.
+template <class T>
+inline void linear_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t in, int64_t out) {
+  CMapR<T> X(x, N, in), W(w, out, in);
+  MapR<T> Y(y, N, out);
+  parallel_rows(N, 2.0 * N * in * out, [&](int64_t r0, int64_t r1) {
+    auto Yb = Y.middleRows(r0, r1 - r0);
+    Yb.noalias() = X.middleRows(r0, r1 - r0) * W.transpose();
+    if (b) Yb.rowwise() += Eigen::Map<const RowVec<T>>(b, out);
+  });
+}
+
+// The three gradients of Y = X W^T + b from G = dL/dY, each written through its sink.
+template <class T>
+inline void linear_backward(const T* g, const T* x, const T* w, GradSink<T>* gx, GradSink<T>* gw, GradSink<T>* gb,
+                            int64_t N, int64_t in, int64_t out) {
+  CMapR<T> G(g, N, out), X(x, N, in), W(w, out, in);
+  if (gx) {
+    MapR<T> GX(gx->data, N, in);
+    const bool acc = gx->accumulate;
+    parallel_rows(N, 2.0 * N * in * out, [&](int64_t r0, int64_t r1) {
+      auto blk = GX.middleRows(r0, r1 - r0);
+      if (acc) blk.noalias() += G.middleRows(r0, r1 - r0) * W; else blk.noalias() = G.middleRows(r0, r1 - r0) * W;
+    });
+  }
+  if (gw || gb) {
+    // dW = G^T X and db = column sums of G, split over the output features (no reduction across threads).
+    parallel_rows(out, gw ? 2.0 * N * in * out : 0.0, [&](int64_t o0, int64_t o1) {
+      const int64_t n = o1 - o0;
+      if (gw) {
+        auto blk = MapR<T>(gw->data, out, in).middleRows(o0, n);
+        auto rhs = G.middleCols(o0, n).transpose() * X;
+        if (gw->accumulate) blk.noalias() += rhs; else blk.noalias() = rhs;
+      }
+      if (gb) {
+        auto blk = Eigen::Map<RowVec<T>>(gb->data, out).segment(o0, n);
+        if (gb->accumulate) blk += G.middleCols(o0, n).colwise().sum(); else blk = G.middleCols(o0, n).colwise().sum();
+      }
+    });
+  }
+}
+}  // namespace detail
+
 // y = x W^T + b, as torch.nn.functional.linear: x [N,in], W [out,in], b [out] (may be undefined).
 template <class T>
 inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>()) {
@@ -287,33 +368,143 @@ inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>(
   const bool has_b = b.defined();
   if (has_b && (b.value().dim() != 1 || b.size(0) != out)) detail::shape_error("linear (bias)", w.shape(), b.shape());
   Tensor<T> y({N, out});
-  detail::MapR<T> Y(y.data(), N, out);
-  Y.noalias() = detail::CMapR<T>(x.value().data(), N, in) * detail::CMapR<T>(w.value().data(), out, in).transpose();
-  if (has_b) Y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(b.value().data(), out);
+  detail::linear_forward(x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data(), N, in, out);
   const Var<T> bias = has_b ? b : x;  // placeholder keeps the capture simple; unused without a bias
   // A bias that is undefined is passed as `x` again: it never adds a requirement of its own.
   return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, bias, has_b, N, in, out]() {
     return [x, w, bias, has_b, N, in, out](const Tensor<T>& g) {
-      detail::CMapR<T> G(g.data(), N, out);
-      if (x.requires_grad()) {
-        GradSink<T> s = grad_sink(*x.node());
-        detail::MapR<T> GX(s.data, N, in);
-        auto rhs = G * detail::CMapR<T>(w.value().data(), out, in);
-        if (s.accumulate) GX.noalias() += rhs; else GX.noalias() = rhs;
-      }
-      if (w.requires_grad()) {
-        GradSink<T> s = grad_sink(*w.node());
-        detail::MapR<T> GW(s.data, out, in);
-        auto rhs = G.transpose() * detail::CMapR<T>(x.value().data(), N, in);
-        if (s.accumulate) GW.noalias() += rhs; else GW.noalias() = rhs;
-      }
-      if (has_b && bias.requires_grad()) {
-        GradSink<T> s = grad_sink(*bias.node());
-        Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> GB(s.data, out);
-        if (s.accumulate) GB += G.colwise().sum(); else GB = G.colwise().sum();
-      }
+      GradSink<T> sx{}, sw{}, sb{};
+      if (x.requires_grad()) sx = grad_sink(*x.node());
+      if (w.requires_grad()) sw = grad_sink(*w.node());
+      if (has_b && bias.requires_grad()) sb = grad_sink(*bias.node());
+      detail::linear_backward(g.data(), x.value().data(), w.value().data(), x.requires_grad() ? &sx : nullptr,
+                              w.requires_grad() ? &sw : nullptr, has_b && bias.requires_grad() ? &sb : nullptr, N,
+                              in, out);
     };
   });
+}
+
+enum class Activation { SiLU, ReLU, None };
+
+namespace detail {
+// act(x W^T + b [+ table[idx]]) with the bias, the optional gathered rows and the
+// activation applied to each block of rows right after its GEMM, while it is in
+// cache. For SiLU the forward keeps sigmoid(z), so the backward needs no exp:
+// silu'(z) = s + y (1 - s) with y = z s the output.
+template <class T>
+inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Var<T>* table,
+                              const std::vector<int32_t>* idx, Activation act, const char* name) {
+  if (x.value().dim() != 2 || w.value().dim() != 2 || x.size(1) != w.size(1)) shape_error(name, x.shape(), w.shape());
+  const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
+  if (!b.defined() || b.value().dim() != 1 || b.size(0) != out)
+    throw std::invalid_argument(std::string("diffuse: ") + name + " needs a bias of shape [" + std::to_string(out) +
+                                "]");
+  if (table) {
+    if (table->value().dim() != 2 || table->size(1) != out || static_cast<int64_t>(idx->size()) != N)
+      shape_error(name, w.shape(), table->shape());
+    for (int32_t i : *idx)
+      if (i < 0 || i >= table->size(0))
+        throw std::out_of_range(std::string("diffuse: ") + name + ": row index " + std::to_string(i) +
+                                " outside [0, " + std::to_string(table->size(0)) + ")");
+  }
+  const bool grad = Tape<T>::grad_enabled() &&
+                    (x.requires_grad() || w.requires_grad() || b.requires_grad() || (table && table->requires_grad()));
+  Tensor<T> y({N, out});
+  Tensor<T> sg = grad && act == Activation::SiLU ? Tensor<T>({N, out}) : Tensor<T>();  // sigmoid(z)
+  {
+    CMapR<T> X(x.value().data(), N, in), W(w.value().data(), out, in);
+    MapR<T> Y(y.data(), N, out);
+    const auto B = Eigen::Map<const RowVec<T>>(b.value().data(), out);
+    const T* tp = table ? table->value().data() : nullptr;
+    T* sp = sg.defined() ? sg.data() : nullptr;
+    // With a tiny inner dimension (2-D data) Eigen's GEMM packing costs more than
+    // the arithmetic: form each row as b + sum_k x_k W[:, k] directly.
+    const bool small_k = in <= 4;
+    const MatR<T> Wt = small_k ? MatR<T>(W.transpose()) : MatR<T>();
+    parallel_rows(N, 2.0 * N * in * out + 20.0 * N * out, [&](int64_t r0, int64_t r1) {
+      const int64_t n = r1 - r0;
+      auto Yb = Y.middleRows(r0, n);
+      if (small_k) {
+        for (int64_t r = r0; r < r1; ++r) {
+          auto yr = Y.row(r);
+          yr = B;
+          for (int64_t k = 0; k < in; ++k) yr += X(r, k) * Wt.row(k);
+        }
+      } else {
+        Yb.noalias() = X.middleRows(r0, n) * W.transpose();
+        Yb.rowwise() += B;
+      }
+      if (tp)
+        for (int64_t r = r0; r < r1; ++r) Y.row(r) += Eigen::Map<const RowVec<T>>(tp + (*idx)[r] * out, out);
+      auto A = Yb.array();
+      if (act == Activation::SiLU) {
+        if (sp) {
+          auto S = MapR<T>(sp, N, out).middleRows(r0, n).array();
+          S = (T(1) + (-A).exp()).inverse();
+          A = A * S;
+        } else {
+          A = A / (T(1) + (-A).exp());
+        }
+      } else if (act == Activation::ReLU) {
+        A = A.max(T(0));
+      }
+    });
+  }
+  const Var<T> tab = table ? *table : x;  // placeholder when there is no table
+  const std::vector<int32_t> ids = grad && idx ? *idx : std::vector<int32_t>();
+  const bool has_table = table != nullptr;
+  const Tensor<T> yv = y;  // a second handle on the output's storage, for the backward
+  return make_result<T>(std::move(y), {&x, &w, &b, has_table ? table : &x}, [&]() {
+    return [x, w, b, tab, ids, has_table, yv, sg, act, N, in, out](const Tensor<T>& g) {
+    Tensor<T> dz;
+    if (act == Activation::None) {
+      dz = g;
+    } else {
+      dz = Tensor<T>({N, out});
+      const T* yp = yv.data();
+      parallel_rows(N, 10.0 * N * out, [&](int64_t r0, int64_t r1) {
+        const int64_t off = r0 * out, len = (r1 - r0) * out;
+        using A1 = Eigen::Array<T, Eigen::Dynamic, 1>;
+        Eigen::Map<const A1> G(g.data() + off, len), Y(yp + off, len);
+        Eigen::Map<A1> D(dz.data() + off, len);
+        if (act == Activation::SiLU) {
+          Eigen::Map<const A1> S(sg.data() + off, len);
+          D = G * (S + Y * (T(1) - S));
+        } else {
+          D = (Y > T(0)).select(G, T(0));
+        }
+      });
+    }
+    GradSink<T> sx{}, sw{}, sb{};
+    if (x.requires_grad()) sx = grad_sink(*x.node());
+    if (w.requires_grad()) sw = grad_sink(*w.node());
+    if (b.requires_grad()) sb = grad_sink(*b.node());
+    linear_backward(dz.data(), x.value().data(), w.value().data(), x.requires_grad() ? &sx : nullptr,
+                    w.requires_grad() ? &sw : nullptr, b.requires_grad() ? &sb : nullptr, N, in, out);
+    if (has_table && tab.requires_grad()) {
+      GradSink<T> st = grad_sink(*tab.node());
+      if (!st.accumulate) std::fill(st.data, st.data + tab.value().size(), T(0));
+      for (int64_t r = 0; r < N; ++r)
+        Eigen::Map<RowVec<T>>(st.data + ids[r] * out, out) += Eigen::Map<const RowVec<T>>(dz.data() + r * out, out);
+    }
+    };
+  });
+}
+}  // namespace detail
+
+// act(x W^T + b) in one op, the same values as activation(linear(x, w, b)); used by MLP.
+template <class T>
+inline Var<T> linear_act(const Var<T>& x, const Var<T>& w, const Var<T>& b, Activation act) {
+  return detail::linear_act_impl<T>(x, w, b, nullptr, nullptr, act, "linear_act");
+}
+
+// act(x W^T + b + table[idx]): a linear layer whose input has a part that takes
+// few distinct values (ToyMLP's timestep embedding), precomputed once per value
+// into `table` and gathered per row. Same as activation(add(linear(x, w, b), gather_rows(table, idx))).
+template <class T>
+inline Var<T> linear_gather_act(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Var<T>& table,
+                                const std::vector<int32_t>& idx, Activation act) {
+  return detail::linear_act_impl<T>(x, w, b, &table, &idx, act, "linear_gather_act");
 }
 
 // Concatenation along `axis`.

@@ -11,8 +11,6 @@
 
 namespace diffuse {
 
-enum class Activation { SiLU, ReLU };
-
 inline Activation parse_activation(const std::string& s) {
   if (s == "silu") return Activation::SiLU;
   if (s == "relu") return Activation::ReLU;
@@ -21,7 +19,7 @@ inline Activation parse_activation(const std::string& s) {
 
 template <class T>
 inline Var<T> activate(const Var<T>& x, Activation a) {
-  return a == Activation::SiLU ? silu(x) : relu(x);
+  return a == Activation::SiLU ? silu(x) : a == Activation::ReLU ? relu(x) : x;
 }
 
 // Linear layers named as in torch.nn.Sequential with the activations between
@@ -37,11 +35,15 @@ class MLP : public Module<T> {
     }
   }
   Var<T> operator()(Var<T> h) const { return forward_from(std::move(h), 0); }
-  // Runs layers [first, end): lets a caller compute the first layer its own way.
+  // Runs layers [first, end): lets a caller compute the first layers its own way
+  // (then `h` is layer first-1's output after its activation). Hidden layers use
+  // the fused linear_act.
   Var<T> forward_from(Var<T> h, size_t first) const {
     for (size_t i = first; i < layers_.size(); ++i) {
-      if (i > first || first > 0) h = activate(h, act_);
-      h = (*layers_[i])(h);
+      const Linear<T>& l = *layers_[i];
+      const bool last = i + 1 == layers_.size();
+      h = (last || !l.bias.defined()) ? l(h) : linear_act(h, l.weight, l.bias, act_);
+      if (!last && !l.bias.defined()) h = activate(h, act_);
     }
     return h;
   }
@@ -95,8 +97,8 @@ class ToyMLP : public Module<T> {
     const int64_t D = cfg_.data_dim, E = cfg_.temb_dim;
     Var<T> wx = slice(l0.weight, 1, 0, D), we = slice(l0.weight, 1, D, D + E);
     Var<T> e(timestep_embedding<T>(uniq, E));
-    Var<T> h = add(linear(x, wx, l0.bias), gather_rows(linear(e, we), pos));
-    return net_.forward_from(h, 1);
+    // act(W_x x + b + (W_e e)[pos]) as one fused op.
+    return net_.forward_from(linear_gather_act(x, wx, l0.bias, linear(e, we), pos, cfg_.act), 1);
   }
 
   const ToyMLPConfig& config() const { return cfg_; }
