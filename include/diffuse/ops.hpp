@@ -6,12 +6,14 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "autograd.hpp"
+#include "gemm.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -261,39 +263,41 @@ inline Var<T> matmul(const Var<T>& a, const Var<T>& b) {
     detail::shape_error("matmul", a.shape(), b.shape());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   Tensor<T> out({m, n});
-  detail::MapR<T>(out.data(), m, n).noalias() =
-      detail::CMapR<T>(a.value().data(), m, k) * detail::CMapR<T>(b.value().data(), k, n);
+  detail::gemm_parallel<T>(false, false, m, n, k, T(1), a.value().data(), k, b.value().data(), n, T(0), out.data(), n);
   return make_result<T>(std::move(out), {&a, &b}, [a, b, m, k, n]() {
     return [a, b, m, k, n](const Tensor<T>& g) {
-      detail::CMapR<T> G(g.data(), m, n);
-      if (a.requires_grad()) {
+      if (a.requires_grad()) {  // dA = G B^T
         GradSink<T> s = grad_sink(*a.node());
-        detail::MapR<T> GA(s.data, m, k);
-        auto rhs = G * detail::CMapR<T>(b.value().data(), k, n).transpose();
-        if (s.accumulate) GA.noalias() += rhs; else GA.noalias() = rhs;
+        detail::gemm_parallel<T>(false, true, m, k, n, T(1), g.data(), n, b.value().data(), n,
+                                 s.accumulate ? T(1) : T(0), s.data, k);
       }
-      if (b.requires_grad()) {
+      if (b.requires_grad()) {  // dB = A^T G
         GradSink<T> s = grad_sink(*b.node());
-        detail::MapR<T> GB(s.data, k, n);
-        auto rhs = detail::CMapR<T>(a.value().data(), m, k).transpose() * G;
-        if (s.accumulate) GB.noalias() += rhs; else GB.noalias() = rhs;
+        detail::gemm_parallel<T>(true, false, k, n, m, T(1), a.value().data(), k, g.data(), n,
+                                 s.accumulate ? T(1) : T(0), s.data, n);
       }
     };
   });
 }
 
 // Splits rows [0, m) into one contiguous chunk per thread and runs
-// f(r0, r1) on each, in a single OpenMP region. Every GEMM below is split this
-// way (Eigen single-threaded inside each chunk): one fork/join per product
-// instead of Eigen's own parallel GEMM, whose per-block barriers cost more than
-// they gave on the small products of these models (docs/performance.md).
+// f(r0, r1) on each, in a single OpenMP region. The linear layers below split
+// their GEMMs this way (detail::gemm single-threaded inside each chunk) so that
+// bias, activation and gather run on the chunk while it is still in cache: one
+// fork/join per layer (docs/performance.md).
 // `flops` decides whether threads are worth starting at all.
 namespace detail {
+// Below this much work (in flops, or ~flops for elementwise passes) one thread
+// does it all. The OpenMP workers spin between regions, so a fork/join costs
+// a few microseconds; measured on the toy train step (2 cores), thresholds
+// from 3e4 to 1e5 were equally good and 4e6 was 15-20% slower.
+inline constexpr double kParallelMinFlops = 1e5;
+
 template <class F>
 inline void parallel_rows(int64_t m, double flops, F&& f) {
   int nt = 1;
 #ifdef _OPENMP
-  if (flops >= 4e6 && !omp_in_parallel()) nt = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m / 16));
+  if (flops >= kParallelMinFlops && !omp_in_parallel()) nt = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m / 16));
 #endif
   if (nt <= 1) {
     f(int64_t(0), m);
@@ -319,43 +323,47 @@ using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
 // Y = X W^T (+ b), row-parallel.
 template <class T>
 inline void linear_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t in, int64_t out) {
-  CMapR<T> X(x, N, in), W(w, out, in);
   MapR<T> Y(y, N, out);
   parallel_rows(N, 2.0 * N * in * out, [&](int64_t r0, int64_t r1) {
-    auto Yb = Y.middleRows(r0, r1 - r0);
-    Yb.noalias() = X.middleRows(r0, r1 - r0) * W.transpose();
-    if (b) Yb.rowwise() += Eigen::Map<const RowVec<T>>(b, out);
+    gemm<T>(false, true, r1 - r0, out, in, T(1), x + r0 * in, in, w, in, T(0), y + r0 * out, out);
+    if (b) Y.middleRows(r0, r1 - r0).rowwise() += Eigen::Map<const RowVec<T>>(b, out);
   });
 }
 
-// The three gradients of Y = X W^T + b from G = dL/dY, each written through its sink.
+// Rows r0..r1 of dX = G W.
 template <class T>
-inline void linear_backward(const T* g, const T* x, const T* w, GradSink<T>* gx, GradSink<T>* gw, GradSink<T>* gb,
-                            int64_t N, int64_t in, int64_t out) {
-  CMapR<T> G(g, N, out), X(x, N, in), W(w, out, in);
-  if (gx) {
-    MapR<T> GX(gx->data, N, in);
-    const bool acc = gx->accumulate;
-    parallel_rows(N, 2.0 * N * in * out, [&](int64_t r0, int64_t r1) {
-      auto blk = GX.middleRows(r0, r1 - r0);
-      if (acc) blk.noalias() += G.middleRows(r0, r1 - r0) * W; else blk.noalias() = G.middleRows(r0, r1 - r0) * W;
-    });
-  }
+inline void linear_backward_rows(const T* g, const T* w, const GradSink<T>& gx, int64_t r0, int64_t r1, int64_t in,
+                                 int64_t out) {
+  gemm<T>(false, false, r1 - r0, in, out, T(1), g + r0 * out, out, w, in, gx.accumulate ? T(1) : T(0),
+          gx.data + r0 * in, in);
+}
+
+// dW = G^T X and db = column sums of G.
+template <class T>
+inline void linear_backward_params(const T* g, const T* x, GradSink<T>* gw, GradSink<T>* gb, int64_t N, int64_t in,
+                                   int64_t out) {
+  CMapR<T> G(g, N, out);
   if (gw || gb) {
     // dW = G^T X and db = column sums of G, split over the output features (no reduction across threads).
     parallel_rows(out, gw ? 2.0 * N * in * out : 0.0, [&](int64_t o0, int64_t o1) {
       const int64_t n = o1 - o0;
-      if (gw) {
-        auto blk = MapR<T>(gw->data, out, in).middleRows(o0, n);
-        auto rhs = G.middleCols(o0, n).transpose() * X;
-        if (gw->accumulate) blk.noalias() += rhs; else blk.noalias() = rhs;
-      }
+      if (gw)  // rows o0..o1 of dW = G^T X
+        gemm<T>(true, false, n, in, N, T(1), g + o0, out, x, in, gw->accumulate ? T(1) : T(0), gw->data + o0 * in, in);
       if (gb) {
         auto blk = Eigen::Map<RowVec<T>>(gb->data, out).segment(o0, n);
         if (gb->accumulate) blk += G.middleCols(o0, n).colwise().sum(); else blk = G.middleCols(o0, n).colwise().sum();
       }
     });
   }
+}
+
+// The three gradients of Y = X W^T + b from G = dL/dY, each written through its sink.
+template <class T>
+inline void linear_backward(const T* g, const T* x, const T* w, GradSink<T>* gx, GradSink<T>* gw, GradSink<T>* gb,
+                            int64_t N, int64_t in, int64_t out) {
+  if (gx)
+    parallel_rows(N, 2.0 * N * in * out, [&](int64_t r0, int64_t r1) { linear_backward_rows(g, w, *gx, r0, r1, in, out); });
+  linear_backward_params(g, x, gw, gb, N, in, out);
 }
 }  // namespace detail
 
@@ -431,7 +439,8 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
           for (int64_t k = 0; k < in; ++k) yr += X(r, k) * Wt.row(k);
         }
       } else {
-        Yb.noalias() = X.middleRows(r0, n) * W.transpose();
+        gemm<T>(false, true, n, out, in, T(1), x.value().data() + r0 * in, in, w.value().data(), in, T(0),
+                y.data() + r0 * out, out);
         Yb.rowwise() += B;
       }
       if (tp)
@@ -456,13 +465,17 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
   const Tensor<T> yv = y;  // a second handle on the output's storage, for the backward
   return make_result<T>(std::move(y), {&x, &w, &b, has_table ? table : &x}, [&]() {
     return [x, w, b, tab, ids, has_table, yv, sg, act, N, in, out](const Tensor<T>& g) {
-    Tensor<T> dz;
-    if (act == Activation::None) {
-      dz = g;
-    } else {
-      dz = Tensor<T>({N, out});
-      const T* yp = yv.data();
-      parallel_rows(N, 10.0 * N * out, [&](int64_t r0, int64_t r1) {
+    GradSink<T> sx{}, sw{}, sb{};
+    if (x.requires_grad()) sx = grad_sink(*x.node());
+    if (w.requires_grad()) sw = grad_sink(*w.node());
+    if (b.requires_grad()) sb = grad_sink(*b.node());
+    // dz = g * act'(z) and dX = dz W in one pass over each row block (one
+    // fork/join, dz still in cache for the GEMM); then dW, db over all rows.
+    Tensor<T> dz = act == Activation::None ? g : Tensor<T>({N, out});
+    const T* yp = yv.data();
+    const double work = 10.0 * N * out + (x.requires_grad() ? 2.0 * N * in * out : 0.0);
+    parallel_rows(N, work, [&](int64_t r0, int64_t r1) {
+      if (act != Activation::None) {
         const int64_t off = r0 * out, len = (r1 - r0) * out;
         using A1 = Eigen::Array<T, Eigen::Dynamic, 1>;
         Eigen::Map<const A1> G(g.data() + off, len), Y(yp + off, len);
@@ -473,14 +486,11 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
         } else {
           D = (Y > T(0)).select(G, T(0));
         }
-      });
-    }
-    GradSink<T> sx{}, sw{}, sb{};
-    if (x.requires_grad()) sx = grad_sink(*x.node());
-    if (w.requires_grad()) sw = grad_sink(*w.node());
-    if (b.requires_grad()) sb = grad_sink(*b.node());
-    linear_backward(dz.data(), x.value().data(), w.value().data(), x.requires_grad() ? &sx : nullptr,
-                    w.requires_grad() ? &sw : nullptr, b.requires_grad() ? &sb : nullptr, N, in, out);
+      }
+      if (x.requires_grad()) linear_backward_rows(dz.data(), w.value().data(), sx, r0, r1, in, out);
+    });
+    linear_backward_params(dz.data(), x.value().data(), w.requires_grad() ? &sw : nullptr,
+                           b.requires_grad() ? &sb : nullptr, N, in, out);
     if (has_table && tab.requires_grad()) {
       GradSink<T> st = grad_sink(*tab.node());
       if (!st.accumulate) std::fill(st.data, st.data + tab.value().size(), T(0));
@@ -627,7 +637,12 @@ inline Var<T> sum(const Var<T>& a) {
   return make_result<T>(std::move(out), {&a}, [a]() {
     return [a](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*a.node());
-      for (size_t i = 0; i < a.value().size(); ++i) s.put(i, g[0]);
+      const size_t n = a.value().size();
+      const T g0 = g[0];
+      if (s.accumulate)
+        for (size_t i = 0; i < n; ++i) s.data[i] += g0;
+      else
+        std::fill(s.data, s.data + n, g0);
     };
   });
 }

@@ -2,6 +2,7 @@
 // corrected), global gradient-norm clipping, EMA of weights, learning-rate warmup.
 #pragma once
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -53,19 +54,23 @@ class Adam {
       const T* g = p.node()->grad.data();
       T* m = m_[k].data();
       T* v = v_[k].data();
-      const size_t n = p.value().size();
-      for (size_t i = 0; i < n; ++i) {
-        T gi = g[i];
-        if (wd != T(0)) {
-          if (opt_.decoupled)
-            w[i] *= T(1) - lr * wd;
-          else
-            gi += wd * w[i];
-        }
-        m[i] = b1 * m[i] + (T(1) - b1) * gi;
-        v[i] = b2 * v[i] + (T(1) - b2) * gi * gi;
-        w[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+      // Eigen arrays so that sqrt and the divisions vectorise (a plain loop
+      // with std::sqrt does not without -fno-math-errno). Same formula and
+      // order of operations as torch.optim.Adam(W).
+      using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+      const Eigen::Index n = static_cast<Eigen::Index>(p.value().size());
+      Eigen::Map<Arr> W(w, n), M(m, n), V(v, n);
+      Eigen::Map<const Arr> G(g, n);
+      if (wd != T(0) && opt_.decoupled) W *= T(1) - lr * wd;
+      if (wd != T(0) && !opt_.decoupled) {
+        const Arr gi = G + wd * W;
+        M = b1 * M + (T(1) - b1) * gi;
+        V = b2 * V + (T(1) - b2) * (gi * gi);
+      } else {
+        M = b1 * M + (T(1) - b1) * G;
+        V = b2 * V + (T(1) - b2) * (G * G);
       }
+      W -= step_size * M / (V.sqrt() / bc2_sqrt + eps);
     }
   }
 
@@ -158,6 +163,15 @@ class EMA {
 inline double warmup_lr(double lr, int64_t step, int64_t warmup) {
   if (warmup <= 0) return lr;
   return lr * std::min(1.0, static_cast<double>(step + 1) / static_cast<double>(warmup));
+}
+
+// Warmup, then a cosine decay from lr to lr * final_frac at step `total`
+// (Loshchilov & Hutter's schedule without restarts). Step counts from 0.
+inline double warmup_cosine_lr(double lr, int64_t step, int64_t warmup, int64_t total, double final_frac = 0.0) {
+  if (step < warmup) return warmup_lr(lr, step, warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
+  const double p = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * p)));
 }
 
 }  // namespace diffuse

@@ -62,6 +62,21 @@ DIFFUSE_HD inline float philox_normal(uint64_t seed, uint64_t offset, uint64_t i
   return (lane & 1u) ? r * sinf(theta) : r * cosf(theta);
 }
 
+// All four normals of block `ctr`, lanes 0..3: the same values as
+// philox_normal for those elements, at a quarter of the Philox work and half
+// the log/sin/cos calls.
+DIFFUSE_HD inline void philox_normal4(uint64_t seed, uint64_t ctr, float out[4]) {
+  const Philox4 b = philox4x32_10(ctr, seed);
+  for (unsigned pair = 0; pair < 4; pair += 2) {
+    const float u1 = uint_to_uniform(b.v[pair]);
+    const float u2 = uint_to_uniform(b.v[pair + 1]);
+    const float r = sqrtf(-2.0f * logf(u1));
+    const float theta = 6.2831853071795864769f * u2;
+    out[pair] = r * cosf(theta);
+    out[pair + 1] = r * sinf(theta);
+  }
+}
+
 // A stream: the seed plus how many Philox blocks have been used. Each draw of
 // n numbers takes ceil(n / 4) blocks. The state is two integers, saved in checkpoints.
 struct Generator {
@@ -81,8 +96,14 @@ struct Generator {
   template <class T>
   void normal(T* out, size_t n) {
     const uint64_t off = advance(n);
+    const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
 #pragma omp parallel for schedule(static) if (n > (1u << 16))
-    for (size_t i = 0; i < n; ++i) out[i] = static_cast<T>(philox_normal(seed, off, i));
+    for (int64_t j = 0; j < blocks; ++j) {
+      float z[4];
+      philox_normal4(seed, off + static_cast<uint64_t>(j), z);
+      const size_t i0 = static_cast<size_t>(j) * 4;
+      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(z[l]);
+    }
   }
   template <class T>
   void uniform(T* out, size_t n) {
@@ -94,9 +115,9 @@ struct Generator {
   template <class I>
   void randint(I* out, size_t n, uint32_t hi) {
     const uint64_t off = advance(n);
-    for (size_t i = 0; i < n; ++i) {
-      const Philox4 b = philox4x32_10(off + i / 4, seed);
-      out[i] = static_cast<I>(static_cast<uint64_t>(b.v[i % 4]) * hi >> 32);
+    for (size_t i0 = 0; i0 < n; i0 += 4) {
+      const Philox4 b = philox4x32_10(off + i0 / 4, seed);
+      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<I>(static_cast<uint64_t>(b.v[l]) * hi >> 32);
     }
   }
   float uniform1() { float u; uniform(&u, 1); return u; }

@@ -20,6 +20,7 @@ inline Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim) 
   for (int64_t k = 0; k < half; ++k)
     freq[k] = std::exp(-static_cast<T>(std::log(10000.0)) * static_cast<T>(k) / static_cast<T>(half - 1));
   Tensor<T> e({n, dim});
+#pragma omp parallel for schedule(static) if (n * half >= 4096)
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t k = 0; k < half; ++k) {
       const T a = static_cast<T>(t[i]) * freq[k];

@@ -1,0 +1,199 @@
+// detail::gemm and detail::gemm_parallel against a naive double-accumulated
+// reference, on fresh random inputs, for edge and cache-block-crossing shapes,
+// all transpose combinations, padded leading dimensions and alpha/beta.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <diffuse/gemm.hpp>
+#include <diffuse/rng.hpp>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace diffuse;
+using diffuse::detail::gemm;
+using diffuse::detail::gemm_parallel;
+
+namespace {
+
+struct Shape3 {
+  int64_t m, n, k;
+};
+
+template <class T>
+std::vector<T> random_matrix(Generator& g, int64_t rows, int64_t cols, int64_t ld) {
+  // Padding beyond the row width is NaN: a GEMM that reads it poisons C.
+  std::vector<T> v(static_cast<size_t>(rows * ld), std::numeric_limits<T>::quiet_NaN());
+  std::vector<T> row(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    g.normal(row.data(), row.size());
+    std::copy(row.begin(), row.end(), v.begin() + r * ld);
+  }
+  return v;
+}
+
+struct Result {
+  double rel_err = 0;
+  bool nan = false;           // a NaN anywhere in the m x n result
+  bool pad_changed = false;   // C's padding beyond column n was written
+  std::string what;
+};
+
+// Runs one product and compares it with the reference; pad is added to every
+// leading dimension.
+template <class T>
+Result run_case(Generator& g, bool ta, bool tb, Shape3 s, T alpha, T beta, int64_t pad, bool parallel) {
+  const auto [m, n, k] = s;
+  const int64_t lda = (ta ? m : k) + pad, ldb = (tb ? k : n) + pad, ldc = n + pad;
+  const std::vector<T> A = random_matrix<T>(g, ta ? k : m, ta ? m : k, lda);
+  const std::vector<T> B = random_matrix<T>(g, tb ? n : k, tb ? k : n, ldb);
+  std::vector<T> C = random_matrix<T>(g, m, n, ldc);
+  if (beta == T(0))
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) C[i * ldc + j] = std::numeric_limits<T>::quiet_NaN();
+  const std::vector<T> C0 = C;
+
+  // Reference in double: densify op(A), op(B), then an i-p-j loop.
+  std::vector<double> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(k * n));
+  std::vector<double> ref(static_cast<size_t>(m * n), 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t p = 0; p < k; ++p) a[i * k + p] = ta ? A[p * lda + i] : A[i * lda + p];
+  for (int64_t p = 0; p < k; ++p)
+    for (int64_t j = 0; j < n; ++j) b[p * n + j] = tb ? B[j * ldb + p] : B[p * ldb + j];
+  for (int64_t i = 0; i < m; ++i) {
+    double* r = ref.data() + i * n;
+    for (int64_t p = 0; p < k; ++p) {
+      const double x = a[i * k + p];
+      const double* bp = b.data() + p * n;
+      for (int64_t j = 0; j < n; ++j) r[j] += x * bp[j];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      r[j] *= static_cast<double>(alpha);
+      if (beta != T(0)) r[j] += static_cast<double>(beta) * static_cast<double>(C0[i * ldc + j]);
+    }
+  }
+
+  if (parallel)
+    gemm_parallel<T>(ta, tb, m, n, k, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+  else
+    gemm<T>(ta, tb, m, n, k, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+
+  Result res;
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const double c = static_cast<double>(C[i * ldc + j]), r = ref[i * n + j];
+      if (std::isnan(c)) res.nan = true;
+      num += (c - r) * (c - r);
+      den += r * r;
+    }
+    for (int64_t j = n; j < ldc; ++j)
+      if (!std::isnan(C[i * ldc + j]) || !std::isnan(C0[i * ldc + j]))
+        if (!(C[i * ldc + j] == C0[i * ldc + j])) res.pad_changed = true;
+  }
+  res.rel_err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  std::ostringstream os;
+  os << (parallel ? "gemm_parallel" : "gemm") << " m=" << m << " n=" << n << " k=" << k << " ta=" << ta
+     << " tb=" << tb << " alpha=" << alpha << " beta=" << beta << " pad=" << pad << " rel_err=" << res.rel_err;
+  res.what = os.str();
+  return res;
+}
+
+template <class T>
+void check_case(Generator& g, bool ta, bool tb, Shape3 s, T alpha, T beta, int64_t pad, bool parallel, double tol) {
+  const Result r = run_case<T>(g, ta, tb, s, alpha, beta, pad, parallel);
+  INFO(r.what);
+  CHECK_FALSE(r.nan);
+  CHECK_FALSE(r.pad_changed);
+  CHECK(r.rel_err < tol);
+}
+
+constexpr double kTolF = 1e-5;
+constexpr double kTolD = 1e-12;
+
+// Around the 6 x 16 micro-tile and tiny k.
+const std::vector<Shape3> kSmallShapes = {
+    {1, 1, 1},   {1, 1, 2},   {1, 1, 3},    {2, 3, 1},    {6, 16, 1},   {6, 16, 2},  {6, 16, 3},
+    {5, 15, 4},  {7, 17, 5},  {6, 16, 8},   {12, 32, 9},  {13, 33, 16}, {11, 31, 7}, {1, 40, 17},
+    {40, 1, 17}, {23, 47, 31}, {64, 64, 64}, {65, 63, 67}, {18, 48, 3},  {3, 100, 2}, {100, 3, 2}};
+
+// Bigger than the cache blocks (kGemmKC, kGemmMC, kGemmNC) and the model's shapes.
+const std::vector<Shape3> kLargeShapes = {
+    {1024, 128, 128}, {128, 1024, 128}, {128, 128, 1024}, {300, 700, 500},
+    {145, 33, 257},   {200, 100, 800},  {20, 3100, 20}};
+
+}  // namespace
+
+TEST_CASE("gemm float: small and edge shapes, all transposes, alpha, beta, padded strides", "[gemm]") {
+  Generator g(101);
+  for (const Shape3& s : kSmallShapes)
+    for (int t = 0; t < 4; ++t)
+      for (float beta : {0.0f, 1.0f, 0.5f})
+        for (int64_t pad : {0, 3}) {
+          const float alpha = pad ? 1.5f : 1.0f;
+          check_case<float>(g, t & 1, t & 2, s, alpha, beta, pad, false, kTolF);
+        }
+}
+
+TEST_CASE("gemm float: shapes larger than the cache blocks, all transposes", "[gemm]") {
+  Generator g(102);
+  for (const Shape3& s : kLargeShapes)
+    for (int t = 0; t < 4; ++t) {
+      const float beta = t == 0 ? 0.0f : t == 1 ? 1.0f : 0.5f;
+      check_case<float>(g, t & 1, t & 2, s, -0.75f, beta, t == 3 ? 5 : 0, false, kTolF);
+    }
+}
+
+TEST_CASE("gemm_parallel float matches the reference", "[gemm]") {
+  Generator g(103);
+  for (const Shape3& s : kLargeShapes)
+    for (int t = 0; t < 4; ++t)
+      check_case<float>(g, t & 1, t & 2, s, 1.25f, t == 2 ? 0.5f : 0.0f, t == 1 ? 7 : 0, true, kTolF);
+  // Below the threading threshold, and odd shapes that split unevenly over
+  // rows (301 x 40) or columns (50 x 999, 13 x 500).
+  for (Shape3 s : {Shape3{7, 9, 5}, Shape3{31, 17, 250}, Shape3{250, 31, 300}, Shape3{301, 40, 200},
+                   Shape3{50, 999, 100}, Shape3{13, 500, 400}})
+    for (int t = 0; t < 4; ++t) check_case<float>(g, t & 1, t & 2, s, 1.0f, 1.0f, 1, true, kTolF);
+}
+
+TEST_CASE("gemm_parallel inside a parallel region runs per thread", "[gemm]") {
+  std::vector<Result> results(4);
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < 4; ++t) {
+    Generator g(200 + t);
+    results[t] = run_case<float>(g, t & 1, t & 2, {130, 150, 140}, 1.0f, 0.0f, 2, true);
+  }
+  for (const Result& r : results) {
+    INFO(r.what);
+    CHECK_FALSE(r.nan);
+    CHECK_FALSE(r.pad_changed);
+    CHECK(r.rel_err < kTolF);
+  }
+}
+
+TEST_CASE("gemm double falls back to Eigen and matches the reference", "[gemm]") {
+  Generator g(104);
+  for (Shape3 s : {Shape3{1, 1, 1}, Shape3{7, 17, 3}, Shape3{65, 63, 67}, Shape3{300, 70, 260}})
+    for (int t = 0; t < 4; ++t)
+      for (double beta : {0.0, 1.0, 0.5}) {
+        check_case<double>(g, t & 1, t & 2, s, 1.5, beta, t, false, kTolD);
+        check_case<double>(g, t & 1, t & 2, s, -1.0, beta, 2, true, kTolD);
+      }
+}
+
+TEST_CASE("gemm with k == 0 or alpha == 0 only scales C", "[gemm]") {
+  for (float beta : {0.0f, 0.5f}) {
+    std::vector<float> C(6, beta == 0.0f ? std::numeric_limits<float>::quiet_NaN() : 2.0f);
+    const std::vector<float> A(6, std::numeric_limits<float>::quiet_NaN()), B(6, 1.0f);
+    gemm<float>(false, false, 2, 3, 0, 1.0f, A.data(), 1, B.data(), 3, beta, C.data(), 3);
+    for (float c : C) CHECK(c == 2.0f * beta);
+    std::fill(C.begin(), C.end(), beta == 0.0f ? std::numeric_limits<float>::quiet_NaN() : 2.0f);
+    gemm<float>(false, false, 2, 3, 2, 0.0f, B.data(), 2, B.data(), 3, beta, C.data(), 3);
+    for (float c : C) CHECK(c == 2.0f * beta);
+  }
+  // m == 0 or n == 0: nothing happens (and nothing is dereferenced)
+  gemm<float>(false, false, 0, 3, 2, 1.0f, nullptr, 2, nullptr, 3, 0.0f, nullptr, 3);
+  gemm<float>(true, true, 3, 0, 2, 1.0f, nullptr, 3, nullptr, 2, 0.0f, nullptr, 1);
+}
