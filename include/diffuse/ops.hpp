@@ -2,7 +2,7 @@
 //
 // Each op computes its value and, when a gradient is needed, records a
 // backward function that writes straight into its inputs' gradient buffers.
-// Matrix products go through Eigen's GEMM (multithreaded with OpenMP).
+// Matrix products go through detail::gemm (gemm.hpp), split over OpenMP threads.
 #pragma once
 
 #include <Eigen/Core>
@@ -228,9 +228,8 @@ inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
 }  // namespace detail
 
 // SiLU through Eigen's vectorised exp (g++ does not vectorise a std::exp loop).
-// Measured on the toy train step it changed little (6.79 -> 6.73 ms): the step is
-// dominated by GEMM and OpenMP barriers (docs/performance.md). The backward's lazy
-// expression evaluates exp twice; a fused bias+SiLU kernel is the planned fix.
+// The standalone op; after a linear layer use linear_act, which fuses bias and
+// SiLU into the GEMM's row blocks and keeps sigmoid(z) for the backward.
 template <class T>
 inline Var<T> silu(const Var<T>& a) {
   using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
