@@ -10,6 +10,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace diffuse;
@@ -196,4 +197,35 @@ TEST_CASE("gemm with k == 0 or alpha == 0 only scales C", "[gemm]") {
   // m == 0 or n == 0: nothing happens (and nothing is dereferenced)
   gemm<float>(false, false, 0, 3, 2, 1.0f, nullptr, 2, nullptr, 3, 0.0f, nullptr, 3);
   gemm<float>(true, true, 3, 0, 2, 1.0f, nullptr, 3, nullptr, 2, 0.0f, nullptr, 1);
+}
+
+TEST_CASE("GemmB prepacked products equal gemm") {
+  for (bool tb : {false, true})
+    for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 33, 5}, {100, 64, 577}, {37, 700, 390},
+                           {13, 3100, 20}}) {
+      INFO("m " << m << " n " << n << " k " << k << " trans_b " << tb);
+      Generator g(static_cast<uint64_t>(m * 131 + n * 7 + k + tb));
+      std::vector<float> A(static_cast<size_t>(m * k)), B(static_cast<size_t>(k * n)), C1(static_cast<size_t>(m * n)),
+          C2(static_cast<size_t>(m * n));
+      g.normal(A.data(), A.size());
+      g.normal(B.data(), B.size());
+      g.normal(C1.data(), C1.size());
+      C2 = C1;
+      const int64_t ldb = tb ? k : n;
+      diffuse::detail::GemmB<float> pb;
+      pb.pack(tb, k, n, B.data(), ldb);
+      pb.multiply(m, 0.5f, A.data(), k, 0.25f, C1.data(), n);
+      diffuse::detail::gemm<float>(false, tb, m, n, k, 0.5f, A.data(), k, B.data(), ldb, 0.25f, C2.data(), n);
+      double worst = 0;
+      for (size_t i = 0; i < C1.size(); ++i) worst = std::max(worst, std::abs(double(C1[i]) - C2[i]));
+      CHECK(worst < 1e-4);
+      // double goes through the Eigen fallback
+      std::vector<double> Ad(A.begin(), A.end()), Bd(B.begin(), B.end()), Cd(static_cast<size_t>(m * n), 0.0);
+      diffuse::detail::GemmB<double> pd;
+      pd.pack(tb, k, n, Bd.data(), ldb);
+      pd.multiply(m, 1.0, Ad.data(), k, 0.0, Cd.data(), n);
+      double ref = 0;
+      for (int64_t p = 0; p < k; ++p) ref += Ad[p] * (tb ? Bd[p] : Bd[p * n]);
+      CHECK(Cd[0] == Approx(ref).epsilon(1e-12));
+    }
 }

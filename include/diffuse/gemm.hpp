@@ -16,6 +16,7 @@
 #include <cstring>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -393,6 +394,64 @@ inline void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
   }
 }
 
+// op(B) packed once for many products with different A (a convolution's
+// weights against every block of im2col rows): all (NC, KC) blocks in the
+// order gemm_f32 walks them, each as zero-padded KC x NR panels.
+struct GemmPackedF32 {
+  int64_t k = 0, n = 0, KC = 0, NC = 0;
+  GemmBuffer buf;               // 64-byte aligned: the kernel's B loads are aligned
+  std::vector<size_t> offset;  // start of block (jc / NC, pc / KC), row-major over (jc, pc)
+
+  void pack(bool trans_b, int64_t k_, int64_t n_, const float* B, int64_t ldb) {
+    k = k_;
+    n = n_;
+    KC = gemm_even_block(k, kGemmKC, 1);
+    NC = gemm_even_block(n, kGemmNC, kGemmNR);
+    offset.clear();
+    size_t total = 0;
+    for (int64_t jc = 0; jc < n; jc += NC)
+      for (int64_t pc = 0; pc < k; pc += KC) {
+        offset.push_back(total);
+        total += static_cast<size_t>(std::min(KC, k - pc) * ((std::min(NC, n - jc) + kGemmNR - 1) / kGemmNR * kGemmNR));
+      }
+    float* data = buf.get(total);
+    size_t blk = 0;
+    for (int64_t jc = 0; jc < n; jc += NC)
+      for (int64_t pc = 0; pc < k; pc += KC, ++blk)
+        gemm_pack_b(trans_b, std::min(KC, k - pc), std::min(NC, n - jc), trans_b ? B + jc * ldb + pc : B + pc * ldb + jc,
+                    ldb, data + offset[blk]);
+  }
+};
+
+// C[m, n] = alpha * A[m, k] * op(B) + beta * C with op(B) from a GemmPackedF32.
+// A is read in place (rows of lda floats).
+inline void gemm_f32_prepacked(int64_t m, float alpha, const float* A, int64_t lda, const GemmPackedF32& pb,
+                               float beta, float* C, int64_t ldc) {
+  constexpr int64_t MR = kGemmMR, NR = kGemmNR;
+  const int64_t n = pb.n, k = pb.k, KC = pb.KC, NC = pb.NC;
+  const int64_t MC = gemm_even_block(m, kGemmMC, MR);
+  size_t blk = 0;
+  for (int64_t jc = 0; jc < n; jc += NC) {
+    const int64_t nc = std::min(NC, n - jc);
+    for (int64_t pc = 0; pc < k; pc += KC, ++blk) {
+      const int64_t kc = std::min(KC, k - pc);
+      const float beta_k = pc == 0 ? beta : 1.0f;
+      const float* bp = pb.buf.p + pb.offset[blk];
+      for (int64_t ic = 0; ic < m; ic += MC) {
+        const int64_t mc = std::min(MC, m - ic);
+        const float* ablk = A + ic * lda + pc;
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int64_t nr = std::min(NR, nc - jr);
+          const float* bpan = bp + (jr / NR) * kc * NR;
+          for (int64_t ir = 0; ir < mc; ir += MR)
+            gemm_kernel_dispatch<GemmA::rows>(std::min(MR, mc - ir), kc, ablk + ir * lda, lda, bpan,
+                                              C + (ic + ir) * ldc + jc + jr, ldc, alpha, beta_k, nr);
+        }
+      }
+    }
+  }
+}
+
 #endif  // DIFFUSE_GEMM_AVX2
 
 // ---------------------------------------------------------------- public entry points
@@ -455,5 +514,49 @@ inline void gemm_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 #endif
   gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+// op(B) [k, n] prepared once for many products C = alpha * A op(B) + beta * C
+// with different A (row-major, lda): packed panels for float with AVX2, a
+// plain row-major copy of op(B) for the Eigen fallback.
+template <class T>
+class GemmB {
+ public:
+  void pack(bool trans_b, int64_t k, int64_t n, const T* B, int64_t ldb) {
+    k_ = k;
+    n_ = n;
+#ifdef DIFFUSE_GEMM_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      packed_.pack(trans_b, k, n, B, ldb);
+      return;
+    }
+#endif
+    plain_.resize(static_cast<size_t>(k * n));
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j) plain_[p * n + j] = trans_b ? B[j * ldb + p] : B[p * ldb + j];
+  }
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+
+  // C[m, n] = alpha * A[m, k] op(B) + beta * C. Single-threaded; safe to call
+  // from many threads at once on one GemmB.
+  void multiply(int64_t m, T alpha, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+    if (m <= 0 || n_ <= 0) return;
+    if (k_ <= 0 || alpha == T(0)) return gemm_scale_c(m, n_, beta, C, ldc);
+#ifdef DIFFUSE_GEMM_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      gemm_f32_prepacked(m, alpha, A, lda, packed_, beta, C, ldc);
+      return;
+    }
+#endif
+    gemm_eigen<T>(false, false, m, n_, k_, alpha, A, lda, plain_.data(), n_, beta, C, ldc);
+  }
+
+ private:
+  int64_t k_ = 0, n_ = 0;
+#ifdef DIFFUSE_GEMM_AVX2
+  GemmPackedF32 packed_;
+#endif
+  std::vector<T> plain_;
+};
 
 }  // namespace diffuse::detail
