@@ -102,8 +102,17 @@ class Tape {
     if (!r.requires_grad) throw std::logic_error("diffuse: backward() on a value that does not require grad");
     GradSink<T> s = grad_sink(r);
     for (size_t i = 0; i < r.value.size(); ++i) s.put(i, seed ? (*seed)[i] : T(1));
+    // Each entry is released as soon as it has run: its closure (and the
+    // activations it saved) and the gradient of its output, which no later
+    // entry reads. So memory falls during the backward instead of holding
+    // every activation and every intermediate gradient to the end (as PyTorch
+    // frees non-leaf gradients). Leaves keep their gradients.
     for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
       if (it->out->has_grad) it->fn(it->out->grad);
+      it->fn = nullptr;
+      it->out->grad = Tensor<T>();
+      it->out->has_grad = false;
+      it->out.reset();
     }
     clear();
   }
