@@ -1,0 +1,282 @@
+// 2-D convolution on NHWC images: x [N, H, W, C], weight [O, C, kh, kw] (the
+// PyTorch layout, so checkpoints move between the two unchanged), bias [O],
+// y [N, Ho, Wo, O]. Same function as torch.nn.functional.conv2d on the NCHW view.
+//
+// How: im2col GEMM over blocks of output pixels. In NHWC a kernel row's taps
+// are kw * C contiguous floats, so im2col is a few memcpy per output pixel;
+// each block of R pixels becomes a [R, kh*kw*C] matrix times the weight,
+// reordered once per call to [O, kh*kw*C] and packed once (detail::GemmB), so
+// the blocks can stay small enough for L2. A 1x1 convolution with stride 1 is
+// a plain GEMM on x itself. The backward recomputes im2col blocks rather than
+// keeping them (they are kh*kw times the size of x).
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../gemm.hpp"
+#include "../ops.hpp"
+
+namespace diffuse {
+
+struct Conv2dOptions {
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_h = 0, pad_w = 0;  // zero padding on both sides
+};
+
+namespace detail {
+
+struct ConvGeom {
+  int64_t N, H, W, C, O, kh, kw, sh, sw, ph, pw, Ho, Wo;
+  int64_t K() const { return kh * kw * C; }
+  int64_t P() const { return N * Ho * Wo; }
+  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
+};
+
+// Rows per im2col block: about 256 KiB of col, 24 to 240 rows, a multiple of
+// the GEMM micro-tile height.
+inline int64_t conv_block_rows(int64_t K) {
+  const int64_t r = std::clamp<int64_t>(65536 / std::max<int64_t>(K, 1), 24, 240);
+  return r / kGemmMR * kGemmMR;
+}
+
+// w [O, C, kh, kw] -> wr [O, (ky, kx, c)], the order of an NHWC im2col row.
+template <class T>
+inline void conv_weight_rows(const T* w, T* wr, const ConvGeom& g) {
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t ky = 0; ky < g.kh; ++ky)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          wr[o * g.K() + (ky * g.kw + kx) * g.C + c] = w[((o * g.C + c) * g.kh + ky) * g.kw + kx];
+}
+
+// Calls f(ky, kx0, kx1, src_pixel_offset, col_offset) for each kernel row of
+// output pixel p whose taps kx0..kx1 fall inside the image; src is the
+// element offset of tap (ky, kx0) in x, col the offset inside the col row.
+template <class F>
+inline void conv_for_taps(const ConvGeom& g, int64_t p, F&& f) {
+  const int64_t hw = g.Ho * g.Wo, n = p / hw, rem = p % hw, oy = rem / g.Wo, ox = rem % g.Wo;
+  const int64_t x0 = ox * g.sw - g.pw;
+  const int64_t kx0 = std::max<int64_t>(0, -x0), kx1 = std::min<int64_t>(g.kw, g.W - x0);
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.sh - g.ph + ky;
+    if (iy < 0 || iy >= g.H || kx0 >= kx1) {
+      f(ky, int64_t(0), int64_t(0), int64_t(0), ky * g.kw * g.C);
+      continue;
+    }
+    f(ky, kx0, kx1, ((n * g.H + iy) * g.W + x0 + kx0) * g.C, ky * g.kw * g.C);
+  }
+}
+
+// col[r, :] = the receptive field of output pixel p0 + r, zeros outside the image.
+template <class T>
+inline void im2col_block(const T* x, T* col, const ConvGeom& g, int64_t p0, int64_t p1) {
+  const int64_t K = g.K(), C = g.C;
+  for (int64_t p = p0; p < p1; ++p) {
+    T* row = col + (p - p0) * K;
+    conv_for_taps(g, p, [&](int64_t, int64_t kx0, int64_t kx1, int64_t src, int64_t off) {
+      T* d = row + off;
+      std::fill(d, d + kx0 * C, T(0));
+      if (kx1 > kx0) std::memcpy(d + kx0 * C, x + src, static_cast<size_t>((kx1 - kx0) * C) * sizeof(T));
+      std::fill(d + std::max(kx1, kx0) * C, d + g.kw * C, T(0));
+    });
+  }
+}
+
+// dx += the col rows of output pixels p0..p1 scattered back to their taps.
+template <class T>
+inline void col2im_add_block(const T* col, T* dx, const ConvGeom& g, int64_t p0, int64_t p1) {
+  const int64_t K = g.K(), C = g.C;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = col + (p - p0) * K;
+    conv_for_taps(g, p, [&](int64_t, int64_t kx0, int64_t kx1, int64_t src, int64_t off) {
+      const int64_t len = (kx1 - kx0) * C;
+      const T* s = row + off + kx0 * C;
+      T* d = dx + src;
+      for (int64_t i = 0; i < len; ++i) d[i] += s[i];
+    });
+  }
+}
+
+// A growing per-thread scratch buffer (no allocation once warm).
+template <class T, int Slot>
+inline T* conv_scratch(size_t n) {
+  static thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+inline int conv_threads(double flops, int64_t units) {
+#ifdef _OPENMP
+  if (flops >= kParallelMinFlops && !omp_in_parallel())
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), units)));
+#else
+  (void)flops;
+  (void)units;
+#endif
+  return 1;
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+template <class T>
+inline void conv_forward(const T* x, const T* wr, const T* b, T* y, const ConvGeom& g) {
+  const int64_t P = g.P(), K = g.K(), O = g.O;
+  GemmB<T> pb;
+  pb.pack(true, K, O, wr, K);  // op(B) = wr^T [K, O]
+  const int64_t R = conv_block_rows(K);
+  const bool pw = g.pointwise();
+  parallel_rows(P, 2.0 * P * K * O, [&](int64_t r0, int64_t r1) {
+    T* col = pw ? nullptr : conv_scratch<T, 0>(static_cast<size_t>(R * K));
+    for (int64_t p0 = r0; p0 < r1; p0 += R) {
+      const int64_t p1 = std::min(r1, p0 + R);
+      if (pw) {
+        pb.multiply(p1 - p0, T(1), x + p0 * K, K, T(0), y + p0 * O, O);
+      } else {
+        im2col_block(x, col, g, p0, p1);
+        pb.multiply(p1 - p0, T(1), col, K, T(0), y + p0 * O, O);
+      }
+      if (b)
+        for (int64_t p = p0; p < p1; ++p) {
+          T* yr = y + p * O;
+          for (int64_t o = 0; o < O; ++o) yr[o] += b[o];
+        }
+    }
+  });
+}
+
+// dx, dW, db from dy. Threads take whole images (so col2im never races) and
+// keep private dW / db sums, added up in thread order at the end.
+template <class T>
+inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx, T* dwr, T* db, const ConvGeom& g) {
+  const int64_t P = g.P(), K = g.K(), O = g.O, C = g.C, hw = g.Ho * g.Wo;
+  const bool pw = g.pointwise();
+  GemmB<T> pbw;
+  if (gx) pbw.pack(false, O, K, wr, K);  // dcol = dy wr: op(B) = wr [O, K]
+  const int64_t R = conv_block_rows(K);
+  const double flops = 2.0 * P * K * O * ((gx ? 1 : 0) + (dwr ? 1 : 0));
+  const int nt = conv_threads(flops, pw ? P / 16 : g.N);
+  std::vector<T> part(static_cast<size_t>(nt > 1 ? (nt - 1) * (K * O + O) : 0), T(0));
+  if (dwr) std::fill(dwr, dwr + K * O, T(0));
+  if (db) std::fill(db, db + O, T(0));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = nt > 1 ? thread_id() : 0, team = nt > 1 ? team_size() : 1;
+    // Rows of this thread: whole images unless pointwise (no col2im then).
+    const int64_t units = pw ? P : g.N, per = (units + team - 1) / team;
+    const int64_t u0 = std::min(units, t * per), u1 = std::min(units, u0 + per);
+    const int64_t r0 = pw ? u0 : u0 * hw, r1 = pw ? u1 : u1 * hw;
+    T* my_dw = dwr ? (t == 0 ? dwr : part.data() + (t - 1) * (K * O + O)) : nullptr;
+    T* my_db = db ? (t == 0 ? db : part.data() + (t - 1) * (K * O + O) + K * O) : nullptr;
+    T* col = pw ? nullptr : conv_scratch<T, 0>(static_cast<size_t>(R * K));
+    T* dcol = pw || !gx ? nullptr : conv_scratch<T, 1>(static_cast<size_t>(R * K));
+    if (gx && !pw && !gx->accumulate) std::fill(gx->data + u0 * g.H * g.W * C, gx->data + u1 * g.H * g.W * C, T(0));
+    for (int64_t p0 = r0; p0 < r1; p0 += R) {
+      const int64_t p1 = std::min(r1, p0 + R), rows = p1 - p0;
+      const T* dyb = dy + p0 * O;
+      if (my_dw) {
+        const T* a = x + p0 * K;  // pointwise: x rows are the col rows
+        if (!pw) {
+          im2col_block(x, col, g, p0, p1);
+          a = col;
+        }
+        gemm<T>(true, false, O, K, rows, T(1), dyb, O, a, K, T(1), my_dw, K);
+      }
+      if (my_db)
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t o = 0; o < O; ++o) my_db[o] += dyb[p * O - p0 * O + o];
+      if (gx) {
+        if (pw) {
+          pbw.multiply(rows, T(1), dyb, O, gx->accumulate ? T(1) : T(0), gx->data + p0 * C, C);
+        } else {
+          pbw.multiply(rows, T(1), dyb, O, T(0), dcol, K);
+          col2im_add_block(dcol, gx->data, g, p0, p1);
+        }
+      }
+    }
+  }
+  for (int t = 1; t < nt; ++t) {
+    const T* pt = part.data() + (t - 1) * (K * O + O);
+    if (dwr)
+      for (int64_t i = 0; i < K * O; ++i) dwr[i] += pt[i];
+    if (db)
+      for (int64_t o = 0; o < O; ++o) db[o] += pt[K * O + o];
+  }
+}
+
+}  // namespace detail
+
+// y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, C, kh, kw], b [O] (or undefined).
+template <class T>
+inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
+  if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(1) != x.size(3))
+    throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,C,kh,kw]; got x " +
+                                shape_str(x.shape()) + ", weight " + shape_str(w.shape()));
+  if (opt.stride_h < 1 || opt.stride_w < 1 || opt.pad_h < 0 || opt.pad_w < 0)
+    throw std::invalid_argument("diffuse: conv2d stride must be >= 1 and padding >= 0");
+  detail::ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), w.size(3),
+                     opt.stride_h,  opt.stride_w, opt.pad_h, opt.pad_w, 0, 0};
+  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  if (g.H + 2 * g.ph < g.kh || g.W + 2 * g.pw < g.kw)
+    throw std::invalid_argument("diffuse: conv2d kernel " + shape_str(w.shape()) + " larger than the padded input " +
+                                shape_str(x.shape()));
+  const bool has_b = b.defined();
+  if (has_b && (b.value().dim() != 1 || b.size(0) != g.O))
+    throw std::invalid_argument("diffuse: conv2d bias " + shape_str(b.shape()) + " for " + std::to_string(g.O) +
+                                " output channels");
+  // The weight in im2col order. Not kept for the backward, which rebuilds it:
+  // over a whole model that copy is as large as the parameters.
+  Tensor<T> wr({g.O, g.K()});
+  detail::conv_weight_rows(w.value().data(), wr.data(), g);
+  Tensor<T> y({g.N, g.Ho, g.Wo, g.O});
+  detail::conv_forward(x.value().data(), wr.data(), has_b ? b.value().data() : nullptr, y.data(), g);
+  return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, g]() {
+    return [x, w, b, has_b, g](const Tensor<T>& dy) {
+      Tensor<T> wr({g.O, g.K()});
+      detail::conv_weight_rows(w.value().data(), wr.data(), g);
+      GradSink<T> sx{};
+      if (x.requires_grad()) sx = grad_sink(*x.node());
+      Tensor<T> dwr = w.requires_grad() ? Tensor<T>({g.O, g.K()}) : Tensor<T>();
+      Tensor<T> db = has_b && b.requires_grad() ? Tensor<T>({g.O}) : Tensor<T>();
+      detail::conv_backward(dy.data(), x.value().data(), wr.data(), x.requires_grad() ? &sx : nullptr,
+                            dwr.defined() ? dwr.data() : nullptr, db.defined() ? db.data() : nullptr, g);
+      if (dwr.defined()) {
+        GradSink<T> s = grad_sink(*w.node());
+        for (int64_t o = 0; o < g.O; ++o)
+          for (int64_t c = 0; c < g.C; ++c)
+            for (int64_t ky = 0; ky < g.kh; ++ky)
+              for (int64_t kx = 0; kx < g.kw; ++kx)
+                s.put(static_cast<size_t>(((o * g.C + c) * g.kh + ky) * g.kw + kx),
+                      dwr[static_cast<size_t>(o * g.K() + (ky * g.kw + kx) * g.C + c)]);
+      }
+      if (db.defined()) {
+        GradSink<T> s = grad_sink(*b.node());
+        for (int64_t o = 0; o < g.O; ++o) s.put(static_cast<size_t>(o), db[static_cast<size_t>(o)]);
+      }
+    };
+  });
+}
+
+template <class T>
+inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, int64_t stride = 1, int64_t padding = 0) {
+  return conv2d(x, w, b, Conv2dOptions{stride, stride, padding, padding});
+}
+
+}  // namespace diffuse

@@ -1,0 +1,406 @@
+// Image ops for the U-Net, in the library's one image layout, NHWC: a tensor
+// [N, H, W, C] with the channels fastest. PyTorch is NCHW; nchw_to_nhwc and
+// nhwc_to_nchw convert at that boundary only.
+//
+//   group_norm(x, gamma, beta, groups, eps, silu)  torch.nn.GroupNorm (+ SiLU fused)
+//   upsample_nearest2x(x)                          F.interpolate(scale_factor=2, mode="nearest")
+//   dropout(x, p, gen, training)                   F.dropout, mask from the counter-based RNG
+//   add_channel_bias(x, b)                         x + b[:, None, None, :]  (b [N, C])
+//
+// Channel concatenation is concat(xs, 3) from ops.hpp.
+#pragma once
+
+#include <type_traits>
+#include <vector>
+
+#include "../ops.hpp"
+
+namespace diffuse {
+
+// [N, C, H, W] -> [N, H, W, C] (a copy; not an autograd op).
+template <class T>
+inline Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
+  if (t.dim() != 4)
+    throw std::invalid_argument("diffuse: nchw_to_nhwc needs a 4-D tensor, got " + shape_str(t.shape()));
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), HW = H * W;
+  Tensor<T> out({N, H, W, C});
+  const T* s = t.data();
+  T* d = out.data();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < HW; ++p) d[(n * HW + p) * C + c] = s[(n * C + c) * HW + p];
+  return out;
+}
+
+// [N, H, W, C] -> [N, C, H, W] (a copy; not an autograd op).
+template <class T>
+inline Tensor<T> nhwc_to_nchw(const Tensor<T>& t) {
+  if (t.dim() != 4)
+    throw std::invalid_argument("diffuse: nhwc_to_nchw needs a 4-D tensor, got " + shape_str(t.shape()));
+  const int64_t N = t.size(0), H = t.size(1), W = t.size(2), C = t.size(3), HW = H * W;
+  Tensor<T> out({N, C, H, W});
+  const T* s = t.data();
+  T* d = out.data();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < HW; ++p) d[(n * C + c) * HW + p] = s[(n * HW + p) * C + c];
+  return out;
+}
+
+namespace detail {
+
+inline void require_nhwc(const char* op, const Shape& s) {
+  if (s.size() != 4)
+    throw std::invalid_argument(std::string("diffuse: ") + op + " needs an NHWC tensor [N, H, W, C], got " +
+                                shape_str(s));
+}
+
+// Work split of group_norm. In NHWC a group is a run of Cg contiguous channels
+// inside every pixel, so a task takes a block of whole groups of one sample and
+// walks its pixels: a (sample, groups) pair. Wide blocks stream memory; narrow
+// ones read a few bytes every C elements, a pattern the prefetcher misses (one
+// sample of [32, 32, 128] floats, one thread: 64-byte blocks ran 2-3x slower
+// than whole pixels). So a sample is split only to give the threads enough
+// tasks: into blocks of at least 256 bytes for up to 4 tasks per thread, and
+// of at least a cache line (64 bytes) while threads would otherwise idle.
+// A group never spans two tasks and every sum runs in a fixed order, so the
+// results do not depend on the thread count.
+struct GroupNormPlan {
+  int64_t N = 0, HW = 0, C = 0, G = 0, Cg = 0;
+  int64_t gpb = 1;   // groups per task
+  int64_t nblk = 1;  // tasks per sample
+  int64_t tasks() const { return N * nblk; }
+};
+
+inline GroupNormPlan group_norm_plan(int64_t N, int64_t HW, int64_t C, int64_t G, size_t elem_bytes) {
+  GroupNormPlan p;
+  p.N = N, p.HW = HW, p.C = C, p.G = G, p.Cg = C / G;
+  int64_t threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  const int64_t group_bytes = p.Cg * static_cast<int64_t>(elem_bytes);
+  auto groups_for = [&](int64_t bytes) { return std::clamp<int64_t>((bytes + group_bytes - 1) / group_bytes, 1, G); };
+  auto can_halve = [&](int64_t min_groups) { return 2 * p.nblk <= G && (G + 2 * p.nblk - 1) / (2 * p.nblk) >= min_groups; };
+  while (N * p.nblk < 4 * threads && can_halve(groups_for(256))) p.nblk *= 2;
+  while (N * p.nblk < threads && can_halve(groups_for(64))) p.nblk *= 2;
+  p.gpb = (G + p.nblk - 1) / p.nblk;  // even blocks; the last may hold fewer groups
+  p.nblk = (G + p.gpb - 1) / p.gpb;
+  return p;
+}
+
+// A task's block of one sample's image as a [HW, cb] array with row stride C.
+template <class T>
+using ImgBlock = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>;
+template <class T>
+using CImgBlock =
+    Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>;
+template <class T>
+using RowArr = Eigen::Array<T, 1, Eigen::Dynamic>;
+
+}  // namespace detail
+
+// torch.nn.GroupNorm(groups, C, eps) on the NCHW view of x: x NHWC [N, H, W, C],
+// gamma and beta [C]. Per (sample, group): mean and biased variance over
+// H * W * (C / groups) values, accumulated in double. With silu = true it
+// returns SiLU(group_norm(x)) as one op (the U-Net's norm + activation).
+template <class T>
+inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
+                         bool silu = false) {
+  detail::require_nhwc("group_norm", x.shape());
+  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+  if (groups <= 0 || C % groups != 0)
+    throw std::invalid_argument("diffuse: group_norm: " + std::to_string(C) + " channels cannot be split into " +
+                                std::to_string(groups) + " groups (C % groups must be 0)");
+  for (const Var<T>* v : {&gamma, &beta})
+    if (!v->defined() || v->value().dim() != 1 || v->size(0) != C)
+      throw std::invalid_argument("diffuse: group_norm: gamma and beta must have shape [" + std::to_string(C) +
+                                  "], got " + (v->defined() ? shape_str(v->shape()) : std::string("undefined")));
+  if (!(eps > 0)) throw std::invalid_argument("diffuse: group_norm: eps must be positive");
+
+  const detail::GroupNormPlan pl = detail::group_norm_plan(N, HW, C, groups, sizeof(T));
+  const int64_t Cg = pl.Cg;
+  const double M = static_cast<double>(HW * Cg);  // values per (sample, group)
+  const bool grad = Tape<T>::grad_enabled() && (x.requires_grad() || gamma.requires_grad() || beta.requires_grad());
+  Tensor<T> out(x.shape());
+  // The fused backward needs SiLU'(y) = s + out * (1 - s): keep s = sigmoid(y) so it needs no exp.
+  Tensor<T> sig = grad && silu ? Tensor<T>(x.shape()) : Tensor<T>();
+  // Per (sample, group) mean and 1/std: with x they give xhat in the backward without storing it.
+  std::vector<double> mean(static_cast<size_t>(N * groups)), rstd(static_cast<size_t>(N * groups));
+  const T* xd = x.value().data();
+  const T* gd = gamma.value().data();
+  const T* bd = beta.value().data();
+  T* od = out.data();
+  T* sd = sig.defined() ? sig.data() : nullptr;
+
+#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
+  for (int64_t t = 0; t < pl.tasks(); ++t) {
+    const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(groups, g0 + pl.gpb);
+    const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
+    const int64_t base = n * HW * C + c0;
+    const T* xp = xd + base;
+    std::vector<double> acc(static_cast<size_t>(cb));
+    // Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels.
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t p = 0; p < HW; ++p)
+      for (int64_t c = 0; c < cb; ++c) acc[c] += xp[p * C + c];
+    for (int64_t j = g0; j < g1; ++j) {
+      double s = 0;
+      for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
+      mean[n * groups + j] = M > 0 ? s / M : 0.0;
+    }
+    std::vector<double> mc(static_cast<size_t>(cb));
+    for (int64_t c = 0; c < cb; ++c) mc[c] = mean[n * groups + g0 + c / Cg];
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t p = 0; p < HW; ++p)
+      for (int64_t c = 0; c < cb; ++c) {
+        const double d = xp[p * C + c] - mc[c];
+        acc[c] += d * d;
+      }
+    for (int64_t j = g0; j < g1; ++j) {
+      double s = 0;
+      for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
+      rstd[n * groups + j] = 1.0 / std::sqrt((M > 0 ? s / M : 0.0) + eps);
+    }
+    // y = (x - mean) * (rstd * gamma) + beta, then SiLU, on the whole block at once (Eigen vectorises the exp).
+    detail::RowArr<T> m(cb), a(cb), b(cb);
+    for (int64_t c = 0; c < cb; ++c) {
+      m[c] = static_cast<T>(mc[c]);
+      a[c] = static_cast<T>(rstd[n * groups + g0 + c / Cg] * static_cast<double>(gd[c0 + c]));
+      b[c] = bd[c0 + c];
+    }
+    const Eigen::OuterStride<> stride(C);
+    detail::CImgBlock<T> X(xp, HW, cb, stride);
+    detail::ImgBlock<T> Y(od + base, HW, cb, stride);
+    Y = ((X.rowwise() - m).rowwise() * a).rowwise() + b;
+    if (silu) {
+      if (sd) {
+        detail::ImgBlock<T> S(sd + base, HW, cb, stride);
+        S = (T(1) + (-Y).exp()).inverse();
+        Y = Y * S;
+      } else {
+        Y = Y / (T(1) + (-Y).exp());
+      }
+    }
+  }
+
+  const Tensor<T> yv = silu && grad ? out : Tensor<T>();  // a second handle on the output, for SiLU'
+  return make_result<T>(std::move(out), {&x, &gamma, &beta}, [&]() {
+    return [x, gamma, beta, pl, silu, yv, sig, mean = std::move(mean), rstd = std::move(rstd)](const Tensor<T>& g) {
+      const int64_t N = pl.N, HW = pl.HW, C = pl.C, G = pl.G, Cg = pl.Cg;
+      const double M = static_cast<double>(HW * Cg);
+      const bool gx = x.requires_grad();
+      GradSink<T> sx{};
+      if (gx) sx = grad_sink(*x.node());
+      // Per (sample, channel): s1 = sum dy, s2 = sum dy * xhat, with dy the gradient
+      // before the affine map. They give dbeta, dgamma (summed over samples) and the
+      // two group means of dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+      std::vector<double> s1(static_cast<size_t>(N * C)), s2(static_cast<size_t>(N * C));
+      const T* xd = x.value().data();
+      const T* gd = gamma.value().data();
+      const T* gr = g.data();
+      const T* od = silu ? yv.data() : nullptr;
+      const T* sd = silu ? sig.data() : nullptr;
+      // One task; SiLU or not is a compile-time flag so that the inner loops have no branch and vectorise.
+      auto task = [&](int64_t t, auto silu_flag) {
+        constexpr bool kSilu = decltype(silu_flag)::value;
+        const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(G, g0 + pl.gpb);
+        const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
+        const int64_t base = n * HW * C + c0;
+        std::vector<T> m(static_cast<size_t>(cb)), r(static_cast<size_t>(cb)), ga(static_cast<size_t>(cb));
+        for (int64_t c = 0; c < cb; ++c) {
+          m[c] = static_cast<T>(mean[n * G + g0 + c / Cg]);
+          r[c] = static_cast<T>(rstd[n * G + g0 + c / Cg]);
+          ga[c] = gd[c0 + c];
+        }
+        // dy at one element: g, times SiLU'(y) = s + out * (1 - s) for the fused op.
+        auto dy = [&](int64_t i) {
+          if constexpr (kSilu) return gr[i] * (sd[i] + od[i] * (T(1) - sd[i]));
+          else return gr[i];
+        };
+        double* a1 = s1.data() + n * C + c0;
+        double* a2 = s2.data() + n * C + c0;
+        std::fill(a1, a1 + cb, 0.0);
+        std::fill(a2, a2 + cb, 0.0);
+        for (int64_t p = 0; p < HW; ++p) {
+          const int64_t i0 = base + p * C;
+          for (int64_t c = 0; c < cb; ++c) {
+            const T d = dy(i0 + c), xh = (xd[i0 + c] - m[c]) * r[c];
+            a1[c] += d;
+            a2[c] += d * xh;
+          }
+        }
+        if (!gx) return;
+        // Per group: k1 = mean(dxhat), k2 = mean(dxhat * xhat), with dxhat = dy * gamma.
+        std::vector<T> k1(static_cast<size_t>(cb)), k2(static_cast<size_t>(cb));
+        for (int64_t j = 0; j < g1 - g0; ++j) {
+          double q1 = 0, q2 = 0;
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+            q1 += static_cast<double>(ga[c]) * a1[c];
+            q2 += static_cast<double>(ga[c]) * a2[c];
+          }
+          for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
+            k1[c] = static_cast<T>(M > 0 ? q1 / M : 0.0);
+            k2[c] = static_cast<T>(M > 0 ? q2 / M : 0.0);
+          }
+        }
+        for (int64_t p = 0; p < HW; ++p) {
+          const int64_t i0 = base + p * C;
+          for (int64_t c = 0; c < cb; ++c) {
+            const T xh = (xd[i0 + c] - m[c]) * r[c];
+            sx.put(static_cast<size_t>(i0 + c), r[c] * (ga[c] * dy(i0 + c) - k1[c] - xh * k2[c]));
+          }
+        }
+      };
+#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
+      for (int64_t t = 0; t < pl.tasks(); ++t) {
+        if (silu)
+          task(t, std::true_type{});
+        else
+          task(t, std::false_type{});
+      }
+      // dgamma = sum over samples of s2, dbeta of s1 (small: [N, C]).
+      for (int side = 0; side < 2; ++side) {
+        const Var<T>& v = side == 0 ? gamma : beta;
+        if (!v.requires_grad()) continue;
+        const std::vector<double>& s = side == 0 ? s2 : s1;
+        GradSink<T> sk = grad_sink(*v.node());
+        for (int64_t c = 0; c < C; ++c) {
+          double acc = 0;
+          for (int64_t n = 0; n < N; ++n) acc += s[n * C + c];
+          sk.put(static_cast<size_t>(c), acc);
+        }
+      }
+    };
+  });
+}
+
+// Nearest-neighbour 2x upsampling, NHWC [N, H, W, C] -> [N, 2H, 2W, C], as
+// F.interpolate(x, scale_factor=2, mode="nearest"); the backward sums the 4 copies.
+template <class T>
+inline Var<T> upsample_nearest2x(const Var<T>& x) {
+  detail::require_nhwc("upsample_nearest2x", x.shape());
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  Tensor<T> out({N, 2 * H, 2 * W, C});
+  const T* xd = x.value().data();
+  T* od = out.data();
+  const int64_t orow = 2 * W * C;  // one output row
+  // Each input row r = (n, h) fills output rows 2h and 2h + 1 of sample n, i.e. 2r and 2r + 1.
+#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
+  for (int64_t r = 0; r < N * H; ++r) {
+    T* o0 = od + 2 * r * orow;
+    for (int64_t w = 0; w < W; ++w) {
+      const T* s = xd + (r * W + w) * C;
+      std::copy_n(s, C, o0 + 2 * w * C);
+      std::copy_n(s, C, o0 + (2 * w + 1) * C);
+    }
+    std::copy_n(o0, orow, o0 + orow);
+  }
+  return make_result<T>(std::move(out), {&x}, [x, N, H, W, C, orow]() {
+    return [x, N, H, W, C, orow](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*x.node());
+      const T* gd = g.data();
+#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
+      for (int64_t r = 0; r < N * H; ++r) {
+        const T* g0 = gd + 2 * r * orow;
+        const T* g1 = g0 + orow;
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t a = 2 * w * C + c, b = a + C;
+            s.put(static_cast<size_t>((r * W + w) * C + c), (g0[a] + g0[b]) + (g1[a] + g1[b]));
+          }
+      }
+    };
+  });
+}
+
+namespace detail {
+// f(i, keep) for every element of a dropout mask: keep when uniform draw i of
+// (seed, off) is below 1 - p. Draws go 4 per Philox block, as Generator::uniform,
+// so the mask is that of gen.uniform() at the same offset, in any thread count.
+template <class F>
+inline void dropout_mask(uint64_t seed, uint64_t off, size_t n, double p, F&& f) {
+  const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
+  const double keep_below = 1.0 - p;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
+  for (int64_t j = 0; j < blocks; ++j) {
+    const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
+    const size_t i0 = static_cast<size_t>(j) * 4;
+    for (size_t l = 0; l < 4 && i0 + l < n; ++l) f(i0 + l, static_cast<double>(uint_to_uniform(b.v[l])) < keep_below);
+  }
+}
+}  // namespace detail
+
+// F.dropout(x, p, training): each element zeroed with probability p, the rest
+// scaled by 1 / (1 - p). The mask comes from gen (which advances by ceil(n / 4)
+// blocks); the backward regenerates it from the same (seed, offset) instead of
+// storing it. Not training, or p == 0: returns x itself and draws nothing.
+template <class T>
+inline Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
+  if (!(p >= 0.0 && p <= 1.0))
+    throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(p));
+  if (!training || p == 0.0) return x;
+  const size_t n = x.value().size();
+  const uint64_t seed = gen.seed, off = gen.advance(n);
+  const T scale = p >= 1.0 ? T(0) : T(1) / static_cast<T>(1.0 - p);  // p == 1: all zeros, as PyTorch
+  Tensor<T> out(x.shape());
+  const T* xd = x.value().data();
+  T* od = out.data();
+  detail::dropout_mask(seed, off, n, p, [&](size_t i, bool keep) { od[i] = keep ? xd[i] * scale : T(0); });
+  return make_result<T>(std::move(out), {&x}, [x, seed, off, n, p, scale]() {
+    return [x, seed, off, n, p, scale](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*x.node());
+      const T* gd = g.data();
+      detail::dropout_mask(seed, off, n, p, [&](size_t i, bool keep) { s.put(i, keep ? gd[i] * scale : T(0)); });
+    };
+  });
+}
+
+// x NHWC [N, H, W, C] plus b [N, C] broadcast over H and W: the ResBlock's
+// h + temb_proj(emb)[:, :, None, None]. Backward: dx = g, db[n, c] = sum over pixels.
+template <class T>
+inline Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
+  detail::require_nhwc("add_channel_bias", x.shape());
+  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+  if (b.value().dim() != 2 || b.size(0) != N || b.size(1) != C)
+    throw std::invalid_argument("diffuse: add_channel_bias: bias must have shape [" + std::to_string(N) + ", " +
+                                std::to_string(C) + "] for x " + shape_str(x.shape()) + ", got " +
+                                shape_str(b.shape()));
+  Tensor<T> out(x.shape());
+  const T* xd = x.value().data();
+  const T* bd = b.value().data();
+  T* od = out.data();
+#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
+  for (int64_t r = 0; r < N * HW; ++r) {
+    const T* br = bd + (r / HW) * C;
+    for (int64_t c = 0; c < C; ++c) od[r * C + c] = xd[r * C + c] + br[c];
+  }
+  return make_result<T>(std::move(out), {&x, &b}, [x, b, N, HW, C]() {
+    return [x, b, N, HW, C](const Tensor<T>& g) {
+      const T* gd = g.data();
+      const size_t n = g.size();
+      if (x.requires_grad()) {
+        GradSink<T> s = grad_sink(*x.node());
+#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
+        for (size_t i = 0; i < n; ++i) s.put(i, gd[i]);
+      }
+      if (b.requires_grad()) {
+        // Tasks of (sample, 64 channels): contiguous reads per pixel, no reduction across threads.
+        GradSink<T> s = grad_sink(*b.node());
+        constexpr int64_t kBlock = 64;
+        const int64_t nblk = (C + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
+        for (int64_t t = 0; t < N * nblk; ++t) {
+          const int64_t nn = t / nblk, c0 = (t % nblk) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
+          double acc[kBlock] = {};
+          const T* gp = gd + nn * HW * C + c0;
+          for (int64_t p = 0; p < HW; ++p)
+            for (int64_t c = 0; c < cb; ++c) acc[c] += gp[p * C + c];
+          for (int64_t c = 0; c < cb; ++c) s.put(static_cast<size_t>(nn * C + c0 + c), acc[c]);
+        }
+      }
+    };
+  });
+}
+
+}  // namespace diffuse

@@ -1,0 +1,196 @@
+// conv2d (NHWC): finite-difference gradients in double, float against a direct
+// loop at sizes that cross the im2col block and thread boundaries, and
+// PyTorch's F.conv2d (tests/torch/conv2d_ref.py) on the NCHW view.
+#include <catch2/catch.hpp>
+
+#include <diffuse/diffuse.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <string>
+
+#include "gradcheck.hpp"
+
+using namespace diffuse;
+using diffuse::testing::max_gradcheck_error;
+using diffuse::testing::rand_var;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Case {
+  int64_t N, H, W, C, O, kh, kw;
+  Conv2dOptions opt;
+};
+
+// y[n, oy, ox, o] by the definition, in double.
+template <class T>
+std::vector<double> conv_direct(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>* b, const Conv2dOptions& o) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), O = w.size(0), kh = w.size(2),
+                kw = w.size(3);
+  const int64_t Ho = (H + 2 * o.pad_h - kh) / o.stride_h + 1, Wo = (W + 2 * o.pad_w - kw) / o.stride_w + 1;
+  std::vector<double> y(static_cast<size_t>(N * Ho * Wo * O));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t oy = 0; oy < Ho; ++oy)
+      for (int64_t ox = 0; ox < Wo; ++ox)
+        for (int64_t oc = 0; oc < O; ++oc) {
+          double acc = b ? static_cast<double>((*b)[oc]) : 0.0;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t ky = 0; ky < kh; ++ky)
+              for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t iy = oy * o.stride_h - o.pad_h + ky, ix = ox * o.stride_w - o.pad_w + kx;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                acc += static_cast<double>(x[((n * H + iy) * W + ix) * C + c]) *
+                       static_cast<double>(w[((oc * C + c) * kh + ky) * kw + kx]);
+              }
+          y[static_cast<size_t>(((n * Ho + oy) * Wo + ox) * O + oc)] = acc;
+        }
+  return y;
+}
+
+double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.shape() == b.shape());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+}  // namespace
+
+TEST_CASE("gradcheck: conv2d, every kernel shape, stride and padding") {
+  const Case cases[] = {
+      {2, 4, 5, 3, 2, 1, 1, {}},                    // 1x1: the plain-GEMM path
+      {2, 5, 4, 3, 4, 3, 3, {1, 1, 1, 1}},          // 3x3 same padding (the U-Net's)
+      {3, 6, 5, 2, 3, 3, 3, {2, 2, 1, 1}},          // strided downsample, odd width
+      {1, 4, 7, 2, 2, 1, 3, {1, 1, 0, 1}},          // 1x3, asymmetric padding (Inception's 1x7 kind)
+      {2, 5, 6, 3, 2, 2, 3, {2, 1, 0, 2}},          // rectangular kernel, different strides
+      {1, 3, 3, 2, 3, 3, 3, {1, 1, 0, 0}},          // no padding, one output pixel
+      {2, 3, 4, 1, 2, 1, 1, {2, 2, 0, 0}},          // 1x1 with stride 2: not the pointwise path
+  };
+  uint64_t seed = 1;
+  for (const Case& c : cases) {
+    INFO("N " << c.N << " H " << c.H << " W " << c.W << " C " << c.C << " O " << c.O << " k " << c.kh << "x" << c.kw
+              << " stride " << c.opt.stride_h << "," << c.opt.stride_w << " pad " << c.opt.pad_h << "," << c.opt.pad_w);
+    Generator g(seed++);
+    auto x = rand_var({c.N, c.H, c.W, c.C}, g), w = rand_var({c.O, c.C, c.kh, c.kw}, g), b = rand_var({c.O}, g);
+    const Conv2dOptions o = c.opt;
+    CHECK(max_gradcheck_error([o](auto& v) { return conv2d(v[0], v[1], v[2], o); }, {x, w, b}, seed) < 1e-6);
+    // without a bias, and with only some inputs requiring gradients
+    auto xc = rand_var({c.N, c.H, c.W, c.C}, g, false);
+    CHECK(max_gradcheck_error([o](auto& v) { return conv2d(v[0], v[1], Var<double>(), o); }, {xc, w}, seed) < 1e-6);
+    // the same x feeding two convolutions accumulates into one gradient
+    CHECK(max_gradcheck_error([o](auto& v) { return add(conv2d(v[0], v[1], v[2], o), conv2d(v[0], v[1], v[2], o)); },
+                              {x, w, b}, seed) < 1e-6);
+  }
+}
+
+TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
+  // Enough output pixels for several im2col blocks per thread, channel
+  // counts off the GEMM tile sizes, and every path (pointwise, 3x3, strided).
+  const Case cases[] = {
+      {3, 17, 13, 37, 21, 3, 3, {1, 1, 1, 1}},
+      {4, 16, 16, 64, 32, 3, 3, {2, 2, 1, 1}},
+      {5, 9, 11, 19, 70, 1, 1, {}},
+      {2, 8, 8, 300, 24, 3, 3, {1, 1, 1, 1}},  // K = 2700: small blocks
+  };
+  Generator g(std::random_device{}());
+  for (const Case& c : cases) {
+    INFO("C " << c.C << " O " << c.O << " k " << c.kh);
+    Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true), w(Tensor<float>::randn({c.O, c.C, c.kh, c.kw}, g), true),
+        b(Tensor<float>::randn({c.O}, g), true);
+    Var<float> y = conv2d(x, w, b, c.opt);
+    const std::vector<double> ref = conv_direct(x.value(), w.value(), &b.value(), c.opt);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      num += (y.value()[i] - ref[i]) * (y.value()[i] - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    CHECK(std::sqrt(num / den) < 1e-6);
+    // Gradients of sum(y * R) against the double implementation.
+    Tensor<float> R = Tensor<float>::randn(y.shape(), g);
+    backward(sum(mul(y, Var<float>(R))));
+    Var<double> xd(Tensor<double>(x.shape()), true), wd(Tensor<double>(w.shape()), true), bd(Tensor<double>(b.shape()), true);
+    std::copy(x.value().begin(), x.value().end(), xd.value().begin());
+    std::copy(w.value().begin(), w.value().end(), wd.value().begin());
+    std::copy(b.value().begin(), b.value().end(), bd.value().begin());
+    Tensor<double> Rd(R.shape());
+    std::copy(R.begin(), R.end(), Rd.begin());
+    backward(sum(mul(conv2d(xd, wd, bd, c.opt), Var<double>(Rd))));
+    auto cmp = [](const Tensor<float>& a, const Tensor<double>& r) {
+      double n2 = 0, d2 = 0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        n2 += (a[i] - r[i]) * (a[i] - r[i]);
+        d2 += r[i] * r[i];
+      }
+      return std::sqrt(n2 / d2);
+    };
+    CHECK(cmp(x.grad(), xd.grad()) < 1e-5);
+    CHECK(cmp(w.grad(), wd.grad()) < 1e-5);
+    CHECK(cmp(b.grad(), bd.grad()) < 1e-5);
+  }
+}
+
+TEST_CASE("conv2d rejects bad shapes with a clear message") {
+  Generator g(3);
+  Var<float> x(Tensor<float>::randn({1, 4, 4, 3}, g)), w(Tensor<float>::randn({2, 5, 3, 3}, g));
+  CHECK_THROWS_WITH(conv2d(x, w, Var<float>(), 1, 1), Catch::Contains("weight [O,C,kh,kw]"));
+  Var<float> w2(Tensor<float>::randn({2, 3, 7, 7}, g));
+  CHECK_THROWS_WITH(conv2d(x, w2, Var<float>(), 1, 1), Catch::Contains("larger than the padded input"));
+  Var<float> w3(Tensor<float>::randn({2, 3, 3, 3}, g)), b3(Tensor<float>::randn({3}, g));
+  CHECK_THROWS_WITH(conv2d(x, w3, b3, 1, 1), Catch::Contains("bias"));
+}
+
+TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
+  if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
+    WARN("no python with torch found at configure time: PyTorch comparison skipped");
+    return;
+  }
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Case cases[] = {
+      {4, 16, 16, 32, 64, 3, 3, {1, 1, 1, 1}},
+      {2, 16, 16, 64, 64, 3, 3, {2, 2, 1, 1}},
+      {3, 8, 8, 96, 64, 1, 1, {}},
+      {2, 9, 10, 5, 7, 1, 3, {1, 2, 0, 1}},
+  };
+  const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
+  fs::create_directories(dir);
+  int idx = 0;
+  for (const Case& c : cases) {
+    INFO("case " << idx);
+    Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true),
+        w(Tensor<float>::randn({c.O, c.C, c.kh, c.kw}, g), true), b(Tensor<float>::randn({c.O}, g), true);
+    for (auto& v : w.value()) v *= 0.1f;
+    Var<float> y = conv2d(x, w, b, c.opt);
+    Tensor<float> gy = Tensor<float>::randn(y.shape(), g);
+    backward(sum(mul(y, Var<float>(gy))));
+    const std::string in = (dir / ("conv_in" + std::to_string(idx) + ".safetensors")).string(),
+                      out = (dir / ("conv_out" + std::to_string(idx) + ".safetensors")).string();
+    {
+      safetensors::Writer wr;
+      wr.add("x", nhwc_to_nchw(x.value()));
+      wr.add("w", w.value());
+      wr.add("b", b.value());
+      wr.add("gy", nhwc_to_nchw(gy));
+      const int64_t o[4] = {c.opt.stride_h, c.opt.stride_w, c.opt.pad_h, c.opt.pad_w};
+      wr.add_raw("opt", safetensors::DType::I64, {4}, o, sizeof(o));
+      wr.write(in);
+    }
+    const std::string cmd = std::string("cd '") + DIFFUSE_SOURCE_DIR + "/tests/torch' && '" + DIFFUSE_TORCH_PYTHON +
+                            "' conv2d_ref.py '" + in + "' '" + out + "'";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    const auto ref = safetensors::File::read(out);
+    CHECK(rel_err(nhwc_to_nchw(y.value()), ref.tensor<float>("y")) < 1e-5);
+    CHECK(rel_err(nhwc_to_nchw(x.grad()), ref.tensor<float>("dx")) < 1e-4);
+    CHECK(rel_err(w.grad(), ref.tensor<float>("dw")) < 1e-4);
+    CHECK(rel_err(b.grad(), ref.tensor<float>("db")) < 1e-4);
+    ++idx;
+  }
+}
