@@ -13,6 +13,8 @@
 #include "layers/linear.hpp"
 #include "layers/timestep_embedding.hpp"
 #include "layers/mlp.hpp"
+#include "layers/conv2d.hpp"
+#include "layers/unet.hpp"
 #include "optim.hpp"
 #include "schedule.hpp"
 #include "diffusion.hpp"

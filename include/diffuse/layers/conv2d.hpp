@@ -1,0 +1,63 @@
+// Conv2d and GroupNorm modules (NHWC activations, PyTorch parameter layout and
+// default initialisation, names "weight" and "bias").
+#pragma once
+
+#include <cmath>
+
+#include "../module.hpp"
+#include "../ops/conv2d.hpp"
+#include "../ops/image.hpp"
+
+namespace diffuse {
+
+template <class T>
+class Conv2d : public Module<T> {
+ public:
+  // PyTorch's default init: kaiming_uniform(a = sqrt(5)) for the weight and
+  // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias; both are U(-b, b) with
+  // b = 1/sqrt(fan_in), fan_in = in * k * k.
+  Conv2d(int64_t in, int64_t out, int64_t k, Generator& g, int64_t stride = 1, int64_t padding = 0, bool bias = true)
+      : opt_{stride, stride, padding, padding} {
+    const T bound = T(1) / std::sqrt(static_cast<T>(in * k * k));
+    weight = this->register_parameter("weight", uniform({out, in, k, k}, bound, g));
+    if (bias) this->bias = this->register_parameter("bias", uniform({out}, bound, g));
+  }
+  Var<T> operator()(const Var<T>& x) const { return conv2d(x, weight, bias, opt_); }
+  // Zero weights and bias: the reference zero-initialises the last conv of
+  // each residual branch and of the output so that blocks start as identities.
+  void zero_() {
+    weight.value().fill(T(0));
+    if (bias.defined()) bias.value().fill(T(0));
+  }
+
+  Var<T> weight, bias;
+
+ private:
+  static Tensor<T> uniform(Shape s, T bound, Generator& g) {
+    Tensor<T> t = Tensor<T>::rand(std::move(s), g);
+    for (T& v : t) v = (T(2) * v - T(1)) * bound;
+    return t;
+  }
+  Conv2dOptions opt_;
+};
+
+template <class T>
+class GroupNorm : public Module<T> {
+ public:
+  GroupNorm(int64_t groups, int64_t channels, double eps = 1e-5) : groups_(groups), eps_(eps) {
+    weight = this->register_parameter("weight", Tensor<T>::full({channels}, T(1)));
+    bias = this->register_parameter("bias", Tensor<T>::full({channels}, T(0)));
+  }
+  // silu = true: SiLU(GroupNorm(x)) in one op, as the U-Net uses it.
+  Var<T> operator()(const Var<T>& x, bool silu = false) const {
+    return group_norm(x, weight, bias, groups_, eps_, silu);
+  }
+
+  Var<T> weight, bias;
+
+ private:
+  int64_t groups_;
+  double eps_;
+};
+
+}  // namespace diffuse

@@ -1,0 +1,224 @@
+// The DDPM U-Net: parameter counts of the reference configurations, names and
+// shapes, finite-difference gradients of a tiny model in double, and parity
+// with the PyTorch reference (tests/torch/unet_ref.py) both ways: diffuse's
+// weights run in PyTorch give the same output and gradients, and PyTorch's
+// weights loaded into diffuse give the same output.
+#include <catch2/catch.hpp>
+
+#include <diffuse/diffuse.hpp>
+#include <diffuse/layers/unet.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+
+#include "gradcheck.hpp"
+
+using namespace diffuse;
+namespace fs = std::filesystem;
+
+namespace {
+
+template <class T>
+void randomise(const Module<T>& m, Generator& g, T scale) {
+  for (auto& [name, p] : m.named_parameters()) {
+    g.normal(p.value().data(), p.value().size());
+    for (T& v : p.value()) v *= scale;
+  }
+}
+
+double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.shape() == b.shape());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+std::string cfg_json(const UNetConfig& c) {
+  nlohmann::json j = {{"in_ch", c.in_ch},
+                      {"out_ch", c.out_ch},
+                      {"ch", c.ch},
+                      {"ch_mult", c.ch_mult},
+                      {"num_res_blocks", c.num_res_blocks},
+                      {"attn_resolutions", c.attn_resolutions},
+                      {"dropout", c.dropout},
+                      {"groups", c.groups},
+                      {"resolution", c.resolution},
+                      {"mid_attn", c.mid_attn},
+                      {"attn_only_first", c.attn_only_first}};
+  return j.dump();
+}
+
+int run_python(const std::string& args) {
+  const std::string cmd =
+      std::string("cd '") + DIFFUSE_SOURCE_DIR + "/tests/torch' && '" + DIFFUSE_TORCH_PYTHON + "' unet_ref.py " + args;
+  return std::system(cmd.c_str());
+}
+
+// The configurations compared with PyTorch: MNIST16 with attention after every
+// 8x8 block, and the CIFAR-10 layout at a quarter of its width.
+std::vector<std::pair<std::string, UNetConfig>> parity_configs() {
+  UNetConfig cifar = UNetConfig::cifar10();
+  cifar.ch = 32;
+  cifar.groups = 8;
+  return {{"mnist16-ho8", UNetConfig::mnist16("ho8")}, {"cifar10-ch32", cifar}};
+}
+
+}  // namespace
+
+TEST_CASE("UNet parameter counts match the reference") {
+  Generator g(0);
+  CHECK(UNet<float>(UNetConfig::mnist16("none"), g).num_parameters() == 1522561);
+  CHECK(UNet<float>(UNetConfig::mnist16("one8"), g).num_parameters() == 1539329);
+  CHECK(UNet<float>(UNetConfig::mnist16("ho8"), g).num_parameters() == 1606401);
+  CHECK(UNet<float>(UNetConfig::cifar10(), g).num_parameters() == 35746307);
+}
+
+TEST_CASE("UNet parameter names follow the reference modules") {
+  Generator g(0);
+  UNet<float> m(UNetConfig::mnist16("one8"), g);
+  std::set<std::string> names;
+  for (auto& [n, p] : m.named_parameters()) names.insert(n);
+  for (const char* n : {"temb.0.weight", "temb.2.bias", "conv_in.weight", "down.0.0.norm1.weight", "down.2.0.skip.weight",
+                        "down.2.1.q.weight", "downsample.1.conv.bias", "mid1.conv2.weight", "up.0.0.skip.weight",
+                        "up.8.0.temb_proj.weight", "upsample.1.conv.weight", "norm_out.bias", "conv_out.weight"})
+    CHECK(names.count(n) == 1);
+  CHECK(names.count("down.3.1.q.weight") == 0);  // "one8": a single attention block
+  CHECK(names.count("mid_attn.q.weight") == 0);
+}
+
+TEST_CASE("UNet output shape, and a clear error for a wrong input") {
+  Generator g(1);
+  UNet<float> m(UNetConfig::mnist16("none"), g);
+  NoGrad ng;
+  Var<float> x(Tensor<float>::randn({3, 16, 16, 1}, g));
+  CHECK(m(x, {0, 5, 199}).shape() == Shape{3, 16, 16, 1});
+  Var<float> bad(Tensor<float>::randn({3, 1, 16, 16}, g));
+  CHECK_THROWS_WITH(m(bad, {0, 5, 199}), Catch::Contains("expected [B, 16, 16, 1]"));
+}
+
+TEST_CASE("gradcheck: a tiny UNet with attention and class conditioning, in double") {
+  UNetConfig c;
+  c.in_ch = 2;
+  c.out_ch = 2;
+  c.ch = 4;
+  c.ch_mult = {1, 2};
+  c.num_res_blocks = 1;
+  c.attn_resolutions = {2};
+  c.groups = 2;
+  c.resolution = 4;
+  c.mid_attn = true;
+  c.num_classes = 3;
+  Generator g(7);
+  UNet<double> m(c, g);
+  randomise(m, g, 0.3);
+  auto x = diffuse::testing::rand_var({2, 4, 4, 2}, g);
+  const std::vector<int32_t> t{3, 150}, y{1, 3};
+  std::vector<Var<double>> in{x};
+  for (auto& [name, p] : m.named_parameters())
+    if (name == "conv_in.weight" || name == "down.1.1.q.weight" || name == "mid_attn.k.bias" || name == "class_emb.weight" ||
+        name == "temb.0.weight" || name == "up.0.0.norm1.weight" || name == "conv_out.bias")
+      in.push_back(p);
+  REQUIRE(in.size() == 8);
+  CHECK(diffuse::testing::max_gradcheck_error([&](auto&) { return m(x, t, &y); }, in, 11) < 1e-6);
+}
+
+TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
+  if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
+    WARN("no python with torch found at configure time: PyTorch comparison skipped");
+    return;
+  }
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
+  fs::create_directories(dir);
+  for (auto& [label, c] : parity_configs()) {
+    INFO(label);
+    Generator g(seed);
+    UNet<float> m(c, g);
+    randomise(m, g, 0.05f);
+    const int64_t B = 2;
+    Var<float> x(Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g));
+    std::vector<int32_t> t(B);
+    g.randint(t.data(), t.size(), 1000);
+    m.zero_grad();
+    Var<float> out = m(x, t);
+    Tensor<float> gy = Tensor<float>::randn(out.shape(), g);
+    backward(sum(mul(out, Var<float>(gy))));
+    const std::string in = (dir / ("unet_in_" + label + ".safetensors")).string(),
+                      res = (dir / ("unet_out_" + label + ".safetensors")).string();
+    {
+      safetensors::Writer w;
+      for (auto& [name, p] : m.named_parameters()) w.add(name, p.value());
+      w.add("x", nhwc_to_nchw(x.value()));
+      w.add("gy", nhwc_to_nchw(gy));
+      w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
+      w.write(in);
+    }
+    REQUIRE(run_python("forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'") == 0);
+    const auto ref = safetensors::File::read(res);
+    CHECK(rel_err(nhwc_to_nchw(out.value()), ref.tensor<float>("out")) < 1e-4);
+    // Relative to each parameter's own gradient, except where that is zero up
+    // to rounding: the key bias of attention has an exactly zero gradient (a
+    // constant added to every key's logit for one query cancels in the
+    // softmax), so there the scale is that of all gradients together.
+    double total = 0;
+    for (auto& [name, p] : m.named_parameters())
+      for (float v : ref.tensor<float>("grad." + name)) total += double(v) * v;
+    double worst = 0;
+    std::string worst_name;
+    for (auto& [name, p] : m.named_parameters()) {
+      const Tensor<float> r = ref.tensor<float>("grad." + name), a = p.grad();
+      double num = 0, den = 0;
+      for (size_t i = 0; i < r.size(); ++i) {
+        num += (double(a[i]) - r[i]) * (double(a[i]) - r[i]);
+        den += double(r[i]) * r[i];
+      }
+      const double e = std::sqrt(num / std::max(den, 1e-8 * total));
+      if (e > worst) worst = e, worst_name = name;
+    }
+    INFO("worst gradient " << worst_name);
+    CHECK(worst < 1e-4);
+  }
+}
+
+TEST_CASE("UNet loads weights written by the PyTorch reference") {
+  if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
+    WARN("no python with torch found at configure time: PyTorch comparison skipped");
+    return;
+  }
+  const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
+  fs::create_directories(dir);
+  const uint64_t seed = std::random_device{}() % 100000;
+  INFO("seed " << seed);
+  for (auto& [label, c] : parity_configs()) {
+    INFO(label);
+    Generator g(seed);
+    const int64_t B = 2;
+    Tensor<float> x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g);
+    std::vector<int32_t> t{17, 930};
+    const std::string in = (dir / ("unet_x_" + label + ".safetensors")).string(),
+                      wts = (dir / ("unet_torch_weights_" + label + ".safetensors")).string(),
+                      res = (dir / ("unet_torch_out_" + label + ".safetensors")).string();
+    {
+      safetensors::Writer w;
+      w.add("x", nhwc_to_nchw(x));
+      w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
+      w.write(in);
+    }
+    REQUIRE(run_python("init '" + cfg_json(c) + "' " + std::to_string(seed) + " '" + in + "' '" + wts + "' '" + res +
+                       "'") == 0);
+    UNet<float> m(c, g);
+    load_weights(safetensors::File::read(wts), m);  // every name and shape must match, nothing extra
+    NoGrad ng;
+    const Tensor<float> out = m(Var<float>(x), t).value();
+    CHECK(rel_err(nhwc_to_nchw(out), safetensors::File::read(res).tensor<float>("out")) < 1e-4);
+  }
+}
