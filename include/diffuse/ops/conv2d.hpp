@@ -44,13 +44,32 @@ inline int64_t conv_block_rows(int64_t K) {
 }
 
 // w [O, C, kh, kw] -> wr [O, (ky, kx, c)], the order of an NHWC im2col row.
+// Parallel over o: for the CIFAR U-Net these reorders touch as many floats
+// as it has parameters, three times a step, and serially they left the
+// second core idle for ~3% of the step.
 template <class T>
 inline void conv_weight_rows(const T* w, T* wr, const ConvGeom& g) {
+  const int64_t K = g.K(), taps = g.kh * g.kw;
+#pragma omp parallel for schedule(static) if (g.O * K >= (int64_t(1) << 16) && !omp_in_parallel())
   for (int64_t o = 0; o < g.O; ++o)
     for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t ky = 0; ky < g.kh; ++ky)
-        for (int64_t kx = 0; kx < g.kw; ++kx)
-          wr[o * g.K() + (ky * g.kw + kx) * g.C + c] = w[((o * g.C + c) * g.kh + ky) * g.kw + kx];
+      for (int64_t t = 0; t < taps; ++t) wr[o * K + t * g.C + c] = w[(o * g.C + c) * taps + t];
+}
+
+// The inverse reorder of a weight gradient, written through its sink.
+template <class T>
+inline void conv_weight_grad(const T* dwr, GradSink<T>& s, const ConvGeom& g) {
+  const int64_t K = g.K(), taps = g.kh * g.kw;
+#pragma omp parallel for schedule(static) if (g.O * K >= (int64_t(1) << 16) && !omp_in_parallel())
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t c = 0; c < g.C; ++c) {
+      T* d = s.data + (o * g.C + c) * taps;
+      const T* r = dwr + o * K + c;
+      if (s.accumulate)
+        for (int64_t t = 0; t < taps; ++t) d[t] += r[t * g.C];
+      else
+        for (int64_t t = 0; t < taps; ++t) d[t] = r[t * g.C];
+    }
 }
 
 // Calls f(ky, kx0, kx1, src_pixel_offset, col_offset) for each kernel row of
@@ -259,12 +278,7 @@ inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Co
                             dwr.defined() ? dwr.data() : nullptr, db.defined() ? db.data() : nullptr, g);
       if (dwr.defined()) {
         GradSink<T> s = grad_sink(*w.node());
-        for (int64_t o = 0; o < g.O; ++o)
-          for (int64_t c = 0; c < g.C; ++c)
-            for (int64_t ky = 0; ky < g.kh; ++ky)
-              for (int64_t kx = 0; kx < g.kw; ++kx)
-                s.put(static_cast<size_t>(((o * g.C + c) * g.kh + ky) * g.kw + kx),
-                      dwr[static_cast<size_t>(o * g.K() + (ky * g.kw + kx) * g.C + c)]);
+        detail::conv_weight_grad(dwr.data(), s, g);
       }
       if (db.defined()) {
         GradSink<T> s = grad_sink(*b.node());
