@@ -8,6 +8,7 @@
 #pragma once
 
 #include <functional>
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -101,7 +102,14 @@ class Tape {
     Node<T>& r = *root.node();
     if (!r.requires_grad) throw std::logic_error("diffuse: backward() on a value that does not require grad");
     GradSink<T> s = grad_sink(r);
-    for (size_t i = 0; i < r.value.size(); ++i) s.put(i, seed ? (*seed)[i] : T(1));
+    const size_t n = r.value.size();
+    const T* sd = seed ? seed->data() : nullptr;
+    if (s.accumulate)
+      for (size_t i = 0; i < n; ++i) s.data[i] += sd ? sd[i] : T(1);
+    else if (sd)
+      std::copy(sd, sd + n, s.data);
+    else
+      std::fill(s.data, s.data + n, T(1));
     // Each entry is released as soon as it has run: its closure (and the
     // activations it saved) and the gradient of its output, which no later
     // entry reads. So memory falls during the backward instead of holding
