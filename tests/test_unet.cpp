@@ -222,3 +222,26 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
     CHECK(rel_err(nhwc_to_nchw(out), safetensors::File::read(res).tensor<float>("out")) < 1e-4);
   }
 }
+
+TEST_CASE("a steady U-Net train step takes no new tensor memory from the system") {
+  UNetConfig c = UNetConfig::mnist16("one8");
+  c.ch = 16;
+  Generator g(5);
+  UNet<float> m(c, g);
+  Adam<float> opt(m.named_parameters(), AdamOptions{});
+  const NoiseSchedule s = NoiseSchedule::linear(200);
+  const Tensor<float> x0 = Tensor<float>::randn({8, 16, 16, 1}, g);
+  auto step = [&] {
+    auto nb = make_noised_batch(s, x0, g);
+    opt.zero_grad();
+    backward(epsilon_loss<float>([&](const Var<float>& x, const std::vector<int32_t>& t) { return m(x, t); }, nb));
+    opt.step();
+  };
+  const uint64_t start = detail::HostCache::instance().system_allocations();
+  step();
+  CHECK(detail::HostCache::instance().system_allocations() > start);  // the first step does allocate
+  step();
+  const uint64_t before = detail::HostCache::instance().system_allocations();
+  for (int i = 0; i < 3; ++i) step();
+  CHECK(detail::HostCache::instance().system_allocations() == before);
+}

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -70,8 +71,12 @@ class HostCache {
     }
     void* p = std::aligned_alloc(64, bytes);
     if (!p) throw std::bad_alloc();
+    system_allocations_.fetch_add(1, std::memory_order_relaxed);
     return p;
   }
+  // Blocks that came from the system rather than the cache, since start: a
+  // steady training step should add none (tests/test_unet.cpp checks).
+  uint64_t system_allocations() const { return system_allocations_.load(std::memory_order_relaxed); }
   void deallocate(void* p, size_t bytes) {
     if (!p) return;
     if (bytes == 0) bytes = 64;
@@ -99,6 +104,7 @@ class HostCache {
   std::mutex mu_;
   std::map<size_t, std::vector<void*>> free_;
   size_t cached_bytes_ = 0;
+  std::atomic<uint64_t> system_allocations_{0};
 };
 
 }  // namespace detail
