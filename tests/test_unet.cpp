@@ -245,3 +245,62 @@ TEST_CASE("a steady U-Net train step takes no new tensor memory from the system"
   for (int i = 0; i < 3; ++i) step();
   CHECK(detail::HostCache::instance().system_allocations() == before);
 }
+
+TEST_CASE("UNet matches the PyTorch reference in double precision") {
+  if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
+    WARN("no python with torch found at configure time: PyTorch comparison skipped");
+    return;
+  }
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  UNetConfig c = UNetConfig::mnist16("one8");
+  c.ch = 16;
+  Generator g(seed);
+  UNet<double> m(c, g);
+  randomise(m, g, 0.1);
+  const int64_t B = 2;
+  Var<double> x(Tensor<double>::randn({B, 16, 16, 1}, g));
+  std::vector<int32_t> t{3, 177};
+  Var<double> out = m(x, t);
+  Tensor<double> gy = Tensor<double>::randn(out.shape(), g);
+  backward(sum(mul(out, Var<double>(gy))));
+  const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
+  fs::create_directories(dir);
+  const std::string in = (dir / "unet_in_double.safetensors").string(), res = (dir / "unet_out_double.safetensors").string();
+  {
+    safetensors::Writer w;
+    for (auto& [name, p] : m.named_parameters()) w.add(name, p.value());
+    w.add("x", nhwc_to_nchw(x.value()));
+    w.add("gy", nhwc_to_nchw(gy));
+    w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
+    w.write(in);
+  }
+  REQUIRE(run_python("forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'") == 0);
+  const auto ref = safetensors::File::read(res);
+  auto rel = [](const Tensor<double>& a, const Tensor<double>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      num += (a[i] - b[i]) * (a[i] - b[i]);
+      den += b[i] * b[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+  };
+  CHECK(rel(nhwc_to_nchw(out.value()), ref.tensor<double>("out")) < 1e-12);
+  double total = 0;
+  for (auto& [name, p] : m.named_parameters())
+    for (double v : ref.tensor<double>("grad." + name)) total += v * v;
+  double worst = 0;
+  std::string worst_name;
+  for (auto& [name, p] : m.named_parameters()) {
+    const Tensor<double> r = ref.tensor<double>("grad." + name), a = p.grad();
+    double num = 0, den = 0;
+    for (size_t i = 0; i < r.size(); ++i) {
+      num += (a[i] - r[i]) * (a[i] - r[i]);
+      den += r[i] * r[i];
+    }
+    const double e = std::sqrt(num / std::max(den, 1e-16 * total));  // see the float test on k.bias
+    if (e > worst) worst = e, worst_name = name;
+  }
+  INFO("worst gradient " << worst_name);
+  CHECK(worst < 1e-10);
+}

@@ -170,6 +170,15 @@ def main():
     if mode == "forward":
         d = st.load(sys.argv[3])
         model = build(cfg).eval()
+        if d["x"].dtype == torch.float64:  # the double-precision comparison
+            model = model.double()
+            global timestep_embedding  # the same formula, evaluated in double
+
+            def timestep_embedding(t, dim):
+                half = dim // 2
+                freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))
+                args = t.double()[:, None] * freqs[None, :]
+                return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
         model.load_state_dict({k: v for k, v in d.items() if k not in ("x", "t", "gy")}, strict=True)
         out = model(d["x"], d["t"].long())
         (out * d["gy"]).sum().backward()
