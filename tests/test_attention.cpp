@@ -13,11 +13,14 @@
 #include <vector>
 
 #include "gradcheck.hpp"
+#include "compare.hpp"
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
 using diffuse::testing::rand_var;
 namespace fs = std::filesystem;
+
+using diffuse::testing::rel_err;
 
 namespace {
 
@@ -46,19 +49,6 @@ Tensor<double> naive_attention(const Tensor<double>& q, const Tensor<double>& k,
         }
       }
   return out;
-}
-
-// ||a - b|| / ||b|| (b the reference).
-template <class A, class B>
-double rel_err(const Tensor<A>& a, const Tensor<B>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
-    num += (x - y) * (x - y);
-    den += y * y;
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
 }
 
 Var<double> scaled_var(Shape s, Generator& g, double scale) {

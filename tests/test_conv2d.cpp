@@ -12,11 +12,14 @@
 #include <string>
 
 #include "gradcheck.hpp"
+#include "compare.hpp"
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
 using diffuse::testing::rand_var;
 namespace fs = std::filesystem;
+
+using diffuse::testing::rel_err;
 
 namespace {
 
@@ -48,17 +51,6 @@ std::vector<double> conv_direct(const Tensor<T>& x, const Tensor<T>& w, const Te
           y[static_cast<size_t>(((n * Ho + oy) * Wo + ox) * O + oc)] = acc;
         }
   return y;
-}
-
-double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
 }
 
 }  // namespace
@@ -122,17 +114,9 @@ TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
     Tensor<double> Rd(R.shape());
     std::copy(R.begin(), R.end(), Rd.begin());
     backward(sum(mul(conv2d(xd, wd, bd, c.opt), Var<double>(Rd))));
-    auto cmp = [](const Tensor<float>& a, const Tensor<double>& r) {
-      double n2 = 0, d2 = 0;
-      for (size_t i = 0; i < a.size(); ++i) {
-        n2 += (a[i] - r[i]) * (a[i] - r[i]);
-        d2 += r[i] * r[i];
-      }
-      return std::sqrt(n2 / d2);
-    };
-    CHECK(cmp(x.grad(), xd.grad()) < 1e-5);
-    CHECK(cmp(w.grad(), wd.grad()) < 1e-5);
-    CHECK(cmp(b.grad(), bd.grad()) < 1e-5);
+    CHECK(rel_err(x.grad(), xd.grad()) < 1e-5);
+    CHECK(rel_err(w.grad(), wd.grad()) < 1e-5);
+    CHECK(rel_err(b.grad(), bd.grad()) < 1e-5);
   }
 }
 

@@ -15,6 +15,7 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#include "compare.hpp"
 #endif
 
 using namespace diffuse;
@@ -22,24 +23,13 @@ using diffuse::testing::max_gradcheck_error;
 using diffuse::testing::rand_var;
 namespace fs = std::filesystem;
 
+using diffuse::testing::rel_err;
+
 namespace {
 
 constexpr double kTol = 1e-6;
 
 uint64_t fresh_seed() { return std::random_device{}(); }
-
-// ||a - b|| / ||b|| over all elements (b the reference).
-template <class A, class B>
-double rel_err(const Tensor<A>& a, const Tensor<B>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
-    num += d * d;
-    den += static_cast<double>(b[i]) * static_cast<double>(b[i]);
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 // Group norm of the NCHW view, straight from the definition (double, one group at a time).
 Tensor<double> group_norm_naive(const Tensor<double>& x, const Tensor<double>& gamma, const Tensor<double>& beta,

@@ -13,23 +13,14 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include "compare.hpp"
 
 using namespace diffuse;
 namespace fs = std::filesystem;
 
-namespace {
+using diffuse::testing::rel_err;
 
-// ||a - b|| / ||b|| over all elements (b the reference).
-double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+namespace {
 
 bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 

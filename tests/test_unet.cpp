@@ -16,9 +16,12 @@
 #include <string>
 
 #include "gradcheck.hpp"
+#include "compare.hpp"
 
 using namespace diffuse;
 namespace fs = std::filesystem;
+
+using diffuse::testing::rel_err;
 
 namespace {
 
@@ -28,17 +31,6 @@ void randomise(const Module<T>& m, Generator& g, T scale) {
     g.normal(p.value().data(), p.value().size());
     for (T& v : p.value()) v *= scale;
   }
-}
-
-double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
 }
 
 std::string cfg_json(const UNetConfig& c) {
@@ -277,15 +269,7 @@ TEST_CASE("UNet matches the PyTorch reference in double precision") {
   }
   REQUIRE(run_python("forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'") == 0);
   const auto ref = safetensors::File::read(res);
-  auto rel = [](const Tensor<double>& a, const Tensor<double>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-      num += (a[i] - b[i]) * (a[i] - b[i]);
-      den += b[i] * b[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-300));
-  };
-  CHECK(rel(nhwc_to_nchw(out.value()), ref.tensor<double>("out")) < 1e-12);
+  CHECK(rel_err(nhwc_to_nchw(out.value()), ref.tensor<double>("out")) < 1e-12);
   double total = 0;
   for (auto& [name, p] : m.named_parameters())
     for (double v : ref.tensor<double>("grad." + name)) total += v * v;
