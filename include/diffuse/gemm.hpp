@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "detail/host_cache.hpp"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -88,24 +90,23 @@ inline constexpr int64_t kGemmPackAMinN = 512;
 
 // ---------------------------------------------------------------- packed float GEMM
 
-// A 64-byte aligned float buffer that only grows, so steady-state calls do
-// not allocate. One per thread and role (gemm_buffer_a / gemm_buffer_b).
+// A 64-byte aligned float buffer that only grows, from the HostCache: a
+// packed operand made per call (GemmB) reuses the block the last call freed,
+// and the per-thread buffers (gemm_buffer_a / gemm_buffer_b) stop growing.
 struct GemmBuffer {
   float* p = nullptr;
   size_t cap = 0;
   GemmBuffer() = default;
   GemmBuffer(const GemmBuffer&) = delete;
   GemmBuffer& operator=(const GemmBuffer&) = delete;
-  ~GemmBuffer() { std::free(p); }
+  ~GemmBuffer() { HostCache::instance().deallocate(p, cap * sizeof(float)); }
   float* get(size_t n) {
     if (n > cap) {
-      std::free(p);
+      HostCache::instance().deallocate(p, cap * sizeof(float));
+      p = nullptr;
+      cap = 0;
       const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-      p = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (!p) {
-        cap = 0;
-        throw std::bad_alloc();
-      }
+      p = static_cast<float*>(HostCache::instance().allocate(bytes));
       cap = bytes / sizeof(float);
     }
     return p;

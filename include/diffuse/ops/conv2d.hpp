@@ -191,7 +191,9 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   const int64_t R = conv_block_rows(K);
   const double flops = 2.0 * P * K * O * ((gx ? 1 : 0) + (dwr ? 1 : 0));
   const int nt = conv_threads(flops, pw ? P / 16 : g.N);
-  std::vector<T> part(static_cast<size_t>(nt > 1 ? (nt - 1) * (K * O + O) : 0), T(0));
+  // Threads 1.. sum into private dW / db rows (a Tensor: cached memory, no per-step allocation).
+  Tensor<T> part({nt > 1 ? (nt - 1) * (K * O + O) : 0});
+  if (nt > 1) std::fill(part.data(), part.data() + part.size(), T(0));
   if (dwr) std::fill(dwr, dwr + K * O, T(0));
   if (db) std::fill(db, db + O, T(0));
 #pragma omp parallel num_threads(nt) if (nt > 1)

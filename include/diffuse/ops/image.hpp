@@ -126,60 +126,65 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
   // The fused backward needs SiLU'(y) = s + out * (1 - s): keep s = sigmoid(y) so it needs no exp.
   Tensor<T> sig = grad && silu ? Tensor<T>(x.shape()) : Tensor<T>();
   // Per (sample, group) mean and 1/std: with x they give xhat in the backward without storing it.
-  std::vector<double> mean(static_cast<size_t>(N * groups)), rstd(static_cast<size_t>(N * groups));
+  // (Tensors, not vectors: cached memory, so a steady training step allocates nothing here.)
+  Tensor<double> mean({N * groups}), rstd({N * groups});
   const T* xd = x.value().data();
   const T* gd = gamma.value().data();
   const T* bd = beta.value().data();
   T* od = out.data();
   T* sd = sig.defined() ? sig.data() : nullptr;
 
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-  for (int64_t t = 0; t < pl.tasks(); ++t) {
-    const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(groups, g0 + pl.gpb);
-    const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
-    const int64_t base = n * HW * C + c0;
-    const T* xp = xd + base;
-    std::vector<double> acc(static_cast<size_t>(cb));
-    // Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels.
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t c = 0; c < cb; ++c) acc[c] += xp[p * C + c];
-    for (int64_t j = g0; j < g1; ++j) {
-      double s = 0;
-      for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
-      mean[n * groups + j] = M > 0 ? s / M : 0.0;
-    }
-    std::vector<double> mc(static_cast<size_t>(cb));
-    for (int64_t c = 0; c < cb; ++c) mc[c] = mean[n * groups + g0 + c / Cg];
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t c = 0; c < cb; ++c) {
-        const double d = xp[p * C + c] - mc[c];
-        acc[c] += d * d;
+  // Scratch per thread, not per task: the step allocates nothing per (sample, group).
+  const int64_t cmax = pl.gpb * Cg;
+#pragma omp parallel if (x.value().size() >= detail::kParallelMin)
+  {
+    std::vector<double> acc(static_cast<size_t>(cmax)), mc(static_cast<size_t>(cmax));
+    detail::RowArr<T> m(cmax), a(cmax), b(cmax);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < pl.tasks(); ++t) {
+      const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(groups, g0 + pl.gpb);
+      const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
+      const int64_t base = n * HW * C + c0;
+      const T* xp = xd + base;
+      // Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels.
+      std::fill(acc.begin(), acc.begin() + cb, 0.0);
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < cb; ++c) acc[c] += xp[p * C + c];
+      for (int64_t j = g0; j < g1; ++j) {
+        double s = 0;
+        for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
+        mean[n * groups + j] = M > 0 ? s / M : 0.0;
       }
-    for (int64_t j = g0; j < g1; ++j) {
-      double s = 0;
-      for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
-      rstd[n * groups + j] = 1.0 / std::sqrt((M > 0 ? s / M : 0.0) + eps);
-    }
-    // y = (x - mean) * (rstd * gamma) + beta, then SiLU, on the whole block at once (Eigen vectorises the exp).
-    detail::RowArr<T> m(cb), a(cb), b(cb);
-    for (int64_t c = 0; c < cb; ++c) {
-      m[c] = static_cast<T>(mc[c]);
-      a[c] = static_cast<T>(rstd[n * groups + g0 + c / Cg] * static_cast<double>(gd[c0 + c]));
-      b[c] = bd[c0 + c];
-    }
-    const Eigen::OuterStride<> stride(C);
-    detail::CImgBlock<T> X(xp, HW, cb, stride);
-    detail::ImgBlock<T> Y(od + base, HW, cb, stride);
-    Y = ((X.rowwise() - m).rowwise() * a).rowwise() + b;
-    if (silu) {
-      if (sd) {
-        detail::ImgBlock<T> S(sd + base, HW, cb, stride);
-        S = (T(1) + (-Y).exp()).inverse();
-        Y = Y * S;
-      } else {
-        Y = Y / (T(1) + (-Y).exp());
+      for (int64_t c = 0; c < cb; ++c) mc[c] = mean[n * groups + g0 + c / Cg];
+      std::fill(acc.begin(), acc.begin() + cb, 0.0);
+      for (int64_t p = 0; p < HW; ++p)
+        for (int64_t c = 0; c < cb; ++c) {
+          const double d = xp[p * C + c] - mc[c];
+          acc[c] += d * d;
+        }
+      for (int64_t j = g0; j < g1; ++j) {
+        double s = 0;
+        for (int64_t c = (j - g0) * Cg; c < (j - g0 + 1) * Cg; ++c) s += acc[c];
+        rstd[n * groups + j] = 1.0 / std::sqrt((M > 0 ? s / M : 0.0) + eps);
+      }
+      // y = (x - mean) * (rstd * gamma) + beta, then SiLU, on the whole block at once (Eigen vectorises the exp).
+      for (int64_t c = 0; c < cb; ++c) {
+        m[c] = static_cast<T>(mc[c]);
+        a[c] = static_cast<T>(rstd[n * groups + g0 + c / Cg] * static_cast<double>(gd[c0 + c]));
+        b[c] = bd[c0 + c];
+      }
+      const Eigen::OuterStride<> stride(C);
+      detail::CImgBlock<T> X(xp, HW, cb, stride);
+      detail::ImgBlock<T> Y(od + base, HW, cb, stride);
+      Y = ((X.rowwise() - m.head(cb)).rowwise() * a.head(cb)).rowwise() + b.head(cb);
+      if (silu) {
+        if (sd) {
+          detail::ImgBlock<T> S(sd + base, HW, cb, stride);
+          S = (T(1) + (-Y).exp()).inverse();
+          Y = Y * S;
+        } else {
+          Y = Y / (T(1) + (-Y).exp());
+        }
       }
     }
   }
@@ -195,19 +200,20 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
       // Per (sample, channel): s1 = sum dy, s2 = sum dy * xhat, with dy the gradient
       // before the affine map. They give dbeta, dgamma (summed over samples) and the
       // two group means of dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-      std::vector<double> s1(static_cast<size_t>(N * C)), s2(static_cast<size_t>(N * C));
+      Tensor<double> s1({N * C}), s2({N * C});
       const T* xd = x.value().data();
       const T* gd = gamma.value().data();
       const T* gr = g.data();
       const T* od = silu ? yv.data() : nullptr;
       const T* sd = silu ? sig.data() : nullptr;
       // One task; SiLU or not is a compile-time flag so that the inner loops have no branch and vectorise.
-      auto task = [&](int64_t t, auto silu_flag) {
+      // s: per-thread scratch of 5 rows of pl.gpb * Cg (m, r, ga, k1, k2).
+      auto task = [&](int64_t t, T* s, auto silu_flag) {
         constexpr bool kSilu = decltype(silu_flag)::value;
         const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(G, g0 + pl.gpb);
-        const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
+        const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg, cmax = pl.gpb * Cg;
         const int64_t base = n * HW * C + c0;
-        std::vector<T> m(static_cast<size_t>(cb)), r(static_cast<size_t>(cb)), ga(static_cast<size_t>(cb));
+        T *m = s, *r = s + cmax, *ga = s + 2 * cmax, *k1 = s + 3 * cmax, *k2 = s + 4 * cmax;
         for (int64_t c = 0; c < cb; ++c) {
           m[c] = static_cast<T>(mean[n * G + g0 + c / Cg]);
           r[c] = static_cast<T>(rstd[n * G + g0 + c / Cg]);
@@ -232,7 +238,6 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
         }
         if (!gx) return;
         // Per group: k1 = mean(dxhat), k2 = mean(dxhat * xhat), with dxhat = dy * gamma.
-        std::vector<T> k1(static_cast<size_t>(cb)), k2(static_cast<size_t>(cb));
         for (int64_t j = 0; j < g1 - g0; ++j) {
           double q1 = 0, q2 = 0;
           for (int64_t c = j * Cg; c < (j + 1) * Cg; ++c) {
@@ -252,18 +257,22 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
           }
         }
       };
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-      for (int64_t t = 0; t < pl.tasks(); ++t) {
-        if (silu)
-          task(t, std::true_type{});
-        else
-          task(t, std::false_type{});
+#pragma omp parallel if (x.value().size() >= detail::kParallelMin)
+      {
+        std::vector<T> scratch(static_cast<size_t>(5 * pl.gpb * Cg));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < pl.tasks(); ++t) {
+          if (silu)
+            task(t, scratch.data(), std::true_type{});
+          else
+            task(t, scratch.data(), std::false_type{});
+        }
       }
       // dgamma = sum over samples of s2, dbeta of s1 (small: [N, C]).
       for (int side = 0; side < 2; ++side) {
         const Var<T>& v = side == 0 ? gamma : beta;
         if (!v.requires_grad()) continue;
-        const std::vector<double>& s = side == 0 ? s2 : s1;
+        const Tensor<double>& s = side == 0 ? s2 : s1;
         GradSink<T> sk = grad_sink(*v.node());
         for (int64_t c = 0; c < C; ++c) {
           double acc = 0;
