@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """PyTorch side of benchmarks/bench_unet.cpp, on the reference U-Net definitions
 (tests/torch/unet_ref.py): MNIST16 (no attention) train step at batch 128 with
-Adam, its forward at batch 64 without gradients, CIFAR-10 forward+backward at
+Adam, its forward at batch 64 without gradients, a whole DDPM sampling run of
+64 images x 200 steps (clipped x0, fixed-large variance, as diffuse samples), CIFAR-10 forward+backward at
 batch 8 (train mode, dropout 0.1). Median wall times; peak RSS at the end.
 
     /usr/bin/python3 benchmarks/torch_unet.py [threads]     (default 2)
@@ -67,6 +68,32 @@ x64, t64 = torch.randn(64, 1, 16, 16), torch.full((64,), 100)
 with torch.no_grad():
     fwd = bench(lambda: m(x64, t64), 5, 2)
 
+
+def ddpm_sample(model, T, shape):
+    # The same update as diffuse's ddpm_step with clip_x0 and fixed-large variance.
+    b = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    a = 1 - b
+    abar = torch.cumprod(a, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var = b * (1 - abar_prev) / (1 - abar)
+    c1 = b * abar_prev.sqrt() / (1 - abar)
+    c2 = (1 - abar_prev) * a.sqrt() / (1 - abar)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for t in range(T - 1, -1, -1):
+            eps = model(x, torch.full((shape[0],), t))
+            x0 = ((x - (1 - abar[t]).sqrt().item() * eps) / abar[t].sqrt().item()).clamp(-1, 1)
+            x = c1[t].item() * x0 + c2[t].item() * x
+            if t > 0:
+                var = b[t].item()
+                x = x + var ** 0.5 * torch.randn_like(x)
+    return x
+
+
+a = time.perf_counter()
+ddpm_sample(m, 200, (64, 1, 16, 16))
+sample = time.perf_counter() - a
+
 c = unet_ref.build(cfg(in_ch=3, out_ch=3, ch=128, ch_mult=[1, 2, 2, 2], attn_resolutions=[16], dropout=0.1,
                        groups=32, resolution=32, mid_attn=True)).train()
 sa, s1 = schedule(1000)
@@ -84,4 +111,4 @@ def cifar_step():
 cifar = bench(cifar_step, 15, 2)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"torch {torch.__version__} threads {torch.get_num_threads()}: MNIST16 train step b128 {train * 1e3:.1f} ms, "
-      f"forward b64 no-grad {fwd * 1e3:.1f} ms, CIFAR10 fwd+bwd b8 {cifar * 1e3:.0f} ms, peak RSS {rss:.0f} MiB")
+      f"forward b64 no-grad {fwd * 1e3:.1f} ms, sample 64x200 {sample:.2f} s, CIFAR10 fwd+bwd b8 {cifar * 1e3:.0f} ms, peak RSS {rss:.0f} MiB")
