@@ -9,6 +9,8 @@
 #include "ops/attention.hpp"
 #include "ops/conv2d.hpp"
 #include "ops/image.hpp"
+#include "ops/pool.hpp"
+#include "ops/loss.hpp"
 #include "module.hpp"
 #include "layers/linear.hpp"
 #include "layers/timestep_embedding.hpp"
