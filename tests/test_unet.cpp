@@ -44,7 +44,8 @@ std::string cfg_json(const UNetConfig& c) {
                       {"groups", c.groups},
                       {"resolution", c.resolution},
                       {"mid_attn", c.mid_attn},
-                      {"attn_only_first", c.attn_only_first}};
+                      {"attn_only_first", c.attn_only_first},
+                      {"num_classes", c.num_classes}};
   return j.dump();
 }
 
@@ -55,12 +56,15 @@ int run_python(const std::string& args) {
 }
 
 // The configurations compared with PyTorch: MNIST16 with attention after every
-// 8x8 block, and the CIFAR-10 layout at a quarter of its width.
+// 8x8 block, the CIFAR-10 layout at a quarter of its width, and the
+// class-conditional MNIST16 of the MNIST trainer (10 digits + the null class).
 std::vector<std::pair<std::string, UNetConfig>> parity_configs() {
   UNetConfig cifar = UNetConfig::cifar10();
   cifar.ch = 32;
   cifar.groups = 8;
-  return {{"mnist16-ho8", UNetConfig::mnist16("ho8")}, {"cifar10-ch32", cifar}};
+  UNetConfig cond = UNetConfig::mnist16("none");
+  cond.num_classes = 10;
+  return {{"mnist16-ho8", UNetConfig::mnist16("ho8")}, {"cifar10-ch32", cifar}, {"mnist16-classes", cond}};
 }
 
 }  // namespace
@@ -138,10 +142,11 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
     randomise(m, g, 0.05f);
     const int64_t B = 2;
     Var<float> x(Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g));
-    std::vector<int32_t> t(B);
+    std::vector<int32_t> t(B), y;
     g.randint(t.data(), t.size(), 1000);
+    if (c.num_classes > 0) y = {3, static_cast<int32_t>(c.num_classes)};  // a digit and the null class
     m.zero_grad();
-    Var<float> out = m(x, t);
+    Var<float> out = m(x, t, y.empty() ? nullptr : &y);
     Tensor<float> gy = Tensor<float>::randn(out.shape(), g);
     backward(sum(mul(out, Var<float>(gy))));
     const std::string in = (dir / ("unet_in_" + label + ".safetensors")).string(),
@@ -152,6 +157,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
       w.add("x", nhwc_to_nchw(x.value()));
       w.add("gy", nhwc_to_nchw(gy));
       w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
+      if (!y.empty()) w.add_raw("y", safetensors::DType::I32, {B}, y.data(), y.size() * sizeof(int32_t));
       w.write(in);
     }
     REQUIRE(run_python("forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'") == 0);
@@ -195,7 +201,8 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
     Generator g(seed);
     const int64_t B = 2;
     Tensor<float> x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g);
-    std::vector<int32_t> t{17, 930};
+    std::vector<int32_t> t{17, 930}, y;
+    if (c.num_classes > 0) y = {7, static_cast<int32_t>(c.num_classes)};
     const std::string in = (dir / ("unet_x_" + label + ".safetensors")).string(),
                       wts = (dir / ("unet_torch_weights_" + label + ".safetensors")).string(),
                       res = (dir / ("unet_torch_out_" + label + ".safetensors")).string();
@@ -203,6 +210,7 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
       safetensors::Writer w;
       w.add("x", nhwc_to_nchw(x));
       w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
+      if (!y.empty()) w.add_raw("y", safetensors::DType::I32, {B}, y.data(), y.size() * sizeof(int32_t));
       w.write(in);
     }
     REQUIRE(run_python("init '" + cfg_json(c) + "' " + std::to_string(seed) + " '" + in + "' '" + wts + "' '" + res +
@@ -210,7 +218,7 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
     UNet<float> m(c, g);
     load_weights(safetensors::File::read(wts), m);  // every name and shape must match, nothing extra
     NoGrad ng;
-    const Tensor<float> out = m(Var<float>(x), t).value();
+    const Tensor<float> out = m(Var<float>(x), t, y.empty() ? nullptr : &y).value();
     CHECK(rel_err(nhwc_to_nchw(out), safetensors::File::read(res).tensor<float>("out")) < 1e-4);
   }
 }

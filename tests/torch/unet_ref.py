@@ -91,11 +91,15 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, in_ch, out_ch, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-                 groups, resolution, mid_attn=True, attn_only_first=False):
+                 groups, resolution, mid_attn=True, attn_only_first=False, num_classes=0):
         super().__init__()
         self.ch, self.L, self.nrb = ch, len(ch_mult), num_res_blocks
         tdim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        # Class conditioning (not in the shared reference; diffuse's definition, written
+        # out here to test it): a learned vector per class added to the time embedding,
+        # row num_classes being the "null" class of classifier-free guidance.
+        self.class_emb = nn.Embedding(num_classes + 1, tdim) if num_classes > 0 else None
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         attn_budget = [1 if attn_only_first else 10 ** 9]
 
@@ -136,8 +140,10 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         temb = self.temb(timestep_embedding(t, self.ch))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(y)
         hs = [self.conv_in(x)]
         k = 0
         for i in range(self.L):
@@ -161,7 +167,8 @@ class UNet(nn.Module):
 def build(cfg):
     return UNet(cfg["in_ch"], cfg["out_ch"], cfg["ch"], tuple(cfg["ch_mult"]), cfg["num_res_blocks"],
                 tuple(cfg["attn_resolutions"]), cfg["dropout"], cfg["groups"], cfg["resolution"],
-                mid_attn=cfg["mid_attn"], attn_only_first=cfg["attn_only_first"])
+                mid_attn=cfg["mid_attn"], attn_only_first=cfg["attn_only_first"],
+                num_classes=cfg.get("num_classes", 0))
 
 
 def main():
@@ -179,8 +186,8 @@ def main():
                 freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))
                 args = t.double()[:, None] * freqs[None, :]
                 return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-        model.load_state_dict({k: v for k, v in d.items() if k not in ("x", "t", "gy")}, strict=True)
-        out = model(d["x"], d["t"].long())
+        model.load_state_dict({k: v for k, v in d.items() if k not in ("x", "t", "y", "gy")}, strict=True)
+        out = model(d["x"], d["t"].long(), d["y"].long() if "y" in d else None)
         (out * d["gy"]).sum().backward()
         res = {"out": out}
         for name, p in model.named_parameters():
@@ -196,7 +203,7 @@ def main():
             for name, p in model.named_parameters():
                 if name.endswith(("conv2.weight", "proj.weight", "conv_out.weight")):
                     p.normal_(0, 0.05)
-            out = model(d["x"], d["t"].long())
+            out = model(d["x"], d["t"].long(), d["y"].long() if "y" in d else None)
         st.save(dict(model.state_dict()), sys.argv[5])
         st.save({"out": out}, sys.argv[6])
     else:
