@@ -1,0 +1,75 @@
+# mnist_classifier end to end on a tiny dataset: TEST_LENET's hidden "[.cli]"
+# case writes OUT/data (IDX, train plain and test gzipped), OUT/samples.npy
+# (uint8 [100,1,16,16]: train digits), OUT/labels.npy and OUT/samples28.npy; then
+# `train` runs 1 epoch and `score` must print its lines, write the JSON, and
+# refuse 28x28 samples for a 16x16 classifier with one clear line.
+file(REMOVE_RECURSE ${OUT})
+file(MAKE_DIRECTORY ${OUT})
+execute_process(COMMAND ${CMAKE_COMMAND} -E env DIFFUSE_CLI_DIR=${OUT} ${TEST_LENET} "[.cli]"
+                RESULT_VARIABLE rc0 OUTPUT_VARIABLE o0 ERROR_VARIABLE e0)
+if(NOT rc0 EQUAL 0)
+  message(FATAL_ERROR "writing the tiny dataset failed (${rc0}):\n${o0}${e0}")
+endif()
+
+execute_process(COMMAND ${CLI} train --data ${OUT}/data --size 16 --epochs 1 --batch 16 --out ${OUT}/lenet16.safetensors
+                RESULT_VARIABLE rc1 OUTPUT_VARIABLE o1 ERROR_VARIABLE e1)
+message("${o1}${e1}")
+if(NOT rc1 EQUAL 0)
+  message(FATAL_ERROR "mnist_classifier train exited with ${rc1}")
+endif()
+if(NOT o1 MATCHES "epoch 1/1  loss [0-9.]+  train accuracy [0-9.]+  [0-9]+ images/s")
+  message(FATAL_ERROR "no epoch progress line")
+endif()
+if(NOT o1 MATCHES "test accuracy [0-9.]+ \\(") 
+  message(FATAL_ERROR "no test accuracy line")
+endif()
+if(NOT EXISTS ${OUT}/lenet16.safetensors)
+  message(FATAL_ERROR "no classifier file written")
+endif()
+
+execute_process(COMMAND ${CLI} score --classifier ${OUT}/lenet16.safetensors --samples ${OUT}/samples.npy
+                        --labels ${OUT}/labels.npy --data ${OUT}/data --json ${OUT}/score.json
+                RESULT_VARIABLE rc2 OUTPUT_VARIABLE o2 ERROR_VARIABLE e2)
+message("${o2}${e2}")
+if(NOT rc2 EQUAL 0)
+  message(FATAL_ERROR "mnist_classifier score exited with ${rc2}")
+endif()
+set(num "[0-9]+\\.[0-9]+")
+foreach(re "predicted classes:(  [0-9]:[0-9]+)+\n"
+           "conditional accuracy: ${num} "
+           "per digit:(  [0-9]:${num})+\n"
+           "FD-LeNet: -?${num}  floor \\(real train vs test, same N\\): ${num}  ratio -?${num}\n")
+  if(NOT o2 MATCHES "${re}")
+    message(FATAL_ERROR "score output does not match '${re}'")
+  endif()
+endforeach()
+file(READ ${OUT}/score.json js)
+foreach(key n cond_accuracy per_class predicted_hist fd fd_floor fd_ratio)
+  string(JSON v ERROR_VARIABLE err GET "${js}" ${key})
+  if(err)
+    message(FATAL_ERROR "score.json has no '${key}': ${err}")
+  endif()
+endforeach()
+string(JSON n GET "${js}" n)
+if(NOT n EQUAL 100)
+  message(FATAL_ERROR "score.json says n = ${n}, expected 100")
+endif()
+
+# Without labels: no conditional accuracy, still the FD line.
+execute_process(COMMAND ${CLI} score --classifier ${OUT}/lenet16.safetensors --samples ${OUT}/samples.npy --data ${OUT}/data
+                RESULT_VARIABLE rc3 OUTPUT_VARIABLE o3 ERROR_VARIABLE e3)
+if(NOT rc3 EQUAL 0 OR o3 MATCHES "conditional accuracy" OR NOT o3 MATCHES "FD-LeNet: -?${num}  floor")
+  message(FATAL_ERROR "score without labels (${rc3}):\n${o3}${e3}")
+endif()
+
+# Wrong size: one line on stderr naming both sizes, non-zero exit.
+execute_process(COMMAND ${CLI} score --classifier ${OUT}/lenet16.safetensors --samples ${OUT}/samples28.npy
+                        --labels ${OUT}/labels.npy --data ${OUT}/data
+                RESULT_VARIABLE rc4 OUTPUT_VARIABLE o4 ERROR_VARIABLE e4)
+message("${e4}")
+if(rc4 EQUAL 0)
+  message(FATAL_ERROR "score accepted 28x28 samples for a 16x16 classifier")
+endif()
+if(NOT e4 MATCHES "^mnist_classifier: error: [^\n]*samples28.npy: images are 28x28 but the classifier [^\n]* takes 16x16\n$")
+  message(FATAL_ERROR "unexpected error message for wrong-size samples: ${e4}")
+endif()
