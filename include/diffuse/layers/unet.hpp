@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -60,6 +61,37 @@ struct UNetConfig {
     return c;
   }
 };
+
+// The configuration as JSON (checkpoint metadata), and back; every field is
+// written, and reading requires every field, so a checkpoint names its model fully.
+inline nlohmann::json unet_config_to_json(const UNetConfig& c) {
+  return {{"in_ch", c.in_ch},           {"out_ch", c.out_ch},         {"ch", c.ch},
+          {"ch_mult", c.ch_mult},       {"num_res_blocks", c.num_res_blocks},
+          {"attn_resolutions", c.attn_resolutions}, {"dropout", c.dropout}, {"groups", c.groups},
+          {"resolution", c.resolution}, {"mid_attn", c.mid_attn},     {"attn_only_first", c.attn_only_first},
+          {"num_classes", c.num_classes}, {"attn_heads", c.attn_heads}};
+}
+inline UNetConfig unet_config_from_json(const nlohmann::json& j) {
+  UNetConfig c;
+  try {
+    j.at("in_ch").get_to(c.in_ch);
+    j.at("out_ch").get_to(c.out_ch);
+    j.at("ch").get_to(c.ch);
+    j.at("ch_mult").get_to(c.ch_mult);
+    j.at("num_res_blocks").get_to(c.num_res_blocks);
+    j.at("attn_resolutions").get_to(c.attn_resolutions);
+    j.at("dropout").get_to(c.dropout);
+    j.at("groups").get_to(c.groups);
+    j.at("resolution").get_to(c.resolution);
+    j.at("mid_attn").get_to(c.mid_attn);
+    j.at("attn_only_first").get_to(c.attn_only_first);
+    j.at("num_classes").get_to(c.num_classes);
+    j.at("attn_heads").get_to(c.attn_heads);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument(std::string("diffuse: U-Net configuration JSON: ") + e.what());
+  }
+  return c;
+}
 
 template <class T>
 class ResBlock : public Module<T> {

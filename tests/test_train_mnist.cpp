@@ -1,0 +1,139 @@
+// train_mnist and sample end to end on a tiny IDX dataset the test writes:
+// the output files and their formats, exact resume (a run split in two by a
+// checkpoint gives the same samples, byte for byte, as the straight run),
+// the checkpoint on Ctrl-C, sampling from the checkpoint, and clear errors.
+#include <catch2/catch.hpp>
+
+#include <diffuse/diffuse.hpp>
+#include <diffuse/idx.hpp>
+#include <diffuse/npy.hpp>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <sys/wait.h>
+
+using namespace diffuse;
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kWork = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "train_mnist_cli";
+const std::string kTrain = std::string(DIFFUSE_BINARY_DIR) + "/examples/train_mnist";
+const std::string kSample = std::string(DIFFUSE_BINARY_DIR) + "/examples/sample";
+
+// Runs a command, returns its exit status and puts stdout+stderr in out.
+int run(const std::string& cmd, std::string* out = nullptr) {
+  const fs::path log = kWork / "last_command.log";
+  const int rc = std::system((cmd + " > '" + log.string() + "' 2>&1").c_str());
+  std::ifstream f(log);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  if (out) *out = ss.str();
+  UNSCOPED_INFO("$ " << cmd << "\n" << ss.str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Ten classes of 28x28 "digits": class k is a bar at angle k * 18 degrees
+// through a random centre, with random grey noise.
+void write_dataset(const fs::path& dir, size_t n_train, size_t n_test) {
+  fs::create_directories(dir);
+  std::mt19937 rng(std::random_device{}());
+  for (auto [name, n] : {std::pair<std::string, size_t>{"train", n_train}, {"t10k", n_test}}) {
+    IdxImages im;
+    im.count = n;
+    im.rows = im.cols = 28;
+    im.pixels.resize(n * 28 * 28);
+    IdxLabels lb;
+    for (size_t i = 0; i < n; ++i) {
+      const int k = static_cast<int>(i % 10);
+      lb.labels.push_back(static_cast<uint8_t>(k));
+      const double a = k * 3.14159265 / 10, cy = 10 + rng() % 8, cx = 10 + rng() % 8;
+      for (int y = 0; y < 28; ++y)
+        for (int x = 0; x < 28; ++x) {
+          const double d = std::abs(-(y - cy) * std::cos(a) + (x - cx) * std::sin(a));
+          im.pixels[i * 784 + static_cast<size_t>(y * 28 + x)] =
+              static_cast<uint8_t>(d < 1.5 ? 230 + rng() % 25 : rng() % 20);
+        }
+    }
+    write_idx_images((dir / (name + "-images-idx3-ubyte.gz")).string(), im);
+    write_idx_labels((dir / (name + "-labels-idx1-ubyte.gz")).string(), lb);
+  }
+}
+
+const std::string kCommon = " --ch 8 --T 50 --batch 8 --log-every 2 --sample-batch 10 --seed 3";
+
+}  // namespace
+
+TEST_CASE("train_mnist writes its files, resumes exactly and saves on Ctrl-C; sample reads the checkpoint") {
+  fs::remove_all(kWork);
+  fs::create_directories(kWork);
+  const fs::path data = kWork / "data";
+  write_dataset(data, 200, 40);
+  const std::string d = " --data '" + data.string() + "'";
+
+  // Straight: 6 steps.
+  std::string out;
+  REQUIRE(run(kTrain + d + kCommon + " --samples 20 --steps 6 --out '" + (kWork / "straight").string() + "'", &out) == 0);
+  CHECK(out.find("loss") != std::string::npos);
+  CHECK(out.find("images/s") != std::string::npos);
+  CHECK(out.find("ETA") != std::string::npos);
+  for (const char* f : {"grid.png", "process.png", "samples.npy", "labels.npy", "checkpoint.safetensors"})
+    CHECK(fs::exists(kWork / "straight" / f));
+  const npy::Array s = npy::load((kWork / "straight" / "samples.npy").string());
+  CHECK(s.descr == "|u1");
+  CHECK(s.shape == std::vector<int64_t>{20, 1, 16, 16});
+  const npy::Array l = npy::load((kWork / "straight" / "labels.npy").string());
+  CHECK(l.descr == "<i8");
+  CHECK(l.shape == std::vector<int64_t>{20});
+  const std::vector<int64_t> labels = l.as<int64_t>();
+  for (size_t i = 0; i < labels.size(); ++i) REQUIRE(labels[i] == static_cast<int64_t>(i % 10));
+
+  // Split: 3 steps, then resume to 6; same samples, byte for byte.
+  const std::string split = (kWork / "split").string();
+  REQUIRE(run(kTrain + d + kCommon + " --steps 3 --samples 0 --out '" + split + "'") == 0);
+  REQUIRE(run(kTrain + d + kCommon + " --samples 20 --steps 6 --out '" + split + "' --resume '" + split + "/checkpoint.safetensors'",
+              &out) == 0);
+  CHECK(out.find("resumed from") != std::string::npos);
+  CHECK(slurp(kWork / "straight" / "samples.npy") == slurp(kWork / "split" / "samples.npy"));
+
+  // A resume into another model is refused, naming both.
+  CHECK(run(kTrain + d + " --ch 16 --T 50 --steps 8 --out '" + (kWork / "other").string() + "' --resume '" + split +
+                "/checkpoint.safetensors'",
+            &out) == 1);
+  CHECK(out.find("was trained with") != std::string::npos);
+
+  // sample reads the checkpoint: DDIM, 5 steps, with and without guidance.
+  REQUIRE(run(kSample + " '" + split + "/checkpoint.safetensors' -n 12 --sampler ddim --steps 5 --guidance 1.5 --out '" +
+                  (kWork / "sampled").string() + "'",
+              &out) == 0);
+  CHECK(npy::load((kWork / "sampled" / "samples.npy").string()).shape == std::vector<int64_t>{12, 1, 16, 16});
+  CHECK(fs::exists(kWork / "sampled" / "grid.png"));
+  CHECK(run(kSample + " '" + (kWork / "nope.safetensors").string() + "'", &out) == 1);
+  CHECK(out.find("sample: error:") != std::string::npos);
+
+  // Ctrl-C: a long run interrupted saves its checkpoint and exits 130.
+  const std::string intr = (kWork / "interrupted").string();
+  const int rc = run("timeout --preserve-status -s INT 4 " + kTrain + d + kCommon + " --steps 1000000 --out '" + intr + "'", &out);
+  CHECK(rc == 130);
+  CHECK(out.find("interrupted: checkpoint saved") != std::string::npos);
+  CHECK(fs::exists(fs::path(intr) / "checkpoint.safetensors"));
+
+  // One-digit model and a bad data folder.
+  REQUIRE(run(kTrain + d + kCommon + " --steps 2 --digit 6 --samples 4 --out '" + (kWork / "six").string() + "'", &out) == 0);
+  const std::vector<int64_t> six = npy::load((kWork / "six" / "labels.npy").string()).as<int64_t>();
+  CHECK(six == std::vector<int64_t>(4, 6));
+  CHECK(run(kTrain + " --data '" + (kWork / "missing").string() + "' --steps 1", &out) == 1);
+  CHECK(out.find("train_mnist: error:") != std::string::npos);
+}
