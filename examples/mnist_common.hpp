@@ -69,6 +69,7 @@ struct SampleRequest {
   int64_t n = 100;         // images
   double guidance = 0.0;   // classifier-free guidance weight w (class-conditional models)
   std::string sampler = "ddpm";
+  std::string variance = "large";  // DDPM: large (beta_t) or small (posterior)
   int steps = 0;           // DDIM steps (0: T)
   double eta = 0.0;
   int64_t batch = 100;     // images per sampling batch (a guided batch runs 2x this through the net)
@@ -93,6 +94,7 @@ inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& inf
   const int64_t R = info.unet.resolution, K = info.unet.num_classes;
   SampleOptions so;
   so.clip_x0 = true;
+  so.variance = parse_variance(req.variance);
   so.steps = req.steps;
   so.eta = req.eta;
   SampleResult out;

@@ -11,7 +11,7 @@ using namespace mnist_example;
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
-  std::string checkpoint, out = "out/sample", sampler = "ddpm";
+  std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large";
   int64_t n = 100, batch = 100;
   int steps = 50;
   double guidance = 2.0, eta = 0.0;
@@ -28,6 +28,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim"}));
   app.add_option("--steps", steps, "DDIM steps (ddpm always takes T)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--variance", variance, "DDPM variance: large (beta_t) or small (posterior)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"small", "large"}));
   app.add_option("--eta", eta, "DDIM eta (0 = deterministic)")->capture_default_str();
   app.add_option("--batch", batch, "images per sampling batch")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "random seed")->capture_default_str();
@@ -52,6 +55,7 @@ int main(int argc, char** argv) {
     req.sampler = sampler;
     req.steps = sampler == "ddim" ? steps : 0;
     req.eta = eta;
+    req.variance = variance;
     req.batch = batch;
     std::printf("sample: %s (%s, %lldx%lld, T=%d %s), %lld images, %s%s, guidance %.2f\n", checkpoint.c_str(),
                 info.unet.num_classes > 0 ? "class-conditional" : ("digit " + std::to_string(info.digit)).c_str(),

@@ -26,7 +26,7 @@ volatile std::sig_atomic_t g_stop = 0;
 
 struct Args {
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
-  std::string sampler = "ddpm", classifier;
+  std::string sampler = "ddpm", variance = "large", classifier;
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50;
   int64_t ch = 32, samples = -1, sample_batch = 100;
   int T = 200, ddim_steps = 50;
@@ -81,6 +81,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim"}));
   app.add_option("--ddim-steps", a.ddim_steps, "DDIM sampling steps")->capture_default_str();
+  app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"small", "large"}));
   app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str();
   app.add_option("--classifier", a.classifier,
                  "LeNet checkpoint for scoring the samples (default: DATA/lenet<size>.safetensors if present)");
@@ -214,6 +217,7 @@ int main(int argc, char** argv) {
     req.sampler = a.sampler;
     req.steps = a.sampler == "ddim" ? a.ddim_steps : 0;
     req.eta = a.eta;
+    req.variance = a.variance;
     req.batch = a.sample_batch;
     const auto ts = std::chrono::steady_clock::now();
     const SampleResult res = sample_images(model, info, req, srng);
