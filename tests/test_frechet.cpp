@@ -24,21 +24,14 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-namespace {
+#include "temp_files.hpp"
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& leaf)
-      : path(fs::temp_directory_path() / ("diffuse_test_frechet_" + std::to_string(getpid()) + "_" + leaf)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using diffuse::testing::Bytes;
+using diffuse::testing::read_bytes;
+using diffuse::testing::TempDir;
+using diffuse::testing::write_bytes;
+
+namespace {
 
 Eigen::MatrixXd randn(std::mt19937_64& rng, int64_t r, int64_t c) {
   std::normal_distribution<double> nd;
@@ -163,7 +156,7 @@ TEST_CASE("frechet distance rejects bad statistics") {
 }
 
 TEST_CASE("gaussian stats files round trip") {
-  TempDir dir("stats");
+  TempDir dir("frechet", "stats");
   std::mt19937_64 rng(4);
   const GaussianStats s = random_stats(rng, 16, 16, 0.1, 1.0);
   save_gaussian_stats(dir / "s.npz", s);
@@ -178,7 +171,7 @@ TEST_CASE("frechet distance matches pytorch-fid with scipy sqrtm") {
     WARN("no python with numpy and scipy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): scipy comparison skipped");
     return;
   }
-  TempDir dir("scipy");
+  TempDir dir("frechet", "scipy");
   std::mt19937_64 rng(5);
   std::map<std::string, std::pair<GaussianStats, GaussianStats>> cases;
   cases["spd8"] = {random_stats(rng, 8, 8, 0.05, 1.0), random_stats(rng, 8, 8, 0.05, 1.0)};

@@ -27,32 +27,16 @@
 using namespace diffuse;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
-using Bytes = std::vector<uint8_t>;
+
+#include "temp_files.hpp"
+
+using diffuse::testing::Bytes;
+using diffuse::testing::read_bytes;
+using diffuse::testing::TempDir;
+using diffuse::testing::write_bytes;
 
 namespace {
 
-// A fresh per-process directory for one test case, removed at the end.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& leaf)
-      : path(fs::temp_directory_path() / ("diffuse_test_idx_" + std::to_string(getpid()) + "_" + leaf)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_bytes(const std::string& path, const Bytes& b) {
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
-}
-Bytes read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(f), {});
-}
 std::string read_text(const std::string& path) {
   std::ifstream f(path);
   std::stringstream s;
@@ -186,7 +170,7 @@ TEST_CASE("Fashion-MNIST from Debian loads with its known sizes, labels and pixe
 // ---------------------------------------------------------------- malformed files
 
 TEST_CASE("malformed IDX files give one clear error naming the file", "[idx]") {
-  TempDir tmp("malformed");
+  TempDir tmp("idx", "malformed");
   std::mt19937 rng(1);
   const Bytes body = random_bytes(rng, 3 * 4 * 5);
   const Bytes images = cat(be32({0x803, 3, 4, 5}), body);
@@ -246,7 +230,7 @@ TEST_CASE("malformed IDX files give one clear error naming the file", "[idx]") {
 }
 
 TEST_CASE("load_mnist finds the files, pairs images with labels and checks the classes", "[idx][mnist]") {
-  TempDir tmp("load");
+  TempDir tmp("idx", "load");
   std::mt19937 rng(2);
   const IdxImages im{5, 3, 2, random_bytes(rng, 30)};
   write_idx_images(tmp / "train-images-idx3-ubyte.gz", im);
@@ -279,7 +263,7 @@ TEST_CASE("load_mnist finds the files, pairs images with labels and checks the c
 // ---------------------------------------------------------------- round trip
 
 TEST_CASE("IDX write and read round trip, plain and gzipped", "[idx]") {
-  TempDir tmp("roundtrip");
+  TempDir tmp("idx", "roundtrip");
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
   std::mt19937 rng(uint32_t(seed ^ (seed >> 32)));
@@ -318,7 +302,7 @@ TEST_CASE("the npm converter restores every byte and follows the split rule", "[
     WARN("no python3 found: npm converter test skipped");
     return;
   }
-  TempDir tmp("npm");
+  TempDir tmp("idx", "npm");
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
   std::mt19937 rng(uint32_t(seed ^ (seed >> 32)));
@@ -390,7 +374,7 @@ TEST_CASE("the npm converter rejects values that are not bytes and wrong counts"
     WARN("no python3 found: npm converter test skipped");
     return;
   }
-  TempDir tmp("npmbad");
+  TempDir tmp("idx", "npmbad");
   std::vector<Bytes> digits(10, Bytes(784, 0));
   write_fake_package(tmp.path / "ok", digits);
   std::string err;

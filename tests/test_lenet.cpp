@@ -27,21 +27,14 @@ using Catch::Matchers::Contains;
 using diffuse::testing::max_gradcheck_error;
 namespace fs = std::filesystem;
 
-namespace {
+#include "temp_files.hpp"
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& leaf)
-      : path(fs::temp_directory_path() / ("diffuse_test_lenet_" + std::to_string(getpid()) + "_" + leaf)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using diffuse::testing::Bytes;
+using diffuse::testing::read_bytes;
+using diffuse::testing::TempDir;
+using diffuse::testing::write_bytes;
+
+namespace {
 
 template <class F>
 std::string error_of(F f) {
@@ -281,7 +274,7 @@ TEST_CASE("score_samples counts classes and scores the reference itself at FD 0"
   CHECK_THAT(error_of([&] { score_samples(net, s.data(), 40, 16, bad.data(), train, test); }),
              Contains("label 10 of sample 5"));
 
-  TempDir d("file");
+  TempDir d("lenet", "file");
   save_lenet(d / "c.safetensors", net, "bilinear", 0.875);
   const LeNetFile f = load_lenet(d / "c.safetensors");
   CHECK(f.resize == "bilinear");

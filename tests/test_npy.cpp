@@ -23,31 +23,16 @@
 using namespace diffuse;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
-using Bytes = std::vector<uint8_t>;
+
+#include "temp_files.hpp"
+
+using diffuse::testing::Bytes;
+using diffuse::testing::read_bytes;
+using diffuse::testing::TempDir;
+using diffuse::testing::write_bytes;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& leaf)
-      : path(fs::temp_directory_path() / ("diffuse_test_npy_" + std::to_string(getpid()) + "_" + leaf)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_bytes(const std::string& path, const Bytes& b) {
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
-}
-Bytes read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(f), {});
-}
 
 template <class F>
 std::string error_of(F f) {
@@ -143,7 +128,7 @@ Bytes npy_bytes(const std::string& dict, const Bytes& body, int major = 1) {
 }  // namespace
 
 TEST_CASE("npy round trip of every dtype on random data") {
-  TempDir d("roundtrip");
+  TempDir d("npy", "roundtrip");
   std::mt19937_64 rng(7);
   for (const auto& shape : std::vector<std::vector<int64_t>>{{}, {1}, {5}, {3, 4}, {2, 3, 5, 7}, {0, 4}, {4, 0}}) {
     INFO("shape of " << shape.size() << " dims");
@@ -182,7 +167,7 @@ TEST_CASE("npy reads files written by numpy and numpy reads ours") {
     WARN("no python with numpy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): numpy interop test skipped");
     return;
   }
-  TempDir d("numpy");
+  TempDir d("npy", "numpy");
   // Each array: dtype, shape, values ref(i) = (37 i mod 251) - 100 (uint8: 37 i mod 251).
   const std::string script = d / "npy_ref.py";
   std::ofstream(script) << R"PY(
@@ -287,7 +272,7 @@ else:
 }
 
 TEST_CASE("npy malformed files give one-line errors naming the file") {
-  TempDir d("bad");
+  TempDir d("npy", "bad");
   const Bytes body4(4 * 3, 0);
   auto load_err = [&](const std::string& name, const Bytes& b) {
     const std::string p = d / name;
