@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
   std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large";
   int64_t n = 100, batch = 100;
   int steps = 50;
-  double guidance = 2.0, eta = 0.0;
+  double guidance = 0.3, eta = 0.0;
   uint64_t seed = 0;
   bool raw = false;
   CLI::App app{"Sample images from a train_mnist checkpoint."};

@@ -30,7 +30,7 @@ struct Args {
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50;
   int64_t ch = 32, samples = -1, sample_batch = 100;
   int T = 200, ddim_steps = 50;
-  double lr = 1e-3, ema = 0.999, clip = 1.0, label_dropout = 0.1, guidance = 2.0, eta = 0.0;
+  double lr = 1e-3, ema = 0.999, clip = 1.0, label_dropout = 0.1, guidance = 0.3, eta = 0.0;
   uint64_t seed = 0;
 };
 
