@@ -28,7 +28,7 @@ JOBS=$(nproc 2>/dev/null || echo 2)
 
 BASE_PKGS=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
            libstb-dev zlib1g-dev libcli11-dev)
-TEST_PKGS=(python3-torch python3-numpy python3-scipy libopenblas0-openmp dataset-fashion-mnist)
+TEST_PKGS=(python3-torch python3-torchvision python3-numpy python3-scipy libopenblas0-openmp dataset-fashion-mnist)
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }

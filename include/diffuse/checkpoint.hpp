@@ -30,6 +30,7 @@ inline void save_checkpoint(const std::string& path, const Module<T>& model, Ada
   safetensors::Writer w;
   const auto params = model.named_parameters();
   for (const auto& [name, p] : params) w.add(name, p.value());
+  for (const auto& [name, b] : model.named_buffers()) w.add(name, b.value());
   if (ema)
     for (size_t k = 0; k < params.size(); ++k) w.add("ema." + params[k].first, ema->shadow()[k]);
   if (opt)
@@ -56,12 +57,12 @@ inline int64_t meta_int(const safetensors::File& f, const std::string& key) {
 }
 }  // namespace detail
 
-// Loads model weights (strict: every parameter present with its shape). Other
+// Loads model weights (strict: every parameter and buffer present with its shape). Other
 // tensors in the file are ignored only if they belong to the ema./optim. groups.
 template <class T>
 inline void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
   std::set<std::string> expected;
-  for (auto& [name, p] : model.named_parameters()) {
+  for (auto& [name, p] : model.named_state()) {
     const std::string key = prefix + name;
     expected.insert(key);
     if (!f.contains(key)) throw std::runtime_error("diffuse: '" + f.path() + "' is missing tensor '" + key + "'");

@@ -2,7 +2,10 @@
 //
 // Parameters are registered with local names and children with a prefix, so
 // `named_parameters()` yields PyTorch-style names ("net.0.weight") that match
-// the reference models and checkpoints. Modules own their children as members
+// the reference models and checkpoints. Buffers (batch norm's running
+// statistics) are state that is saved and loaded but not trained: they are in
+// `named_state()` (parameters, then buffers) and not in `parameters()`, so
+// optimisers never see them. Modules own their children as members
 // and are neither copied nor moved (children are referenced by address).
 #pragma once
 
@@ -32,6 +35,17 @@ class Module {
     for (auto& [n, v] : named_parameters()) out.push_back(v);
     return out;
   }
+  std::vector<std::pair<std::string, Var<T>>> named_buffers() const {
+    std::vector<std::pair<std::string, Var<T>>> out;
+    collect_buffers("", out);
+    return out;
+  }
+  // Everything a checkpoint holds for this module: parameters, then buffers.
+  std::vector<std::pair<std::string, Var<T>>> named_state() const {
+    std::vector<std::pair<std::string, Var<T>>> out = named_parameters();
+    collect_buffers("", out);
+    return out;
+  }
   int64_t num_parameters() const {
     int64_t n = 0;
     for (auto& [name, v] : named_parameters()) n += v.value().numel();
@@ -47,6 +61,11 @@ class Module {
     params_.emplace_back(name, v);
     return v;
   }
+  Var<T> register_buffer(const std::string& name, Tensor<T> init) {
+    Var<T> v(std::move(init), false);
+    buffers_.emplace_back(name, v);
+    return v;
+  }
   void register_module(const std::string& name, Module& child) { children_.emplace_back(name, &child); }
 
  private:
@@ -58,7 +77,15 @@ class Module {
     }
     for (const auto& [n, c] : children_) c->collect(prefix + n + ".", out);
   }
-  std::vector<std::pair<std::string, Var<T>>> params_;
+  void collect_buffers(const std::string& prefix, std::vector<std::pair<std::string, Var<T>>>& out) const {
+    for (const auto& [n, v] : buffers_) {
+      Var<T> b = v;
+      b.set_name(prefix + n);
+      out.emplace_back(prefix + n, b);
+    }
+    for (const auto& [n, c] : children_) c->collect_buffers(prefix + n + ".", out);
+  }
+  std::vector<std::pair<std::string, Var<T>>> params_, buffers_;
   std::vector<std::pair<std::string, Module*>> children_;
 };
 

@@ -17,9 +17,12 @@ class Conv2d : public Module<T> {
   // U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias; both are U(-b, b) with
   // b = 1/sqrt(fan_in), fan_in = in * k * k.
   Conv2d(int64_t in, int64_t out, int64_t k, Generator& g, int64_t stride = 1, int64_t padding = 0, bool bias = true)
-      : opt_{stride, stride, padding, padding} {
-    const T bound = T(1) / std::sqrt(static_cast<T>(in * k * k));
-    weight = this->register_parameter("weight", uniform({out, in, k, k}, bound, g));
+      : Conv2d(in, out, k, k, g, Conv2dOptions{stride, stride, padding, padding}, bias) {}
+  // Rectangular kernels kh x kw (Inception's 1x7, 7x1), strides and paddings per axis.
+  Conv2d(int64_t in, int64_t out, int64_t kh, int64_t kw, Generator& g, const Conv2dOptions& opt, bool bias = true)
+      : opt_(opt) {
+    const T bound = T(1) / std::sqrt(static_cast<T>(in * kh * kw));
+    weight = this->register_parameter("weight", uniform({out, in, kh, kw}, bound, g));
     if (bias) this->bias = this->register_parameter("bias", uniform({out}, bound, g));
   }
   Var<T> operator()(const Var<T>& x) const { return conv2d(x, weight, bias, opt_); }

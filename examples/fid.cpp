@@ -1,0 +1,126 @@
+// fid: the Frechet Inception Distance as pytorch-fid computes it.
+//
+//   fid A B [--weights FILE] [--batch N] [--device cpu|cuda] [--save-stats OUT.npz]
+//   fid A --save-stats OUT.npz          statistics of A only (pytorch-fid --save-stats)
+//
+// A and B: a folder of images (png, jpg, bmp, pgm, ppm; sorted by name; grey
+// replicated to RGB), a uint8 .npy [N, C, H, W] or [N, H, W, C] (C = 1 or 3,
+// e.g. train_mnist's samples.npy), or an .npz of statistics (mu, sigma) as
+// pytorch-fid and --save-stats write them. Prints "FID: <value>" last.
+#include <CLI/CLI.hpp>
+
+#include <diffuse/fid.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+using namespace diffuse;
+namespace fs = std::filesystem;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The network is loaded only when some input is images, not statistics.
+struct Network {
+  std::string weights;
+  std::unique_ptr<FidInceptionV3<float>> net;
+  const FidInceptionV3<float>& get() {
+    if (!net) {
+      if (!fs::exists(weights))
+        throw std::runtime_error("Inception weights '" + weights +
+                                 "' not found: download pytorch-fid's pt_inception-2015-12-05-6726825d.pth and "
+                                 "convert it with scripts/fid_weights_to_safetensors.py (see the README), or pass "
+                                 "--weights FILE");
+      Generator g(0);
+      net = std::make_unique<FidInceptionV3<float>>(g);
+      load_fid_weights(weights, *net);
+    }
+    return *net;
+  }
+};
+
+GaussianStats statistics_of(const std::string& path, Network& network, int64_t batch) {
+  if (ends_with(path, ".npz")) {
+    GaussianStats s = load_gaussian_stats(path);
+    if (s.mu.size() != FidInceptionV3<float>::kFeatures)
+      throw std::runtime_error("'" + path + "' holds statistics of " + std::to_string(s.mu.size()) +
+                               " features, FID uses 2048");
+    std::printf("%s: statistics (2048 features)\n", path.c_str());
+    return s;
+  }
+  Images im;
+  if (fs::is_directory(path))
+    im = load_image_folder(path);
+  else if (ends_with(path, ".npy"))
+    im = load_image_array(path);
+  else
+    throw std::runtime_error("'" + path + "' is neither a folder of images, a .npy of uint8 images nor an .npz of statistics");
+  if (im.n < 2)
+    throw std::runtime_error("'" + path + "' has " + std::to_string(im.n) +
+                             " image(s): FID needs at least 2 (and 2,048 or more for a full-rank covariance)");
+  std::printf("%s: %lld images %lldx%lld, %s\n", path.c_str(), static_cast<long long>(im.n),
+              static_cast<long long>(im.w), static_cast<long long>(im.h), im.c == 1 ? "grey (replicated to RGB)" : "RGB");
+  if (im.n < 2048)
+    std::fprintf(stderr,
+                 "fid: warning: %s has %lld images, fewer than 2048: the covariance is singular and FID is biased "
+                 "upwards; compare only values computed with the same number of images\n",
+                 path.c_str(), static_cast<long long>(im.n));
+  const FidInceptionV3<float>& net = network.get();
+  double last = -1;
+  const std::vector<float> f = fid_features(net, im, batch, [&](int64_t done, int64_t total, double sec) {
+    if (done < total && sec - last < 5.0) return;  // a line every 5 s, and the last
+    last = sec;
+    const double rate = done / std::max(sec, 1e-9);
+    std::printf("  features %lld/%lld  %.1f images/s  ETA %.0f s\n", static_cast<long long>(done),
+                static_cast<long long>(total), rate, (total - done) / rate);
+    std::fflush(stdout);
+  });
+  return fid_statistics(f);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string a, b, save_stats, device = "cpu";
+  Network network;
+  network.weights = "data/fid/pt_inception-2015-12-05.safetensors";
+  int64_t batch = 50;
+  CLI::App app{
+      "FID between two image sets, computed as pytorch-fid computes it (its InceptionV3, preprocessing and\n"
+      "statistics). Inputs: a folder of images, a uint8 .npy [N, C, H, W] or [N, H, W, C], or an .npz of\n"
+      "statistics (mu, sigma). With --save-stats, the statistics of A are written; B is then optional.\n"
+      "Prints \"FID: <value>\" last."};
+  app.add_option("A", a, "first image set or statistics")->required();
+  app.add_option("B", b, "second image set or statistics");
+  app.add_option("--weights", network.weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
+  app.add_option("--batch", batch, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--save-stats", save_stats, "write the statistics of A to this .npz (pytorch-fid's format)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (device == "cuda")
+      throw std::runtime_error("--device cuda: this build has no CUDA backend yet; use --device cpu");
+    if (b.empty() && save_stats.empty()) throw std::runtime_error("give two inputs A B, or A with --save-stats OUT.npz");
+    const auto t0 = std::chrono::steady_clock::now();
+    const GaussianStats sa = statistics_of(a, network, batch);
+    if (!save_stats.empty()) {
+      save_gaussian_stats(save_stats, sa);
+      std::printf("wrote statistics of %s to %s\n", a.c_str(), save_stats.c_str());
+    }
+    if (b.empty()) return 0;
+    const GaussianStats sb = statistics_of(b, network, batch);
+    const double fid = frechet_distance(sa, sb);
+    std::printf("time %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    std::printf("FID: %.6f\n", fid);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fid: error: %s\n", e.what());
+    return 1;
+  }
+}

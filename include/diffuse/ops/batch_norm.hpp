@@ -1,0 +1,80 @@
+// Batch normalisation in inference mode on NHWC images [N, H, W, C]:
+//
+//   batch_norm_inference(x, weight, bias, running_mean, running_var, eps)
+//     = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+//     y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]
+//
+// As PyTorch's CPU kernel, per channel alpha = weight / sqrt(var + eps) and
+// beta = bias - mean * alpha first, then y = x * alpha + beta: one multiply-add
+// per element. The running statistics are constants (buffers, not trained);
+// gradients flow to x, weight and bias. Training-mode batch statistics are not
+// implemented: the FID network is the one user, and it only runs inference.
+#pragma once
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../ops.hpp"
+#include "image.hpp"
+
+namespace diffuse {
+
+template <class T>
+inline Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const Var<T>& bias,
+                                   const Tensor<T>& running_mean, const Tensor<T>& running_var, double eps) {
+  detail::require_nhwc("batch_norm_inference", x.shape());
+  const int64_t C = x.size(3), P = x.value().numel() / std::max<int64_t>(C, 1);
+  for (const Shape* s : {&weight.shape(), &bias.shape(), &running_mean.shape(), &running_var.shape()})
+    if (s->size() != 1 || (*s)[0] != C)
+      throw std::invalid_argument("diffuse: batch_norm_inference: weight, bias and running statistics must be [" +
+                                  std::to_string(C) + "] for x " + shape_str(x.shape()) + ", got " + shape_str(*s));
+  if (!(eps > 0)) throw std::invalid_argument("diffuse: batch_norm_inference: eps must be positive");
+  // invstd kept for the weight gradient; alpha and beta as PyTorch forms them.
+  std::vector<T> invstd(C), alpha(C), beta(C);
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = T(1) / std::sqrt(running_var[c] + static_cast<T>(eps));
+    alpha[c] = invstd[c] * weight.value()[c];
+    beta[c] = bias.value()[c] - running_mean[c] * alpha[c];
+  }
+  Tensor<T> out(x.shape());
+  const T* xd = x.value().data();
+  T* od = out.data();
+#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t c = 0; c < C; ++c) od[p * C + c] = xd[p * C + c] * alpha[c] + beta[c];
+  const Tensor<T> mean = running_mean;  // the backward's copy: the caller's buffer may change
+  return make_result<T>(std::move(out), {&x, &weight, &bias}, [&]() {
+    return [x, weight, bias, mean, invstd, alpha, P, C](const Tensor<T>& g) {
+      const T* gd = g.data();
+      if (x.requires_grad()) {
+        GradSink<T> s = grad_sink(*x.node());
+#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t c = 0; c < C; ++c) s.put(static_cast<size_t>(p * C + c), gd[p * C + c] * alpha[c]);
+      }
+      if (weight.requires_grad() || bias.requires_grad()) {
+        // Sums over all pixels in double, one pass; sequential (C-wide rows, small next to the convs).
+        std::vector<double> gw(C, 0.0), gb(C, 0.0);
+        const T* xd = x.value().data();
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t c = 0; c < C; ++c) {
+            const double gv = gd[p * C + c];
+            gb[c] += gv;
+            gw[c] += gv * (static_cast<double>(xd[p * C + c]) - static_cast<double>(mean[c]));
+          }
+        if (weight.requires_grad()) {
+          GradSink<T> s = grad_sink(*weight.node());
+          for (int64_t c = 0; c < C; ++c) s.put(static_cast<size_t>(c), gw[c] * static_cast<double>(invstd[c]));
+        }
+        if (bias.requires_grad()) {
+          GradSink<T> s = grad_sink(*bias.node());
+          for (int64_t c = 0; c < C; ++c) s.put(static_cast<size_t>(c), gb[c]);
+        }
+      }
+    };
+  });
+}
+
+}  // namespace diffuse
