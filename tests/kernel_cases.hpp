@@ -1,0 +1,112 @@
+// Every kernel in kernels/ against the CPU backend on fresh random inputs of awkward sizes.
+// One source, two builds: test_emulation (g++, the kernels run through the CPU emulation) and
+// test_kernels_cuda (nvcc, the kernels run on a GPU). Include it from exactly one file per test
+// program (it defines TEST_CASEs).
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "device_buffer.hpp"
+#include "kernel_reference.hpp"
+#include "kernels/reduce_sum.cuh"
+#include "kernels/silu.cuh"
+
+namespace diffuse::testing {
+
+inline std::uint64_t fresh_seed() {
+  std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) | rd();
+}
+
+}  // namespace diffuse::testing
+
+TEST_CASE("kernel silu_forward matches the CPU backend's silu") {
+  using namespace diffuse::testing;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<float> dist(-12.0f, 12.0f);  // both tails of the sigmoid
+  for (std::int64_t n : {1, 31, 33, 1000, 4097}) {
+    for (unsigned block : {32u, 96u, 256u}) {
+      for (unsigned max_blocks : {2u, 65535u}) {  // 2: the grid-stride loop goes round
+        INFO("n " << n << " block " << block << " max_blocks " << max_blocks);
+        std::vector<float> x(static_cast<size_t>(n));
+        for (float& v : x) v = dist(gen);
+        const std::vector<float> ref = cpu_silu(x);
+        DeviceBuffer<float> dx(x), dy(x.size());
+        diffuse::kernels::silu_forward(dx.get(), dy.get(), n, {}, block, max_blocks);
+        const std::vector<float> y = dy.to_host();
+        // expf and Eigen's exp are each within a few ulp; a NaN (an unwritten element) fails.
+        size_t bad = 0, first_bad = 0;
+        for (size_t i = 0; i < y.size(); ++i)
+          if (!(std::fabs(y[i] - ref[i]) <= 8 * FLT_EPSILON * std::fabs(ref[i]) + FLT_MIN) && bad++ == 0) first_bad = i;
+        INFO("first mismatch at " << first_bad << ": " << y[first_bad] << " vs " << ref[first_bad]);
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("kernel reduce_sum_rows matches the CPU backend's sum of each row") {
+  using namespace diffuse::testing;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  struct Size {
+    std::int64_t rows, cols;
+  };
+  for (Size s : {Size{3, 1}, Size{2, 31}, Size{5, 33}, Size{7, 1025}, Size{4, 4097}, Size{3, 0}}) {
+    for (unsigned block : {32u, 96u, 256u, 1024u}) {
+      for (unsigned max_blocks : {2u, 65535u}) {  // 2: blocks loop over rows
+        INFO("rows " << s.rows << " cols " << s.cols << " block " << block << " max_blocks " << max_blocks);
+        const size_t n = static_cast<size_t>(s.rows * s.cols);
+        // Multiples of 1/256 in [-4, 4], never 0: every partial sum is exact in float (|sum| <
+        // 2^15 needs 15 + 8 bits), so the kernel's result must equal the reference exactly in any
+        // summation order, and a missed or doubled element always shows.
+        std::uniform_int_distribution<int> k(1, 1024), sign(0, 1);
+        std::vector<float> exact(n);
+        for (float& v : exact) v = static_cast<float>(sign(gen) ? k(gen) : -k(gen)) / 256.0f;
+        // Arbitrary floats: rounding error within a bound that grows with the terms per thread.
+        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+        std::vector<float> rough(n);
+        for (float& v : rough) v = u(gen);
+
+        for (const std::vector<float>* x : {&exact, &rough}) {
+          const bool is_exact = x == &exact;
+          INFO((is_exact ? "dyadic inputs, exact comparison" : "uniform inputs"));
+          const std::vector<double> ref = cpu_row_sums(*x, s.rows, s.cols);
+          DeviceBuffer<float> dx(*x), dout(static_cast<size_t>(s.rows));
+          diffuse::kernels::reduce_sum_rows(dx.get(), dout.get(), s.rows, s.cols, {}, block, max_blocks);
+          const std::vector<float> out = dout.to_host();
+          for (std::int64_t r = 0; r < s.rows; ++r) {
+            INFO("row " << r << ": " << out[r] << " vs " << ref[r]);
+            if (is_exact) {
+              CHECK(static_cast<double>(out[r]) == ref[r]);
+            } else {
+              double abs_sum = 0;
+              for (std::int64_t c = 0; c < s.cols; ++c) abs_sum += std::fabs((*x)[r * s.cols + c]);
+              const double terms = static_cast<double>((s.cols + block - 1) / block) + 10;  // per thread + tree
+              CHECK(std::fabs(out[r] - ref[r]) <= terms * FLT_EPSILON * abs_sum + FLT_MIN);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("kernel launchers reject bad configurations") {
+  float* p = nullptr;
+  CHECK_THROWS_AS(diffuse::kernels::reduce_sum_rows(p, p, 2, 8, {}, 48), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::reduce_sum_rows(p, p, 2, 8, {}, 2048), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::reduce_sum_rows(p, p, -1, 8), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::silu_forward(p, p, -1), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::silu_forward(p, p, 4, {}, 0), std::invalid_argument);
+  CHECK_NOTHROW(diffuse::kernels::silu_forward(p, p, 0));  // nothing to do: no launch
+}
