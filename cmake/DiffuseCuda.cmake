@@ -12,7 +12,10 @@
 # `nvidia-smi -L` lists a GPU, otherwise "80;90" (A100 + H100).
 #
 # Result: cache variable DIFFUSE_HAVE_CUDA (ON/OFF); when ON, CUDA is an enabled
-# language and CUDAToolkit (CUDA::cudart, CUDA::cublas, ...) has been found.
+# language and CUDAToolkit (CUDA::cudart, CUDA::cublas, ...) has been found, and
+# cmake/DiffuseFindCudnn.cmake has looked for cuDNN (DIFFUSE_CUDNN_FOUND, target
+# diffuse::cudnn; hint: -DCUDNN_ROOT=<prefix>). One STATUS line says which of
+# cuBLAS and cuDNN were found; diffuse::cuda links those that were.
 
 set(DIFFUSE_CUDA AUTO CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
 set_property(CACHE DIFFUSE_CUDA PROPERTY STRINGS AUTO ON OFF)
@@ -80,6 +83,22 @@ if(_diffuse_have_cuda)
   endif()
   message(STATUS "diffuse: CUDA enabled (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, "
                  "architectures ${CMAKE_CUDA_ARCHITECTURES})")
+
+  # cuBLAS comes with the toolkit; cuDNN is a separate install that CMake has no module for.
+  set(DIFFUSE_CUDNN_GLOBAL ON)   # visible to add_subdirectory() consumers in parent directories
+  include(${CMAKE_CURRENT_LIST_DIR}/DiffuseFindCudnn.cmake)
+  if(TARGET CUDA::cublas)
+    get_target_property(_diffuse_cublas_loc CUDA::cublas IMPORTED_LOCATION)
+    set(_diffuse_cublas_msg "cuBLAS ${_diffuse_cublas_loc}")
+  else()
+    set(_diffuse_cublas_msg "cuBLAS NOT found in the CUDA toolkit")
+  endif()
+  if(DIFFUSE_CUDNN_FOUND)
+    set(_diffuse_cudnn_msg "cuDNN ${DIFFUSE_CUDNN_VERSION} ${DIFFUSE_CUDNN_LIBRARY} (${DIFFUSE_CUDNN_INCLUDE_DIR}/cudnn.h)")
+  else()
+    set(_diffuse_cudnn_msg "cuDNN NOT found (set CUDNN_ROOT to its prefix)")
+  endif()
+  message(STATUS "diffuse: CUDA libraries: ${_diffuse_cublas_msg}; ${_diffuse_cudnn_msg}")
 elseif(_diffuse_cuda_mode STREQUAL "OFF")
   message(STATUS "diffuse: CUDA disabled (DIFFUSE_CUDA=OFF) - building CPU-only")
 else()

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernel_cases.hpp"
+#include "kernel_cases_adam.hpp"
 
 using diffuse::cuda::launch;
 using diffuse::testing::DeviceBuffer;

@@ -1,0 +1,121 @@
+// Adam(W) and EMA over all parameters in one launch (a "multi-tensor apply").
+//
+// A model has ~100-300 parameter tensors of very different sizes; one launch per tensor would
+// cost a launch latency each and leave most of the GPU idle on the small ones. Instead the host
+// cuts every tensor into chunks of at most `chunk` elements (plan_adam_chunks), uploads the
+// tensor table and the chunk list once (they only change when the model does), and each block
+// walks chunks with a grid-stride loop. Per element, the same formula and order of operations
+// as the CPU backend's Adam<T>::step (torch.optim.Adam/AdamW) followed by EMA<T>::update:
+//
+//   AdamW:  p *= 1 - lr wd                      Adam (L2):  g += wd p
+//   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+//   p -= step_size m / (sqrt(v) / sqrt(1 - b2^t) + eps),   step_size = lr / (1 - b1^t)
+//   ema = d ema + (1 - d) p                     (when the tensor has an EMA copy)
+//
+// The bias corrections depend on the step t and are computed on the host in double, as the CPU
+// backend does (adam_step_args).
+#pragma once
+
+#include <diffuse/cuda/device.hpp>
+#include <diffuse/cuda/launch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+namespace diffuse::kernels {
+
+// One parameter tensor, all pointers on the device. ema may be null (no EMA for this tensor).
+template <class T>
+struct AdamTensor {
+  T* p;
+  const T* g;
+  T* m;
+  T* v;
+  T* ema;
+  std::int64_t n;
+};
+
+// A piece of one tensor: elements [begin, begin + count) of tensor `tensor`.
+struct AdamChunk {
+  std::int32_t tensor;
+  std::int32_t count;
+  std::int64_t begin;
+};
+
+// The scalars of one step, rounded to T as the CPU backend rounds them.
+template <class T>
+struct AdamStepArgs {
+  T step_size, bc2_sqrt, b1, b2, eps, lr, wd, ema_decay;
+  int decoupled;  // 1: AdamW, 0: Adam with L2 added to the gradient
+};
+
+// Step t (1-based, the value after the increment), as Adam<T>::step computes its scalars.
+template <class T>
+inline AdamStepArgs<T> adam_step_args(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                      bool decoupled, std::int64_t t, double ema_decay) {
+  if (t < 1) throw std::invalid_argument("adam_step_args: the step t counts from 1");
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(t));
+  return AdamStepArgs<T>{static_cast<T>(lr / bc1), static_cast<T>(std::sqrt(bc2)), static_cast<T>(beta1),
+                         static_cast<T>(beta2), static_cast<T>(eps), static_cast<T>(lr),
+                         static_cast<T>(weight_decay), static_cast<T>(ema_decay), decoupled ? 1 : 0};
+}
+
+// Cuts tensors of the given sizes into chunks of at most `chunk` elements, in order.
+inline std::vector<AdamChunk> plan_adam_chunks(const std::vector<std::int64_t>& sizes, std::int32_t chunk = 65536) {
+  if (chunk < 1) throw std::invalid_argument("plan_adam_chunks: chunk must be positive");
+  std::vector<AdamChunk> out;
+  for (std::size_t k = 0; k < sizes.size(); ++k) {
+    if (sizes[k] < 0) throw std::invalid_argument("plan_adam_chunks: negative tensor size");
+    for (std::int64_t b = 0; b < sizes[k]; b += chunk)
+      out.push_back(AdamChunk{static_cast<std::int32_t>(k), static_cast<std::int32_t>(std::min<std::int64_t>(chunk, sizes[k] - b)), b});
+  }
+  return out;
+}
+
+__device__ __forceinline__ float device_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double device_sqrt(double x) { return sqrt(x); }
+
+template <class T>
+__global__ void adam_ema_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
+                                std::int64_t num_chunks, AdamStepArgs<T> a) {
+  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const AdamChunk ch = chunks[c];
+    const AdamTensor<T> t = tensors[ch.tensor];
+    for (std::int64_t i = ch.begin + threadIdx.x; i < ch.begin + ch.count; i += blockDim.x) {
+      T w = t.p[i], g = t.g[i];
+      if (a.wd != T(0)) {
+        if (a.decoupled)
+          w *= T(1) - a.lr * a.wd;
+        else
+          g = g + a.wd * w;
+      }
+      const T m = a.b1 * t.m[i] + (T(1) - a.b1) * g;
+      const T v = a.b2 * t.v[i] + (T(1) - a.b2) * (g * g);
+      w -= a.step_size * m / (device_sqrt(v) / a.bc2_sqrt + a.eps);
+      t.m[i] = m;
+      t.v[i] = v;
+      t.p[i] = w;
+      if (t.ema) t.ema[i] = a.ema_decay * t.ema[i] + (T(1) - a.ema_decay) * w;
+    }
+  }
+}
+
+// One Adam(W) + EMA step over every chunk (device arrays `tensors` and `chunks`), on `stream`.
+template <class T>
+inline void adam_ema_step(const AdamTensor<T>* tensors, const AdamChunk* chunks, std::int64_t num_chunks,
+                          const AdamStepArgs<T>& args, cuda::stream_t stream = {}, unsigned block = 256,
+                          unsigned max_blocks = 4096) {
+  if (num_chunks < 0) throw std::invalid_argument("adam_ema_step: negative chunk count");
+  if (block == 0 || block > 1024 || max_blocks == 0)
+    throw std::invalid_argument("adam_ema_step: block must be in [1, 1024] and max_blocks at least 1");
+  if (num_chunks == 0) return;
+  const std::int64_t blocks = std::min<std::int64_t>(num_chunks, max_blocks);
+  cuda::launch(adam_ema_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(block), 0, stream, tensors, chunks,
+               num_chunks, args);
+}
+
+}  // namespace diffuse::kernels

@@ -1,0 +1,22 @@
+// Part of test_cuda_memory compiled by the host compiler, not nvcc: the memory headers in an
+// ordinary C++ translation unit with DIFFUSE_WITH_CUDA (as host code of the library will be).
+#include <diffuse/cuda/memory.hpp>
+
+#include <cstdint>
+#include <vector>
+
+static_assert(DIFFUSE_HAVE_CUDA_RUNTIME == 1, "diffuse::cuda defines DIFFUSE_WITH_CUDA: check.hpp must see the runtime");
+
+namespace diffuse::testing {
+
+std::vector<std::uint32_t> round_trip_host_compiled(const std::vector<std::uint32_t>& x) {
+  diffuse::cuda::Stream stream;
+  diffuse::cuda::DeviceBuffer<std::uint32_t> d(x.size());
+  std::vector<std::uint32_t> out(x.size(), 0u);
+  d.copy_from_host_async(x, stream);
+  d.copy_to_host_async(out, stream);
+  stream.synchronize();
+  return out;
+}
+
+}  // namespace diffuse::testing

@@ -1,0 +1,121 @@
+// The Adam(W) + EMA kernel (kernels/adam.cuh) against the CPU backend's Adam<float> and
+// EMA<float>, on fresh random tensors of awkward sizes. Included by test_emulation.cpp (g++,
+// through the CPU emulation) and test_kernels_cuda.cu (nvcc, on a GPU), after kernel_cases.hpp.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "device_buffer.hpp"
+#include "kernel_reference_adam.hpp"
+#include "kernels/adam.cuh"
+
+TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA update") {
+  using namespace diffuse::testing;
+  using diffuse::kernels::AdamTensor;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const std::vector<std::int64_t> sizes = {1, 31, 33, 1000, 4097, 70001};
+  struct Opt {
+    double wd;
+    bool decoupled;
+    std::int64_t t;
+  };
+  for (const Opt& o : {Opt{0.0, false, 1}, Opt{0.01, false, 7}, Opt{0.1, true, 3}, Opt{0.1, true, 1000}}) {
+    for (std::int32_t chunk : {64, 65536}) {
+      for (unsigned block : {32u, 96u, 256u}) {
+        for (unsigned max_blocks : {2u, 4096u}) {
+          INFO("wd " << o.wd << (o.decoupled ? " AdamW" : " Adam") << " t " << o.t << " chunk " << chunk << " block "
+                     << block << " max_blocks " << max_blocks);
+          AdamState s;
+          for (std::int64_t n : sizes) {
+            std::vector<float> p(n), g(n), m(n), v(n), e(n);
+            for (std::int64_t i = 0; i < n; ++i) {
+              p[i] = normal(gen);
+              g[i] = 0.1f * normal(gen);
+              m[i] = 0.01f * normal(gen);
+              v[i] = 1e-3f * std::fabs(normal(gen)) + 1e-8f;
+              e[i] = p[i] + 0.01f * normal(gen);
+            }
+            s.p.push_back(p), s.g.push_back(g), s.m.push_back(m), s.v.push_back(v), s.ema.push_back(e);
+          }
+          const double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8, decay = 0.999;
+          const AdamState ref = cpu_adam_ema(s, lr, b1, b2, eps, o.wd, o.decoupled, o.t, decay);
+
+          // Device copies; tensor 2 has no EMA copy (a null pointer: its EMA must stay untouched).
+          std::vector<std::unique_ptr<DeviceBuffer<float>>> bufs;
+          auto up = [&](const std::vector<float>& x) {
+            bufs.push_back(std::make_unique<DeviceBuffer<float>>(x));
+            return bufs.back().get();
+          };
+          std::vector<AdamTensor<float>> table;
+          std::vector<DeviceBuffer<float>*> dp, dm, dv, de;
+          for (size_t k = 0; k < sizes.size(); ++k) {
+            dp.push_back(up(s.p[k]));
+            DeviceBuffer<float>* dg = up(s.g[k]);
+            dm.push_back(up(s.m[k]));
+            dv.push_back(up(s.v[k]));
+            de.push_back(up(s.ema[k]));
+            table.push_back(AdamTensor<float>{dp[k]->get(), dg->get(), dm[k]->get(), dv[k]->get(),
+                                              k == 2 ? nullptr : de[k]->get(), sizes[k]});
+          }
+          const std::vector<diffuse::kernels::AdamChunk> chunks = diffuse::kernels::plan_adam_chunks(sizes, chunk);
+          DeviceBuffer<AdamTensor<float>> dtable(table);
+          DeviceBuffer<diffuse::kernels::AdamChunk> dchunks(chunks);
+          const auto args = diffuse::kernels::adam_step_args<float>(lr, b1, b2, eps, o.wd, o.decoupled, o.t, decay);
+          diffuse::kernels::adam_ema_step(dtable.get(), dchunks.get(), static_cast<std::int64_t>(chunks.size()), args,
+                                          {}, block, max_blocks);
+
+          // A few ulp of the terms that are summed: the CPU backend vectorises with Eigen, the
+          // kernel is scalar, either may contract a multiply-add, and m = b1 m + (1 - b1) g can
+          // cancel. An element the kernel missed keeps its old value and fails.
+          size_t bad = 0;
+          const char* first_what = "";
+          float first_a = 0, first_b = 0;
+          auto close = [&](float a, float b, float scale, const char* what) {
+            const bool ok = std::fabs(a - b) <= 4 * FLT_EPSILON * (scale + std::fabs(b)) + 1e-30f;
+            if (!ok && bad++ == 0) first_what = what, first_a = a, first_b = b;
+          };
+          for (size_t k = 0; k < sizes.size(); ++k) {
+            const std::vector<float> p = dp[k]->to_host(), m = dm[k]->to_host(), v = dv[k]->to_host(),
+                                     e = de[k]->to_host();
+            for (std::int64_t i = 0; i < sizes[k]; ++i) {
+              const float g = std::fabs(s.g[k][i]) + float(o.wd) * std::fabs(s.p[k][i]);
+              close(m[i], ref.m[k][i], std::fabs(s.m[k][i]) + g, "m");
+              close(v[i], ref.v[k][i], std::fabs(s.v[k][i]) + g * g, "v");
+              // p - step m / (sqrt(v) / bc2 + eps): m carries the rounding of its own cancelling
+              // sum, so the update is only as exact as |b1 m| + |(1 - b1) g| allows, and it can
+              // nearly cancel p.
+              const float upd = args.step_size * (float(b1) * std::fabs(s.m[k][i]) + float(1 - b1) * g) /
+                                (std::sqrt(ref.v[k][i]) / args.bc2_sqrt + float(eps));
+              close(p[i], ref.p[k][i], std::fabs(s.p[k][i]) + 4 * upd, "p");
+              if (k == 2)
+                close(e[i], s.ema[k][i], 0.0f, "ema (no EMA copy: untouched)");
+              else
+                close(e[i], ref.ema[k][i], std::fabs(s.ema[k][i]) + std::fabs(ref.p[k][i]), "ema");
+            }
+          }
+          INFO("first mismatch in " << first_what << ": kernel " << first_a << ", CPU " << first_b);
+          CHECK(bad == 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("plan_adam_chunks covers every element once") {
+  const auto c = diffuse::kernels::plan_adam_chunks({5, 0, 12}, 4);
+  REQUIRE(c.size() == 5);
+  CHECK((c[0].tensor == 0 && c[0].begin == 0 && c[0].count == 4));
+  CHECK((c[1].tensor == 0 && c[1].begin == 4 && c[1].count == 1));
+  CHECK((c[4].tensor == 2 && c[4].begin == 8 && c[4].count == 4));
+  CHECK_THROWS(diffuse::kernels::plan_adam_chunks({3}, 0));
+}
