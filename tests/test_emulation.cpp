@@ -18,6 +18,7 @@
 
 #include "kernel_cases.hpp"
 #include "kernel_cases_adam.hpp"
+#include "kernel_cases_rng.hpp"
 
 using diffuse::cuda::launch;
 using diffuse::testing::DeviceBuffer;

@@ -1,6 +1,7 @@
 // The kernel cases of kernel_cases.hpp, compiled by nvcc and run natively on a GPU: the same
-// source that test_emulation runs through the CPU emulation (kernel_cases.hpp, kernel_cases_adam.hpp).
+// source that test_emulation runs through the CPU emulation (kernel_cases*.hpp).
 // main() is in cuda_test_main.cpp
 // (it skips, exit code 77, when no CUDA device is present).
 #include "kernel_cases.hpp"
 #include "kernel_cases_adam.hpp"
+#include "kernel_cases_rng.hpp"
