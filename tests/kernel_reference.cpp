@@ -1,7 +1,9 @@
 // CPU references for the kernel tests (see kernel_reference.hpp).
 #include "kernel_reference.hpp"
 
+#include <diffuse/diffusion.hpp>
 #include <diffuse/ops.hpp>
+#include <diffuse/schedule.hpp>
 
 namespace diffuse::testing {
 
@@ -19,6 +21,20 @@ std::vector<double> cpu_row_sums(const std::vector<float>& x, std::int64_t rows,
     out[static_cast<size_t>(r)] = sum(Var<double>(Tensor<double>::from(row, {cols}))).value()[0];
   }
   return out;
+}
+
+QSampleRef cpu_q_sample(int T, const std::vector<float>& x0, const std::vector<float>& eps,
+                        const std::vector<std::int32_t>& t, std::int64_t row) {
+  const NoiseSchedule s = NoiseSchedule::linear(T);
+  const Shape shape{static_cast<int64_t>(t.size()), row};
+  const Tensor<float> xt = q_sample(s, Tensor<float>::from(x0, shape), t, Tensor<float>::from(eps, shape));
+  QSampleRef r;
+  r.xt.assign(xt.begin(), xt.end());
+  for (int i = 0; i < T; ++i) {
+    r.sqrt_abar.push_back(static_cast<float>(s.sqrt_abar[i]));
+    r.sqrt_one_minus_abar.push_back(static_cast<float>(s.sqrt_one_minus_abar[i]));
+  }
+  return r;
 }
 
 }  // namespace diffuse::testing

@@ -19,6 +19,7 @@
 #include "kernel_cases.hpp"
 #include "kernel_cases_adam.hpp"
 #include "kernel_cases_rng.hpp"
+#include "kernel_cases_q_sample.hpp"
 
 using diffuse::cuda::launch;
 using diffuse::testing::DeviceBuffer;

@@ -5,3 +5,4 @@
 #include "kernel_cases.hpp"
 #include "kernel_cases_adam.hpp"
 #include "kernel_cases_rng.hpp"
+#include "kernel_cases_q_sample.hpp"
