@@ -5,6 +5,8 @@
 // tool refuses bad requests with one clear line.
 #include <catch2/catch.hpp>
 
+#include "run_command.hpp"
+
 #include <diffuse/fid.hpp>
 #include <diffuse/npy.hpp>
 
@@ -29,15 +31,9 @@ const std::string kFid = std::string(DIFFUSE_BINARY_DIR) + "/examples/fid";
 std::string q(const std::string& s) { return "'" + s + "'"; }
 std::string p(const std::string& leaf) { return (kWork / leaf).string(); }
 
+// Runs a command, returns its exit status and puts stdout+stderr in out.
 int run(const std::string& cmd, std::string* out = nullptr) {
-  const fs::path log = kWork / "last_command.log";
-  const int rc = std::system((cmd + " > " + q(log.string()) + " 2>&1").c_str());
-  std::ifstream f(log);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  if (out) *out = ss.str();
-  UNSCOPED_INFO("$ " << cmd << "\n" << ss.str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  return diffuse::testing::run_command(cmd, kWork / "last_command.log", out);
 }
 
 // The value after the last "FID: " in the output.

@@ -4,6 +4,8 @@
 // the checkpoint on Ctrl-C, sampling from the checkpoint, and clear errors.
 #include <catch2/catch.hpp>
 
+#include "run_command.hpp"
+
 #include <diffuse/diffuse.hpp>
 #include <diffuse/idx.hpp>
 #include <diffuse/npy.hpp>
@@ -28,14 +30,7 @@ const std::string kSample = std::string(DIFFUSE_BINARY_DIR) + "/examples/sample"
 
 // Runs a command, returns its exit status and puts stdout+stderr in out.
 int run(const std::string& cmd, std::string* out = nullptr) {
-  const fs::path log = kWork / "last_command.log";
-  const int rc = std::system((cmd + " > '" + log.string() + "' 2>&1").c_str());
-  std::ifstream f(log);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  if (out) *out = ss.str();
-  UNSCOPED_INFO("$ " << cmd << "\n" << ss.str());
-  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  return diffuse::testing::run_command(cmd, kWork / "last_command.log", out);
 }
 
 std::string slurp(const fs::path& p) {
