@@ -1,6 +1,7 @@
-// SiLU forward on the device: y = x / (1 + exp(-x)), elementwise.
+// SiLU forward on the device: y = x / (1 + exp(-x)), elementwise; float, double or bf16 (computed in float).
 #pragma once
 
+#include <diffuse/cuda/bf16.hpp>
 #include <diffuse/cuda/device.hpp>
 #include <diffuse/cuda/launch.hpp>
 
@@ -18,7 +19,7 @@ template <class T>
 __global__ void silu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, std::int64_t n) {
   const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    y[i] = device_silu(x[i]);
+    y[i] = static_cast<T>(device_silu(static_cast<compute_t<T>>(x[i])));
 }
 
 // y[i] = silu(x[i]) for n elements at device pointers (x and y must not overlap), on `stream`.

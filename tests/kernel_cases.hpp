@@ -12,19 +12,14 @@
 #include <random>
 #include <vector>
 
+#include <diffuse/cuda/bf16.hpp>
+
 #include "device_buffer.hpp"
 #include "kernel_reference.hpp"
+#include "kernel_seed.hpp"
 #include "kernels/reduce_sum.cuh"
 #include "kernels/silu.cuh"
 
-namespace diffuse::testing {
-
-inline std::uint64_t fresh_seed() {
-  std::random_device rd;
-  return (static_cast<std::uint64_t>(rd()) << 32) | rd();
-}
-
-}  // namespace diffuse::testing
 
 TEST_CASE("kernel silu_forward matches the CPU backend's silu") {
   using namespace diffuse::testing;
@@ -109,4 +104,37 @@ TEST_CASE("kernel launchers reject bad configurations") {
   CHECK_THROWS_AS(diffuse::kernels::silu_forward(p, p, -1), std::invalid_argument);
   CHECK_THROWS_AS(diffuse::kernels::silu_forward(p, p, 4, {}, 0), std::invalid_argument);
   CHECK_NOTHROW(diffuse::kernels::silu_forward(p, p, 0));  // nothing to do: no launch
+}
+
+TEST_CASE("kernel silu_forward on bf16: loads bf16, computes in float, stores bf16") {
+  using namespace diffuse::testing;
+  using diffuse::bf16;
+  // Loads bf16, computes in float, stores bf16: the CPU's float SiLU of the same (bf16) inputs,
+  // rounded once to bf16, except where the float results differ by rounding (then one bf16 ulp).
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<float> dist(-12.0f, 12.0f);
+  for (std::int64_t n : {1, 33, 4097}) {
+    std::vector<bf16> x(static_cast<size_t>(n));
+    std::vector<float> xf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      x[i] = bf16(dist(gen));
+      xf[i] = static_cast<float>(x[i]);
+    }
+    const std::vector<float> expect = cpu_silu(xf);
+    DeviceBuffer<bf16> dx(x), dy(x.size());  // dy starts as 0xFFFF bits: NaN until written
+    diffuse::kernels::silu_forward(dx.get(), dy.get(), n, {}, 64, 3);
+    const std::vector<bf16> y = dy.to_host();
+    size_t bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float ref = expect[i];
+      const float got = static_cast<float>(y[i]);
+      const std::uint16_t want = bf16(ref).bits;
+      // Rounded once: the nearest bf16, or (where a device expf one float ulp away tips the
+      // rounding) the other neighbour, at most one bf16 ulp = 2^-7 of |ref| away.
+      bad += !(y[i].bits == want || std::fabs(got - ref) <= std::ldexp(std::fabs(ref), -7));
+    }
+    CHECK(bad == 0);
+  }
 }

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <stdexcept>
@@ -31,6 +32,7 @@ static_assert(DIFFUSE_HAVE_CUDA_RUNTIME == 1, "nvcc: check.hpp must see the CUDA
 namespace diffuse::testing {
 // cuda_memory_host.cpp (compiled by the host compiler with DIFFUSE_WITH_CUDA, not by nvcc).
 std::vector<std::uint32_t> round_trip_host_compiled(const std::vector<std::uint32_t>& x);
+std::vector<float> tensor_round_trip_host_compiled(const std::vector<float>& x, const char** memory_name);
 }  // namespace diffuse::testing
 
 namespace {
@@ -98,6 +100,18 @@ TEST_CASE("DeviceBuffer: host -> device -> host keeps every bit") {
     // The same through code compiled by the host compiler (g++ with DIFFUSE_WITH_CUDA).
     CHECK(diffuse::testing::round_trip_host_compiled(x) == x);
   }
+}
+
+TEST_CASE("Tensor on Device::CUDA: host -> device -> device clone -> host keeps every bit") {
+  std::mt19937 gen(std::random_device{}());
+  std::normal_distribution<float> d(0.0f, 3.0f);
+  std::vector<float> x(100003);
+  for (float& v : x) v = d(gen);
+  const char* name = nullptr;
+  const std::vector<float> back = diffuse::testing::tensor_round_trip_host_compiled(x, &name);
+  CHECK(std::string(name) == "CUDA runtime");
+  REQUIRE(back.size() == x.size());
+  CHECK(std::memcmp(back.data(), x.data(), x.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("DeviceBuffer: memory comes from the caching allocator and returns to it") {

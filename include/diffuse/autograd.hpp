@@ -31,7 +31,9 @@ template <class T>
 class Var {
  public:
   Var() = default;
+  // The autograd and the ops on Var run on the CPU: a CUDA tensor is refused here, once for all ops.
   explicit Var(Tensor<T> value, bool requires_grad = false) : n_(std::make_shared<Node<T>>()) {
+    value.require_cpu("the CPU autograd (Var)");
     n_->value = std::move(value);
     n_->requires_grad = requires_grad;
   }

@@ -2,8 +2,16 @@
 //
 // Copying a Tensor copies the handle (both refer to the same numbers, as in
 // PyTorch); `clone()` is the only way to copy the data, so deep copies are
-// always visible in the code. Storage carries a device tag; only the CPU
-// exists in this header (the CUDA backend adds its own storage).
+// always visible in the code.
+//
+// Storage lives on a device: the CPU, or a CUDA device. CUDA storage comes from
+// the DeviceMemory that a CUDA header registers: <diffuse/cuda/tensor.hpp>
+// registers the CUDA runtime's (cudaMalloc through the caching allocator) in a
+// CUDA build; the CPU emulation of the CUDA backend installs host memory
+// instead (diffuse::cuda::EmulatedDeviceMemory), so device code can run on the
+// CPU. Without either, creating a CUDA tensor throws. data() of a CUDA tensor is
+// a device pointer, for kernels; element access, fill and the CPU ops need CPU
+// tensors (the autograd refuses others): move with to(Device::CPU) / to(Device::CUDA).
 #pragma once
 
 #include <algorithm>
@@ -47,14 +55,53 @@ inline std::string shape_str(const Shape& s) {
   return o.str();
 }
 
+// How CUDA storage is allocated and copied (see the top of this file). Copies are
+// synchronous: when they return, the data is where it was sent.
+struct DeviceMemory {
+  enum class Copy { HostToDevice, DeviceToHost, DeviceToDevice };
+  const char* name;  // for messages: "CUDA runtime", "CPU emulation"
+  void* (*allocate)(size_t bytes);
+  void (*free)(void* p, size_t bytes) noexcept;
+  void (*copy)(void* dst, const void* src, size_t bytes, Copy kind);
+};
+
+namespace detail {
+inline std::atomic<const DeviceMemory*>& device_memory_slot() {
+  static std::atomic<const DeviceMemory*> slot{nullptr};
+  return slot;
+}
+}  // namespace detail
+
+// The registered CUDA memory, or nullptr.
+inline const DeviceMemory* device_memory() { return detail::device_memory_slot().load(); }
+// Registers `m` (a static object) and returns the previous one. Tensors keep the
+// DeviceMemory they were allocated with, so switching affects only new tensors.
+inline const DeviceMemory* set_device_memory(const DeviceMemory* m) { return detail::device_memory_slot().exchange(m); }
+
+inline const DeviceMemory& require_device_memory() {
+  const DeviceMemory* m = device_memory();
+  if (!m)
+    throw std::runtime_error(
+        "diffuse: no CUDA device memory in this program: include <diffuse/cuda/tensor.hpp> in a CUDA build "
+        "(DIFFUSE_CUDA=ON), or install diffuse::cuda::EmulatedDeviceMemory to run device code on the CPU");
+  return *m;
+}
+
 template <class T>
 class Storage {
  public:
   Storage(size_t n, Device dev) : n_(n), device_(dev) {
-    if (dev != Device::CPU) throw std::runtime_error("diffuse: this build has no CUDA storage");
-    data_ = static_cast<T*>(detail::HostCache::instance().allocate(n * sizeof(T)));
+    if (dev == Device::CPU) {
+      data_ = static_cast<T*>(detail::HostCache::instance().allocate(n * sizeof(T)));
+    } else {
+      mem_ = &require_device_memory();
+      data_ = static_cast<T*>(mem_->allocate(n * sizeof(T)));
+    }
   }
-  ~Storage() { detail::HostCache::instance().deallocate(data_, n_ * sizeof(T)); }
+  ~Storage() {
+    if (mem_) mem_->free(data_, n_ * sizeof(T));
+    else detail::HostCache::instance().deallocate(data_, n_ * sizeof(T));
+  }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
 
@@ -62,11 +109,13 @@ class Storage {
   const T* data() const { return data_; }
   size_t size() const { return n_; }
   Device device() const { return device_; }
+  const DeviceMemory* memory() const { return mem_; }  // nullptr for CPU storage
 
  private:
   T* data_ = nullptr;
   size_t n_ = 0;
   Device device_ = Device::CPU;
+  const DeviceMemory* mem_ = nullptr;  // set for device storage: who frees it
 };
 
 template <class T>
@@ -129,8 +178,22 @@ class Tensor {
 
   Tensor clone() const {
     Tensor t(shape_, device());
-    if (size()) std::memcpy(t.data(), data(), size() * sizeof(T));
+    if (size()) copy_bytes(t.data(), t.memory(), data(), memory(), size() * sizeof(T));
     return t;
+  }
+  // A copy on `dev` (a clone when already there). Synchronous.
+  Tensor to(Device dev) const {
+    Tensor t(shape_, dev);
+    if (size()) copy_bytes(t.data(), t.memory(), data(), memory(), size() * sizeof(T));
+    return t;
+  }
+  Tensor cpu() const { return device() == Device::CPU ? *this : to(Device::CPU); }  // shares when already there
+  Tensor cuda() const { return device() == Device::CUDA ? *this : to(Device::CUDA); }
+  // Throws unless the tensor is on the CPU; `what` names the caller.
+  void require_cpu(const char* what) const {
+    if (device() != Device::CPU)
+      throw std::invalid_argument(std::string("diffuse: ") + what + " needs a CPU tensor, got " + shape_str(shape_) +
+                                  " on " + device_name(device()) + " (use .cpu())");
   }
   // Same numbers, another shape of the same element count (shares storage).
   Tensor reshape(Shape s) const {
@@ -150,21 +213,38 @@ class Tensor {
     t.shape_ = std::move(s);
     return t;
   }
-  void fill(T v) { std::fill(begin(), end(), v); }
+  void fill(T v) {
+    require_cpu("fill");
+    std::fill(begin(), end(), v);
+  }
   void zero() { fill(T(0)); }
+  // Copies o's numbers into this tensor's storage, across devices too.
   void copy_from(const Tensor& o) {
     if (o.shape_ != shape_)
       throw std::invalid_argument("diffuse: copy_from " + shape_str(o.shape_) + " into " + shape_str(shape_));
-    if (size()) std::memcpy(data(), o.data(), size() * sizeof(T));
+    if (size()) copy_bytes(data(), memory(), o.data(), o.memory(), size() * sizeof(T));
   }
   template <class U>
   Tensor<U> to() const {
+    require_cpu("element type conversion");
     Tensor<U> t(shape_);
     for (size_t i = 0; i < size(); ++i) t[i] = static_cast<U>((*this)[i]);
     return t;
   }
 
  private:
+  const DeviceMemory* memory() const { return storage_ ? storage_->memory() : nullptr; }
+  // Between any two storages; the device side's DeviceMemory does the copy.
+  static void copy_bytes(void* dst, const DeviceMemory* dm, const void* src, const DeviceMemory* sm, size_t bytes) {
+    if (!dm && !sm) {
+      std::memcpy(dst, src, bytes);
+      return;
+    }
+    using C = DeviceMemory::Copy;
+    const C kind = !dm ? C::DeviceToHost : !sm ? C::HostToDevice : C::DeviceToDevice;
+    (dm ? dm : sm)->copy(dst, src, bytes, kind);
+  }
+
   std::shared_ptr<Storage<T>> storage_;
   Shape shape_;
 };

@@ -95,7 +95,15 @@ inline constexpr int kPoisonByte = 0xFF;                     // fills shared mem
 [[noreturn]] inline void fail(const std::string& what) { throw std::logic_error("diffuse::emu: " + what); }
 
 inline std::string str(const dim3& d) {
-  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+  // Appended, not "(" + ...: g++ 12 warns falsely (-Wrestrict) on a literal + std::string temporary.
+  std::string s = "(";
+  s += std::to_string(d.x);
+  s += ',';
+  s += std::to_string(d.y);
+  s += ',';
+  s += std::to_string(d.z);
+  s += ')';
+  return s;
 }
 inline std::string str(const std::source_location& l) {
   std::string f = l.file_name();
