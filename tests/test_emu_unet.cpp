@@ -1,0 +1,238 @@
+// The CUDA U-Net (include/diffuse/cuda/unet.hpp) against the CPU model, through the CPU emulation:
+// every kernel of a train step runs through the emulation, cuBLAS and cuDNN are their host
+// fallbacks, device memory is host memory. Same weights, inputs, timesteps, labels and dropout
+// seed: the forward output, the loss, every parameter's gradient, and the weights and EMA after
+// Adam steps with gradient clipping must match the CPU backend up to float rounding.
+//
+// A small model with every kind of block: two levels (a skip conv, a downsample, an upsample),
+// attention with 2 heads in the down and up paths and the middle, class conditioning, dropout.
+#include <catch2/catch.hpp>
+
+#include <diffuse/cuda/unet.hpp>
+#include <diffuse/layers/unet.hpp>
+#include <diffuse/optim.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernel_seed.hpp"
+
+using namespace diffuse;
+
+namespace {
+
+UNetConfig small_config() {
+  UNetConfig c;
+  c.in_ch = c.out_ch = 3;
+  c.ch = 8;
+  c.ch_mult = {1, 2};
+  c.num_res_blocks = 1;
+  c.attn_resolutions = {4};
+  c.groups = 4;
+  c.resolution = 8;
+  c.mid_attn = true;
+  c.num_classes = 3;
+  c.dropout = 0.1;
+  c.attn_heads = 2;
+  return c;
+}
+
+// ||a - b|| / ||b|| over all elements.
+double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
+  REQUIRE(a.shape() == b.shape());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Random weights everywhere (the zero-initialised convs would hide their gradients' paths),
+// GroupNorm gains around 1.
+void randomize(UNet<float>& m, std::mt19937_64& gen) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (auto& [name, p] : m.named_parameters()) {
+    const bool gain = name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos;
+    const float s = name.find("norm") != std::string::npos ? 0.1f : 0.3f;
+    for (float& v : p.value()) v = (gain ? 1.0f : 0.0f) + s * d(gen);
+  }
+}
+
+// An attention block's key bias adds the same vector to every key, which shifts each query's
+// logits by one constant: softmax ignores it, so its gradient is 0 up to rounding, and Adam turns
+// that noise into +-lr steps of arbitrary sign on either device. Compared separately.
+bool is_key_bias(const std::string& n) { return n.size() > 7 && n.compare(n.size() - 7, 7, ".k.bias") == 0; }
+double norm(const Tensor<float>& t) {
+  double s = 0;
+  for (float v : t) s += static_cast<double>(v) * v;
+  return std::sqrt(s);
+}
+Tensor<float> cpu_grad(const UNet<float>& m, const std::string& name) {
+  for (auto& [n, p] : m.named_parameters())
+    if (n == name) return p.grad();
+  FAIL("no parameter " << name);
+  return {};
+}
+
+std::vector<std::pair<std::string, Tensor<float>>> values_of(const UNet<float>& m) {
+  std::vector<std::pair<std::string, Tensor<float>>> out;
+  for (auto& [n, p] : m.named_parameters()) out.emplace_back(n, p.value());
+  return out;
+}
+
+struct Batch {
+  Tensor<float> x, eps;
+  std::vector<std::int32_t> t, y;
+};
+Batch random_batch(const UNetConfig& c, int64_t B, std::mt19937_64& gen) {
+  Batch b;
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  b.x = Tensor<float>({B, c.resolution, c.resolution, c.in_ch});
+  b.eps = Tensor<float>(b.x.shape());
+  for (float& v : b.x) v = d(gen);
+  for (float& v : b.eps) v = d(gen);
+  std::uniform_int_distribution<std::int32_t> pt(0, 999), py(0, static_cast<std::int32_t>(c.num_classes));
+  for (int64_t i = 0; i < B; ++i) {
+    b.t.push_back(pt(gen));
+    b.y.push_back(py(gen));
+  }
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE("cuda UNet (emulated): forward, loss and every parameter gradient match the CPU model") {
+  cuda::EmulatedDeviceMemory emulated;
+  const std::uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  const UNetConfig c = small_config();
+  Generator init(seed);
+  UNet<float> cpu(c, init);
+  randomize(cpu, gen);
+  cuda::UNetDevice dev(c);
+  REQUIRE(dev.num_parameters() == cpu.num_parameters());
+  dev.load(values_of(cpu));
+  const Batch b = random_batch(c, 3, gen);
+
+  // CPU: forward with dropout from gc, MSE, backward.
+  Generator gc(seed ^ 0x5eedu), gd(seed ^ 0x5eedu);
+  const Var<float> out_cpu = cpu(Var<float>(b.x), b.t, &b.y, &gc);
+  const Var<float> loss_cpu = mse(out_cpu, Var<float>(b.eps));
+  backward(loss_cpu);
+
+  // Device: the same with gd (same seed): the dropout masks must be drawn at the same offsets.
+  cuda::Graph g(&dev.params());
+  for (cuda::Param& p : dev.params()) p.grad.copy_from(Tensor<float>::zeros(p.shape));
+  const Tensor<std::int32_t> td = Tensor<std::int32_t>::from(b.t, {3}).cuda(), yd = Tensor<std::int32_t>::from(b.y, {3}).cuda();
+  const cuda::Act out_dev = dev.forward(g, b.x.cuda(), td.data(), yd.data(), 3, &gd);
+  CHECK(gd.offset == gc.offset);
+  const cuda::Act loss_dev = g.mse(out_dev, b.eps.cuda());
+  g.backward(loss_dev);
+
+  // Float rounding through ~20 layers in a different order of summation: ~1e-6 relative; 1e-4
+  // leaves room for the amplification by the normalisations, and catches any wrong term (which
+  // shows at 1e-2 or more).
+  const double out_err = rel_err(out_dev->value.cpu(), out_cpu.value());
+  INFO("output relative error " << out_err);
+  CHECK(out_err < 1e-5);
+  const float ld = loss_dev->value.cpu()[0], lc = loss_cpu.value()[0];
+  CHECK(std::fabs(ld - lc) <= 1e-5 * std::fabs(lc));
+
+  std::map<std::string, Tensor<float>> grads;
+  for (auto& [n, t] : dev.named_tensors(cuda::UNetDevice::Which::Grad)) grads[n] = t;
+  size_t compared = 0;
+  for (auto& [n, p] : cpu.named_parameters()) {
+    INFO(n);
+    REQUIRE(p.has_grad());
+    REQUIRE(grads.count(n));
+    if (is_key_bias(n)) {
+      // Exactly 0 in exact arithmetic (see is_key_bias): both sides hold rounding noise only,
+      // far below the query bias's gradient.
+      const double ref = norm(cpu_grad(cpu, n.substr(0, n.size() - 6) + "q.bias"));
+      CHECK(norm(grads[n]) < 1e-4 * ref);
+      CHECK(norm(p.grad()) < 1e-4 * ref);
+      ++compared;
+      continue;
+    }
+    const double e = rel_err(grads[n], p.grad());
+    INFO("relative error " << e);
+    CHECK(e < 1e-4);
+    ++compared;
+  }
+  CHECK(compared == grads.size());
+}
+
+TEST_CASE("cuda UNet (emulated): train steps (clipping, Adam, EMA) match the CPU trainer") {
+  cuda::EmulatedDeviceMemory emulated;
+  const std::uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  const UNetConfig c = small_config();
+  Generator init(seed);
+  UNet<float> cpu(c, init);
+  randomize(cpu, gen);
+  cuda::UNetDevice dev(c);
+  dev.load(values_of(cpu));
+
+  AdamOptions ao;
+  ao.lr = 2e-3;
+  ao.weight_decay = 0.01;
+  ao.decoupled = true;
+  Adam<float> opt(cpu.named_parameters(), ao);
+  EMA<float> ema(cpu.named_parameters(), 0.99);
+  cuda::UNetTrainOptions to;
+  to.lr = ao.lr;
+  to.weight_decay = ao.weight_decay;
+  to.decoupled = true;
+  to.ema_decay = 0.99;
+  to.clip = 0.5;  // below the gradient norms of these random weights: clipping acts
+  cuda::UNetTrainer trainer(dev, to);
+  std::map<std::string, Tensor<float>> w0;
+  for (auto& [n, p] : cpu.named_parameters()) w0[n] = p.value().clone();
+
+  Generator gc(seed + 1), gd(seed + 1);
+  for (int step = 0; step < 3; ++step) {
+    INFO("step " << step);
+    const Batch b = random_batch(c, 2, gen);
+    opt.zero_grad();
+    const Var<float> loss = mse(cpu(Var<float>(b.x), b.t, &b.y, &gc), Var<float>(b.eps));
+    backward(loss);
+    const double norm_cpu = clip_grad_norm(opt.params(), to.clip);
+    opt.step();
+    ema.update();
+    const float loss_dev = trainer.step(b.x.cuda(), b.eps.cuda(), b.t, b.y, &gd);
+    CHECK(std::fabs(loss_dev - loss.value()[0]) <= 1e-5 * std::fabs(loss.value()[0]));
+    CHECK(std::fabs(trainer.last_grad_norm() - norm_cpu) <= 1e-4 * norm_cpu);
+    CHECK(norm_cpu > to.clip);
+  }
+  // Weights and EMA after the steps, judged by their change from the start: each weight moved by
+  // ~lr per step, so a wrong update would hide under the weight's own size. Adam's first updates
+  // are nearly sign(g) lr, so gradient rounding moves them little except where a gradient is
+  // near 0 (then m / sqrt(v) is sensitive): 1e-3 of the change, ~2e-5 of the weights.
+  std::map<std::string, Tensor<float>> w_dev, e_dev;
+  for (auto& [n, t] : dev.named_tensors()) w_dev[n] = t;
+  for (auto& [n, t] : trainer.ema_tensors()) e_dev[n] = t;
+  const auto params = cpu.named_parameters();
+  auto change = [&](const Tensor<float>& a, const std::string& n) {
+    Tensor<float> d(a.shape());
+    for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - w0[n][i];
+    return d;
+  };
+  for (size_t k = 0; k < params.size(); ++k) {
+    const std::string& n = params[k].first;
+    INFO(n);
+    if (is_key_bias(n)) continue;  // noise-driven updates (see is_key_bias); checked in the gradient test
+    const Tensor<float>& w = params[k].second.value();
+    CHECK(rel_err(change(w_dev[n], n), change(w, n)) < 1e-3);
+    CHECK(rel_err(change(e_dev[n], n), change(ema.shadow()[k], n)) < 1e-3);
+    CHECK(rel_err(w_dev[n], w) < 1e-4);
+  }
+}
