@@ -1,2 +1,0 @@
-// The elementwise kernel cases compiled by nvcc and run natively (part of test_kernels_cuda).
-#include "kernel_cases_elementwise.hpp"
