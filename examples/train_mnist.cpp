@@ -8,16 +8,20 @@
 // it also prints the samples' accuracy and FD-LeNet.
 #include <CLI/CLI.hpp>
 
+#include "cuda_unet_trainer.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/lenet_eval.hpp>
 
 #include <cmath>
 #include <csignal>
+#include <map>
+#include <memory>
 #include <cstdio>
 
 using namespace diffuse;
 using namespace mnist_example;
+using namespace diffuse::examples;
 namespace fs = std::filesystem;
 
 namespace {
@@ -26,7 +30,7 @@ volatile std::sig_atomic_t g_stop = 0;
 
 struct Args {
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
-  std::string sampler = "ddpm", variance = "large", classifier;
+  std::string sampler = "ddpm", variance = "large", classifier, device;
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50;
   int64_t ch = 32, samples = -1, sample_batch = 100;
   int T = 200, ddim_steps = 50;
@@ -70,6 +74,9 @@ int main(int argc, char** argv) {
   app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")->capture_default_str();
   app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str();
   app.add_option("--seed", a.seed, "random seed")->capture_default_str();
+  app.add_option("--device", a.device, "train on cpu or cuda (default: cuda when a CUDA device is usable, else cpu); "
+                                       "checkpoints are the same files on both")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
@@ -96,6 +103,10 @@ int main(int argc, char** argv) {
     if (a.steps <= 0) a.steps = a.digit < 0 ? 3000 : 1000;
     if (a.samples < 0) a.samples = a.digit < 0 ? 500 : 200;
     // Data: the training split (one digit, or all with labels).
+    if (a.device == "cuda") {  // refuse before loading anything
+      const std::string why = cuda_unavailable_reason();
+      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
+    }
     const MnistSplit train = load_mnist(a.data, "train");
     Tensor<float> all = to_model_images(train.images, a.size, a.resize);
     std::vector<int64_t> keep;
@@ -142,16 +153,51 @@ int main(int argc, char** argv) {
         drop_rng = Generator(a.seed, std::stoull(st.metadata.at("dropout_rng.offset")));
       std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
     }
+    // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
+    // resumed) and hands them back before every checkpoint and before sampling (on the CPU).
+    if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
+    std::unique_ptr<CudaUNetTrainer> gpu;
+    if (a.device == "cuda") {
+      CudaTrainState st;
+      const auto params = opt.params();
+      for (size_t k = 0; k < params.size(); ++k) {
+        st.weights.emplace_back(params[k].first, params[k].second.value());
+        st.m.emplace_back(params[k].first, opt.first_moments()[k]);
+        st.v.emplace_back(params[k].first, opt.second_moments()[k]);
+        if (a.ema > 0) st.ema.emplace_back(params[k].first, ema.shadow()[k]);
+      }
+      st.adam_steps = opt.steps();
+      st.ema_updates = ema.updates();
+      CudaTrainOptions co;
+      co.lr = a.lr;
+      co.ema_decay = a.ema > 0 ? a.ema : 0.0;
+      co.clip = a.clip;
+      gpu = make_cuda_unet_trainer(info.unet, st, co);
+    }
+    auto pull = [&] {  // device state -> the CPU model, Adam and EMA
+      if (!gpu) return;
+      const CudaTrainState st = gpu->state();
+      std::map<std::string, size_t> at;
+      auto params = opt.params();  // handles: writing their values writes the model's
+      for (size_t k = 0; k < params.size(); ++k) at[params[k].first] = k;
+      for (const auto& [n, t] : st.weights) params[at.at(n)].second.value().copy_from(t);
+      for (const auto& [n, t] : st.m) opt.first_moments()[at.at(n)].copy_from(t);
+      for (const auto& [n, t] : st.v) opt.second_moments()[at.at(n)].copy_from(t);
+      for (const auto& [n, t] : st.ema) ema.shadow()[at.at(n)].copy_from(t);
+      opt.set_steps(st.adam_steps);
+      ema.set_updates(st.ema_updates);
+    };
     auto save = [&](int64_t at) {
+      pull();
       save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng,
                              {{"model", info.json()}, {"dropout_rng.offset", std::to_string(drop_rng.offset)}});
     };
     std::printf("train_mnist: %s, %lld images of %s at %lldx%lld (%s), U-Net %lld parameters, T=%d %s, batch %lld, "
-                "%lld steps\n",
+                "%lld steps, on %s\n",
                 a.data.c_str(), static_cast<long long>(N), a.digit < 0 ? "all digits" : ("digit " + std::to_string(a.digit)).c_str(),
                 static_cast<long long>(S), static_cast<long long>(S), a.resize.c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(), static_cast<long long>(a.batch),
-                static_cast<long long>(a.steps));
+                static_cast<long long>(a.steps), gpu ? ("cuda (" + gpu->device_name() + ")").c_str() : "cpu");
     std::fflush(stdout);
     std::signal(SIGINT, [](int) { g_stop = 1; });
 
@@ -171,18 +217,30 @@ int main(int argc, char** argv) {
       }
       const std::vector<int32_t> yd = a.digit < 0 ? drop_labels(y, a.label_dropout, 10, drop_rng) : y;
       auto nb = make_noised_batch(sched, x0, rng);
-      opt.zero_grad();
-      Var<float> loss = epsilon_loss<float>(
-          [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t, a.digit < 0 ? &yd : nullptr); }, nb);
-      const float lv = loss.value()[0];
-      if (!std::isfinite(lv))
-        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                 "; try a lower --lr (last checkpoint: " + ckpt + ")");
-      backward(loss);
-      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-      opt.set_lr(warmup_lr(a.lr, step, a.warmup));
-      opt.step();
-      if (a.ema > 0) ema.update();
+      float lv = 0;
+      if (gpu) {
+        gpu->set_lr(warmup_lr(a.lr, step, a.warmup));
+        try {
+          lv = gpu->step(nb.x_t, nb.eps, nb.t, a.digit < 0 ? yd : std::vector<int32_t>{}, nullptr);
+        } catch (const std::runtime_error& e) {  // a non-finite loss stops before the update
+          throw std::runtime_error(std::string(e.what()) + " at step " + std::to_string(step) +
+                                   "; try a lower --lr (last checkpoint: " + ckpt + ")");
+        }
+      } else {
+        opt.zero_grad();
+        Var<float> loss = epsilon_loss<float>(
+            [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t, a.digit < 0 ? &yd : nullptr); },
+            nb);
+        lv = loss.value()[0];
+        if (!std::isfinite(lv))
+          throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                                   "; try a lower --lr (last checkpoint: " + ckpt + ")");
+        backward(loss);
+        if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
+        opt.set_lr(warmup_lr(a.lr, step, a.warmup));
+        opt.step();
+        if (a.ema > 0) ema.update();
+      }
       loss_acc += lv;
       ++loss_n;
       if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
@@ -208,7 +266,8 @@ int main(int argc, char** argv) {
                 ckpt.c_str());
     if (a.samples <= 0) return 0;
 
-    // Sample with the EMA weights, from a stream of its own.
+    // Sample (on the CPU) with the EMA weights, from a stream of its own.
+    pull();
     if (a.ema > 0) ema.swap_into_model();
     Generator srng(a.seed, uint64_t(2) << 40);
     SampleRequest req;

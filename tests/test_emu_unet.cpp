@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <random>
 #include <string>
@@ -235,4 +236,52 @@ TEST_CASE("cuda UNet (emulated): train steps (clipping, Adam, EMA) match the CPU
     CHECK(rel_err(change(e_dev[n], n), change(ema.shadow()[k], n)) < 1e-3);
     CHECK(rel_err(w_dev[n], w) < 1e-4);
   }
+}
+
+TEST_CASE("cuda UNet (emulated): the trainer's state round-trips, so a resumed run continues exactly") {
+  cuda::EmulatedDeviceMemory emulated;
+  const std::uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  const UNetConfig c = small_config();
+  Generator init(seed);
+  UNet<float> cpu(c, init);
+  randomize(cpu, gen);
+  cuda::UNetTrainOptions to;
+  to.lr = 2e-3;
+  to.ema_decay = 0.99;
+  to.clip = 0.5;
+  cuda::UNetDevice a(c);
+  a.load(values_of(cpu));
+  cuda::UNetTrainer ta(a, to);
+  Generator ga(seed + 2);
+  for (int s = 0; s < 2; ++s) {
+    const Batch b = random_batch(c, 2, gen);
+    ta.step(b.x.cuda(), b.eps.cuda(), b.t, b.y, &ga);
+  }
+  // A second model and trainer from the first one's weights and state (as a checkpoint would).
+  cuda::UNetDevice bnet(c);
+  bnet.load(a.named_tensors());
+  cuda::UNetTrainer tb(bnet, to);
+  const cuda::UNetTrainer::State st = ta.state();
+  CHECK(st.steps == 2);
+  CHECK(st.ema_updates == 2);
+  tb.set_state(st);
+  Generator gb = ga;
+  const Batch b = random_batch(c, 2, gen);
+  const float la = ta.step(b.x.cuda(), b.eps.cuda(), b.t, b.y, &ga);
+  const float lb = tb.step(b.x.cuda(), b.eps.cuda(), b.t, b.y, &gb);
+  CHECK(la == lb);
+  const auto wa = a.named_tensors(), wb = bnet.named_tensors();
+  const auto ea = ta.ema_tensors(), eb = tb.ema_tensors();
+  const cuda::UNetTrainer::State sa = ta.state(), sb = tb.state();
+  REQUIRE(wa.size() == wb.size());
+  size_t differ = 0;
+  auto same = [](const Tensor<float>& x, const Tensor<float>& y) {
+    return x.shape() == y.shape() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  for (size_t k = 0; k < wa.size(); ++k)
+    differ += !same(wa[k].second, wb[k].second) + !same(ea[k].second, eb[k].second) + !same(sa.m[k].second, sb.m[k].second) +
+              !same(sa.v[k].second, sb.v[k].second);
+  CHECK(differ == 0);
 }

@@ -146,6 +146,20 @@ class UNetDevice {
     return out;
   }
 
+  // Device tensor of parameter i (device layout) as a CPU tensor in the PyTorch layout, and back.
+  Tensor<float> to_cpu_layout(int i, const Tensor<float>& device_tensor) const {
+    return to_cpu_layout(params_[static_cast<std::size_t>(i)], device_tensor.cpu());
+  }
+  Tensor<float> to_device_layout(int i, const Tensor<float>& cpu_tensor) const {
+    return to_device_layout(params_[static_cast<std::size_t>(i)], cpu_tensor.cpu());
+  }
+  // Parameter index by name, or -1.
+  int index(const std::string& name) const {
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      if (params_[i].name == name) return static_cast<int>(i);
+    return -1;
+  }
+
   void zero_grad() {
     for (Param& p : params_)
       if (p.grad.numel()) p.grad.copy_from(zeros_like_host(p.grad));
@@ -371,6 +385,42 @@ class UNetTrainer {
     if (o_.ema_decay > 0) ++ema_updates_;
     kernels::grad_zero(table(), chunks(), num_chunks_);
     return loss_value;
+  }
+
+  // The optimiser's state as CPU tensors in PyTorch layouts, by parameter name (for checkpoints,
+  // in the CPU Adam / EMA's terms: first and second moments, the EMA weights, step counts).
+  struct State {
+    std::vector<std::pair<std::string, Tensor<float>>> m, v, ema;
+    std::int64_t steps = 0, ema_updates = 0;
+  };
+  State state() {
+    State st;
+    const std::vector<Param>& ps = net_.params();
+    for (std::size_t k = 0; k < ps.size(); ++k) {
+      const int i = static_cast<int>(k);
+      st.m.emplace_back(ps[k].name, net_.to_cpu_layout(i, m_[k]));
+      st.v.emplace_back(ps[k].name, net_.to_cpu_layout(i, v_[k]));
+      if (!ema_.empty()) st.ema.emplace_back(ps[k].name, net_.to_cpu_layout(i, ema_[k]));
+    }
+    st.steps = t_;
+    st.ema_updates = ema_updates_;
+    return st;
+  }
+  // Restores state() (e.g. from a checkpoint written by either device); every tensor by name.
+  void set_state(const State& st) {
+    auto put = [&](const std::vector<std::pair<std::string, Tensor<float>>>& named, std::vector<Tensor<float>>& dst,
+                   const char* what) {
+      for (const auto& [n, t] : named) {
+        const int i = net_.index(n);
+        if (i < 0) throw std::invalid_argument(std::string("diffuse::cuda::UNetTrainer: ") + what + " of unknown tensor " + n);
+        dst[static_cast<std::size_t>(i)].copy_from(net_.to_device_layout(i, t));
+      }
+    };
+    put(st.m, m_, "first moment");
+    put(st.v, v_, "second moment");
+    if (!ema_.empty()) put(st.ema, ema_, "EMA");
+    t_ = st.steps;
+    ema_updates_ = st.ema_updates;
   }
 
   double last_grad_norm() const { return last_grad_norm_; }
