@@ -10,8 +10,9 @@
 #
 # What it packs: test_kernels_cuda, test_cuda_memory, test_cuda_unet (the CUDA tests: every kernel
 # against the CPU backend, device memory, the whole U-Net train step against the CPU model),
-# bench_kernels_cuda, bench_unet_cuda, libbenchmark (the GPU machine may lack it), and the PyTorch
-# peer script from ../shared/reference when it is there. scripts/gpu_check.sh is the one-step
+# bench_kernels_cuda, bench_unet_cuda, libbenchmark (the GPU machine may lack it), train_mnist with
+# the MNIST files of data/mnist when there (20 steps on the CPU and on the GPU, same seed: the
+# progress lines' losses should agree), and the PyTorch peer script from ../shared/reference. scripts/gpu_check.sh is the one-step
 # alternative where the GPU machine can build everything.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,13 +29,17 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 BUILD=build-gpu-sm$ARCH
-TARGETS=(test_kernels_cuda test_cuda_memory test_cuda_unet bench_kernels_cuda bench_unet_cuda)
+TARGETS=(test_kernels_cuda test_cuda_memory test_cuda_unet bench_kernels_cuda bench_unet_cuda train_mnist)
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 cp "$BUILD"/tests/test_kernels_cuda "$BUILD"/tests/test_cuda_memory "$BUILD"/tests/test_cuda_unet "$OUT"/
-cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$OUT"/
+cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$OUT"/
+if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh made them: train_mnist cpu vs cuda
+  mkdir -p "$OUT"/mnist
+  cp data/mnist/*-ubyte.gz "$OUT"/mnist/
+fi
 lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 [[ -n $lib ]] && cp "$lib" "$OUT"/
 for f in torch_gpu_reference.py torch_reference.py; do
@@ -57,6 +62,12 @@ step() {  # log-name command...
 for t in test_kernels_cuda test_cuda_memory test_cuda_unet; do step "$t" ./"$t" -r compact; done
 step bench_unet_cuda ./bench_unet_cuda --benchmark_counters_tabular=true
 step bench_kernels_cuda ./bench_kernels_cuda --benchmark_min_time=0.05
+if [[ -d mnist ]]; then
+  common=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 20 --log-every 5)
+  step train_mnist_cpu ./train_mnist --device cpu "${common[@]}" --out "$LOG"/train_cpu
+  step train_mnist_cuda ./train_mnist --device cuda "${common[@]}" --out "$LOG"/train_cuda
+  grep -h "^step" "$LOG"/train_mnist_cpu.log "$LOG"/train_mnist_cuda.log | tee -a "$LOG"/summary.txt
+fi
 if [[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null; then
   step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32 --iters 10
   step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32 --iters 5
