@@ -1,6 +1,8 @@
 // CPU side of test_cuda_unet (see unet_reference.hpp).
 #include "unet_reference.hpp"
 
+#include <diffuse/diffusion.hpp>
+#include <diffuse/guidance.hpp>
 #include <diffuse/layers/unet.hpp>
 #include <diffuse/optim.hpp>
 
@@ -78,6 +80,23 @@ UNetResult cpu_unet_result(const UNetCase& k, int steps) {
   }
   for (auto& [n, p] : m.named_parameters()) r.after.emplace_back(n, p.value().clone());
   return r;
+}
+
+Tensor<float> cpu_ddpm_sample(const UNetCase& k, const std::vector<std::int32_t>& labels, double w, bool clip_x0,
+                              int T, std::uint64_t seed) {
+  Generator init(1);
+  UNet<float> m(k.config, init);
+  auto params = m.named_parameters();
+  for (size_t i = 0; i < params.size(); ++i) params[i].second.value().copy_from(k.weights[i].second);
+  const ClassEpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t,
+                                     const std::vector<int32_t>& y) { return m(Var<float>(x), t, &y).value(); };
+  SampleOptions so;
+  so.clip_x0 = clip_x0;
+  Generator g(seed);
+  const std::int64_t n = static_cast<std::int64_t>(labels.size());
+  return ddpm_sample<float>(NoiseSchedule::cosine(T),
+                            guided_eps_model<float>(f, labels, static_cast<int32_t>(k.config.num_classes), w),
+                            {n, k.config.resolution, k.config.resolution, k.config.in_ch}, g, so);
 }
 
 }  // namespace diffuse::testing

@@ -36,5 +36,9 @@ struct UNetResult {
 UNetCase make_unet_case(std::uint64_t seed, std::int64_t B);
 // The CPU backend on the case: forward/backward, then `steps` train steps on the same batch.
 UNetResult cpu_unet_result(const UNetCase& c, int steps);
+// ddpm_sample with the case's weights, guided_eps_model(labels, w), clip_x0, a cosine schedule of
+// T steps, Generator(seed): [labels.size(), res, res, C].
+Tensor<float> cpu_ddpm_sample(const UNetCase& c, const std::vector<std::int32_t>& labels, double w, bool clip_x0,
+                              int T, std::uint64_t seed);
 
 }  // namespace diffuse::testing
