@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -26,15 +27,20 @@ namespace {
 using diffuse::cuda::DeviceBuffer;
 using diffuse::cuda::Stream;
 
-// GPU time of launch() per iteration, measured with events on `stream`.
+// GPU time of launch() per iteration, measured with events on `stream`. cold: the L2 cache is
+// flushed (a 256 MiB memset, more than any current L2) before each timed launch, so the kernel
+// reads its inputs from device memory as inside a model.
 template <class F>
-void time_on_stream(benchmark::State& state, cudaStream_t stream, F&& launch) {
+void time_on_stream(benchmark::State& state, cudaStream_t stream, F&& launch, bool cold = false) {
+  static DeviceBuffer<unsigned char>* flush = nullptr;  // made on first cold use, kept (never freed)
+  if (cold && !flush) flush = new DeviceBuffer<unsigned char>(std::size_t(256) << 20);
   cudaEvent_t start = nullptr, stop = nullptr;
   DIFFUSE_CUDA_CHECK(cudaEventCreate(&start));
   DIFFUSE_CUDA_CHECK(cudaEventCreate(&stop));
   launch();  // warm-up (module load, first-touch)
   DIFFUSE_CUDA_CHECK(cudaStreamSynchronize(stream));
   for (auto _ : state) {
+    if (cold) flush->fill_bytes_async(0, stream);
     DIFFUSE_CUDA_CHECK(cudaEventRecord(start, stream));
     launch();
     DIFFUSE_CUDA_CHECK(cudaEventRecord(stop, stream));
@@ -46,28 +52,9 @@ void time_on_stream(benchmark::State& state, cudaStream_t stream, F&& launch) {
   DIFFUSE_CUDA_CHECK(cudaEventDestroy(start));
   DIFFUSE_CUDA_CHECK(cudaEventDestroy(stop));
 }
-
-// As time_on_stream, with the L2 cache flushed (a 256 MiB memset, more than any current L2)
-// before each timed launch, so the kernel reads its inputs from device memory as in a model.
 template <class F>
 void time_cold(benchmark::State& state, cudaStream_t stream, F&& launch) {
-  static DeviceBuffer<unsigned char>* flush = new DeviceBuffer<unsigned char>(std::size_t(256) << 20);
-  cudaEvent_t start = nullptr, stop = nullptr;
-  DIFFUSE_CUDA_CHECK(cudaEventCreate(&start));
-  DIFFUSE_CUDA_CHECK(cudaEventCreate(&stop));
-  launch();
-  for (auto _ : state) {
-    flush->fill_bytes_async(0, stream);
-    DIFFUSE_CUDA_CHECK(cudaEventRecord(start, stream));
-    launch();
-    DIFFUSE_CUDA_CHECK(cudaEventRecord(stop, stream));
-    DIFFUSE_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DIFFUSE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(static_cast<double>(ms) / 1e3);
-  }
-  DIFFUSE_CUDA_CHECK(cudaEventDestroy(start));
-  DIFFUSE_CUDA_CHECK(cudaEventDestroy(stop));
+  time_on_stream(state, stream, std::forward<F>(launch), true);
 }
 
 // Random-ish device data (the values do not change the timings; NaNs would not either, but keep

@@ -4,8 +4,9 @@
 // seed: the forward output, the loss, every parameter's gradient, and the weights and EMA after
 // Adam steps with gradient clipping must match the CPU backend up to float rounding.
 //
-// A small model with every kind of block: two levels (a skip conv, a downsample, an upsample),
-// attention with 2 heads in the down and up paths and the middle, class conditioning, dropout.
+// The small model of unet_reference.cpp (shared with test_cuda_unet): two levels (a skip conv, a
+// downsample, an upsample), attention with 2 heads in the down and up paths and the middle,
+// class conditioning, dropout.
 #include <catch2/catch.hpp>
 
 #include <diffuse/cuda/sample.hpp>
@@ -25,26 +26,11 @@
 #include <vector>
 
 #include "kernel_seed.hpp"
+#include "unet_reference.hpp"
 
 using namespace diffuse;
 
 namespace {
-
-UNetConfig small_config() {
-  UNetConfig c;
-  c.in_ch = c.out_ch = 3;
-  c.ch = 8;
-  c.ch_mult = {1, 2};
-  c.num_res_blocks = 1;
-  c.attn_resolutions = {4};
-  c.groups = 4;
-  c.resolution = 8;
-  c.mid_attn = true;
-  c.num_classes = 3;
-  c.dropout = 0.1;
-  c.attn_heads = 2;
-  return c;
-}
 
 // ||a - b|| / ||b|| over all elements.
 double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
@@ -58,15 +44,11 @@ double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// Random weights everywhere (the zero-initialised convs would hide their gradients' paths),
-// GroupNorm gains around 1.
-void randomize(UNet<float>& m, std::mt19937_64& gen) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  for (auto& [name, p] : m.named_parameters()) {
-    const bool gain = name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos;
-    const float s = name.find("norm") != std::string::npos ? 0.1f : 0.3f;
-    for (float& v : p.value()) v = (gain ? 1.0f : 0.0f) + s * d(gen);
-  }
+// The case's random weights (random everywhere: the zero-initialised convs would hide their
+// gradients' paths; GroupNorm gains around 1) into a CPU UNet of its config.
+void load_case(UNet<float>& m, const testing::UNetCase& k) {
+  auto params = m.named_parameters();
+  for (size_t i = 0; i < params.size(); ++i) params[i].second.value().copy_from(k.weights[i].second);
 }
 
 // An attention block's key bias adds the same vector to every key, which shifts each query's
@@ -117,10 +99,11 @@ TEST_CASE("cuda UNet (emulated): forward, loss and every parameter gradient matc
   const std::uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 gen(seed);
-  const UNetConfig c = small_config();
-  Generator init(seed);
+  const testing::UNetCase k = testing::make_unet_case(seed, 1);
+  const UNetConfig& c = k.config;
+  Generator init(1);
   UNet<float> cpu(c, init);
-  randomize(cpu, gen);
+  load_case(cpu, k);
   cuda::UNetDevice dev(c);
   REQUIRE(dev.num_parameters() == cpu.num_parameters());
   dev.load(values_of(cpu));
@@ -179,10 +162,11 @@ TEST_CASE("cuda UNet (emulated): train steps (clipping, Adam, EMA) match the CPU
   const std::uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 gen(seed);
-  const UNetConfig c = small_config();
-  Generator init(seed);
+  const testing::UNetCase k = testing::make_unet_case(seed, 1);
+  const UNetConfig& c = k.config;
+  Generator init(1);
   UNet<float> cpu(c, init);
-  randomize(cpu, gen);
+  load_case(cpu, k);
   cuda::UNetDevice dev(c);
   dev.load(values_of(cpu));
 
@@ -246,10 +230,11 @@ TEST_CASE("cuda UNet (emulated): the trainer's state round-trips, so a resumed r
   const std::uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 gen(seed);
-  const UNetConfig c = small_config();
-  Generator init(seed);
+  const testing::UNetCase k = testing::make_unet_case(seed, 1);
+  const UNetConfig& c = k.config;
+  Generator init(1);
   UNet<float> cpu(c, init);
-  randomize(cpu, gen);
+  load_case(cpu, k);
   cuda::UNetTrainOptions to;
   to.lr = 2e-3;
   to.ema_decay = 0.99;
@@ -294,10 +279,11 @@ TEST_CASE("cuda UNet (emulated): DDPM sampling with guidance gives the CPU sampl
   const std::uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 gen(seed);
-  const UNetConfig c = small_config();
-  Generator init(seed);
+  const testing::UNetCase k = testing::make_unet_case(seed, 1);
+  const UNetConfig& c = k.config;
+  Generator init(1);
   UNet<float> cpu(c, init);
-  randomize(cpu, gen);
+  load_case(cpu, k);
   cuda::UNetDevice dev(c);
   dev.load(values_of(cpu));
   const NoiseSchedule sched = NoiseSchedule::cosine(6);  // linear needs T >= 50 (its betas scale with 1000 / T)
