@@ -1,5 +1,6 @@
-// The Adam(W) + EMA kernel (kernels/adam.cuh) against the CPU backend's Adam<float> and
-// EMA<float>, on fresh random tensors of awkward sizes. Included by test_emulation.cpp (g++,
+// The Adam(W) + EMA kernel (kernels/adam.cuh) and the gradient-norm kernels (grad_norm.cuh)
+// against the CPU backend's Adam<float>, EMA<float> and clip_grad_norm, on fresh random tensors of
+// awkward sizes. Included by test_emulation.cpp (g++,
 // through the CPU emulation) and test_kernels_cuda.cu (nvcc, on a GPU), after kernel_cases.hpp.
 #pragma once
 
@@ -15,6 +16,7 @@
 #include "device_buffer.hpp"
 #include "kernel_reference_adam.hpp"
 #include "kernels/adam.cuh"
+#include "kernels/grad_norm.cuh"
 
 TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA update") {
   using namespace diffuse::testing;
@@ -29,12 +31,15 @@ TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA u
     bool decoupled;
     std::int64_t t;
   };
+  // off: the arrays start `off` floats into their buffers; 1 breaks the 16-byte alignment that
+  // the kernel's float4 path needs (it must then take the element-by-element path).
   for (const Opt& o : {Opt{0.0, false, 1}, Opt{0.01, false, 7}, Opt{0.1, true, 3}, Opt{0.1, true, 1000}}) {
-    for (std::int32_t chunk : {64, 65536}) {
+    for (std::int32_t chunk : {64, 16384, 65536}) {
       for (unsigned block : {32u, 96u, 256u}) {
         for (unsigned max_blocks : {2u, 4096u}) {
+          const std::size_t off = (chunk == 64 && block == 96) || max_blocks == 2 ? 1 : 0;
           INFO("wd " << o.wd << (o.decoupled ? " AdamW" : " Adam") << " t " << o.t << " chunk " << chunk << " block "
-                     << block << " max_blocks " << max_blocks);
+                     << block << " max_blocks " << max_blocks << " offset " << off);
           AdamState s;
           for (std::int64_t n : sizes) {
             std::vector<float> p(n), g(n), m(n), v(n), e(n);
@@ -53,8 +58,15 @@ TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA u
           // Device copies; tensor 2 has no EMA copy (a null pointer: its EMA must stay untouched).
           std::vector<std::unique_ptr<DeviceBuffer<float>>> bufs;
           auto up = [&](const std::vector<float>& x) {
-            bufs.push_back(std::make_unique<DeviceBuffer<float>>(x));
+            std::vector<float> padded(off, 7.0f);
+            padded.insert(padded.end(), x.begin(), x.end());
+            bufs.push_back(std::make_unique<DeviceBuffer<float>>(padded));
             return bufs.back().get();
+          };
+          auto down = [&](DeviceBuffer<float>* b) {
+            std::vector<float> h = b->to_host();
+            h.erase(h.begin(), h.begin() + static_cast<std::ptrdiff_t>(off));
+            return h;
           };
           std::vector<AdamTensor<float>> table;
           std::vector<DeviceBuffer<float>*> dp, dm, dv, de;
@@ -64,8 +76,8 @@ TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA u
             dm.push_back(up(s.m[k]));
             dv.push_back(up(s.v[k]));
             de.push_back(up(s.ema[k]));
-            table.push_back(AdamTensor<float>{dp[k]->get(), dg->get(), dm[k]->get(), dv[k]->get(),
-                                              k == 2 ? nullptr : de[k]->get(), sizes[k]});
+            table.push_back(AdamTensor<float>{dp[k]->get() + off, dg->get() + off, dm[k]->get() + off,
+                                              dv[k]->get() + off, k == 2 ? nullptr : de[k]->get() + off, sizes[k]});
           }
           const std::vector<diffuse::kernels::AdamChunk> chunks = diffuse::kernels::plan_adam_chunks(sizes, chunk);
           DeviceBuffer<AdamTensor<float>> dtable(table);
@@ -85,8 +97,7 @@ TEST_CASE("kernel adam_ema_step matches the CPU backend's Adam(W) step and EMA u
             if (!ok && bad++ == 0) first_what = what, first_a = a, first_b = b;
           };
           for (size_t k = 0; k < sizes.size(); ++k) {
-            const std::vector<float> p = dp[k]->to_host(), m = dm[k]->to_host(), v = dv[k]->to_host(),
-                                     e = de[k]->to_host();
+            const std::vector<float> p = down(dp[k]), m = down(dm[k]), v = down(dv[k]), e = down(de[k]);
             for (std::int64_t i = 0; i < sizes[k]; ++i) {
               const float g = std::fabs(s.g[k][i]) + float(o.wd) * std::fabs(s.p[k][i]);
               close(m[i], ref.m[k][i], std::fabs(s.m[k][i]) + g, "m");
@@ -118,4 +129,68 @@ TEST_CASE("plan_adam_chunks covers every element once") {
   CHECK((c[1].tensor == 0 && c[1].begin == 4 && c[1].count == 1));
   CHECK((c[4].tensor == 2 && c[4].begin == 8 && c[4].count == 4));
   CHECK_THROWS(diffuse::kernels::plan_adam_chunks({3}, 0));
+}
+
+TEST_CASE("kernels grad_sq_partials, grad_scale and grad_zero match the CPU backend's clip_grad_norm") {
+  using namespace diffuse::testing;
+  using diffuse::kernels::AdamTensor;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  // Awkward sizes (an empty tensor included), gradients of very different scales per tensor.
+  const std::vector<std::int64_t> sizes = {1, 31, 0, 33, 1000, 4097, 70001};
+  std::vector<std::vector<float>> g0;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    const float scale = std::pow(10.0f, static_cast<float>(k % 4) - 2.0f);
+    std::vector<float> g(static_cast<size_t>(sizes[k]));
+    for (float& x : g) x = scale * normal(gen);
+    g0.push_back(g);
+  }
+  std::vector<std::vector<float>> probe = g0;
+  const double true_norm = cpu_clip_grad_norm(probe, 1e30);  // no clipping: only the norm
+  for (const double max_norm : {0.37 * true_norm, 2.0 * true_norm}) {
+    for (std::int32_t chunk : {64, 65536}) {
+      for (unsigned max_blocks : {1u, 3u, 4096u}) {
+        INFO("max_norm / norm " << max_norm / true_norm << " chunk " << chunk << " max_blocks " << max_blocks);
+        std::vector<std::vector<float>> ref = g0;
+        const double ref_norm = cpu_clip_grad_norm(ref, max_norm);
+
+        std::vector<std::unique_ptr<DeviceBuffer<float>>> grads;
+        std::vector<AdamTensor<float>> table;
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          grads.push_back(std::make_unique<DeviceBuffer<float>>(g0[k]));
+          table.push_back(AdamTensor<float>{nullptr, grads[k]->get(), nullptr, nullptr, nullptr, sizes[k]});
+        }
+        const std::vector<diffuse::kernels::AdamChunk> chunks = diffuse::kernels::plan_adam_chunks(sizes, chunk);
+        const auto nc = static_cast<std::int64_t>(chunks.size());
+        DeviceBuffer<AdamTensor<float>> dtable(table);
+        DeviceBuffer<diffuse::kernels::AdamChunk> dchunks(chunks);
+        DeviceBuffer<double> partials(chunks.size());
+        diffuse::kernels::grad_sq_partials(dtable.get(), dchunks.get(), nc, partials.get(), {}, max_blocks);
+        const std::vector<double> part = partials.to_host();  // 0xFF (NaN) where a chunk was missed
+        double sq = 0;
+        for (double p : part) sq += p;
+        const double norm = std::sqrt(sq);
+        CHECK(std::fabs(norm - ref_norm) <= 1e-12 * ref_norm);
+        const double c = max_norm / (norm + 1e-6);
+        if (c < 1.0) diffuse::kernels::grad_scale(dtable.get(), dchunks.get(), nc, c, {}, max_blocks);
+        // Same double products rounded to float as the CPU: equal up to c's last bits.
+        size_t bad = 0;
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          const std::vector<float> g = grads[k]->to_host();
+          for (size_t i = 0; i < g.size(); ++i)
+            if (!(std::fabs(g[i] - ref[k][i]) <= 2 * FLT_EPSILON * std::fabs(ref[k][i]))) ++bad;
+        }
+        CHECK(bad == 0);
+        if (max_norm < true_norm) CHECK(std::fabs(ref[6][0] - g0[6][0]) > 0.0f);  // it did clip
+
+        diffuse::kernels::grad_zero(dtable.get(), dchunks.get(), nc, {}, max_blocks);
+        size_t nonzero = 0;
+        for (size_t k = 0; k < sizes.size(); ++k)
+          for (float x : grads[k]->to_host()) nonzero += x != 0.0f;
+        CHECK(nonzero == 0);
+      }
+    }
+  }
 }

@@ -1,4 +1,4 @@
-// CPU reference for the Adam(W) + EMA kernel (see kernel_reference_adam.hpp).
+// CPU references for the Adam(W) + EMA and gradient-norm kernels (see kernel_reference_adam.hpp).
 #include "kernel_reference_adam.hpp"
 
 #include <diffuse/optim.hpp>
@@ -46,6 +46,23 @@ AdamState cpu_adam_ema(const AdamState& s, double lr, double beta1, double beta2
     out.ema[k].assign(ema.shadow()[k].begin(), ema.shadow()[k].end());
   }
   return out;
+}
+
+double cpu_clip_grad_norm(std::vector<std::vector<float>>& g, double max_norm) {
+  NamedParams<float> params;
+  for (size_t k = 0; k < g.size(); ++k) {
+    const int64_t n = static_cast<int64_t>(g[k].size());
+    Var<float> p(Tensor<float>({n}), true);
+    p.node()->grad = Tensor<float>::from(g[k], {n});
+    p.node()->has_grad = true;
+    params.emplace_back(std::to_string(k), p);
+  }
+  const double norm = clip_grad_norm(params, max_norm);
+  for (size_t k = 0; k < g.size(); ++k) {
+    const Tensor<float>& gk = params[k].second.node()->grad;
+    g[k].assign(gk.begin(), gk.end());
+  }
+  return norm;
 }
 
 }  // namespace diffuse::testing

@@ -1,4 +1,4 @@
-// CPU reference for the Adam(W) + EMA kernel test: the CPU backend's Adam<float> and EMA<float>
+// CPU references for the Adam(W) + EMA kernel test and the gradient-norm kernels (grad_norm.cuh): the CPU backend's Adam<float> and EMA<float>
 // (include/diffuse/optim.hpp), one step. Defined in kernel_reference_adam.cpp (host compiler).
 #pragma once
 
@@ -15,5 +15,9 @@ struct AdamState {
 // with decay ema_decay (no warmup). Returns p, m, v, ema after the step (g unchanged).
 AdamState cpu_adam_ema(const AdamState& s, double lr, double beta1, double beta2, double eps, double weight_decay,
                        bool decoupled, std::int64_t t, double ema_decay);
+
+// The CPU backend's clip_grad_norm (optim.hpp) on gradients g (one vector per tensor), in place;
+// returns the norm before clipping.
+double cpu_clip_grad_norm(std::vector<std::vector<float>>& g, double max_norm);
 
 }  // namespace diffuse::testing

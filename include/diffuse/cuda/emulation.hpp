@@ -68,6 +68,12 @@ struct dim3 {
   constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
 };
 
+// CUDA's 16-byte vector type (kernels use it for wide loads and stores; like CUDA's, it must be
+// 16-byte aligned, which the kernels check before using it).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 inline constexpr int warpSize = 32;
 
 namespace diffuse::emu {
