@@ -9,6 +9,7 @@
 // class conditioning, dropout.
 #include <catch2/catch.hpp>
 
+#include <diffuse/cuda/profile.hpp>
 #include <diffuse/cuda/sample.hpp>
 #include <diffuse/cuda/unet.hpp>
 #include <diffuse/diffusion.hpp>
@@ -307,4 +308,57 @@ TEST_CASE("cuda UNet (emulated): DDPM sampling with guidance gives the CPU sampl
       CHECK(rel_err(got, ref) < 1e-4);
     }
   }
+}
+
+TEST_CASE("cuda UNet (emulated): the op profiler sees every op of a train step, and profiling changes nothing") {
+  cuda::EmulatedDeviceMemory emulated;
+  const std::uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  const testing::UNetCase k = testing::make_unet_case(seed, 1);
+  const UNetConfig& c = k.config;
+  Generator init(1);
+  UNet<float> cpu(c, init);
+  load_case(cpu, k);
+  cuda::UNetTrainOptions to;
+  to.lr = 2e-3;
+  to.clip = 0.5;
+  cuda::UNetDevice a(c), b(c);
+  a.load(values_of(cpu));
+  b.load(values_of(cpu));
+  cuda::UNetTrainer ta(a, to), tb(b, to);
+  cuda::OpProfiler prof;
+  tb.graph().set_profiler(&prof);
+  const Batch batch = random_batch(c, 2, gen);
+  Generator ga(seed + 3), gb(seed + 3);
+  for (int s = 0; s < 2; ++s) {
+    const float la = ta.step(batch.x.cuda(), batch.eps.cuda(), batch.t, batch.y, &ga);
+    const float lb = tb.step(batch.x.cuda(), batch.eps.cuda(), batch.t, batch.y, &gb);
+    CHECK(la == lb);
+  }
+  const auto& totals = prof.totals();
+  // Every kind of op the model uses, forward and backward, plus the optimiser; each conv once per
+  // step forward (the model's convs: counted from its parameters' 4-D weights).
+  for (const char* op : {"conv2d fwd", "conv2d bwd data", "conv2d bwd filter+bias", "group_norm+silu fwd",
+                         "group_norm+silu bwd", "group_norm fwd", "group_norm bwd", "attention fwd", "attention bwd",
+                         "linear fwd", "linear bwd", "add fwd", "add bwd", "channel bias fwd", "channel bias bwd",
+                         "dropout fwd", "dropout bwd", "concat fwd", "concat bwd", "upsample fwd", "upsample bwd",
+                         "class embedding fwd", "class embedding bwd", "mse fwd", "mse bwd", "timestep embedding",
+                         "clip grad norm", "adam+ema, zero grads"}) {
+    INFO(op);
+    REQUIRE(totals.count(op) == 1);
+    CHECK(totals.at(op).calls > 0);
+    CHECK(totals.at(op).ms >= 0.0);
+  }
+  std::int64_t convs = 0;
+  for (const cuda::Param& p : b.params()) convs += p.shape.size() == 4;
+  CHECK(totals.at("conv2d fwd").calls == 2 * convs);
+  CHECK(totals.at("adam+ema, zero grads").calls == 2);
+  const auto wa = a.named_tensors(), wb = b.named_tensors();
+  size_t differ = 0;
+  for (size_t i = 0; i < wa.size(); ++i)
+    differ += std::memcmp(wa[i].second.data(), wb[i].second.data(), wa[i].second.size() * sizeof(float)) != 0;
+  CHECK(differ == 0);
+  prof.reset();
+  CHECK(prof.totals().empty());
 }

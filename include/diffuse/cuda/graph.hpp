@@ -33,6 +33,7 @@
 #include <diffuse/cuda/attention.hpp>
 #include <diffuse/cuda/blas.hpp>
 #include <diffuse/cuda/conv.hpp>
+#include <diffuse/cuda/profile.hpp>
 #include <diffuse/cuda/tensor.hpp>
 
 #include "kernels/elementwise.cuh"
@@ -96,6 +97,16 @@ class Graph {
 
   Blas& blas() { return blas_; }
   Dnn& dnn() { return dnn_; }
+  // How convolutions choose their cuDNN algorithms (conv.hpp): heuristics or timing them, and
+  // whether FFT and Winograd (other rounding than a plain sum of products) may be used.
+  void set_conv_search(ConvSearch search, bool allow_fft_winograd) {
+    conv_search_ = search;
+    conv_fft_winograd_ = allow_fft_winograd;
+  }
+
+  // Time each op (forward and backward) into p (cuda/profile.hpp); nullptr: off.
+  void set_profiler(OpProfiler* p) { prof_ = p; }
+  OpProfiler* profiler() const { return prof_; }
 
   // Scratch device memory of at least `bytes`, valid until the next call (ops run in stream
   // order, so one op's scratch is free once its kernels are queued).
@@ -125,6 +136,7 @@ class Graph {
   // ------------------------------------------------------------------------ ops
   // y = x W^T + b over the rows of x [rows, in]; silu: y = SiLU(x W^T + b) (z kept for the backward).
   Act linear(const Act& x, const LinearSpec& L, bool silu = false) {
+    ProfileScope ps(prof_, "linear fwd");
     const std::int64_t rows = x->value.numel() / L.in;
     Shape ys = x->value.shape();
     ys.back() = L.out;
@@ -135,6 +147,7 @@ class Graph {
     if (silu) kernels::bias_silu_forward(z->value.data(), P(L.b), y->value.data(), rows, L.out, stream_);
     else if (L.b >= 0) kernels::add_row_bias(y->value.data(), P(L.b), rows, L.out, stream_);
     record(y, [this, x, y, z, L, rows, silu] {
+      ProfileScope ps(prof_, "linear bwd");
       const float* dz = y->grad.data();
       Tensor<float> t;  // dL/dz before the SiLU; freed in stream order after its last use
       if (silu) {
@@ -167,6 +180,7 @@ class Graph {
     cs.stride_h = cs.stride_w = c.stride;
     cs.pad_h = cs.pad_w = c.pad;
     const Conv2dPlan& plan = convs_.get(dnn_, cs, conv_options());
+    ProfileScope ps(prof_, "conv2d fwd");
     Act y = make({cs.N, cs.Ho(), cs.Wo(), cs.O});
     const std::int64_t rows = cs.N * cs.Ho() * cs.Wo();
     plan.forward(dnn_, x->value.data(), P(c.w), y->value.data());
@@ -174,12 +188,18 @@ class Graph {
     record(y, [this, x, y, c, cs, rows] {
       const Conv2dPlan& plan = convs_.get(dnn_, cs, conv_options());
       const float* dy = y->grad.data();
-      if (c.b >= 0)
-        kernels::row_bias_backward(dy, G(c.b), rows, c.O, scratch(kernels::row_bias_backward_workspace_bytes(rows, c.O)),
-                                   stream_);
-      plan.backward_filter(dnn_, x->value.data(), dy, G(c.w));
+      {
+        ProfileScope ps(prof_, "conv2d bwd filter+bias");
+        if (c.b >= 0)
+          kernels::row_bias_backward(dy, G(c.b), rows, c.O,
+                                     scratch(kernels::row_bias_backward_workspace_bytes(rows, c.O)), stream_);
+        plan.backward_filter(dnn_, x->value.data(), dy, G(c.w));
+      }
       bool acc = false;
-      if (float* dx = grad_of(x, acc)) plan.backward_data(dnn_, dy, P(c.w), dx, acc);
+      if (float* dx = grad_of(x, acc)) {
+        ProfileScope ps(prof_, "conv2d bwd data");
+        plan.backward_data(dnn_, dy, P(c.w), dx, acc);
+      }
     });
     return y;
   }
@@ -188,6 +208,7 @@ class Graph {
   Act group_norm(const Act& x, const GroupNormSpec& g, bool silu) {
     const Shape& s = x->value.shape();
     const std::int64_t N = s[0], HW = s[1] * s[2], C = s[3];
+    ProfileScope ps(prof_, silu ? "group_norm+silu fwd" : "group_norm fwd");
     Act y = make(s);
     auto stats = std::make_shared<Tensor<float>>(Shape{2 * N * g.groups}, Device::CUDA);
     float* mean = stats->data();
@@ -195,6 +216,7 @@ class Graph {
     kernels::group_norm_forward(x->value.data(), P(g.w), P(g.b), y->value.data(), mean, rstd, N, HW, C, g.groups, g.eps,
                                 silu, scratch(kernels::group_norm_workspace_bytes(N, HW, C, g.groups)), stream_);
     record(y, [this, x, y, g, stats, N, HW, C, silu] {
+      ProfileScope ps(prof_, silu ? "group_norm+silu bwd" : "group_norm bwd");
       const float* mean = stats->data();
       const float* rstd = mean + N * g.groups;
       bool acc = false;
@@ -208,10 +230,12 @@ class Graph {
   }
 
   Act silu(const Act& x) {
+    ProfileScope ps(prof_, "silu fwd");
     Act y = make(x->value.shape());
     const std::int64_t n = x->value.numel();
     kernels::silu_forward(x->value.data(), y->value.data(), n, stream_);
     record(y, [this, x, y, n] {
+      ProfileScope ps(prof_, "silu bwd");
       bool acc = false;
       if (float* dx = grad_of(x, acc)) kernels::silu_backward(x->value.data(), y->grad.data(), dx, n, acc, stream_);
     });
@@ -222,10 +246,12 @@ class Graph {
     if (a->value.shape() != b->value.shape())
       throw std::invalid_argument("diffuse::cuda::Graph::add: shapes " + shape_str(a->value.shape()) + " and " +
                                   shape_str(b->value.shape()));
+    ProfileScope ps(prof_, "add fwd");
     Act y = make(a->value.shape());
     const std::int64_t n = y->value.numel();
     kernels::add(a->value.data(), b->value.data(), y->value.data(), n, stream_);
     record(y, [this, a, b, y, n] {
+      ProfileScope ps(prof_, "add bwd");
       pass_through(a, y->grad.data(), n);
       pass_through(b, y->grad.data(), n);
     });
@@ -236,9 +262,11 @@ class Graph {
   Act add_channel_bias(const Act& x, const Act& b) {
     const Shape& s = x->value.shape();
     const std::int64_t N = s[0], HW = s[1] * s[2], C = s[3];
+    ProfileScope ps(prof_, "channel bias fwd");
     Act y = make(s);
     kernels::add_channel_bias(x->value.data(), b->value.data(), y->value.data(), N, HW, C, stream_);
     record(y, [this, x, b, y, N, HW, C] {
+      ProfileScope ps(prof_, "channel bias bwd");
       pass_through(x, y->grad.data(), N * HW * C);
       bool acc = false;
       if (float* db = grad_of(b, acc))
@@ -251,24 +279,32 @@ class Graph {
   // Dropout with the mask of the Philox stream at (seed, off): the caller advances its Generator
   // as the CPU op does (ceil(n / 4) blocks).
   Act dropout(const Act& x, double p, std::uint64_t seed, std::uint64_t off) {
+    ProfileScope ps(prof_, "dropout fwd");
     Act y = make(x->value.shape());
     const std::int64_t n = x->value.numel();
     kernels::dropout_forward(x->value.data(), y->value.data(), n, p, seed, off, stream_);
     record(y, [this, x, y, n, p, seed, off] {
+      ProfileScope ps(prof_, "dropout bwd");
       bool acc = false;
       if (float* dx = grad_of(x, acc)) kernels::dropout_backward(y->grad.data(), dx, n, p, seed, off, acc, stream_);
     });
     return y;
   }
 
-  // Channel concatenation of a [N, H, W, Ca] and b [N, H, W, Cb].
+  // Concatenation along the last dimension: a [..., Ca] and b [..., Cb] (images: channels of
+  // [N, H, W, C]; rows: features of [N, C]).
   Act concat_channels(const Act& a, const Act& b) {
     Shape s = a->value.shape();
-    const std::int64_t Ca = s[3], Cb = b->value.shape()[3], Pn = a->value.numel() / Ca;
-    s[3] = Ca + Cb;
+    const std::int64_t Ca = s.back(), Cb = b->value.shape().back(), Pn = a->value.numel() / Ca;
+    if (b->value.numel() / Cb != Pn)
+      throw std::invalid_argument("diffuse::cuda::Graph::concat_channels: shapes " + shape_str(s) + " and " +
+                                  shape_str(b->value.shape()));
+    s.back() = Ca + Cb;
+    ProfileScope ps(prof_, "concat fwd");
     Act y = make(s);
     kernels::concat_channels_forward(a->value.data(), b->value.data(), y->value.data(), Pn, Ca, Cb, stream_);
     record(y, [this, a, b, y, Pn, Ca, Cb] {
+      ProfileScope ps(prof_, "concat bwd");
       bool acc_a = false, acc_b = false;
       float* da = grad_of(a, acc_a);
       float* db = grad_of(b, acc_b);
@@ -279,9 +315,11 @@ class Graph {
 
   Act upsample_nearest2x(const Act& x) {
     const Shape& s = x->value.shape();
+    ProfileScope ps(prof_, "upsample fwd");
     Act y = make({s[0], 2 * s[1], 2 * s[2], s[3]});
     kernels::upsample_nearest2x_forward(x->value.data(), y->value.data(), s[0], s[1], s[2], s[3], stream_);
     record(y, [this, x, y, s] {
+      ProfileScope ps(prof_, "upsample bwd");
       bool acc = false;
       if (float* dx = grad_of(x, acc))
         kernels::upsample_nearest2x_backward(y->grad.data(), dx, s[0], s[1], s[2], s[3], acc, stream_);
@@ -293,12 +331,14 @@ class Graph {
   Act attention(const Act& q, const Act& k, const Act& v, std::int64_t heads) {
     const Shape& s = q->value.shape();
     const std::int64_t N = s[0], L = s[1] * s[2], C = s[3];
+    ProfileScope ps(prof_, "attention fwd");
     Act y = make(s);
     auto probs = std::make_shared<Tensor<float>>(
         Shape{static_cast<std::int64_t>(attention_probs_elements(N, L, heads))}, Device::CUDA);
     attention_forward(blas_, q->value.data(), k->value.data(), v->value.data(), y->value.data(), probs->data(), N, L, C,
                       heads, stream_);
     record(y, [this, q, k, v, y, probs, N, L, C, heads] {
+      ProfileScope ps(prof_, "attention bwd");
       AttentionAccumulate acc;
       float* dq = grad_of(q, acc.dq);
       float* dk = grad_of(k, acc.dk);
@@ -312,10 +352,12 @@ class Graph {
   // y = x + table[idx] row by row (x [N, D], table a parameter [R, D], idx N device int32).
   Act add_table_rows(const Act& x, int table, const std::int32_t* idx, std::int64_t R) {
     const std::int64_t N = x->value.shape()[0], D = x->value.shape()[1];
+    ProfileScope ps(prof_, "class embedding fwd");
     Act y = make(x->value.shape());
     kernels::scale(x->value.data(), 1.0f, y->value.data(), N * D, stream_);
     kernels::gather_rows_add(P(table), idx, y->value.data(), N, D, stream_);
     record(y, [this, x, y, table, idx, N, R, D] {
+      ProfileScope ps(prof_, "class embedding bwd");
       pass_through(x, y->grad.data(), N * D);
       kernels::gather_rows_add_backward(idx, y->grad.data(), G(table), N, R, D, stream_);
     });
@@ -325,11 +367,13 @@ class Graph {
   // mean((a - b)^2) as a one-element activation; b is a constant (no gradient).
   Act mse(const Act& a, const Tensor<float>& b) {
     const std::int64_t n = a->value.numel();
+    ProfileScope ps(prof_, "mse fwd");
     Act y = make({1});
     kernels::mse_forward(a->value.data(), b.data(), n, y->value.data(), scratch(kernels::mse_forward_workspace_bytes(n)),
                          stream_);
     record(y, [this, a, b, y, n] {
       // The loss's gradient is 1 (backward seeds it); read on the host once, it is a scalar.
+      ProfileScope ps(prof_, "mse bwd");
       bool acc = false;
       if (float* da = grad_of(a, acc)) kernels::mse_backward(a->value.data(), b.data(), n, loss_grad_, da, acc, stream_);
     });
@@ -354,6 +398,8 @@ class Graph {
   Conv2dPlanOptions conv_options() const {
     Conv2dPlanOptions o;
     o.math = math_;
+    o.search = conv_search_;
+    o.allow_fft_winograd = conv_fft_winograd_;
     return o;
   }
   float* P(int i) { return (*params_)[static_cast<std::size_t>(i)].value.data(); }
@@ -386,11 +432,14 @@ class Graph {
 
   std::vector<Param>* params_;
   MathMode math_;
+  ConvSearch conv_search_ = ConvSearch::Heuristic;
+  bool conv_fft_winograd_ = false;
   Blas blas_;
   Dnn dnn_;
   Conv2dPlans convs_;
   stream_t stream_{};
   Tensor<std::uint8_t> scratch_;
+  OpProfiler* prof_ = nullptr;
   float loss_grad_ = 1.0f;
   std::vector<Entry> tape_;
 };
