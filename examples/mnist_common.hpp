@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -84,12 +85,24 @@ struct SampleResult {
   int64_t process_rows = 0;
 };
 
-// Samples req.n images with the model's weights as they are (swap in the EMA
-// before calling). Class-conditional models get labels 0,1,..,9,0,1,.. so that
-// every batch holds every digit; the first batch's first 10 images are traced
-// through the process.
-inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& info, const SampleRequest& req,
-                                  Generator& g, bool progress = true) {
+// The network as the samplers call it: eps for x [B, res, res, 1] at timesteps t, with labels y
+// for a class-conditional model (nullptr otherwise). The CPU model, or the CUDA one
+// (cuda_models.hpp).
+using UNetEpsFn =
+    std::function<Tensor<float>(const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y)>;
+
+inline UNetEpsFn cpu_eps_fn(const UNet<float>& model) {
+  return [&model](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
+    NoGrad ng;
+    return model(Var<float>(x), t, y).value();
+  };
+}
+
+// Samples req.n images with the network net (for a CPU model: its weights as they are, so swap
+// in the EMA before calling). Class-conditional models get labels 0,1,..,9,0,1,.. so that every
+// batch holds every digit; the first batch's first 10 images are traced through the process.
+inline SampleResult sample_images(const UNetEpsFn& net, const ModelInfo& info, const SampleRequest& req, Generator& g,
+                                  bool progress = true) {
   const NoiseSchedule sched = NoiseSchedule::by_name(info.schedule, info.T);
   const int64_t R = info.unet.resolution, K = info.unet.num_classes;
   SampleOptions so;
@@ -113,15 +126,11 @@ inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& inf
     EpsModel<float> eps;
     if (K > 0) {
       ClassEpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>& yy) {
-        NoGrad ng;
-        return model(Var<float>(x), t, &yy).value();
+        return net(x, t, &yy);
       };
       eps = guided_eps_model<float>(f, y, static_cast<int32_t>(K), req.guidance);
     } else {
-      eps = [&](const Tensor<float>& x, const std::vector<int32_t>& t) {
-        NoGrad ng;
-        return model(Var<float>(x), t).value();
-      };
+      eps = [&](const Tensor<float>& x, const std::vector<int32_t>& t) { return net(x, t, nullptr); };
     }
     SampleObserver<float> obs;
     if (b0 == 0)

@@ -2,16 +2,20 @@
 // any number of steps and classifier-free guidance. Writes DIR/grid.png,
 // DIR/process.png, DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy
 // (int64 [N]), the files train_mnist writes, so mnist_classifier scores either.
+// --device cuda runs the network on the GPU (the sampler's steps and draws stay on the CPU, so a
+// seed gives the same images on either device, up to float rounding).
 #include <CLI/CLI.hpp>
 
+#include "cuda_models.hpp"
 #include "mnist_common.hpp"
 
 using namespace diffuse;
 using namespace mnist_example;
+using namespace diffuse::examples;
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
-  std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large";
+  std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large", device;
   int64_t n = 100, batch = 100;
   int steps = 50;
   double guidance = 0.3, eta = 0.0;
@@ -35,10 +39,17 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch, "images per sampling batch")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "random seed")->capture_default_str();
   app.add_option("--out", out, "output directory")->capture_default_str();
+  app.add_option("--device", device, "run the network on cpu or cuda (default: cuda when a CUDA device is usable, else cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--raw", raw, "use the raw weights instead of their EMA");
   CLI11_PARSE(app, argc, argv);
 
   try {
+    if (device == "cuda") {  // refuse before loading anything
+      const std::string why = cuda_unavailable_reason();
+      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
+    }
+    if (device.empty()) device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
     const safetensors::File f = safetensors::File::read(checkpoint);
     const ModelInfo info = ModelInfo::from_checkpoint(f);
     Generator init(0);
@@ -57,14 +68,24 @@ int main(int argc, char** argv) {
     req.eta = eta;
     req.variance = variance;
     req.batch = batch;
-    std::printf("sample: %s (%s, %lldx%lld, T=%d %s), %lld images, %s%s, guidance %.2f\n", checkpoint.c_str(),
+    std::unique_ptr<CudaEpsModel> gpu_net;
+    if (device == "cuda") {
+      NamedTensors w;
+      for (auto& [name, p] : model.named_parameters()) w.emplace_back(name, p.value());
+      gpu_net = make_cuda_unet_model(info.unet, w);
+    }
+    const UNetEpsFn net = gpu_net ? UNetEpsFn([&](const Tensor<float>& x, const std::vector<int32_t>& t,
+                                                   const std::vector<int32_t>* y) { return gpu_net->eps(x, t, y); })
+                                  : cpu_eps_fn(model);
+    std::printf("sample: %s (%s, %lldx%lld, T=%d %s), %lld images, %s%s, guidance %.2f, on %s\n", checkpoint.c_str(),
                 info.unet.num_classes > 0 ? "class-conditional" : ("digit " + std::to_string(info.digit)).c_str(),
                 static_cast<long long>(info.unet.resolution), static_cast<long long>(info.unet.resolution), info.T,
                 info.schedule.c_str(), static_cast<long long>(n), sampler.c_str(),
-                sampler == "ddim" ? (" " + std::to_string(steps) + " steps").c_str() : "", req.guidance);
+                sampler == "ddim" ? (" " + std::to_string(steps) + " steps").c_str() : "", req.guidance,
+                gpu_net ? ("cuda (" + gpu_net->device_name() + ")").c_str() : "cpu");
     Generator g(seed, uint64_t(2) << 40);
     const auto t0 = std::chrono::steady_clock::now();
-    const SampleResult res = sample_images(model, info, req, g);
+    const SampleResult res = sample_images(net, info, req, g);
     write_sample_files(out, res, info.unet.num_classes);
     std::printf("sampled %lld images in %.1f s; wrote %s/{grid.png, process.png, samples.npy, labels.npy}\n",
                 static_cast<long long>(n), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),

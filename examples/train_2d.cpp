@@ -4,7 +4,8 @@
 //   DIR/samples.csv, DIR/samples.png (data | samples), DIR/process.png (x_T .. x_0),
 //   DIR/checkpoint.safetensors
 // and prints the energy distance of the samples to held-out data next to the
-// floor (two independent data draws) and to N(0, I) noise.
+// floor (two independent data draws) and to N(0, I) noise. --device cuda trains and samples with
+// the network on the GPU (cuda_models.hpp); checkpoints are the same files on either device.
 #include <CLI/CLI.hpp>
 #include <diffuse/data2d.hpp>
 #include <diffuse/diffuse.hpp>
@@ -17,16 +18,21 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 
+#include "cuda_models.hpp"
+
 using namespace diffuse;
+using namespace diffuse::examples;
 namespace fs = std::filesystem;
 
 namespace {
 
 struct Args {
   std::string dataset = "six", data, image, schedule = "linear", sampler = "ddpm", variance = "large", out = "out/2d";
-  std::string resume, lr_decay = "constant";
+  std::string resume, lr_decay = "constant", device;
   int64_t steps = 10000, batch = 512, warmup = 100, save_every = 0, log_every = 500;
   int T = 200, ddim_steps = 50, hidden = 128, layers = 3;
   double lr = 3e-3, ema = 0.995, clip = 1.0, eta = 0.0;
@@ -73,10 +79,17 @@ int main(int argc, char** argv) {
   app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end)");
   app.add_option("--log-every", a.log_every, "progress line every N steps")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
+  app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
+                                       "else cpu); checkpoints are the same files on both")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
 
   try {
     std::unique_ptr<data2d::Dataset2D> data;
+    if (a.device == "cuda") {  // refuse before loading anything
+      const std::string why = cuda_unavailable_reason();
+      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
+    }
     if (!a.data.empty())
       data = data2d::load_csv(a.data);
     else if (!a.image.empty())
@@ -114,9 +127,49 @@ int main(int argc, char** argv) {
       rng = st.rng;
       std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
     }
-    std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps\n", data->name().c_str(),
+    // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
+    // resumed) and hands them back before every checkpoint and before sampling.
+    if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
+    const CudaMLPSizes sizes{cfg.data_dim, cfg.hidden, cfg.layers, cfg.temb_dim};
+    std::unique_ptr<CudaTrainer> gpu;
+    if (a.device == "cuda") {
+      CudaTrainState st;
+      const auto params = opt.params();
+      for (size_t k = 0; k < params.size(); ++k) {
+        st.weights.emplace_back(params[k].first, params[k].second.value());
+        st.m.emplace_back(params[k].first, opt.first_moments()[k]);
+        st.v.emplace_back(params[k].first, opt.second_moments()[k]);
+        if (a.ema > 0) st.ema.emplace_back(params[k].first, ema.shadow()[k]);
+      }
+      st.adam_steps = opt.steps();
+      st.ema_updates = ema.updates();
+      CudaTrainOptions co;
+      co.lr = a.lr;
+      co.ema_decay = a.ema > 0 ? a.ema : 0.0;
+      co.clip = a.clip;
+      gpu = make_cuda_mlp_trainer(sizes, st, co);
+    }
+    auto pull = [&] {  // device state -> the CPU model, Adam and EMA
+      if (!gpu) return;
+      const CudaTrainState st = gpu->state();
+      std::map<std::string, size_t> at;
+      auto params = opt.params();  // handles: writing their values writes the model's
+      for (size_t k = 0; k < params.size(); ++k) at[params[k].first] = k;
+      for (const auto& [n, t] : st.weights) params[at.at(n)].second.value().copy_from(t);
+      for (const auto& [n, t] : st.m) opt.first_moments()[at.at(n)].copy_from(t);
+      for (const auto& [n, t] : st.v) opt.second_moments()[at.at(n)].copy_from(t);
+      for (const auto& [n, t] : st.ema) ema.shadow()[at.at(n)].copy_from(t);
+      opt.set_steps(st.adam_steps);
+      ema.set_updates(st.ema_updates);
+    };
+    auto save = [&](int64_t at) {
+      pull();
+      save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng, meta);
+    };
+    std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps, on %s\n", data->name().c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(),
-                static_cast<long long>(a.batch), static_cast<long long>(a.steps));
+                static_cast<long long>(a.batch), static_cast<long long>(a.steps),
+                gpu ? ("cuda (" + gpu->device_name() + ")").c_str() : "cpu");
     std::signal(SIGINT, [](int) { g_stop = 1; });
 
     auto eps_model = [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t); };
@@ -128,18 +181,30 @@ int main(int argc, char** argv) {
     for (; step < a.steps && !g_stop; ++step) {
       data->sample(rng, static_cast<size_t>(a.batch), x0.data());
       auto nb = make_noised_batch(sched, x0, rng);
-      opt.zero_grad();
-      Var<float> loss = epsilon_loss<float>(eps_model, nb);
-      const float lv = loss.value()[0];
-      if (!std::isfinite(lv))
-        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                 "; try a lower --lr (last good checkpoint: " + ckpt + ")");
-      backward(loss);
-      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-      opt.set_lr(a.lr_decay == "cosine" ? warmup_cosine_lr(a.lr, step, a.warmup, a.steps)
-                                        : warmup_lr(a.lr, step, a.warmup));
-      opt.step();
-      if (a.ema > 0) ema.update();
+      const double lr = a.lr_decay == "cosine" ? warmup_cosine_lr(a.lr, step, a.warmup, a.steps)
+                                               : warmup_lr(a.lr, step, a.warmup);
+      float lv = 0;
+      if (gpu) {
+        gpu->set_lr(lr);
+        try {
+          lv = gpu->step(nb.x_t, nb.eps, nb.t, {}, nullptr);
+        } catch (const std::runtime_error& e) {  // a non-finite loss stops before the update
+          throw std::runtime_error(std::string(e.what()) + " at step " + std::to_string(step) +
+                                   "; try a lower --lr (last good checkpoint: " + ckpt + ")");
+        }
+      } else {
+        opt.zero_grad();
+        Var<float> loss = epsilon_loss<float>(eps_model, nb);
+        lv = loss.value()[0];
+        if (!std::isfinite(lv))
+          throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                                   "; try a lower --lr (last good checkpoint: " + ckpt + ")");
+        backward(loss);
+        if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
+        opt.set_lr(lr);
+        opt.step();
+        if (a.ema > 0) ema.update();
+      }
       loss_acc += lv;
       ++loss_n;
       if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
@@ -151,18 +216,28 @@ int main(int argc, char** argv) {
         loss_acc = 0;
         loss_n = 0;
       }
-      if (a.save_every > 0 && (step + 1) % a.save_every == 0) save_checkpoint<float>(ckpt, model, &opt, &ema, step + 1, rng, meta);
+      if (a.save_every > 0 && (step + 1) % a.save_every == 0) save(step + 1);
     }
-    save_checkpoint<float>(ckpt, model, &opt, &ema, step, rng, meta);
+    save(step);
     if (g_stop) {
       std::printf("interrupted: checkpoint saved at step %lld in %s\n", static_cast<long long>(step), ckpt.c_str());
       return 130;
     }
 
-    // Sample with the EMA weights.
+    // Sample with the EMA weights, on the training device (the network on the GPU, the sampler's
+    // steps and draws on the CPU).
+    pull();
     if (a.ema > 0) ema.swap_into_model();
+    std::unique_ptr<CudaEpsModel> gpu_net;
+    if (gpu) {
+      gpu.reset();
+      NamedTensors w;
+      for (auto& [n, p] : model.named_parameters()) w.emplace_back(n, p.value());
+      gpu_net = make_cuda_mlp_model(sizes, w);
+    }
     Generator srng(a.seed, uint64_t(2) << 40);
     EpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t) {
+      if (gpu_net) return gpu_net->eps(x, t, nullptr);
       NoGrad ng;
       return model(Var<float>(x), t).value();
     };

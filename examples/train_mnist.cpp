@@ -8,7 +8,7 @@
 // it also prints the samples' accuracy and FD-LeNet.
 #include <CLI/CLI.hpp>
 
-#include "cuda_unet_trainer.hpp"
+#include "cuda_models.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/lenet_eval.hpp>
@@ -74,8 +74,8 @@ int main(int argc, char** argv) {
   app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")->capture_default_str();
   app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str();
   app.add_option("--seed", a.seed, "random seed")->capture_default_str();
-  app.add_option("--device", a.device, "train on cpu or cuda (default: cuda when a CUDA device is usable, else cpu); "
-                                       "checkpoints are the same files on both")
+  app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
+                                       "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
     // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
     // resumed) and hands them back before every checkpoint and before sampling (on the CPU).
     if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
-    std::unique_ptr<CudaUNetTrainer> gpu;
+    std::unique_ptr<CudaTrainer> gpu;
     if (a.device == "cuda") {
       CudaTrainState st;
       const auto params = opt.params();
@@ -266,9 +266,17 @@ int main(int argc, char** argv) {
                 ckpt.c_str());
     if (a.samples <= 0) return 0;
 
-    // Sample (on the CPU) with the EMA weights, from a stream of its own.
+    // Sample with the EMA weights, from a stream of its own, on the training device (the network
+    // on the GPU, the sampler's steps and draws on the CPU: the same images either way).
     pull();
     if (a.ema > 0) ema.swap_into_model();
+    std::unique_ptr<CudaEpsModel> gpu_net;
+    if (gpu) {
+      gpu.reset();  // its memory back before the sampling network's
+      NamedTensors w;
+      for (auto& [n, p] : model.named_parameters()) w.emplace_back(n, p.value());
+      gpu_net = make_cuda_unet_model(info.unet, w);
+    }
     Generator srng(a.seed, uint64_t(2) << 40);
     SampleRequest req;
     req.n = a.samples;
@@ -279,13 +287,17 @@ int main(int argc, char** argv) {
     req.variance = a.variance;
     req.batch = a.sample_batch;
     const auto ts = std::chrono::steady_clock::now();
-    const SampleResult res = sample_images(model, info, req, srng);
+    const UNetEpsFn net = gpu_net ? UNetEpsFn([&](const Tensor<float>& x, const std::vector<int32_t>& t,
+                                                   const std::vector<int32_t>* y) { return gpu_net->eps(x, t, y); })
+                                  : cpu_eps_fn(model);
+    const SampleResult res = sample_images(net, info, req, srng);
     if (a.ema > 0) ema.swap_into_model();
     write_sample_files(a.out, res, info.unet.num_classes);
-    std::printf("sampled %lld images in %.0f s (%s, guidance %.2f); wrote %s/{grid.png, process.png, samples.npy, "
+    std::printf("sampled %lld images on %s in %.0f s (%s, guidance %.2f); wrote %s/{grid.png, process.png, samples.npy, "
                 "labels.npy}\n",
-                static_cast<long long>(a.samples), std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count(),
-                a.sampler.c_str(), req.guidance, a.out.c_str());
+                static_cast<long long>(a.samples), gpu_net ? "cuda" : "cpu",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count(), a.sampler.c_str(),
+                req.guidance, a.out.c_str());
 
     // Score with the LeNet classifier when there is one.
     std::string clf = a.classifier;

@@ -9,11 +9,14 @@
 #   build-gpubin/run.sh [OUTDIR]        # tests, then benchmarks; logs and summary.txt in OUTDIR
 #
 # What it packs: test_kernels_cuda, test_cuda_memory, test_cuda_unet (the CUDA tests: every kernel
-# against the CPU backend, device memory, the whole U-Net train step against the CPU model),
-# bench_kernels_cuda, bench_unet_cuda, libbenchmark (the GPU machine may lack it), train_mnist with
-# the MNIST files of data/mnist when there (20 steps on the CPU and on the GPU, same seed: the
-# progress lines' losses should agree), and the PyTorch peer script from ../shared/reference. scripts/gpu_check.sh is the one-step
-# alternative where the GPU machine can build everything.
+# against the CPU backend, device memory, the whole U-Net train step and sampling against the CPU
+# model), bench_kernels_cuda, bench_unet_cuda (also --profile: device time by op kind),
+# libbenchmark (the GPU machine may lack it), train_2d (cpu vs cuda, resume across devices),
+# train_mnist and sample with the MNIST files of data/mnist when there (20 steps on the CPU and on
+# the GPU, same seed: the progress lines' losses should agree; then the GPU's checkpoint resumed
+# on both, and sampled on both), the PyTorch peer script from ../shared/reference and
+# scripts/torch_profile_unet.py (PyTorch's GPU time by kernel). scripts/gpu_check.sh is the
+# one-step alternative where the GPU machine can build everything.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ARCH=90
@@ -24,18 +27,18 @@ while [[ $# -gt 0 ]]; do
     --arch) ARCH=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
     --jobs) JOBS=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_bundle.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 BUILD=build-gpu-sm$ARCH
-TARGETS=(test_kernels_cuda test_cuda_memory test_cuda_unet bench_kernels_cuda bench_unet_cuda train_mnist)
+TARGETS=(test_kernels_cuda test_cuda_memory test_cuda_unet bench_kernels_cuda bench_unet_cuda train_mnist sample train_2d)
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 cp "$BUILD"/tests/test_kernels_cuda "$BUILD"/tests/test_cuda_memory "$BUILD"/tests/test_cuda_unet "$OUT"/
-cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$OUT"/
+cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$BUILD"/examples/sample "$BUILD"/examples/train_2d "$OUT"/
 if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh made them: train_mnist cpu vs cuda
   mkdir -p "$OUT"/mnist
   cp data/mnist/*-ubyte.gz "$OUT"/mnist/
@@ -45,6 +48,12 @@ lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 for f in torch_gpu_reference.py torch_reference.py; do
   [[ -f ../shared/reference/$f ]] && cp "../shared/reference/$f" "$OUT"/
 done
+cp scripts/torch_profile_unet.py "$OUT"/
+# ../shared/reference/torch_reference.py makes the timestep embedding's freqs on the CPU, which
+# fails for a model on a GPU; the bundled copy makes them on t's device (nothing else changes).
+[[ -f $OUT/torch_reference.py ]] &&
+  sed -i 's/torch.arange(half, dtype=torch.float32)/torch.arange(half, dtype=torch.float32, device=t.device)/' \
+    "$OUT"/torch_reference.py
 cat > "$OUT"/run.sh <<'RUN'
 #!/bin/bash
 # Runs the bundled GPU tests and benchmarks (built by scripts/gpu_bundle.sh); logs into $1 or ./logs.
@@ -61,16 +70,44 @@ step() {  # log-name command...
 }
 for t in test_kernels_cuda test_cuda_memory test_cuda_unet; do step "$t" ./"$t" -r compact; done
 step bench_unet_cuda ./bench_unet_cuda --benchmark_counters_tabular=true
+step bench_unet_profile ./bench_unet_cuda --profile
 step bench_kernels_cuda ./bench_kernels_cuda --benchmark_min_time=0.05
 if [[ -d mnist ]]; then
   common=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 20 --log-every 5)
   step train_mnist_cpu ./train_mnist --device cpu "${common[@]}" --out "$LOG"/train_cpu
   step train_mnist_cuda ./train_mnist --device cuda "${common[@]}" --out "$LOG"/train_cuda
   grep -h "^step" "$LOG"/train_mnist_cpu.log "$LOG"/train_mnist_cuda.log | tee -a "$LOG"/summary.txt
+  # The same checkpoint continues on either device: from the GPU's step 20 to 30 on each.
+  more=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 30 --log-every 5)
+  step resume_cuda ./train_mnist --device cuda "${more[@]}" --resume "$LOG"/train_cuda/checkpoint.safetensors --out "$LOG"/resume_cuda
+  step resume_cpu ./train_mnist --device cpu "${more[@]}" --resume "$LOG"/train_cuda/checkpoint.safetensors --out "$LOG"/resume_cpu
+  grep -h "^step" "$LOG"/resume_cuda.log "$LOG"/resume_cpu.log | tee -a "$LOG"/summary.txt
+  # Sampling from that checkpoint with the network on either device: the same images.
+  for d in cpu cuda; do
+    step sample_$d ./sample "$LOG"/train_cuda/checkpoint.safetensors --device $d -n 20 --batch 20 --seed 5 --out "$LOG"/sample_$d
+  done
+  python3 -c "
+import numpy as np, sys
+a, b = (np.load(sys.argv[i]).astype(int) for i in (1, 2))
+d = abs(a - b)
+print(f'samples cpu vs cuda: {a.size} pixels, max |diff| {d.max()}, mean {d.mean():.4f}, differing by more than 2: {(d > 2).mean():.4%}')
+" "$LOG"/sample_cpu/samples.npy "$LOG"/sample_cuda/samples.npy 2>&1 | tee -a "$LOG"/summary.txt
 fi
+# train_2d on either device, same seed; then the GPU's checkpoint continued on both.
+t2d=(--steps 2000 --log-every 500 --seed 4)
+step train_2d_cpu ./train_2d --device cpu "${t2d[@]}" --out "$LOG"/t2d_cpu
+step train_2d_cuda ./train_2d --device cuda "${t2d[@]}" --out "$LOG"/t2d_cuda
+grep -h "^step\|samples/floor" "$LOG"/train_2d_cpu.log "$LOG"/train_2d_cuda.log | tee -a "$LOG"/summary.txt
+for d in cpu cuda; do
+  step train_2d_resume_$d ./train_2d --device $d --steps 2500 --log-every 500 --seed 4 \
+    --resume "$LOG"/t2d_cuda/checkpoint.safetensors --out "$LOG"/t2d_resume_$d
+done
+grep -h "^step   \+2500\|samples/floor" "$LOG"/train_2d_resume_cpu.log "$LOG"/train_2d_resume_cuda.log | tee -a "$LOG"/summary.txt
 if [[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null; then
   step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32 --iters 10
   step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32 --iters 5
+  step torch_kernels python3 torch_gpu_reference.py kernels
+  step torch_profile_cifar python3 torch_profile_unet.py --model cifar --modes fp32,tf32
 fi
 RUN
 chmod +x "$OUT"/run.sh
