@@ -1,6 +1,7 @@
 // The CUDA U-Net (include/diffuse/cuda/unet.hpp) on a GPU against the CPU model: the native twin
 // of test_emu_unet (which runs the same device code through the emulation). The CPU side is in
-// unet_reference.cpp (host compiler). Skipped (exit 77) without a GPU; main() in catch_main.cpp
+// unet_reference.cpp (host compiler). Also the device ToyMLP's cases (model_cases_mlp.hpp,
+// mlp_reference.cpp), test_emu_mlp's twin. Skipped (exit 77) without a GPU; main() in catch_main.cpp
 // with the gate of cuda_test_main.cpp.
 #include <catch2/catch.hpp>
 
@@ -14,6 +15,7 @@
 #include <string>
 
 #include "kernel_seed.hpp"
+#include "model_cases_mlp.hpp"
 #include "unet_reference.hpp"
 
 using namespace diffuse;
