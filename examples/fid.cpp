@@ -100,12 +100,14 @@ int main(int argc, char** argv) {
   app.add_option("B", b, "second image set or statistics");
   app.add_option("--weights", network.weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
   app.add_option("--batch", batch, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--device", device, "cpu or cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--device", device, "cpu (cuda is refused: the Inception network has no CUDA path yet)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--save-stats", save_stats, "write the statistics of A to this .npz (pytorch-fid's format)");
   CLI11_PARSE(app, argc, argv);
   try {
     if (device == "cuda")
-      throw std::runtime_error("--device cuda: this build has no CUDA backend yet; use --device cpu");
+      throw std::runtime_error("--device cuda: the FID network (Inception) has no CUDA path yet; use --device cpu");
     if (b.empty() && save_stats.empty()) throw std::runtime_error("give two inputs A B, or A with --save-stats OUT.npz");
     const auto t0 = std::chrono::steady_clock::now();
     const GaussianStats sa = statistics_of(a, network, batch);
