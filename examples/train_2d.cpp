@@ -31,6 +31,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
+  bool tf32 = false;
   std::string dataset = "six", data, image, schedule = "linear", sampler = "ddpm", variance = "large", out = "out/2d";
   std::string resume, lr_decay = "constant", device;
   int64_t steps = 10000, batch = 512, warmup = 100, save_every = 0, log_every = 500;
@@ -82,6 +83,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions (inputs rounded to "
+                             "10 mantissa bits; FP32 otherwise)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -130,6 +133,7 @@ int main(int argc, char** argv) {
     // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
     // resumed) and hands them back before every checkpoint and before sampling.
     if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
+    if (a.tf32 && a.device != "cuda") throw std::invalid_argument("--tf32 needs --device cuda");
     const CudaMLPSizes sizes{cfg.data_dim, cfg.hidden, cfg.layers, cfg.temb_dim};
     std::unique_ptr<CudaTrainer> gpu;
     if (a.device == "cuda") {
@@ -147,6 +151,7 @@ int main(int argc, char** argv) {
       co.lr = a.lr;
       co.ema_decay = a.ema > 0 ? a.ema : 0.0;
       co.clip = a.clip;
+      co.tf32 = a.tf32;
       gpu = make_cuda_mlp_trainer(sizes, st, co);
     }
     auto pull = [&] {  // device state -> the CPU model, Adam and EMA

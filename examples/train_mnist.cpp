@@ -29,6 +29,7 @@ namespace {
 volatile std::sig_atomic_t g_stop = 0;
 
 struct Args {
+  bool tf32 = false;
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
   std::string sampler = "ddpm", variance = "large", classifier, device;
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50;
@@ -77,6 +78,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions (inputs rounded to "
+                             "10 mantissa bits; FP32 otherwise)");
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
@@ -154,8 +157,9 @@ int main(int argc, char** argv) {
       std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
     }
     // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
-    // resumed) and hands them back before every checkpoint and before sampling (on the CPU).
+    // resumed) and hands them back before every checkpoint and before sampling.
     if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
+    if (a.tf32 && a.device != "cuda") throw std::invalid_argument("--tf32 needs --device cuda");
     std::unique_ptr<CudaTrainer> gpu;
     if (a.device == "cuda") {
       CudaTrainState st;
@@ -172,6 +176,7 @@ int main(int argc, char** argv) {
       co.lr = a.lr;
       co.ema_decay = a.ema > 0 ? a.ema : 0.0;
       co.clip = a.clip;
+      co.tf32 = a.tf32;
       gpu = make_cuda_unet_trainer(info.unet, st, co);
     }
     auto pull = [&] {  // device state -> the CPU model, Adam and EMA
