@@ -18,11 +18,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cuda_models.hpp"
+#include "cuda_train_state.hpp"
 
 using namespace diffuse;
 using namespace diffuse::examples;
@@ -137,35 +137,15 @@ int main(int argc, char** argv) {
     const CudaMLPSizes sizes{cfg.data_dim, cfg.hidden, cfg.layers, cfg.temb_dim};
     std::unique_ptr<CudaTrainer> gpu;
     if (a.device == "cuda") {
-      CudaTrainState st;
-      const auto params = opt.params();
-      for (size_t k = 0; k < params.size(); ++k) {
-        st.weights.emplace_back(params[k].first, params[k].second.value());
-        st.m.emplace_back(params[k].first, opt.first_moments()[k]);
-        st.v.emplace_back(params[k].first, opt.second_moments()[k]);
-        if (a.ema > 0) st.ema.emplace_back(params[k].first, ema.shadow()[k]);
-      }
-      st.adam_steps = opt.steps();
-      st.ema_updates = ema.updates();
       CudaTrainOptions co;
       co.lr = a.lr;
       co.ema_decay = a.ema > 0 ? a.ema : 0.0;
       co.clip = a.clip;
       co.tf32 = a.tf32;
-      gpu = make_cuda_mlp_trainer(sizes, st, co);
+      gpu = make_cuda_mlp_trainer(sizes, cuda_train_state(opt, ema, a.ema > 0), co);
     }
     auto pull = [&] {  // device state -> the CPU model, Adam and EMA
-      if (!gpu) return;
-      const CudaTrainState st = gpu->state();
-      std::map<std::string, size_t> at;
-      auto params = opt.params();  // handles: writing their values writes the model's
-      for (size_t k = 0; k < params.size(); ++k) at[params[k].first] = k;
-      for (const auto& [n, t] : st.weights) params[at.at(n)].second.value().copy_from(t);
-      for (const auto& [n, t] : st.m) opt.first_moments()[at.at(n)].copy_from(t);
-      for (const auto& [n, t] : st.v) opt.second_moments()[at.at(n)].copy_from(t);
-      for (const auto& [n, t] : st.ema) ema.shadow()[at.at(n)].copy_from(t);
-      opt.set_steps(st.adam_steps);
-      ema.set_updates(st.ema_updates);
+      if (gpu) apply_cuda_train_state(gpu->state(), opt, ema);
     };
     auto save = [&](int64_t at) {
       pull();

@@ -9,13 +9,13 @@
 #include <CLI/CLI.hpp>
 
 #include "cuda_models.hpp"
+#include "cuda_train_state.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/lenet_eval.hpp>
 
 #include <cmath>
 #include <csignal>
-#include <map>
 #include <memory>
 #include <cstdio>
 
@@ -162,35 +162,15 @@ int main(int argc, char** argv) {
     if (a.tf32 && a.device != "cuda") throw std::invalid_argument("--tf32 needs --device cuda");
     std::unique_ptr<CudaTrainer> gpu;
     if (a.device == "cuda") {
-      CudaTrainState st;
-      const auto params = opt.params();
-      for (size_t k = 0; k < params.size(); ++k) {
-        st.weights.emplace_back(params[k].first, params[k].second.value());
-        st.m.emplace_back(params[k].first, opt.first_moments()[k]);
-        st.v.emplace_back(params[k].first, opt.second_moments()[k]);
-        if (a.ema > 0) st.ema.emplace_back(params[k].first, ema.shadow()[k]);
-      }
-      st.adam_steps = opt.steps();
-      st.ema_updates = ema.updates();
       CudaTrainOptions co;
       co.lr = a.lr;
       co.ema_decay = a.ema > 0 ? a.ema : 0.0;
       co.clip = a.clip;
       co.tf32 = a.tf32;
-      gpu = make_cuda_unet_trainer(info.unet, st, co);
+      gpu = make_cuda_unet_trainer(info.unet, cuda_train_state(opt, ema, a.ema > 0), co);
     }
     auto pull = [&] {  // device state -> the CPU model, Adam and EMA
-      if (!gpu) return;
-      const CudaTrainState st = gpu->state();
-      std::map<std::string, size_t> at;
-      auto params = opt.params();  // handles: writing their values writes the model's
-      for (size_t k = 0; k < params.size(); ++k) at[params[k].first] = k;
-      for (const auto& [n, t] : st.weights) params[at.at(n)].second.value().copy_from(t);
-      for (const auto& [n, t] : st.m) opt.first_moments()[at.at(n)].copy_from(t);
-      for (const auto& [n, t] : st.v) opt.second_moments()[at.at(n)].copy_from(t);
-      for (const auto& [n, t] : st.ema) ema.shadow()[at.at(n)].copy_from(t);
-      opt.set_steps(st.adam_steps);
-      ema.set_updates(st.ema_updates);
+      if (gpu) apply_cuda_train_state(gpu->state(), opt, ema);
     };
     auto save = [&](int64_t at) {
       pull();

@@ -16,6 +16,7 @@
 #include <map>
 #include <string>
 
+#include "compare.hpp"
 #include "kernel_seed.hpp"
 #include "mlp_reference.hpp"
 
@@ -23,23 +24,11 @@
 #define DIFFUSE_MODEL_TEST_SETUP
 #endif
 
-namespace mlp_cases {
-inline double rel_err(const diffuse::Tensor<float>& a, const diffuse::Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-}  // namespace mlp_cases
 
 TEST_CASE("cuda ToyMLP: eps, losses, gradient norms and AdamW + EMA + clip steps match the CPU model") {
   DIFFUSE_MODEL_TEST_SETUP
   using namespace diffuse;
-  using mlp_cases::rel_err;
+  using testing::rel_err;
   const std::uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed);
   const int steps = 4;

@@ -14,6 +14,7 @@
 #include <random>
 #include <string>
 
+#include "compare.hpp"
 #include "kernel_seed.hpp"
 #include "model_cases_mlp.hpp"
 #include "unet_reference.hpp"
@@ -21,16 +22,7 @@
 using namespace diffuse;
 
 namespace {
-double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
+using testing::rel_err;  // compare.hpp
 bool is_key_bias(const std::string& n) { return n.size() > 7 && n.compare(n.size() - 7, 7, ".k.bias") == 0; }
 }  // namespace
 

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "compare.hpp"
 #include "kernel_seed.hpp"
 #include "unet_reference.hpp"
 
@@ -33,17 +34,7 @@ using namespace diffuse;
 
 namespace {
 
-// ||a - b|| / ||b|| over all elements.
-double rel_err(const Tensor<float>& a, const Tensor<float>& b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
+using testing::rel_err;  // compare.hpp
 
 // The case's random weights (random everywhere: the zero-initialised convs would hide their
 // gradients' paths; GroupNorm gains around 1) into a CPU UNet of its config.

@@ -45,6 +45,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -60,6 +61,51 @@ struct Param {
   Tensor<float> value;   // Device::CUDA
   Tensor<float> grad;    // Device::CUDA, same shape; accumulated by backward
 };
+
+// A device model's parameter list (cuda/unet.hpp's UNetDevice, cuda/mlp.hpp's ToyMLPDevice).
+// add_param: a new parameter (value and gradient uninitialised) and its index.
+inline int add_param(std::vector<Param>& ps, const std::string& name, Shape shape) {
+  Param p;
+  p.name = name;
+  p.shape = shape;
+  p.value = Tensor<float>(shape, Device::CUDA);
+  p.grad = Tensor<float>(shape, Device::CUDA);
+  ps.push_back(std::move(p));
+  return static_cast<int>(ps.size() - 1);
+}
+// Index by name, or -1.
+inline int param_index(const std::vector<Param>& ps, const std::string& name) {
+  for (std::size_t i = 0; i < ps.size(); ++i)
+    if (ps[i].name == name) return static_cast<int>(i);
+  return -1;
+}
+inline std::int64_t count_parameters(const std::vector<Param>& ps) {
+  std::int64_t n = 0;
+  for (const Param& p : ps) n += p.value.numel();
+  return n;
+}
+// Copies named CPU tensors (PyTorch layouts: a CPU model's named_parameters() values, a
+// checkpoint) onto ps: every parameter must be given, with the shape cpu_shape(p); extra names
+// are an error too (a different model). to_device(p, cpu) gives the host tensor in p's device
+// layout. who names the caller in the messages.
+template <class CpuShape, class ToDevice>
+inline void load_params(std::vector<Param>& ps, const std::vector<std::pair<std::string, Tensor<float>>>& named,
+                        CpuShape cpu_shape, ToDevice to_device, const std::string& who) {
+  std::map<std::string, const Tensor<float>*> by_name;
+  for (const auto& [n, t] : named) by_name[n] = &t;
+  for (Param& p : ps) {
+    auto it = by_name.find(p.name);
+    if (it == by_name.end()) throw std::invalid_argument(who + ": missing " + p.name);
+    const Tensor<float>& t = *it->second;
+    const Shape want = cpu_shape(p);
+    if (t.shape() != want)
+      throw std::invalid_argument(who + ": " + p.name + " has shape " + shape_str(t.shape()) + ", expected " +
+                                  shape_str(want));
+    p.value.copy_from(to_device(p, t.cpu()));
+    by_name.erase(it);
+  }
+  if (!by_name.empty()) throw std::invalid_argument(who + ": unknown tensor " + by_name.begin()->first);
+}
 
 // An activation: a device tensor and, once backward reaches it, its gradient.
 struct ActNode {

@@ -18,7 +18,6 @@
 #include "kernels/timestep_embedding.cuh"
 
 #include <cstdint>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -40,18 +39,14 @@ class ToyMLPDevice {
       LinearSpec l;
       l.in = w[i];
       l.out = w[i + 1];
-      l.w = param(name + ".weight", {l.out, l.in});
-      l.b = param(name + ".bias", {l.out});
+      l.w = add_param(params_, name + ".weight", {l.out, l.in});
+      l.b = add_param(params_, name + ".bias", {l.out});
       layers_.push_back(l);
     }
   }
 
   std::vector<Param>& params() { return params_; }
-  std::int64_t num_parameters() const {
-    std::int64_t n = 0;
-    for (const Param& p : params_) n += p.value.numel();
-    return n;
-  }
+  std::int64_t num_parameters() const { return count_parameters(params_); }
 
   // eps for x [B, data_dim] (device) at device timesteps t. y must be null (no classes); no
   // dropout (the generator is ignored).
@@ -74,21 +69,11 @@ class ToyMLPDevice {
   }
 
   // The CPU model's named tensors (e.g. its named_parameters() values, a checkpoint) onto the
-  // device: every parameter, with its shape, and nothing else.
+  // device: every parameter, with its shape, and nothing else (the layouts are the CPU's).
   void load(const std::vector<std::pair<std::string, Tensor<float>>>& named) {
-    std::map<std::string, const Tensor<float>*> by_name;
-    for (const auto& [n, t] : named) by_name[n] = &t;
-    for (Param& p : params_) {
-      auto it = by_name.find(p.name);
-      if (it == by_name.end()) throw std::invalid_argument("diffuse::cuda::ToyMLPDevice::load: missing " + p.name);
-      if (it->second->shape() != p.shape)
-        throw std::invalid_argument("diffuse::cuda::ToyMLPDevice::load: " + p.name + " has shape " +
-                                    shape_str(it->second->shape()) + ", expected " + shape_str(p.shape));
-      p.value.copy_from(it->second->cpu());
-      by_name.erase(it);
-    }
-    if (!by_name.empty())
-      throw std::invalid_argument("diffuse::cuda::ToyMLPDevice::load: unknown tensor " + by_name.begin()->first);
+    load_params(
+        params_, named, [](const Param& p) { return p.shape; }, [](const Param&, const Tensor<float>& t) { return t; },
+        "diffuse::cuda::ToyMLPDevice::load");
   }
   enum class Which { Value, Grad };
   std::vector<std::pair<std::string, Tensor<float>>> named_tensors(Which which = Which::Value) const {
@@ -99,23 +84,9 @@ class ToyMLPDevice {
   // The layouts are the CPU's: only a copy to the host (or from it).
   Tensor<float> to_cpu_layout(int, const Tensor<float>& t) const { return t.cpu(); }
   Tensor<float> to_device_layout(int, const Tensor<float>& t) const { return t.cpu(); }
-  int index(const std::string& name) const {
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      if (params_[i].name == name) return static_cast<int>(i);
-    return -1;
-  }
+  int index(const std::string& name) const { return param_index(params_, name); }
 
  private:
-  int param(const std::string& name, Shape shape) {
-    Param p;
-    p.name = name;
-    p.shape = shape;
-    p.value = Tensor<float>(shape, Device::CUDA);
-    p.grad = Tensor<float>(shape, Device::CUDA);
-    params_.push_back(std::move(p));
-    return static_cast<int>(params_.size() - 1);
-  }
-
   std::int64_t data_dim_, temb_dim_;
   std::vector<Param> params_;
   std::vector<LinearSpec> layers_;

@@ -109,31 +109,15 @@ class UNetDevice {
 
   const UNetConfig& config() const { return cfg_; }
   std::vector<Param>& params() { return params_; }
-  std::int64_t num_parameters() const {
-    std::int64_t n = 0;
-    for (const Param& p : params_) n += p.value.numel();
-    return n;
-  }
+  std::int64_t num_parameters() const { return count_parameters(params_); }
 
   // Copies the named CPU tensors (PyTorch layouts, e.g. a CPU UNet's named_parameters() values or
-  // a checkpoint) onto the device. Every parameter must be given, with its shape; extra names
-  // are an error too (a different model).
+  // a checkpoint) onto the device (load_params in graph.hpp: every parameter, nothing else).
   void load(const std::vector<std::pair<std::string, Tensor<float>>>& named) {
-    std::map<std::string, const Tensor<float>*> by_name;
-    for (const auto& [n, t] : named) by_name[n] = &t;
-    for (Param& p : params_) {
-      auto it = by_name.find(p.name);
-      if (it == by_name.end()) throw std::invalid_argument("diffuse::cuda::UNetDevice::load: missing " + p.name);
-      const Tensor<float>& t = *it->second;
-      const Shape want = cpu_shape(p);
-      if (t.shape() != want)
-        throw std::invalid_argument("diffuse::cuda::UNetDevice::load: " + p.name + " has shape " + shape_str(t.shape()) +
-                                    ", expected " + shape_str(want));
-      p.value.copy_from(to_device_layout(p, t.cpu()));
-      by_name.erase(it);
-    }
-    if (!by_name.empty())
-      throw std::invalid_argument("diffuse::cuda::UNetDevice::load: unknown tensor " + by_name.begin()->first);
+    load_params(
+        params_, named, [this](const Param& p) { return cpu_shape(p); },
+        [this](const Param& p, const Tensor<float>& t) { return to_device_layout(p, t); },
+        "diffuse::cuda::UNetDevice::load");
   }
 
   // The parameters (or, with which = Grad, their gradients) as CPU tensors in PyTorch layouts,
@@ -153,11 +137,7 @@ class UNetDevice {
     return to_device_layout(params_[static_cast<std::size_t>(i)], cpu_tensor.cpu());
   }
   // Parameter index by name, or -1.
-  int index(const std::string& name) const {
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      if (params_[i].name == name) return static_cast<int>(i);
-    return -1;
-  }
+  int index(const std::string& name) const { return param_index(params_, name); }
 
   void zero_grad() {
     for (Param& p : params_)
@@ -216,15 +196,7 @@ class UNetDevice {
   }
 
  private:
-  int param(const std::string& name, Shape shape) {
-    Param p;
-    p.name = name;
-    p.shape = shape;
-    p.value = Tensor<float>(shape, Device::CUDA);
-    p.grad = Tensor<float>(shape, Device::CUDA);
-    params_.push_back(std::move(p));
-    return static_cast<int>(params_.size() - 1);
-  }
+  int param(const std::string& name, Shape shape) { return add_param(params_, name, std::move(shape)); }
   LinearSpec linear(const std::string& name, std::int64_t in, std::int64_t out) {
     LinearSpec l;
     l.in = in;
