@@ -155,4 +155,31 @@ inline void adam_ema_step(const AdamTensor<T>* tensors, const AdamChunk* chunks,
                num_chunks, args);
 }
 
+// ema = d ema + (1 - d) p over every chunk whose tensor has an EMA copy (EMA<T>::update alone,
+// for an EMA updated apart from the optimiser step).
+template <class T>
+__global__ void ema_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
+                           std::int64_t num_chunks, T decay) {
+  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const AdamChunk ch = chunks[c];
+    const AdamTensor<T> t = tensors[ch.tensor];
+    if (!t.ema) continue;
+    const T* p = t.p + ch.begin;
+    T* e = t.ema + ch.begin;
+    for (std::int64_t i = threadIdx.x; i < ch.count; i += blockDim.x) e[i] = decay * e[i] + (T(1) - decay) * p[i];
+  }
+}
+
+template <class T>
+inline void ema_step(const AdamTensor<T>* tensors, const AdamChunk* chunks, std::int64_t num_chunks, T decay,
+                     cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 4096) {
+  if (num_chunks < 0) throw std::invalid_argument("ema_step: negative chunk count");
+  if (block == 0 || block > 1024 || max_blocks == 0)
+    throw std::invalid_argument("ema_step: block must be in [1, 1024] and max_blocks at least 1");
+  if (num_chunks == 0) return;
+  const std::int64_t blocks = std::min<std::int64_t>(num_chunks, max_blocks);
+  cuda::launch(ema_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(block), 0, stream, tensors, chunks, num_chunks,
+               decay);
+}
+
 }  // namespace diffuse::kernels

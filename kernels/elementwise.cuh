@@ -332,6 +332,13 @@ inline void row_bias_backward(const T* dy, T* db, std::int64_t rows, std::int64_
                               cuda::stream_t stream = {}, unsigned block = 256, unsigned max_chunks = 1024) {
   elementwise_detail::column_sums("row_bias_backward", dy, db, 1, rows, C, true, workspace, stream, block, max_chunks);
 }
+// The same, written (accumulate = false) or added to: the autograd's first contribution writes.
+template <class T>
+inline void row_bias_backward(const T* dy, T* db, std::int64_t rows, std::int64_t C, bool accumulate, void* workspace,
+                              cuda::stream_t stream = {}, unsigned block = 256, unsigned max_chunks = 1024) {
+  elementwise_detail::column_sums("row_bias_backward", dy, db, 1, rows, C, accumulate, workspace, stream, block,
+                                  max_chunks);
+}
 
 // Workspace of channel_bias_backward with the same N, HW, C, block and max_chunks.
 inline std::size_t channel_bias_backward_workspace_bytes(std::int64_t N, std::int64_t HW, std::int64_t C,
@@ -441,6 +448,28 @@ inline void mse_forward(const T* a, const T* b, std::int64_t n, float* out_loss,
                static_cast<std::int64_t>(grid.x), n, out_loss);
 }
 
+// The same with the upstream gradient read from the device (the autograd's loss seed): the factor
+// is formed per thread as the CPU forms it, g * 2 / float(n), times sign (-1 for b).
+template <class T>
+__global__ void mse_backward_dev_kernel(const T* a, const T* b, std::int64_t n, const float* g, float sign, T* da,
+                                        bool accumulate) {
+  const float c = sign * (*g * 2.0f / static_cast<float>(n));
+  const std::int64_t stride = elementwise_detail::grid_stride();
+  for (std::int64_t i = elementwise_detail::first_index(); i < n; i += stride) {
+    const float d = c * (static_cast<float>(a[i]) - static_cast<float>(b[i]));
+    da[i] = static_cast<T>(accumulate ? static_cast<float>(da[i]) + d : d);
+  }
+}
+
+template <class T>
+inline void mse_backward(const T* a, const T* b, std::int64_t n, const float* grad, float sign, T* da, bool accumulate,
+                         cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
+  elementwise_detail::check_flat("mse_backward", n, block, max_blocks);
+  if (n == 0) return;
+  cuda::launch(mse_backward_dev_kernel<T>, elementwise_detail::flat_grid(n, block, max_blocks), dim3(block), 0, stream,
+               a, b, n, grad, sign, da, accumulate);
+}
+
 template <class T>
 __global__ void mse_backward_kernel(const T* a, const T* b, std::int64_t n, float c, T* da, bool accumulate) {
   const std::int64_t stride = elementwise_detail::grid_stride();
@@ -467,11 +496,24 @@ inline void mse_backward(const T* a, const T* b, std::int64_t n, float grad_scal
 
 template <class T>
 __global__ void gather_rows_add_kernel(const T* __restrict__ table, const std::int32_t* __restrict__ idx,
-                                       T* __restrict__ y, std::int64_t n, std::int64_t D) {
+                                       T* __restrict__ y, std::int64_t n, std::int64_t D, bool accumulate) {
   const std::int64_t stride = elementwise_detail::grid_stride();
   std::int64_t i = elementwise_detail::first_index();
-  for (elementwise_detail::StrideDivMod rc(i, stride, D); i < n; i += stride, rc.advance())
-    y[i] = static_cast<T>(static_cast<float>(y[i]) + static_cast<float>(table[static_cast<std::int64_t>(idx[rc.q]) * D + rc.r]));
+  for (elementwise_detail::StrideDivMod rc(i, stride, D); i < n; i += stride, rc.advance()) {
+    const float v = static_cast<float>(table[static_cast<std::int64_t>(idx[rc.q]) * D + rc.r]);
+    y[i] = static_cast<T>(accumulate ? static_cast<float>(y[i]) + v : v);
+  }
+}
+
+// y [N, D] = (accumulate: +=) table [R, D] rows idx [N] (device int32, checked by the caller).
+template <class T>
+inline void gather_rows(const T* table, const std::int32_t* idx, T* y, std::int64_t N, std::int64_t D, bool accumulate,
+                        cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
+  if (N < 0 || D < 0) throw std::invalid_argument("gather_rows: negative size");
+  elementwise_detail::check_flat("gather_rows", N * D, block, max_blocks);
+  if (N * D == 0) return;
+  cuda::launch(gather_rows_add_kernel<T>, elementwise_detail::flat_grid(N * D, block, max_blocks), dim3(block), 0,
+               stream, table, idx, y, N * D, D, accumulate);
 }
 
 // y [N, D] += table [R, D] rows idx [N] (device int32). Indices must lie in [0, R): the caller
@@ -483,7 +525,7 @@ inline void gather_rows_add(const T* table, const std::int32_t* idx, T* y, std::
   elementwise_detail::check_flat("gather_rows_add", N * D, block, max_blocks);
   if (N * D == 0) return;
   cuda::launch(gather_rows_add_kernel<T>, elementwise_detail::flat_grid(N * D, block, max_blocks), dim3(block), 0,
-               stream, table, idx, y, N * D, D);
+               stream, table, idx, y, N * D, D, true);
 }
 
 // Deterministic scatter-add without atomics: block per table row r (grid-stride over rows),
@@ -494,18 +536,32 @@ inline void gather_rows_add(const T* table, const std::int32_t* idx, T* y, std::
 template <class T>
 __global__ void gather_rows_add_backward_kernel(const std::int32_t* __restrict__ idx, const T* __restrict__ dy,
                                                 T* __restrict__ dtable, std::int64_t N, std::int64_t R,
-                                                std::int64_t D) {
+                                                std::int64_t D, bool accumulate) {
   for (std::int64_t r = blockIdx.x; r < R; r += gridDim.x)
     for (std::int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      float acc = static_cast<float>(dtable[r * D + j]);
+      float acc = accumulate ? static_cast<float>(dtable[r * D + j]) : 0.0f;
       bool hit = false;
       for (std::int64_t i = 0; i < N; ++i)
         if (idx[i] == r) {
           acc += static_cast<float>(dy[i * D + j]);
           hit = true;
         }
-      if (hit) dtable[r * D + j] = static_cast<T>(acc);  // rows no sample uses are not touched
+      // Accumulating, rows no sample uses are not touched; writing, they become 0.
+      if (hit || !accumulate) dtable[r * D + j] = static_cast<T>(acc);
     }
+}
+
+// dtable [R, D] = (accumulate: +=) dy [N, D] scattered to rows idx [N]; writing, unused rows are 0.
+template <class T>
+inline void scatter_rows(const std::int32_t* idx, const T* dy, T* dtable, std::int64_t N, std::int64_t R,
+                         std::int64_t D, bool accumulate, cuda::stream_t stream = {}, unsigned block = 256,
+                         unsigned max_blocks = 65535) {
+  if (N < 0 || R < 0 || D < 0) throw std::invalid_argument("scatter_rows: negative size");
+  elementwise_detail::check_flat("scatter_rows", R, block, max_blocks);
+  if (R == 0 || D == 0 || (N == 0 && accumulate)) return;
+  const unsigned threads = static_cast<unsigned>(std::min<std::int64_t>(block, D));
+  cuda::launch(gather_rows_add_backward_kernel<T>, dim3(static_cast<unsigned>(std::min<std::int64_t>(R, max_blocks))),
+               dim3(threads), 0, stream, idx, dy, dtable, N, R, D, accumulate);
 }
 
 // dtable [R, D] += dy [N, D] scattered to rows idx [N] (duplicates add up), a parameter gradient.
@@ -519,7 +575,7 @@ inline void gather_rows_add_backward(const std::int32_t* idx, const T* dy, T* dt
   if (N == 0 || R == 0 || D == 0) return;
   const unsigned threads = static_cast<unsigned>(std::min<std::int64_t>(block, D));  // no idle lanes for small D
   cuda::launch(gather_rows_add_backward_kernel<T>, dim3(static_cast<unsigned>(std::min<std::int64_t>(R, max_blocks))),
-               dim3(threads), 0, stream, idx, dy, dtable, N, R, D);
+               dim3(threads), 0, stream, idx, dy, dtable, N, R, D, true);
 }
 
 }  // namespace diffuse::kernels

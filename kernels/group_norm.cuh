@@ -353,7 +353,7 @@ __global__ void group_norm_grad_combine_kernel(const T* __restrict__ gamma, cons
 template <class F>
 __global__ void group_norm_grad_params_kernel(const F* __restrict__ part1, const F* __restrict__ part2,
                                               F* __restrict__ dgamma, F* __restrict__ dbeta, std::int64_t rows,
-                                              std::int64_t C) {
+                                              std::int64_t C, bool acc_gamma, bool acc_beta) {
   DIFFUSE_SHARED(float, s1, 32 * kGroupNormColLanes);
   DIFFUSE_SHARED(float, s2, 32 * kGroupNormColLanes);
   const std::int64_t tiles = (C + 31) / 32, slot = threadIdx.y * 32 + threadIdx.x;
@@ -374,8 +374,8 @@ __global__ void group_norm_grad_params_kernel(const F* __restrict__ part1, const
         q1 += s1[j * 32 + threadIdx.x];
         q2 += s2[j * 32 + threadIdx.x];
       }
-      dbeta[c] += q1;
-      dgamma[c] += q2;
+      if (dbeta) dbeta[c] = acc_beta ? dbeta[c] + q1 : q1;
+      if (dgamma) dgamma[c] = acc_gamma ? dgamma[c] + q2 : q2;
     }
     __syncthreads();
   }
@@ -451,13 +451,14 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, T* y, 
 }
 
 // The backward of group_norm_forward from dy [N, HW, C] and the forward's x, gamma, beta, mean and
-// rstd (with silu, y and sigmoid(y) are recomputed from them). dgamma, dbeta [C] (float) are
-// accumulated (+=); dx is written, or accumulated when accumulate_dx. dx must not overlap dy or x.
+// rstd (with silu, y and sigmoid(y) are recomputed from them). dx, dgamma, dbeta [C] (float) are
+// each written, or added to when its acc flag says; a null one is skipped. dx must not overlap dy
+// or x.
 template <class T>
 inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T* beta, const float* mean,
-                                const float* rstd, T* dx, float* dgamma, float* dbeta, std::int64_t N, std::int64_t HW,
-                                std::int64_t C, std::int64_t G, bool silu, bool accumulate_dx, void* workspace,
-                                cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
+                                const float* rstd, T* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
+                                bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
+                                bool silu, void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
                                 unsigned max_blocks = 65535) {
   const GroupNormGrid pl = group_norm_grid(N, HW, C, G, chunk_pixels);
   group_norm_detail::check_max_blocks("group_norm_backward", max_blocks);
@@ -476,14 +477,28 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
                  p2, pl);
   cuda::launch(group_norm_grad_combine_kernel<T>, group_norm_detail::grid_of(N * G, max_blocks),
                dim3(kGroupNormGroupThreads), 0, stream, gamma, p1, p2, k1, k2, pl);
-  cuda::launch(group_norm_grad_params_kernel<float>, group_norm_detail::grid_of((C + 31) / 32, max_blocks),
-               dim3(32, kGroupNormColLanes), 0, stream, p1, p2, dgamma, dbeta, N * pl.chunks, C);
+  if (dgamma || dbeta)
+    cuda::launch(group_norm_grad_params_kernel<float>, group_norm_detail::grid_of((C + 31) / 32, max_blocks),
+                 dim3(32, kGroupNormColLanes), 0, stream, static_cast<const float*>(p1), static_cast<const float*>(p2),
+                 dgamma, dbeta, N * pl.chunks, C, acc_gamma, acc_beta);
+  if (!dx) return;
   if (silu)
     cuda::launch(group_norm_grad_input_kernel<T, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
-                 dx, pl, accumulate_dx);
+                 dx, pl, acc_dx);
   else
     cuda::launch(group_norm_grad_input_kernel<T, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
-                 dx, pl, accumulate_dx);
+                 dx, pl, acc_dx);
+}
+
+// The same with dgamma and dbeta always accumulated (parameter gradients) and dx required.
+template <class T>
+inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T* beta, const float* mean,
+                                const float* rstd, T* dx, float* dgamma, float* dbeta, std::int64_t N, std::int64_t HW,
+                                std::int64_t C, std::int64_t G, bool silu, bool accumulate_dx, void* workspace,
+                                cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
+                                unsigned max_blocks = 65535) {
+  group_norm_backward(dy, x, gamma, beta, mean, rstd, dx, accumulate_dx, dgamma, true, dbeta, true, N, HW, C, G, silu,
+                      workspace, stream, chunk_pixels, max_blocks);
 }
 
 }  // namespace diffuse::kernels
