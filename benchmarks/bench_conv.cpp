@@ -30,7 +30,7 @@ struct Setup {
     stride = st.range(5);
     pad = k / 2;
     x = Var<float>(Tensor<float>::randn({N, HW, HW, C}, g), true);
-    w = Var<float>(Tensor<float>::randn({O, C, k, k}, g), true);
+    w = Var<float>(Tensor<float>::randn({O, k, k, C}, g), true);  // OHWI
     b = Var<float>(Tensor<float>::randn({O}, g), true);
     const int64_t Ho = (HW + 2 * pad - k) / stride + 1;
     flops = 2.0 * N * Ho * Ho * O * C * k * k;

@@ -11,6 +11,8 @@
 
 #include <diffuse/fid.hpp>
 
+#include "device_choice.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -18,6 +20,7 @@
 #include <string>
 
 using namespace diffuse;
+using diffuse::examples::choose_device;
 namespace fs = std::filesystem;
 
 namespace {
@@ -29,6 +32,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // The network is loaded only when some input is images, not statistics.
 struct Network {
   std::string weights;
+  Device device = Device::CPU;
   std::unique_ptr<FidInceptionV3<float>> net;
   const FidInceptionV3<float>& get() {
     if (!net) {
@@ -40,6 +44,7 @@ struct Network {
       Generator g(0);
       net = std::make_unique<FidInceptionV3<float>>(g);
       load_fid_weights(weights, *net);
+      net->to(device);
     }
     return *net;
   }
@@ -87,7 +92,7 @@ GaussianStats statistics_of(const std::string& path, Network& network, int64_t b
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string a, b, save_stats, device = "cpu";
+  std::string a, b, save_stats, device;
   Network network;
   network.weights = "data/fid/pt_inception-2015-12-05.safetensors";
   int64_t batch = 50;
@@ -100,14 +105,13 @@ int main(int argc, char** argv) {
   app.add_option("B", b, "second image set or statistics");
   app.add_option("--weights", network.weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
   app.add_option("--batch", batch, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--device", device, "cpu (cuda is refused: the Inception network has no CUDA path yet)")
-      ->capture_default_str()
+  app.add_option("--device", device, "run the Inception network on cpu or cuda (default: cuda when a CUDA device is "
+                                     "usable, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--save-stats", save_stats, "write the statistics of A to this .npz (pytorch-fid's format)");
   CLI11_PARSE(app, argc, argv);
   try {
-    if (device == "cuda")
-      throw std::runtime_error("--device cuda: the FID network (Inception) has no CUDA path yet; use --device cpu");
+    network.device = choose_device(device);  // refuses cuda without a device before loading anything
     if (b.empty() && save_stats.empty()) throw std::runtime_error("give two inputs A B, or A with --save-stats OUT.npz");
     const auto t0 = std::chrono::steady_clock::now();
     const GaussianStats sa = statistics_of(a, network, batch);

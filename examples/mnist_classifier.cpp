@@ -12,6 +12,8 @@
 #include <diffuse/diffuse.hpp>
 #include <diffuse/idx.hpp>
 #include <diffuse/layers/lenet.hpp>
+
+#include "device_choice.hpp"
 #include <diffuse/lenet_eval.hpp>
 #include <diffuse/npy.hpp>
 
@@ -28,7 +30,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct TrainArgs {
-  std::string data, resize = "area", out;
+  std::string data, resize = "area", out, device;
   // Defaults: >= 98.5% test accuracy at 16x16 on the 8,000/2,000 split in about 2.5 minutes on 2 cores.
   int64_t size = 16, epochs = 15, batch = 32, shift = 1, c1 = LeNetConfig{}.c1, c2 = LeNetConfig{}.c2;
   double lr = 2e-3, weight_decay = 0.0;
@@ -36,7 +38,7 @@ struct TrainArgs {
 };
 
 struct ScoreArgs {
-  std::string classifier, samples, labels, data, json;
+  std::string classifier, samples, labels, data, json, device;
   uint64_t seed = 0;
 };
 
@@ -60,6 +62,7 @@ int train(const TrainArgs& a) {
   const std::vector<uint8_t> train_px = mnist_at_size(tr.images, S, a.resize);
   const std::vector<uint8_t> test_px = mnist_at_size(te.images, S, a.resize);
   const std::string out = a.out.empty() ? (fs::path(a.data) / ("lenet" + std::to_string(S) + ".safetensors")).string() : a.out;
+  const Device dev = diffuse::examples::choose_device(a.device);
 
   Generator init(a.seed);
   LeNetConfig cfg;
@@ -67,6 +70,7 @@ int train(const TrainArgs& a) {
   cfg.c1 = a.c1;
   cfg.c2 = a.c2;
   LeNet<float> net(cfg, init);
+  net.to(dev);
   AdamOptions ao;
   ao.lr = a.lr;
   ao.weight_decay = a.weight_decay;
@@ -75,10 +79,11 @@ int train(const TrainArgs& a) {
   Generator rng(a.seed, uint64_t(1) << 40);
   const int64_t steps_per_epoch = (n + a.batch - 1) / a.batch, total = steps_per_epoch * a.epochs;
   std::printf("mnist_classifier train: %lld train / %zu test digits at %lldx%lld (%s), LeNet %lld parameters, "
-              "%lld epochs of batch %lld, lr %g, shift %lld\n",
+              "%lld epochs of batch %lld, lr %g, shift %lld, on %s\n",
               static_cast<long long>(n), te.images.count, static_cast<long long>(S), static_cast<long long>(S),
               a.resize.c_str(), static_cast<long long>(net.num_parameters()), static_cast<long long>(a.epochs),
-              static_cast<long long>(a.batch), a.lr, static_cast<long long>(a.shift));
+              static_cast<long long>(a.batch), a.lr, static_cast<long long>(a.shift),
+              diffuse::examples::device_description(dev).c_str());
   std::fflush(stdout);
 
   const auto t_start = std::chrono::steady_clock::now();
@@ -108,14 +113,14 @@ int train(const TrainArgs& a) {
                     int64_t(sh[2 * k + 1]) - a.shift);
       }
       opt.zero_grad();
-      const Var<float> logits = net.logits(Var<float>(lenet_input(xb.data(), B, S)));
+      const Var<float> logits = net.logits(Var<float>(lenet_input(xb.data(), B, S).to(dev)));
       const Var<float> loss = cross_entropy(logits, y);
-      const float lv = loss.value()[0];
+      backward(loss);
+      const float lv = loss.value().cpu()[0];  // after the backward is queued (a GPU read waits for it)
       if (!std::isfinite(lv))
         throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) + "; try a lower --lr");
-      const std::vector<int32_t> p = argmax_rows(logits.value());
+      const std::vector<int32_t> p = argmax_rows(logits.value().cpu());
       for (int64_t k = 0; k < B; ++k) correct += p[k] == y[k];
-      backward(loss);
       opt.set_lr(warmup_cosine_lr(a.lr, step, std::min<int64_t>(100, total / 10), total));
       opt.step();
       loss_sum += static_cast<double>(lv) * static_cast<double>(B);
@@ -158,7 +163,9 @@ std::vector<uint8_t> read_samples(const std::string& path, int64_t& n, int64_t& 
 }
 
 int score(const ScoreArgs& a) {
+  const Device dev = diffuse::examples::choose_device(a.device);
   const LeNetFile clf = load_lenet(a.classifier);
+  clf.net->to(dev);
   const LeNet<float>& net = *clf.net;
   int64_t n = 0, h = 0;
   const std::vector<uint8_t> px = read_samples(a.samples, n, h);
@@ -247,6 +254,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 4));
   tr->add_option("--seed", ta.seed, "random seed")->capture_default_str();
   tr->add_option("--out", ta.out, "classifier file (default: DIR/lenet<size>.safetensors)");
+  tr->add_option("--device", ta.device, "train on cpu or cuda (default: cuda when a CUDA device is usable, else cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   ScoreArgs sa;
   CLI::App* sc = app.add_subcommand("score", "score generated digits (samples.npy) with a trained classifier");
   sc->add_option("--classifier", sa.classifier, "classifier file written by `train`")->required();
@@ -255,6 +264,8 @@ int main(int argc, char** argv) {
   sc->add_option("--data", sa.data, "MNIST-format directory: the real digits for FD and its floor")->required();
   sc->add_option("--json", sa.json, "also write the numbers to this JSON file");
   sc->add_option("--seed", sa.seed, "seed of the real train digits drawn for the floor")->capture_default_str();
+  sc->add_option("--device", sa.device, "run the classifier on cpu or cuda (default: cuda when usable, else cpu)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
   try {
     return tr->parsed() ? train(ta) : score(sa);

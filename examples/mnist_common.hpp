@@ -85,27 +85,20 @@ struct SampleResult {
   int64_t process_rows = 0;
 };
 
-// The network as the samplers call it: eps for x [B, res, res, 1] at timesteps t, with labels y
-// for a class-conditional model (nullptr otherwise). The CPU model, or the CUDA one
-// (cuda_models.hpp).
-using UNetEpsFn =
-    std::function<Tensor<float>(const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y)>;
-
-inline UNetEpsFn cpu_eps_fn(const UNet<float>& model) {
-  return [&model](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
+// Samples req.n images with the model as it is (swap in the EMA weights before calling), on the
+// model's device: the images stay there until a batch is done. Class-conditional models get
+// labels 0,1,..,9,0,1,.. so that every batch holds every digit; the first batch's first 10 images
+// are traced through the process.
+inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& info, const SampleRequest& req,
+                                  Generator& g, bool progress = true) {
+  auto net = [&model](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
     NoGrad ng;
     return model(Var<float>(x), t, y).value();
   };
-}
-
-// Samples req.n images with the network net (for a CPU model: its weights as they are, so swap
-// in the EMA before calling). Class-conditional models get labels 0,1,..,9,0,1,.. so that every
-// batch holds every digit; the first batch's first 10 images are traced through the process.
-inline SampleResult sample_images(const UNetEpsFn& net, const ModelInfo& info, const SampleRequest& req, Generator& g,
-                                  bool progress = true) {
   const NoiseSchedule sched = NoiseSchedule::by_name(info.schedule, info.T);
   const int64_t R = info.unet.resolution, K = info.unet.num_classes;
   SampleOptions so;
+  so.device = model.device();
   so.clip_x0 = true;
   so.variance = parse_variance(req.variance);
   so.steps = req.steps;
@@ -137,12 +130,13 @@ inline SampleResult sample_images(const UNetEpsFn& net, const ModelInfo& info, c
       obs = [&](int remaining, const Tensor<float>& x) {
         for (int k = 0; k < F; ++k)
           if (remaining == total - (total * k) / (F - 1)) {
-            frames.push_back(x.clone());
+            frames.push_back(x.to(Device::CPU));
             out.process_t.push_back(remaining);
           }
       };
-    const Tensor<float> s = req.sampler == "ddpm" ? ddpm_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs)
-                                                  : ddim_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs);
+    const Tensor<float> s = (req.sampler == "ddpm" ? ddpm_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs)
+                                                   : ddim_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs))
+                                .cpu();
     std::copy(s.data(), s.data() + s.size(), out.images.data() + b0 * R * R);
     if (progress) {
       const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

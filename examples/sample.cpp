@@ -2,11 +2,11 @@
 // any number of steps and classifier-free guidance. Writes DIR/grid.png,
 // DIR/process.png, DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy
 // (int64 [N]), the files train_mnist writes, so mnist_classifier scores either.
-// --device cuda runs the network on the GPU (the sampler's steps and draws stay on the CPU, so a
-// seed gives the same images on either device, up to float rounding).
+// --device cuda samples on the GPU (the model moved there; the sampler's draws are the CPU's
+// Philox streams, so a seed gives the same images on either device, up to float rounding).
 #include <CLI/CLI.hpp>
 
-#include "cuda_models.hpp"
+#include "device_choice.hpp"
 #include "mnist_common.hpp"
 
 using namespace diffuse;
@@ -45,11 +45,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    if (device == "cuda") {  // refuse before loading anything
-      const std::string why = cuda_unavailable_reason();
-      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
-    }
-    if (device.empty()) device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
+    const Device dev = choose_device(device);  // refuses cuda without a device before loading anything
     const safetensors::File f = safetensors::File::read(checkpoint);
     const ModelInfo info = ModelInfo::from_checkpoint(f);
     Generator init(0);
@@ -57,6 +53,7 @@ int main(int argc, char** argv) {
     const bool has_ema = f.contains("ema." + model.named_parameters().front().first);
     if (!raw && !has_ema) std::printf("note: %s has no EMA weights; using the raw ones\n", checkpoint.c_str());
     load_weights(f, model, raw || !has_ema ? "" : "ema.");
+    model.to(dev);
     if (sampler == "ddim" && steps > info.T)
       throw std::invalid_argument("--steps " + std::to_string(steps) + " is more than the model's T = " +
                                   std::to_string(info.T));
@@ -68,24 +65,15 @@ int main(int argc, char** argv) {
     req.eta = eta;
     req.variance = variance;
     req.batch = batch;
-    std::unique_ptr<CudaEpsModel> gpu_net;
-    if (device == "cuda") {
-      NamedTensors w;
-      for (auto& [name, p] : model.named_parameters()) w.emplace_back(name, p.value());
-      gpu_net = make_cuda_unet_model(info.unet, w);
-    }
-    const UNetEpsFn net = gpu_net ? UNetEpsFn([&](const Tensor<float>& x, const std::vector<int32_t>& t,
-                                                   const std::vector<int32_t>* y) { return gpu_net->eps(x, t, y); })
-                                  : cpu_eps_fn(model);
     std::printf("sample: %s (%s, %lldx%lld, T=%d %s), %lld images, %s%s, guidance %.2f, on %s\n", checkpoint.c_str(),
                 info.unet.num_classes > 0 ? "class-conditional" : ("digit " + std::to_string(info.digit)).c_str(),
                 static_cast<long long>(info.unet.resolution), static_cast<long long>(info.unet.resolution), info.T,
                 info.schedule.c_str(), static_cast<long long>(n), sampler.c_str(),
                 sampler == "ddim" ? (" " + std::to_string(steps) + " steps").c_str() : "", req.guidance,
-                gpu_net ? ("cuda (" + gpu_net->device_name() + ")").c_str() : "cpu");
+                device_description(dev).c_str());
     Generator g(seed, uint64_t(2) << 40);
     const auto t0 = std::chrono::steady_clock::now();
-    const SampleResult res = sample_images(net, info, req, g);
+    const SampleResult res = sample_images(model, info, req, g);
     write_sample_files(out, res, info.unet.num_classes);
     std::printf("sampled %lld images in %.1f s; wrote %s/{grid.png, process.png, samples.npy, labels.npy}\n",
                 static_cast<long long>(n), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),

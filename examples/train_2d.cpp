@@ -4,8 +4,8 @@
 //   DIR/samples.csv, DIR/samples.png (data | samples), DIR/process.png (x_T .. x_0),
 //   DIR/checkpoint.safetensors
 // and prints the energy distance of the samples to held-out data next to the
-// floor (two independent data draws) and to N(0, I) noise. --device cuda trains and samples with
-// the network on the GPU (cuda_models.hpp); checkpoints are the same files on either device.
+// floor (two independent data draws) and to N(0, I) noise. --device cuda trains and samples on
+// the GPU (the same model, moved there); checkpoints are the same files on either device.
 #include <CLI/CLI.hpp>
 #include <diffuse/data2d.hpp>
 #include <diffuse/diffuse.hpp>
@@ -21,8 +21,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "cuda_models.hpp"
-#include "cuda_train_state.hpp"
+#include "device_choice.hpp"
 
 using namespace diffuse;
 using namespace diffuse::examples;
@@ -89,10 +88,8 @@ int main(int argc, char** argv) {
 
   try {
     std::unique_ptr<data2d::Dataset2D> data;
-    if (a.device == "cuda") {  // refuse before loading anything
-      const std::string why = cuda_unavailable_reason();
-      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
-    }
+    const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
+    apply_tf32(a.tf32, dev);
     if (!a.data.empty())
       data = data2d::load_csv(a.data);
     else if (!a.image.empty())
@@ -106,6 +103,7 @@ int main(int argc, char** argv) {
     so.variance = parse_variance(a.variance);
     so.steps = a.ddim_steps;
     so.eta = a.eta;
+    so.device = dev;
     fs::create_directories(a.out);
 
     Generator init(a.seed);
@@ -113,6 +111,7 @@ int main(int argc, char** argv) {
     cfg.hidden = a.hidden;
     cfg.layers = a.layers;
     ToyMLP<float> model(cfg, init);
+    model.to(dev);  // the optimiser's state is made beside the weights
     AdamOptions ao;
     ao.lr = a.lr;
     Adam<float> opt(model.named_parameters(), ao);
@@ -130,31 +129,11 @@ int main(int argc, char** argv) {
       rng = st.rng;
       std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
     }
-    // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
-    // resumed) and hands them back before every checkpoint and before sampling.
-    if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
-    if (a.tf32 && a.device != "cuda") throw std::invalid_argument("--tf32 needs --device cuda");
-    const CudaMLPSizes sizes{cfg.data_dim, cfg.hidden, cfg.layers, cfg.temb_dim};
-    std::unique_ptr<CudaTrainer> gpu;
-    if (a.device == "cuda") {
-      CudaTrainOptions co;
-      co.lr = a.lr;
-      co.ema_decay = a.ema > 0 ? a.ema : 0.0;
-      co.clip = a.clip;
-      co.tf32 = a.tf32;
-      gpu = make_cuda_mlp_trainer(sizes, cuda_train_state(opt, ema, a.ema > 0), co);
-    }
-    auto pull = [&] {  // device state -> the CPU model, Adam and EMA
-      if (gpu) apply_cuda_train_state(gpu->state(), opt, ema);
-    };
-    auto save = [&](int64_t at) {
-      pull();
-      save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng, meta);
-    };
+    auto save = [&](int64_t at) { save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng, meta); };
     std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps, on %s\n", data->name().c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(),
                 static_cast<long long>(a.batch), static_cast<long long>(a.steps),
-                gpu ? ("cuda (" + gpu->device_name() + ")").c_str() : "cpu");
+                device_description(dev).c_str());
     std::signal(SIGINT, [](int) { g_stop = 1; });
 
     auto eps_model = [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t); };
@@ -165,31 +144,22 @@ int main(int argc, char** argv) {
     int64_t loss_n = 0;
     for (; step < a.steps && !g_stop; ++step) {
       data->sample(rng, static_cast<size_t>(a.batch), x0.data());
-      auto nb = make_noised_batch(sched, x0, rng);
+      auto nb = make_noised_batch(sched, x0.to(dev), rng);
       const double lr = a.lr_decay == "cosine" ? warmup_cosine_lr(a.lr, step, a.warmup, a.steps)
                                                : warmup_lr(a.lr, step, a.warmup);
-      float lv = 0;
-      if (gpu) {
-        gpu->set_lr(lr);
-        try {
-          lv = gpu->step(nb.x_t, nb.eps, nb.t, {}, nullptr);
-        } catch (const std::runtime_error& e) {  // a non-finite loss stops before the update
-          throw std::runtime_error(std::string(e.what()) + " at step " + std::to_string(step) +
-                                   "; try a lower --lr (last good checkpoint: " + ckpt + ")");
-        }
-      } else {
-        opt.zero_grad();
-        Var<float> loss = epsilon_loss<float>(eps_model, nb);
-        lv = loss.value()[0];
-        if (!std::isfinite(lv))
-          throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                   "; try a lower --lr (last good checkpoint: " + ckpt + ")");
-        backward(loss);
-        if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-        opt.set_lr(lr);
-        opt.step();
-        if (a.ema > 0) ema.update();
-      }
+      opt.zero_grad();
+      Var<float> loss = epsilon_loss<float>(eps_model, nb);
+      backward(loss);
+      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
+      // Read after the backward is queued (on a GPU the read waits for it); a non-finite loss
+      // stops the run before the update.
+      const float lv = loss.value().cpu()[0];
+      if (!std::isfinite(lv))
+        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                                 "; try a lower --lr (last good checkpoint: " + ckpt + ")");
+      opt.set_lr(lr);
+      if (a.ema > 0) opt.step(ema);
+      else opt.step();
       loss_acc += lv;
       ++loss_n;
       if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
@@ -209,20 +179,10 @@ int main(int argc, char** argv) {
       return 130;
     }
 
-    // Sample with the EMA weights, on the training device (the network on the GPU, the sampler's
-    // steps and draws on the CPU).
-    pull();
+    // Sample with the EMA weights, on the training device.
     if (a.ema > 0) ema.swap_into_model();
-    std::unique_ptr<CudaEpsModel> gpu_net;
-    if (gpu) {
-      gpu.reset();
-      NamedTensors w;
-      for (auto& [n, p] : model.named_parameters()) w.emplace_back(n, p.value());
-      gpu_net = make_cuda_mlp_model(sizes, w);
-    }
     Generator srng(a.seed, uint64_t(2) << 40);
     EpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t) {
-      if (gpu_net) return gpu_net->eps(x, t, nullptr);
       NoGrad ng;
       return model(Var<float>(x), t).value();
     };
@@ -231,11 +191,12 @@ int main(int argc, char** argv) {
     const int total = a.sampler == "ddpm" ? a.T : a.ddim_steps;
     SampleObserver<float> obs = [&](int remaining, const Tensor<float>& x) {
       for (int k = 0; k < nframes; ++k)
-        if (remaining == total - (total * k) / (nframes - 1)) frames.emplace_back(remaining, x.clone());
+        if (remaining == total - (total * k) / (nframes - 1)) frames.emplace_back(remaining, x.to(Device::CPU));
     };
     const Shape shape{a.n_samples, 2};
-    Tensor<float> s = a.sampler == "ddpm" ? ddpm_sample<float>(sched, f, shape, srng, so, obs)
-                                          : ddim_sample<float>(sched, f, shape, srng, so, obs);
+    const Tensor<float> s = (a.sampler == "ddpm" ? ddpm_sample<float>(sched, f, shape, srng, so, obs)
+                                                 : ddim_sample<float>(sched, f, shape, srng, so, obs))
+                                .cpu();
     if (a.ema > 0) ema.swap_into_model();
 
     // Quality: energy distance in the model's (normalised) space, averaged

@@ -8,8 +8,7 @@
 // it also prints the samples' accuracy and FD-LeNet.
 #include <CLI/CLI.hpp>
 
-#include "cuda_models.hpp"
-#include "cuda_train_state.hpp"
+#include "device_choice.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/lenet_eval.hpp>
@@ -105,11 +104,9 @@ int main(int argc, char** argv) {
     // all digits in under 30 minutes, one digit in under 10, sampling included.
     if (a.steps <= 0) a.steps = a.digit < 0 ? 3000 : 1000;
     if (a.samples < 0) a.samples = a.digit < 0 ? 500 : 200;
+    const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
+    apply_tf32(a.tf32, dev);
     // Data: the training split (one digit, or all with labels).
-    if (a.device == "cuda") {  // refuse before loading anything
-      const std::string why = cuda_unavailable_reason();
-      if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
-    }
     const MnistSplit train = load_mnist(a.data, "train");
     Tensor<float> all = to_model_images(train.images, a.size, a.resize);
     std::vector<int64_t> keep;
@@ -132,6 +129,7 @@ int main(int argc, char** argv) {
 
     Generator init(a.seed);
     UNet<float> model(info.unet, init);
+    model.to(dev);  // the optimiser's state is made beside the weights
     AdamOptions ao;
     ao.lr = a.lr;
     Adam<float> opt(model.named_parameters(), ao);
@@ -156,24 +154,7 @@ int main(int argc, char** argv) {
         drop_rng = Generator(a.seed, std::stoull(st.metadata.at("dropout_rng.offset")));
       std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
     }
-    // The device: the CUDA train step gets the CPU model's weights and optimiser state (fresh or
-    // resumed) and hands them back before every checkpoint and before sampling.
-    if (a.device.empty()) a.device = cuda_unavailable_reason().empty() ? "cuda" : "cpu";
-    if (a.tf32 && a.device != "cuda") throw std::invalid_argument("--tf32 needs --device cuda");
-    std::unique_ptr<CudaTrainer> gpu;
-    if (a.device == "cuda") {
-      CudaTrainOptions co;
-      co.lr = a.lr;
-      co.ema_decay = a.ema > 0 ? a.ema : 0.0;
-      co.clip = a.clip;
-      co.tf32 = a.tf32;
-      gpu = make_cuda_unet_trainer(info.unet, cuda_train_state(opt, ema, a.ema > 0), co);
-    }
-    auto pull = [&] {  // device state -> the CPU model, Adam and EMA
-      if (gpu) apply_cuda_train_state(gpu->state(), opt, ema);
-    };
     auto save = [&](int64_t at) {
-      pull();
       save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng,
                              {{"model", info.json()}, {"dropout_rng.offset", std::to_string(drop_rng.offset)}});
     };
@@ -182,7 +163,7 @@ int main(int argc, char** argv) {
                 a.data.c_str(), static_cast<long long>(N), a.digit < 0 ? "all digits" : ("digit " + std::to_string(a.digit)).c_str(),
                 static_cast<long long>(S), static_cast<long long>(S), a.resize.c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(), static_cast<long long>(a.batch),
-                static_cast<long long>(a.steps), gpu ? ("cuda (" + gpu->device_name() + ")").c_str() : "cpu");
+                static_cast<long long>(a.steps), device_description(dev).c_str());
     std::fflush(stdout);
     std::signal(SIGINT, [](int) { g_stop = 1; });
 
@@ -201,31 +182,22 @@ int main(int argc, char** argv) {
         y[static_cast<size_t>(b)] = train.labels.labels[static_cast<size_t>(i)];
       }
       const std::vector<int32_t> yd = a.digit < 0 ? drop_labels(y, a.label_dropout, 10, drop_rng) : y;
-      auto nb = make_noised_batch(sched, x0, rng);
-      float lv = 0;
-      if (gpu) {
-        gpu->set_lr(warmup_lr(a.lr, step, a.warmup));
-        try {
-          lv = gpu->step(nb.x_t, nb.eps, nb.t, a.digit < 0 ? yd : std::vector<int32_t>{}, nullptr);
-        } catch (const std::runtime_error& e) {  // a non-finite loss stops before the update
-          throw std::runtime_error(std::string(e.what()) + " at step " + std::to_string(step) +
-                                   "; try a lower --lr (last checkpoint: " + ckpt + ")");
-        }
-      } else {
-        opt.zero_grad();
-        Var<float> loss = epsilon_loss<float>(
-            [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t, a.digit < 0 ? &yd : nullptr); },
-            nb);
-        lv = loss.value()[0];
-        if (!std::isfinite(lv))
-          throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                   "; try a lower --lr (last checkpoint: " + ckpt + ")");
-        backward(loss);
-        if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-        opt.set_lr(warmup_lr(a.lr, step, a.warmup));
-        opt.step();
-        if (a.ema > 0) ema.update();
-      }
+      auto nb = make_noised_batch(sched, x0.to(dev), rng);
+      opt.zero_grad();
+      Var<float> loss = epsilon_loss<float>(
+          [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t, a.digit < 0 ? &yd : nullptr); },
+          nb);
+      backward(loss);
+      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
+      // Read after the backward is queued (on a GPU the read waits for it); a non-finite loss
+      // stops the run before the update.
+      const float lv = loss.value().cpu()[0];
+      if (!std::isfinite(lv))
+        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
+                                 "; try a lower --lr (last checkpoint: " + ckpt + ")");
+      opt.set_lr(warmup_lr(a.lr, step, a.warmup));
+      if (a.ema > 0) opt.step(ema);
+      else opt.step();
       loss_acc += lv;
       ++loss_n;
       if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
@@ -251,17 +223,8 @@ int main(int argc, char** argv) {
                 ckpt.c_str());
     if (a.samples <= 0) return 0;
 
-    // Sample with the EMA weights, from a stream of its own, on the training device (the network
-    // on the GPU, the sampler's steps and draws on the CPU: the same images either way).
-    pull();
+    // Sample with the EMA weights, from a stream of its own, on the training device.
     if (a.ema > 0) ema.swap_into_model();
-    std::unique_ptr<CudaEpsModel> gpu_net;
-    if (gpu) {
-      gpu.reset();  // its memory back before the sampling network's
-      NamedTensors w;
-      for (auto& [n, p] : model.named_parameters()) w.emplace_back(n, p.value());
-      gpu_net = make_cuda_unet_model(info.unet, w);
-    }
     Generator srng(a.seed, uint64_t(2) << 40);
     SampleRequest req;
     req.n = a.samples;
@@ -272,15 +235,12 @@ int main(int argc, char** argv) {
     req.variance = a.variance;
     req.batch = a.sample_batch;
     const auto ts = std::chrono::steady_clock::now();
-    const UNetEpsFn net = gpu_net ? UNetEpsFn([&](const Tensor<float>& x, const std::vector<int32_t>& t,
-                                                   const std::vector<int32_t>* y) { return gpu_net->eps(x, t, y); })
-                                  : cpu_eps_fn(model);
-    const SampleResult res = sample_images(net, info, req, srng);
+    const SampleResult res = sample_images(model, info, req, srng);
     if (a.ema > 0) ema.swap_into_model();
     write_sample_files(a.out, res, info.unet.num_classes);
     std::printf("sampled %lld images on %s in %.0f s (%s, guidance %.2f); wrote %s/{grid.png, process.png, samples.npy, "
                 "labels.npy}\n",
-                static_cast<long long>(a.samples), gpu_net ? "cuda" : "cpu",
+                static_cast<long long>(a.samples), device_name(dev),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count(), a.sampler.c_str(),
                 req.guidance, a.out.c_str());
 

@@ -32,8 +32,8 @@ int main(int argc, char** argv) {
     Generator g(0);
     UNet<float> m(c, g);
     if (!quiet)
-      for (auto& [name, p] : m.named_parameters())
-        std::printf("%-32s %-20s %10lld\n", name.c_str(), shape_str(p.shape()).c_str(),
+      for (auto& [name, p] : m.named_parameters())  // PyTorch's shapes (conv weights are kept OHWI)
+        std::printf("%-32s %-20s %10lld\n", name.c_str(), shape_str(torch_shape(p.shape(), p.layout())).c_str(),
                     static_cast<long long>(p.value().numel()));
     std::printf("%s: %lld parameters\n", preset.c_str(), static_cast<long long>(m.num_parameters()));
     return 0;

@@ -1,6 +1,6 @@
-// conv2d (NHWC): finite-difference gradients in double, float against a direct
+// conv2d (NHWC, OHWI weights): finite-difference gradients in double, float against a direct
 // loop at sizes that cross the im2col block and thread boundaries, and
-// PyTorch's F.conv2d (tests/torch/conv2d_ref.py) on the NCHW view.
+// PyTorch's F.conv2d (tests/torch/conv2d_ref.py) on the NCHW view with OIHW weights.
 #include <catch2/catch.hpp>
 
 #include <diffuse/diffuse.hpp>
@@ -31,8 +31,8 @@ struct Case {
 // y[n, oy, ox, o] by the definition, in double.
 template <class T>
 std::vector<double> conv_direct(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>* b, const Conv2dOptions& o) {
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), O = w.size(0), kh = w.size(2),
-                kw = w.size(3);
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), O = w.size(0), kh = w.size(1),
+                kw = w.size(2);
   const int64_t Ho = (H + 2 * o.pad_h - kh) / o.stride_h + 1, Wo = (W + 2 * o.pad_w - kw) / o.stride_w + 1;
   std::vector<double> y(static_cast<size_t>(N * Ho * Wo * O));
   for (int64_t n = 0; n < N; ++n)
@@ -46,7 +46,7 @@ std::vector<double> conv_direct(const Tensor<T>& x, const Tensor<T>& w, const Te
                 const int64_t iy = oy * o.stride_h - o.pad_h + ky, ix = ox * o.stride_w - o.pad_w + kx;
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
                 acc += static_cast<double>(x[((n * H + iy) * W + ix) * C + c]) *
-                       static_cast<double>(w[((oc * C + c) * kh + ky) * kw + kx]);
+                       static_cast<double>(w[((oc * kh + ky) * kw + kx) * C + c]);
               }
           y[static_cast<size_t>(((n * Ho + oy) * Wo + ox) * O + oc)] = acc;
         }
@@ -70,7 +70,7 @@ TEST_CASE("gradcheck: conv2d, every kernel shape, stride and padding") {
     INFO("N " << c.N << " H " << c.H << " W " << c.W << " C " << c.C << " O " << c.O << " k " << c.kh << "x" << c.kw
               << " stride " << c.opt.stride_h << "," << c.opt.stride_w << " pad " << c.opt.pad_h << "," << c.opt.pad_w);
     Generator g(seed++);
-    auto x = rand_var({c.N, c.H, c.W, c.C}, g), w = rand_var({c.O, c.C, c.kh, c.kw}, g), b = rand_var({c.O}, g);
+    auto x = rand_var({c.N, c.H, c.W, c.C}, g), w = rand_var({c.O, c.kh, c.kw, c.C}, g), b = rand_var({c.O}, g);
     const Conv2dOptions o = c.opt;
     CHECK(max_gradcheck_error([o](auto& v) { return conv2d(v[0], v[1], v[2], o); }, {x, w, b}, seed) < 1e-6);
     // without a bias, and with only some inputs requiring gradients
@@ -94,7 +94,7 @@ TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
   Generator g(std::random_device{}());
   for (const Case& c : cases) {
     INFO("C " << c.C << " O " << c.O << " k " << c.kh);
-    Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true), w(Tensor<float>::randn({c.O, c.C, c.kh, c.kw}, g), true),
+    Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true), w(Tensor<float>::randn({c.O, c.kh, c.kw, c.C}, g), true),
         b(Tensor<float>::randn({c.O}, g), true);
     Var<float> y = conv2d(x, w, b, c.opt);
     const std::vector<double> ref = conv_direct(x.value(), w.value(), &b.value(), c.opt);
@@ -122,9 +122,9 @@ TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
 
 TEST_CASE("conv2d rejects bad shapes with a clear message") {
   Generator g(3);
-  Var<float> x(Tensor<float>::randn({1, 4, 4, 3}, g)), w(Tensor<float>::randn({2, 5, 3, 3}, g));
-  CHECK_THROWS_WITH(conv2d(x, w, Var<float>(), 1, 1), Catch::Contains("weight [O,C,kh,kw]"));
-  Var<float> w2(Tensor<float>::randn({2, 3, 7, 7}, g));
+  Var<float> x(Tensor<float>::randn({1, 4, 4, 3}, g)), w(Tensor<float>::randn({2, 3, 3, 5}, g));
+  CHECK_THROWS_WITH(conv2d(x, w, Var<float>(), 1, 1), Catch::Contains("weight [O,kh,kw,C]"));
+  Var<float> w2(Tensor<float>::randn({2, 7, 7, 3}, g));
   CHECK_THROWS_WITH(conv2d(x, w2, Var<float>(), 1, 1), Catch::Contains("larger than the padded input"));
   Var<float> w3(Tensor<float>::randn({2, 3, 3, 3}, g)), b3(Tensor<float>::randn({3}, g));
   CHECK_THROWS_WITH(conv2d(x, w3, b3, 1, 1), Catch::Contains("bias"));
@@ -150,7 +150,7 @@ TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
   for (const Case& c : cases) {
     INFO("case " << idx);
     Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true),
-        w(Tensor<float>::randn({c.O, c.C, c.kh, c.kw}, g), true), b(Tensor<float>::randn({c.O}, g), true);
+        w(Tensor<float>::randn({c.O, c.kh, c.kw, c.C}, g), true), b(Tensor<float>::randn({c.O}, g), true);
     for (auto& v : w.value()) v *= 0.1f;
     Var<float> y = conv2d(x, w, b, c.opt);
     Tensor<float> gy = Tensor<float>::randn(y.shape(), g);
@@ -160,7 +160,7 @@ TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
     {
       safetensors::Writer wr;
       wr.add("x", nhwc_to_nchw(x.value()));
-      wr.add("w", w.value());
+      wr.add("w", to_torch_layout(w.value(), ParamLayout::ConvOHWI));  // PyTorch's [O, C, kh, kw]
       wr.add("b", b.value());
       wr.add("gy", nhwc_to_nchw(gy));
       const int64_t o[4] = {c.opt.stride_h, c.opt.stride_w, c.opt.pad_h, c.opt.pad_w};
@@ -173,7 +173,7 @@ TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
     const auto ref = safetensors::File::read(out);
     CHECK(rel_err(nhwc_to_nchw(y.value()), ref.tensor<float>("y")) < 1e-5);
     CHECK(rel_err(nhwc_to_nchw(x.grad()), ref.tensor<float>("dx")) < 1e-4);
-    CHECK(rel_err(w.grad(), ref.tensor<float>("dw")) < 1e-4);
+    CHECK(rel_err(to_torch_layout(w.grad(), ParamLayout::ConvOHWI), ref.tensor<float>("dw")) < 1e-4);
     CHECK(rel_err(b.grad(), ref.tensor<float>("db")) < 1e-4);
     ++idx;
   }

@@ -121,11 +121,18 @@ TEST_CASE("FidInceptionV3 has pytorch-fid's tensors") {
   for (auto& [n, v] : st)
     if (n == "Mixed_6b.branch7x7dbl_2.conv.weight") {
       found = true;
-      CHECK(v.shape() == Shape{128, 128, 7, 1});
+      CHECK(torch_shape(v.shape(), v.layout()) == Shape{128, 128, 7, 1});  // PyTorch's shape
+      CHECK(v.shape() == Shape{128, 7, 1, 128});                             // stored OHWI
     }
   CHECK(found);
   const Var<float> x(Tensor<float>::randn({1, 64, 64, 3}, g));
   CHECK_THROWS_WITH(net.features(x), Catch::Contains("299"));
+  // Strides and paddings as built (a compiler that mixes them up, as GCC 12 with AVX-512 SLP
+  // vectorisation did, changes these sizes; see CMakeLists.txt).
+  NoGrad ng;
+  CHECK(net.c1a(Var<float>(Tensor<float>::randn({1, 9, 9, 3}, g))).shape() == Shape{1, 4, 4, 32});  // 3x3 stride 2
+  CHECK(net.c2b(Var<float>(Tensor<float>::randn({1, 5, 5, 32}, g))).shape() == Shape{1, 5, 5, 64});  // 3x3 pad 1
+  CHECK(net.m6a(Var<float>(Tensor<float>::randn({1, 9, 9, 288}, g))).shape() == Shape{1, 4, 4, 768});
 }
 
 TEST_CASE("fid_preprocess replicates grey, resizes as F.interpolate and scales to [-1, 1]") {
@@ -211,12 +218,12 @@ TEST_CASE("load_fid_weights names the first missing, misshapen or foreign tensor
   auto write = [&](const std::string& path, const std::string& drop, const std::string& reshape,
                    const std::string& extra) {
     safetensors::Writer w;
-    for (auto& [n, v] : net.named_state()) {
+    for (auto& [n, v] : net.state_dict()) {
       if (n == drop) continue;
       if (n == reshape)
-        w.add(n, Tensor<float>::full({v.value().numel() / 2, 2}, 0.5f));
+        w.add(n, Tensor<float>::full({v.numel() / 2, 2}, 0.5f));
       else
-        w.add(n, v.value());
+        w.add(n, v);
     }
     w.add("fc.weight", Tensor<float>::full({1008, 2048}, 0.0f));
     w.add("fc.bias", Tensor<float>::full({1008}, 0.0f));

@@ -136,7 +136,7 @@ TEST_CASE("LeNet shapes and parameter names") {
   std::vector<Shape> shapes;
   for (auto& [n, p] : net.named_parameters()) {
     names.push_back(n);
-    shapes.push_back(p.shape());
+    shapes.push_back(torch_shape(p.shape(), p.layout()));  // PyTorch's (conv weights are kept OHWI)
   }
   CHECK(names == std::vector<std::string>{"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "conv3.weight",
                                           "conv3.bias", "conv4.weight", "conv4.bias", "fc1.weight", "fc1.bias",

@@ -153,7 +153,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
                       res = (dir / ("unet_out_" + label + ".safetensors")).string();
     {
       safetensors::Writer w;
-      for (auto& [name, p] : m.named_parameters()) w.add(name, p.value());
+      for (auto& [name, t] : m.state_dict()) w.add(name, t);  // PyTorch's layouts
       w.add("x", nhwc_to_nchw(x.value()));
       w.add("gy", nhwc_to_nchw(gy));
       w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
@@ -173,7 +173,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
     double worst = 0;
     std::string worst_name;
     for (auto& [name, p] : m.named_parameters()) {
-      const Tensor<float> r = ref.tensor<float>("grad." + name), a = p.grad();
+      const Tensor<float> r = ref.tensor<float>("grad." + name), a = to_torch_layout(p.grad(), p.layout());
       double num = 0, den = 0;
       for (size_t i = 0; i < r.size(); ++i) {
         num += (double(a[i]) - r[i]) * (double(a[i]) - r[i]);
@@ -269,7 +269,7 @@ TEST_CASE("UNet matches the PyTorch reference in double precision") {
   const std::string in = (dir / "unet_in_double.safetensors").string(), res = (dir / "unet_out_double.safetensors").string();
   {
     safetensors::Writer w;
-    for (auto& [name, p] : m.named_parameters()) w.add(name, p.value());
+    for (auto& [name, t] : m.state_dict()) w.add(name, t);  // PyTorch's layouts
     w.add("x", nhwc_to_nchw(x.value()));
     w.add("gy", nhwc_to_nchw(gy));
     w.add_raw("t", safetensors::DType::I32, {B}, t.data(), t.size() * sizeof(int32_t));
@@ -284,7 +284,7 @@ TEST_CASE("UNet matches the PyTorch reference in double precision") {
   double worst = 0;
   std::string worst_name;
   for (auto& [name, p] : m.named_parameters()) {
-    const Tensor<double> r = ref.tensor<double>("grad." + name), a = p.grad();
+    const Tensor<double> r = ref.tensor<double>("grad." + name), a = to_torch_layout(p.grad(), p.layout());
     double num = 0, den = 0;
     for (size_t i = 0; i < r.size(); ++i) {
       num += (a[i] - r[i]) * (a[i] - r[i]);

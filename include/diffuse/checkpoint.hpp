@@ -1,8 +1,10 @@
 // Training checkpoints in safetensors: model weights under their PyTorch names
-// (so the file loads into the reference with load_state_dict), plus
+// and layouts (so the file loads into the reference with load_state_dict), plus
 // "ema.<name>", "optim.exp_avg.<name>", "optim.exp_avg_sq.<name>", and the step,
 // optimiser step, EMA count and RNG state in the metadata. Restoring all of it
-// makes a resumed run continue bit for bit.
+// makes a resumed run continue bit for bit. The file is the same whatever device
+// trained the model: tensors are copied to the host and into PyTorch's layout to
+// save (module.hpp's ParamLayout), and back onto each parameter's device to load.
 #pragma once
 
 #include <map>
@@ -29,14 +31,14 @@ inline void save_checkpoint(const std::string& path, const Module<T>& model, Ada
                             int64_t step, const Generator& rng, const safetensors::Metadata& extra = {}) {
   safetensors::Writer w;
   const auto params = model.named_parameters();
-  for (const auto& [name, p] : params) w.add(name, p.value());
-  for (const auto& [name, b] : model.named_buffers()) w.add(name, b.value());
+  auto torch = [&](size_t k, const Tensor<T>& t) { return to_torch_layout(t, params[k].second.layout()); };
+  for (const auto& [name, t] : model.state_dict()) w.add(name, t);
   if (ema)
-    for (size_t k = 0; k < params.size(); ++k) w.add("ema." + params[k].first, ema->shadow()[k]);
+    for (size_t k = 0; k < params.size(); ++k) w.add("ema." + params[k].first, torch(k, ema->shadow()[k]));
   if (opt)
     for (size_t k = 0; k < params.size(); ++k) {
-      w.add("optim.exp_avg." + params[k].first, opt->first_moments()[k]);
-      w.add("optim.exp_avg_sq." + params[k].first, opt->second_moments()[k]);
+      w.add("optim.exp_avg." + params[k].first, torch(k, opt->first_moments()[k]));
+      w.add("optim.exp_avg_sq." + params[k].first, torch(k, opt->second_moments()[k]));
     }
   w.metadata = extra;
   w.metadata["format"] = kCheckpointFormat;
@@ -67,10 +69,13 @@ inline void load_weights(const safetensors::File& f, Module<T>& model, const std
     expected.insert(key);
     if (!f.contains(key)) throw std::runtime_error("diffuse: '" + f.path() + "' is missing tensor '" + key + "'");
     const safetensors::View& v = f.at(key);
-    if (v.shape != p.value().shape())
+    const Shape want = torch_shape(p.value().shape(), p.layout());
+    if (v.shape != want)
       throw std::runtime_error("diffuse: '" + f.path() + "': tensor '" + key + "' has shape " + shape_str(v.shape) +
-                               ", the model expects " + shape_str(p.value().shape()));
-    f.copy_converted(v, key, p.value().data());
+                               ", the model expects " + shape_str(want));
+    Tensor<T> host(want);
+    f.copy_converted(v, key, host.data());
+    p.node()->value.copy_from(from_torch_layout(host, p.layout()));
   }
   if (prefix.empty())
     for (const auto& n : f.names())
@@ -83,18 +88,20 @@ inline TrainState load_checkpoint(const std::string& path, Module<T>& model, Ada
   const safetensors::File f = safetensors::File::read(path);
   load_weights(f, model);
   const auto params = model.named_parameters();
+  // A tensor of parameter k's PyTorch shape from the file, in its layout, on its device.
+  auto state = [&](size_t k, const std::string& key) {
+    const Var<T>& p = params[k].second;
+    const Shape want = torch_shape(p.value().shape(), p.layout());
+    return from_torch_layout(f.tensor<T>(key, &want), p.layout()).to(p.device());
+  };
   if (ema) {
-    for (size_t k = 0; k < params.size(); ++k) {
-      const std::string key = "ema." + params[k].first;
-      ema->shadow()[k] = f.tensor<T>(key, &params[k].second.value().shape());
-    }
+    for (size_t k = 0; k < params.size(); ++k) ema->shadow()[k] = state(k, "ema." + params[k].first);
     ema->set_updates(detail::meta_int(f, "ema.updates"));
   }
   if (opt) {
     for (size_t k = 0; k < params.size(); ++k) {
-      const Shape& s = params[k].second.value().shape();
-      opt->first_moments()[k] = f.tensor<T>("optim.exp_avg." + params[k].first, &s);
-      opt->second_moments()[k] = f.tensor<T>("optim.exp_avg_sq." + params[k].first, &s);
+      opt->first_moments()[k] = state(k, "optim.exp_avg." + params[k].first);
+      opt->second_moments()[k] = state(k, "optim.exp_avg_sq." + params[k].first);
     }
     opt->set_steps(detail::meta_int(f, "optim.step"));
   }

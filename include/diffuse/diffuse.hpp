@@ -12,6 +12,7 @@
 #include "ops/pool.hpp"
 #include "ops/loss.hpp"
 #include "ops/batch_norm.hpp"
+#include "ops/layer_norm.hpp"
 #include "module.hpp"
 #include "layers/linear.hpp"
 #include "layers/timestep_embedding.hpp"

@@ -5,6 +5,12 @@
 // callback `observe(remaining, x)` that sees x_T first (remaining = number of
 // steps) and then the state after every step (remaining = 0 is the sample),
 // for plots of the denoising process.
+//
+// Everything runs where the tensors are: with x0 (training) or
+// SampleOptions::device (sampling) on CUDA, the noise is drawn on the device
+// from the same Philox streams as on the CPU, and q_sample and every sampler
+// step are device kernels, so the same seed gives the same images on both
+// devices up to rounding and a sampling run never copies x to the host.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +18,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "autograd.hpp"
@@ -32,8 +39,30 @@ inline Tensor<T> q_sample(const NoiseSchedule& s, const Tensor<T>& x0, const std
   if (x0.shape() != eps.shape() || x0.dim() < 1 || x0.size(0) != static_cast<int64_t>(t.size()))
     throw std::invalid_argument("diffuse: q_sample shapes " + shape_str(x0.shape()) + ", " + shape_str(eps.shape()) +
                                 " with " + std::to_string(t.size()) + " timesteps");
-  Tensor<T> xt(x0.shape());
+  if (x0.device() != eps.device()) throw std::invalid_argument("diffuse: q_sample: x0 and eps on different devices");
   const int64_t B = x0.size(0), row = x0.numel() / std::max<int64_t>(B, 1);
+  if (x0.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      for (int32_t v : t)
+        if (v < 0 || v >= s.T()) throw std::out_of_range("diffuse: timestep " + std::to_string(v) + " outside [0, T)");
+      // The two coefficient tables as the CPU rounds them, and the timesteps: small uploads.
+      const int64_t steps = s.T();
+      Tensor<float> coef({2 * steps});
+      for (int64_t i = 0; i < steps; ++i) {
+        coef[static_cast<size_t>(i)] = static_cast<float>(s.sqrt_abar[i]);
+        coef[static_cast<size_t>(steps + i)] = static_cast<float>(s.sqrt_one_minus_abar[i]);
+      }
+      const Tensor<float> coef_dev = coef.to(Device::CUDA);
+      const Tensor<int32_t> t_dev = Tensor<int32_t>::from(t, {B}).to(Device::CUDA);
+      Tensor<float> xt(x0.shape(), Device::CUDA);
+      backend::require_cuda("q_sample").q_sample(x0.data(), eps.data(), t_dev.data(), coef_dev.data(), steps, xt.data(), B,
+                                                row);
+      return xt;
+    } else {
+      detail::cuda_float_only("q_sample");
+    }
+  }
+  Tensor<T> xt(x0.shape());
   for (int64_t b = 0; b < B; ++b) {
     if (t[b] < 0 || t[b] >= s.T()) throw std::out_of_range("diffuse: timestep " + std::to_string(t[b]) + " outside [0, T)");
     const T ca = static_cast<T>(s.sqrt_abar[t[b]]), cb = static_cast<T>(s.sqrt_one_minus_abar[t[b]]);
@@ -56,7 +85,7 @@ inline NoisedBatch<T> make_noised_batch(const NoiseSchedule& s, const Tensor<T>&
   NoisedBatch<T> nb;
   nb.t.resize(static_cast<size_t>(x0.size(0)));
   g.randint(nb.t.data(), nb.t.size(), static_cast<uint32_t>(s.T()));
-  nb.eps = Tensor<T>::randn(x0.shape(), g);
+  nb.eps = Tensor<T>::randn(x0.shape(), g, x0.device());
   nb.x_t = q_sample(s, x0, nb.t, nb.eps);
   return nb;
 }
@@ -83,7 +112,19 @@ struct SampleOptions {
   double clip = 1.0;
   double eta = 0.0;      // DDIM only: 0 deterministic, 1 DDPM-like noise
   int steps = 0;         // DDIM only: number of steps (0 = T)
+  Device device = Device::CPU;  // where x lives (the model's device): x_T is drawn there
 };
+
+namespace detail {
+// One sampler step x <- a x-update from eps on the device (float), with the noise drawn there at
+// (g.seed, g.advance(n)) when the step adds any: the CPU step's draws, in the same order.
+inline void sampler_step_cuda(const backend::SamplerStep& st, Tensor<float>& x, const Tensor<float>& eps, Generator& g) {
+  if (eps.device() != Device::CUDA || eps.shape() != x.shape())
+    throw std::invalid_argument("diffuse: sampler step: eps must be a CUDA tensor of x's shape " + shape_str(x.shape()));
+  const uint64_t off = st.noise ? g.advance(x.size()) : 0;
+  backend::require_cuda("sampler step").sampler_step(st, x.data(), eps.data(), x.numel(), g.seed, off);
+}
+}  // namespace detail
 
 // One ancestral step x_t -> x_{t-1} at model timestep t, in place.
 //   no clipping: x = (x - beta / sqrt(1 - abar) eps) / sqrt(alpha) + sigma z
@@ -95,6 +136,25 @@ inline void ddpm_step(const NoiseSchedule& s, int t, Tensor<T>& x, const Tensor<
   double var = o.variance == Variance::FixedSmall ? s.posterior_variance[t] : s.beta[t];
   if (o.variance == Variance::FixedLarge && t == 0 && s.T() > 1) var = s.posterior_variance[1];
   const T sigma = t > 0 ? static_cast<T>(std::sqrt(var)) : T(0);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      backend::SamplerStep st;  // the scalars below, rounded as this function rounds them
+      st.clip_x0 = o.clip_x0;
+      st.noise = t > 0;
+      st.sigma = sigma;
+      st.a = static_cast<float>(s.beta[t] / s.sqrt_one_minus_abar[t]);
+      st.b = static_cast<float>(std::sqrt(s.alpha[t]));
+      st.ra = static_cast<float>(1.0 / s.sqrt_abar[t]);
+      st.rb = static_cast<float>(s.sqrt_one_minus_abar[t] / s.sqrt_abar[t]);
+      st.c1 = static_cast<float>(s.posterior_coef1[t]);
+      st.c2 = static_cast<float>(s.posterior_coef2[t]);
+      st.lim = static_cast<float>(o.clip);
+      detail::sampler_step_cuda(st, x, eps, g);
+      return;
+    } else {
+      detail::cuda_float_only("ddpm_step");
+    }
+  }
   Tensor<T> z;
   if (t > 0) z = Tensor<T>::randn(x.shape(), g);
   T* px = x.data();
@@ -117,7 +177,7 @@ inline void ddpm_step(const NoiseSchedule& s, int t, Tensor<T>& x, const Tensor<
 template <class T>
 inline Tensor<T> ddpm_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
                              const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
-  Tensor<T> x = Tensor<T>::randn(shape, g);
+  Tensor<T> x = Tensor<T>::randn(shape, g, o.device);
   if (observe) observe(s.T(), x);
   std::vector<int32_t> tt(static_cast<size_t>(shape.at(0)));
   for (int t = s.T() - 1; t >= 0; --t) {
@@ -147,7 +207,7 @@ template <class T>
 inline Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
                              const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
   const std::vector<int> ts = ddim_timesteps(s.T(), o.steps > 0 ? o.steps : s.T());
-  Tensor<T> x = Tensor<T>::randn(shape, g);
+  Tensor<T> x = Tensor<T>::randn(shape, g, o.device);
   const int S = static_cast<int>(ts.size());
   if (observe) observe(S, x);
   std::vector<int32_t> tt(static_cast<size_t>(shape.at(0)));
@@ -157,11 +217,25 @@ inline Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, c
     const double sigma = o.eta * std::sqrt((1 - abp) / (1 - ab) * (1 - ab / abp));
     std::fill(tt.begin(), tt.end(), t);
     Tensor<T> eps = model(x, tt);
-    Tensor<T> z;
-    if (sigma > 0) z = Tensor<T>::randn(shape, g);
     const T ra = static_cast<T>(1.0 / std::sqrt(ab)), rb = static_cast<T>(std::sqrt(1 - ab) / std::sqrt(ab));
     const T cx0 = static_cast<T>(std::sqrt(abp)), ceps = static_cast<T>(std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)));
     const T lim = static_cast<T>(o.clip), sg = static_cast<T>(sigma);
+    if (x.device() == Device::CUDA) {
+      if constexpr (std::is_same_v<T, float>) {
+        backend::SamplerStep st;
+        st.ddim = true;
+        st.clip_x0 = o.clip_x0;
+        st.noise = sigma > 0;
+        st.ra = ra, st.rb = rb, st.cx0 = cx0, st.ceps = ceps, st.lim = lim, st.sigma = sg;
+        detail::sampler_step_cuda(st, x, eps, g);
+        if (observe) observe(i, x);
+        continue;
+      } else {
+        detail::cuda_float_only("ddim_sample");
+      }
+    }
+    Tensor<T> z;
+    if (sigma > 0) z = Tensor<T>::randn(shape, g);
     T* px = x.data();
     const T* pe = eps.data();
     for (size_t k = 0; k < x.size(); ++k) {

@@ -56,15 +56,18 @@ inline void load_fid_weights(const std::string& path, FidInceptionV3<float>& net
   std::set<std::string> expected;
   for (auto& [name, p] : net.named_state()) {
     expected.insert(name);
+    const Shape want = torch_shape(p.shape(), p.layout());  // the file's (PyTorch's) layout
     if (!f.contains(name))
-      throw std::runtime_error("fid weights '" + path + "': missing tensor '" + name + "' " + shape_str(p.shape()) +
+      throw std::runtime_error("fid weights '" + path + "': missing tensor '" + name + "' " + shape_str(want) +
                                " (is this pytorch-fid's pt_inception-2015-12-05 converted by "
                                "scripts/fid_weights_to_safetensors.py?)");
     const safetensors::View& v = f.at(name);
-    if (v.shape != p.value().shape())
+    if (v.shape != want)
       throw std::runtime_error("fid weights '" + path + "': tensor '" + name + "' has shape " + shape_str(v.shape) +
-                               ", expected " + shape_str(p.value().shape()));
-    f.copy_converted(v, name, p.value().data());
+                               ", expected " + shape_str(want));
+    Tensor<float> host(want);
+    f.copy_converted(v, name, host.data());
+    p.node()->value.copy_from(from_torch_layout(host, p.layout()));
   }
   for (const std::string& n : f.names()) {
     const bool ignored = n.rfind("fc.", 0) == 0 ||
@@ -95,7 +98,8 @@ inline Tensor<float> fid_preprocess(const uint8_t* pixels, int64_t n, int64_t h,
 // Progress of feature extraction: images done, total, seconds elapsed.
 using FidProgress = std::function<void(int64_t done, int64_t total, double seconds)>;
 
-// Inception pool features of all images, `batch` at a time: [n, 2048] row-major floats.
+// Inception pool features of all images, `batch` at a time, on the network's device (each batch
+// is preprocessed on the CPU, then moved there): [n, 2048] row-major floats.
 inline std::vector<float> fid_features(const FidInceptionV3<float>& net, const Images& im, int64_t batch,
                                        const FidProgress& progress = {}) {
   if (batch < 1) throw std::invalid_argument("fid_features: batch must be positive");
@@ -106,9 +110,9 @@ inline std::vector<float> fid_features(const FidInceptionV3<float>& net, const I
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < im.n; i += batch) {
     const int64_t b = std::min(batch, im.n - i);
-    const Var<float> x(fid_preprocess(im.pixels.data() + i * per, b, im.h, im.w, im.c));
-    const Var<float> f = net.features(x);
-    std::copy(f.value().data(), f.value().data() + b * D, out.data() + i * D);
+    const Var<float> x(fid_preprocess(im.pixels.data() + i * per, b, im.h, im.w, im.c).to(net.device()));
+    const Tensor<float> f = net.features(x).value().cpu();
+    std::copy(f.data(), f.data() + b * D, out.data() + i * D);
     if (progress)
       progress(i + b, im.n, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }

@@ -10,10 +10,12 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "autograd.hpp"
 #include "diffusion.hpp"
+#include "ops.hpp"
 #include "rng.hpp"
 #include "tensor.hpp"
 
@@ -37,13 +39,21 @@ inline std::vector<int32_t> drop_labels(const std::vector<int32_t>& y, double p,
   return out;
 }
 
-// cond <- (1 + w) cond - w uncond, elementwise.
+// cond <- (1 + w) cond - w uncond, elementwise (on the tensors' device).
 template <class T>
 inline void guide_combine(Tensor<T>& cond, const Tensor<T>& uncond, double w) {
-  if (cond.shape() != uncond.shape())
-    throw std::invalid_argument("diffuse: guidance needs equal shapes, got " + shape_str(cond.shape()) + " and " +
-                                shape_str(uncond.shape()));
+  if (cond.shape() != uncond.shape() || cond.device() != uncond.device())
+    throw std::invalid_argument("diffuse: guidance needs equal shapes on one device, got " + shape_str(cond.shape()) +
+                                " and " + shape_str(uncond.shape()));
   const T a = static_cast<T>(1 + w), b = static_cast<T>(w);
+  if (cond.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      backend::require_cuda("guidance").axpby(-b, uncond.data(), a, cond.data(), cond.numel());
+      return;
+    } else {
+      detail::cuda_float_only("guidance");
+    }
+  }
   T* c = cond.data();
   const T* u = uncond.data();
   for (size_t i = 0; i < cond.size(); ++i) c[i] = a * c[i] - b * u[i];
@@ -60,19 +70,15 @@ inline EpsModel<T> guided_eps_model(ClassEpsModel<T> f, std::vector<int32_t> y, 
       throw std::invalid_argument("diffuse: guided model got " + std::to_string(B) + " images, " +
                                   std::to_string(t.size()) + " timesteps and " + std::to_string(y.size()) + " labels");
     if (w == 0) return f(x, t, y);
-    Shape s2 = x.shape();
-    s2[0] = 2 * B;
-    Tensor<T> x2(s2);
-    const size_t n = x.size();
-    std::copy(x.data(), x.data() + n, x2.data());
-    std::copy(x.data(), x.data() + n, x2.data() + n);
+    // [x; x] and the halves of the result through the ops, so on x's device.
+    NoGrad ng;
+    const Tensor<T> x2 = concat<T>({Var<T>(x), Var<T>(x)}, 0).value();
     std::vector<int32_t> t2(t), y2(y);
     t2.insert(t2.end(), t.begin(), t.end());
     y2.insert(y2.end(), y.size(), null_class);
-    const Tensor<T> e2 = f(x2, t2, y2);
-    Tensor<T> cond(x.shape()), uncond(x.shape());
-    std::copy(e2.data(), e2.data() + n, cond.data());
-    std::copy(e2.data() + n, e2.data() + 2 * n, uncond.data());
+    const Var<T> e2(f(x2, t2, y2));
+    Tensor<T> cond = slice(e2, 0, 0, B).value();
+    const Tensor<T> uncond = slice(e2, 0, B, 2 * B).value();
     guide_combine(cond, uncond, w);
     return cond;
   };

@@ -74,8 +74,8 @@ struct LeNetOutputs {
   int64_t hidden = 0;
 };
 
-// Predictions and penultimate features of n uint8 images, without gradients,
-// `batch` images at a time (bounded memory, same results as one big batch).
+// Predictions and penultimate features of n uint8 images, without gradients, on the network's
+// device, `batch` images at a time (bounded memory, same results as one big batch).
 inline LeNetOutputs lenet_run(const LeNet<float>& net, const uint8_t* images, int64_t n, int64_t batch = 500) {
   NoGrad ng;
   const int64_t s = net.size();
@@ -85,10 +85,11 @@ inline LeNetOutputs lenet_run(const LeNet<float>& net, const uint8_t* images, in
   o.features.reserve(static_cast<size_t>(n * o.hidden));
   for (int64_t i = 0; i < n; i += batch) {
     const int64_t b = std::min(batch, n - i);
-    const Var<float> f = net.features(Var<float>(lenet_input(images + i * s * s, b, s)));
-    const std::vector<int32_t> p = argmax_rows(net.logits_from_features(f).value());
+    const Var<float> f = net.features(Var<float>(lenet_input(images + i * s * s, b, s).to(net.device())));
+    const std::vector<int32_t> p = argmax_rows(net.logits_from_features(f).value().cpu());
     o.predicted.insert(o.predicted.end(), p.begin(), p.end());
-    o.features.insert(o.features.end(), f.value().begin(), f.value().end());
+    const Tensor<float> fh = f.value().cpu();
+    o.features.insert(o.features.end(), fh.begin(), fh.end());
   }
   return o;
 }

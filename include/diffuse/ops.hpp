@@ -1,8 +1,11 @@
-// Differentiable ops on Var<T> (CPU reference implementations).
+// Differentiable ops on Var<T>, on the device of their operands.
 //
-// Each op computes its value and, when a gradient is needed, records a
-// backward function that writes straight into its inputs' gradient buffers.
-// Matrix products go through detail::gemm (gemm.hpp), split over OpenMP threads.
+// Each op checks its shapes once, computes its value and, when a gradient is
+// needed, records a backward function that writes straight into its inputs'
+// gradient buffers. On the CPU (the reference, any T) the code is here: matrix
+// products go through detail::gemm (gemm.hpp), split over OpenMP threads. On
+// CUDA (float) the same op calls the CUDA backend's entries (backend/cuda.hpp)
+// from its `*_cuda` twin just above it, forward and backward.
 #pragma once
 
 #include <Eigen/Core>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "autograd.hpp"
+#include "backend/op_types.hpp"
 #include "gemm.hpp"
 
 #ifdef _OPENMP
@@ -54,7 +58,7 @@ inline Broadcast broadcast(const Shape& a, const Shape& b, const char* op) {
     const int64_t da = i + a.size() >= nd ? a[i + a.size() - nd] : 1;
     const int64_t db = i + b.size() >= nd ? b[i + b.size() - nd] : 1;
     if (da != db && da != 1 && db != 1) shape_error(op, a, b);
-    r.out[i] = std::max(da, db);
+    r.out[i] = da == 1 ? db : da;  // a size-1 dimension takes the other's size, even 0
   }
   int64_t st_a = 1, st_b = 1;
   for (size_t k = nd; k-- > 0;) {
@@ -107,10 +111,48 @@ inline void reduce_broadcast_grad(GradSink<T> s, size_t n_in, const Broadcast& b
   });
 }
 
-enum class BinOp { Add, Sub, Mul };
+using BinOp = BinaryOp;
+
+inline backend::BroadcastDesc broadcast_desc(const Broadcast& bc, const char* op) {
+  if (bc.out.size() > static_cast<size_t>(backend::kMaxDims))
+    throw std::invalid_argument(std::string("diffuse: ") + op + " on cuda: at most " +
+                                std::to_string(backend::kMaxDims) + " dimensions, got " + shape_str(bc.out));
+  backend::BroadcastDesc d;
+  d.ndim = static_cast<int>(bc.out.size());
+  for (int i = 0; i < d.ndim; ++i) {
+    d.out[i] = bc.out[i];
+    d.sa[i] = bc.sa[i];
+    d.sb[i] = bc.sb[i];
+  }
+  return d;
+}
+
+inline Var<float> binary_cuda(const Var<float>& a, const Var<float>& b, BinOp op, const char* name) {
+  backend::CudaBackend& be = backend::require_cuda(name);
+  const Broadcast bc = broadcast(a.shape(), b.shape(), name);
+  const backend::BroadcastDesc d = broadcast_desc(bc, name);
+  Tensor<float> out(bc.out, Device::CUDA);
+  be.binary(op, a.value().data(), b.value().data(), out.data(), d);
+  return make_result<float>(std::move(out), {&a, &b}, [a, b, op, d]() {
+    return [a, b, op, d](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      for (int side = 0; side < 2; ++side) {
+        const Var<float>& self = side == 0 ? a : b;
+        const Var<float>& other = side == 0 ? b : a;
+        if (!self.requires_grad()) continue;
+        GradSink<float> s = grad_sink(*self.node());
+        be.binary_backward(op, side == 0, g.data(), other.value().data(), s.data, d, s.accumulate);
+      }
+    };
+  });
+}
 
 template <class T>
 inline Var<T> binary(const Var<T>& a, const Var<T>& b, BinOp op, const char* name) {
+  if (op_device(name, {&a, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return binary_cuda(a, b, op, name);
+    else cuda_float_only(name);
+  }
   const Tensor<T>& A = a.value();
   const Tensor<T>& B = b.value();
   auto apply = [op](T x, T y) { return op == BinOp::Add ? x + y : op == BinOp::Sub ? x - y : x * y; };
@@ -182,9 +224,27 @@ inline Var<T> operator-(const Var<T>& a, const Var<T>& b) { return sub(a, b); }
 template <class T>
 inline Var<T> operator*(const Var<T>& a, const Var<T>& b) { return mul(a, b); }
 
+namespace detail {
+inline Var<float> scale_cuda(const Var<float>& a, float s) {
+  backend::CudaBackend& be = backend::require_cuda("scale");
+  Tensor<float> out(a.shape(), Device::CUDA);
+  be.scale(a.value().data(), s, out.data(), a.value().numel(), false);
+  return make_result<float>(std::move(out), {&a}, [a, s]() {
+    return [a, s](const Tensor<float>& g) {
+      GradSink<float> sk = grad_sink(*a.node());
+      backend::cuda_backend()->scale(g.data(), s, sk.data, g.numel(), sk.accumulate);
+    };
+  });
+}
+}  // namespace detail
+
 // a * s for a constant s.
 template <class T>
 inline Var<T> scale(const Var<T>& a, T s) {
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::scale_cuda(a, s);
+    else detail::cuda_float_only("scale");
+  }
   Tensor<T> out(a.shape());
   const size_t n = out.size();
   for (size_t i = 0; i < n; ++i) out[i] = a.value()[i] * s;
@@ -206,6 +266,19 @@ inline T silu_grad(T x) {
 }
 
 namespace detail {
+// f(a) on the device; the backward recomputes f' from the saved input.
+inline Var<float> activation_cuda(const Var<float>& a, Activation f, const char* name) {
+  backend::CudaBackend& be = backend::require_cuda(name);
+  Tensor<float> out(a.shape(), Device::CUDA);
+  be.activation(f, a.value().data(), out.data(), a.value().numel());
+  return make_result<float>(std::move(out), {&a}, [a, f]() {
+    return [a, f](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*a.node());
+      backend::cuda_backend()->activation_backward(f, a.value().data(), g.data(), s.data, g.numel(), s.accumulate);
+    };
+  });
+}
+
 template <class T, class F, class DF>
 inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
   Tensor<T> out(a.shape());
@@ -232,6 +305,10 @@ inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
 // SiLU into the GEMM's row blocks and keeps sigmoid(z) for the backward.
 template <class T>
 inline Var<T> silu(const Var<T>& a) {
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::SiLU, "silu");
+    else detail::cuda_float_only("silu");
+  }
   using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
   const Eigen::Index n = static_cast<Eigen::Index>(a.value().size());
   Tensor<T> out(a.shape());
@@ -252,7 +329,64 @@ inline Var<T> silu(const Var<T>& a) {
 }
 template <class T>
 inline Var<T> relu(const Var<T>& a) {
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::ReLU, "relu");
+    else detail::cuda_float_only("relu");
+  }
   return detail::pointwise(a, [](T x) { return x > T(0) ? x : T(0); }, [](T x) { return x > T(0) ? T(1) : T(0); });
+}
+
+namespace detail {
+inline Var<float> matmul_cuda(const Var<float>& a, const Var<float>& b, int64_t m, int64_t k, int64_t n) {
+  backend::CudaBackend& be = backend::require_cuda("matmul");
+  Tensor<float> out({m, n}, Device::CUDA);
+  be.gemm(false, false, m, n, k, 1.0f, a.value().data(), k, b.value().data(), n, 0.0f, out.data(), n);
+  return make_result<float>(std::move(out), {&a, &b}, [a, b, m, k, n]() {
+    return [a, b, m, k, n](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      if (a.requires_grad()) {  // dA = G B^T
+        GradSink<float> s = grad_sink(*a.node());
+        be.gemm(false, true, m, k, n, 1.0f, g.data(), n, b.value().data(), n, s.accumulate ? 1.0f : 0.0f, s.data, k);
+      }
+      if (b.requires_grad()) {  // dB = A^T G
+        GradSink<float> s = grad_sink(*b.node());
+        be.gemm(true, false, k, n, m, 1.0f, a.value().data(), k, g.data(), n, s.accumulate ? 1.0f : 0.0f, s.data, n);
+      }
+    };
+  });
+}
+}  // namespace detail
+
+// GELU, the exact (erf) form of torch.nn.functional.gelu: x Phi(x) = x (1 + erf(x / sqrt 2)) / 2.
+template <class T>
+inline T gelu_value(T x) {
+  return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+}
+template <class T>
+inline T gelu_grad(T x) {
+  const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+  const T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);  // 1 / sqrt(2 pi)
+  return cdf + x * pdf;
+}
+template <class T>
+inline Var<T> gelu(const Var<T>& a) {
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::GELU, "gelu");
+    else detail::cuda_float_only("gelu");
+  }
+  return detail::pointwise(a, [](T x) { return gelu_value(x); }, [](T x) { return gelu_grad(x); });
+}
+
+// f(x) for an Activation (None: x itself).
+template <class T>
+inline Var<T> activate(const Var<T>& x, Activation a) {
+  switch (a) {
+    case Activation::SiLU: return silu(x);
+    case Activation::ReLU: return relu(x);
+    case Activation::GELU: return gelu(x);
+    case Activation::None: break;
+  }
+  return x;
 }
 
 // [m,k] x [k,n] -> [m,n].
@@ -261,6 +395,10 @@ inline Var<T> matmul(const Var<T>& a, const Var<T>& b) {
   if (a.value().dim() != 2 || b.value().dim() != 2 || a.size(1) != b.size(0))
     detail::shape_error("matmul", a.shape(), b.shape());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (detail::op_device("matmul", {&a, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::matmul_cuda(a, b, m, k, n);
+    else detail::cuda_float_only("matmul");
+  }
   Tensor<T> out({m, n});
   detail::gemm_parallel<T>(false, false, m, n, k, T(1), a.value().data(), k, b.value().data(), n, T(0), out.data(), n);
   return make_result<T>(std::move(out), {&a, &b}, [a, b, m, k, n]() {
@@ -366,6 +504,39 @@ inline void linear_backward(const T* g, const T* x, const T* w, GradSink<T>* gx,
 }
 }  // namespace detail
 
+namespace detail {
+// dW (+)= G^T X, db (+)= column sums of G, dX (+)= G W, each when its input needs it.
+inline void linear_backward_cuda(backend::CudaBackend& be, const float* g, const Var<float>& x, const Var<float>& w,
+                                 const Var<float>* b, int64_t N, int64_t in, int64_t out) {
+  if (b && b->requires_grad()) {
+    GradSink<float> s = grad_sink(*b->node());
+    be.row_bias_backward(g, s.data, N, out, s.accumulate);
+  }
+  if (w.requires_grad()) {
+    GradSink<float> s = grad_sink(*w.node());
+    be.gemm(true, false, out, in, N, 1.0f, g, out, x.value().data(), in, s.accumulate ? 1.0f : 0.0f, s.data, in);
+  }
+  if (x.requires_grad()) {
+    GradSink<float> s = grad_sink(*x.node());
+    be.gemm(false, false, N, in, out, 1.0f, g, out, w.value().data(), in, s.accumulate ? 1.0f : 0.0f, s.data, in);
+  }
+}
+
+inline Var<float> linear_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, int64_t N, int64_t in,
+                              int64_t out) {
+  backend::CudaBackend& be = backend::require_cuda("linear");
+  Tensor<float> y({N, out}, Device::CUDA);
+  be.gemm(false, true, N, out, in, 1.0f, x.value().data(), in, w.value().data(), in, 0.0f, y.data(), out);
+  const bool has_b = b.defined();
+  if (has_b) be.add_row_bias(y.data(), b.value().data(), N, out);
+  return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, N, in, out]() {
+    return [x, w, b, has_b, N, in, out](const Tensor<float>& g) {
+      linear_backward_cuda(*backend::cuda_backend(), g.data(), x, w, has_b ? &b : nullptr, N, in, out);
+    };
+  });
+}
+}  // namespace detail
+
 // y = x W^T + b, as torch.nn.functional.linear: x [N,in], W [out,in], b [out] (may be undefined).
 template <class T>
 inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>()) {
@@ -374,6 +545,10 @@ inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>(
   const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
   const bool has_b = b.defined();
   if (has_b && (b.value().dim() != 1 || b.size(0) != out)) detail::shape_error("linear (bias)", w.shape(), b.shape());
+  if (detail::op_device("linear", {&x, &w, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::linear_cuda(x, w, b, N, in, out);
+    else detail::cuda_float_only("linear");
+  }
   Tensor<T> y({N, out});
   detail::linear_forward(x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data(), N, in, out);
   const Var<T> bias = has_b ? b : x;  // placeholder keeps the capture simple; unused without a bias
@@ -391,9 +566,44 @@ inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>(
   });
 }
 
-enum class Activation { SiLU, ReLU, None };
-
 namespace detail {
+// Host indices as a device int32 tensor (an asynchronous upload: no wait for the device).
+inline Tensor<int32_t> device_indices(const std::vector<int32_t>& idx) {
+  return Tensor<int32_t>::from(idx, {static_cast<int64_t>(idx.size())}).to(Device::CUDA);
+}
+
+// act(x W^T + b [+ table[idx]]) on the device: the GEMM into z, then one epilogue kernel adds
+// the bias (and the gathered rows) in place and applies the activation; z stays for the backward.
+inline Var<float> linear_act_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b,
+                                  const Var<float>* table, const std::vector<int32_t>* idx, Activation act,
+                                  const char* name) {
+  backend::CudaBackend& be = backend::require_cuda(name);
+  const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
+  const bool grad = Tape<float>::grad_enabled() &&
+                    (x.requires_grad() || w.requires_grad() || b.requires_grad() || (table && table->requires_grad()));
+  Tensor<float> z({N, out}, Device::CUDA);
+  be.gemm(false, true, N, out, in, 1.0f, x.value().data(), in, w.value().data(), in, 0.0f, z.data(), out);
+  const Tensor<int32_t> ids = table ? device_indices(*idx) : Tensor<int32_t>();
+  Tensor<float> y = act == Activation::None ? z : Tensor<float>({N, out}, Device::CUDA);
+  be.bias_activation(z.data(), b.value().data(), table ? table->value().data() : nullptr,
+                     table ? ids.data() : nullptr, y.data(), N, out, act);
+  const Var<float> tab = table ? *table : x;  // placeholder when there is no table
+  const bool has_table = table != nullptr;
+  const Tensor<float> zk = grad ? z : Tensor<float>();
+  return make_result<float>(std::move(y), {&x, &w, &b, has_table ? table : &x}, [&]() {
+    return [x, w, b, tab, ids, has_table, zk, act, N, in, out](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      Tensor<float> dz = act == Activation::None ? g : Tensor<float>({N, out}, Device::CUDA);
+      if (act != Activation::None) be.activation_backward(act, zk.data(), g.data(), dz.data(), N * out, false);
+      linear_backward_cuda(be, dz.data(), x, w, &b, N, in, out);
+      if (has_table && tab.requires_grad()) {
+        GradSink<float> st = grad_sink(*tab.node());
+        be.scatter_rows(ids.data(), dz.data(), st.data, N, tab.size(0), out, st.accumulate);
+      }
+    };
+  });
+}
+
 // act(x W^T + b [+ table[idx]]) with the bias, the optional gathered rows and the
 // activation applied to each block of rows right after its GEMM, while it is in
 // cache. For SiLU the forward keeps sigmoid(z), so the backward needs no exp:
@@ -414,10 +624,15 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
         throw std::out_of_range(std::string("diffuse: ") + name + ": row index " + std::to_string(i) +
                                 " outside [0, " + std::to_string(table->size(0)) + ")");
   }
+  if (op_device(name, {&x, &w, &b, table ? table : &x}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return linear_act_cuda(x, w, b, table, idx, act, name);
+    else cuda_float_only(name);
+  }
   const bool grad = Tape<T>::grad_enabled() &&
                     (x.requires_grad() || w.requires_grad() || b.requires_grad() || (table && table->requires_grad()));
   Tensor<T> y({N, out});
-  Tensor<T> sg = grad && act == Activation::SiLU ? Tensor<T>({N, out}) : Tensor<T>();  // sigmoid(z)
+  // Kept for the backward: sigmoid(z) for SiLU, z itself for GELU.
+  Tensor<T> sg = grad && (act == Activation::SiLU || act == Activation::GELU) ? Tensor<T>({N, out}) : Tensor<T>();
   {
     CMapR<T> X(x.value().data(), N, in), W(w.value().data(), out, in);
     MapR<T> Y(y.data(), N, out);
@@ -455,6 +670,10 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
         }
       } else if (act == Activation::ReLU) {
         A = A.max(T(0));
+      } else if (act == Activation::GELU) {
+        if (sp) MapR<T>(sp, N, out).middleRows(r0, n) = Yb;
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < out; ++j) Y(r, j) = gelu_value(Y(r, j));
       }
     });
   }
@@ -482,6 +701,9 @@ inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b,
         if (act == Activation::SiLU) {
           Eigen::Map<const A1> S(sg.data() + off, len);
           D = G * (S + Y * (T(1) - S));
+        } else if (act == Activation::GELU) {
+          const T* z = sg.data() + off;
+          for (int64_t i = 0; i < len; ++i) D[i] = G[i] * gelu_grad(z[i]);
         } else {
           D = (Y > T(0)).select(G, T(0));
         }
@@ -516,6 +738,38 @@ inline Var<T> linear_gather_act(const Var<T>& x, const Var<T>& w, const Var<T>& 
   return detail::linear_act_impl<T>(x, w, b, &table, &idx, act, "linear_gather_act");
 }
 
+namespace detail {
+inline Var<float> concat_cuda(const std::vector<Var<float>>& xs, const Shape& os, int64_t axis, int64_t outer,
+                              int64_t inner) {
+  backend::CudaBackend& be = backend::require_cuda("concat");
+  Tensor<float> out(os, Device::CUDA);
+  const int64_t row = os[axis] * inner;
+  std::vector<int64_t> offs;
+  int64_t off = 0;
+  for (const auto& v : xs) {
+    const int64_t w = v.shape()[axis] * inner;
+    offs.push_back(off);
+    be.copy_2d(v.value().data(), w, out.data() + off, row, outer, w, false);
+    off += w;
+  }
+  bool need = false;
+  if (Tape<float>::grad_enabled())
+    for (const auto& v : xs) need = need || v.requires_grad();
+  Var<float> res(std::move(out), need);
+  if (need)
+    Tape<float>::current().record(res.node_ptr(), [xs, offs, outer, inner, row, axis](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      for (size_t k = 0; k < xs.size(); ++k) {
+        if (!xs[k].requires_grad()) continue;
+        const int64_t w = xs[k].shape()[axis] * inner;
+        GradSink<float> s = grad_sink(*xs[k].node());
+        be.copy_2d(g.data() + offs[k], row, s.data, w, outer, w, s.accumulate);
+      }
+    });
+  return res;
+}
+}  // namespace detail
+
 // Concatenation along `axis`.
 template <class T>
 inline Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
@@ -535,6 +789,15 @@ inline Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < axis; ++d) outer *= s0[d];
   for (int64_t d = axis + 1; d < nd; ++d) inner *= s0[d];
+  const Device dev = xs[0].device();
+  for (const auto& v : xs)
+    if (v.device() != dev)
+      throw std::invalid_argument("diffuse: concat: operands on different devices (" + std::string(device_name(dev)) +
+                                  " and " + device_name(v.device()) + "); move them with .to(Device::...) first");
+  if (dev == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::concat_cuda(xs, os, axis, outer, inner);
+    else detail::cuda_float_only("concat");
+  }
   Tensor<T> out(os);
   const int64_t row = os[axis] * inner;
   int64_t off = 0;
@@ -564,6 +827,23 @@ inline Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
   return res;
 }
 
+namespace detail {
+inline Var<float> slice_cuda(const Var<float>& a, const Shape& os, int64_t outer, int64_t w, int64_t row,
+                             int64_t off) {
+  backend::CudaBackend& be = backend::require_cuda("slice");
+  Tensor<float> out(os, Device::CUDA);
+  be.copy_2d(a.value().data() + off, row, out.data(), w, outer, w, false);
+  return make_result<float>(std::move(out), {&a}, [a, outer, w, row, off]() {
+    return [a, outer, w, row, off](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      GradSink<float> s = grad_sink(*a.node());
+      if (!s.accumulate) be.fill(s.data, a.value().numel(), 0.0f);
+      be.copy_2d(g.data(), w, s.data + off, row, outer, w, true);
+    };
+  });
+}
+}  // namespace detail
+
 // Elements [start, end) along `axis` (a copy).
 template <class T>
 inline Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
@@ -578,8 +858,12 @@ inline Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
   for (int64_t d = axis + 1; d < nd; ++d) inner *= s[d];
   Shape os = s;
   os[axis] = end - start;
-  Tensor<T> out(os);
   const int64_t w = (end - start) * inner, row = s[axis] * inner, off = start * inner;
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::slice_cuda(a, os, outer, w, row, off);
+    else detail::cuda_float_only("slice");
+  }
+  Tensor<T> out(os);
   for (int64_t o = 0; o < outer; ++o) std::copy_n(a.value().data() + o * row + off, w, out.data() + o * w);
   return make_result<T>(std::move(out), {&a}, [a, outer, w, row, off]() {
     return [a, outer, w, row, off](const Tensor<T>& g) {
@@ -591,18 +875,37 @@ inline Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
   });
 }
 
+namespace detail {
+inline Var<float> gather_rows_cuda(const Var<float>& table, const std::vector<int32_t>& idx, int64_t N, int64_t V,
+                                   int64_t D) {
+  backend::CudaBackend& be = backend::require_cuda("gather_rows");
+  const Tensor<int32_t> ids = device_indices(idx);
+  Tensor<float> out({N, D}, Device::CUDA);
+  be.gather_rows(table.value().data(), ids.data(), out.data(), N, D, false);
+  return make_result<float>(std::move(out), {&table}, [table, ids, N, V, D]() {
+    return [table, ids, N, V, D](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*table.node());
+      backend::cuda_backend()->scatter_rows(ids.data(), g.data(), s.data, N, V, D, s.accumulate);
+    };
+  });
+}
+}  // namespace detail
+
 // out[i, :] = table[idx[i], :]   (an embedding lookup; the backward scatters-adds).
 template <class T>
 inline Var<T> gather_rows(const Var<T>& table, const std::vector<int32_t>& idx) {
   if (table.value().dim() != 2) throw std::invalid_argument("diffuse: gather_rows needs a 2-D table");
   const int64_t V = table.size(0), D = table.size(1), N = static_cast<int64_t>(idx.size());
-  Tensor<T> out({N, D});
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = 0; i < N; ++i)
     if (idx[i] < 0 || idx[i] >= V)
       throw std::out_of_range("diffuse: gather_rows index " + std::to_string(idx[i]) + " outside [0, " +
                               std::to_string(V) + ")");
-    std::copy_n(table.value().data() + idx[i] * D, D, out.data() + i * D);
+  if (table.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::gather_rows_cuda(table, idx, N, V, D);
+    else detail::cuda_float_only("gather_rows");
   }
+  Tensor<T> out({N, D});
+  for (int64_t i = 0; i < N; ++i) std::copy_n(table.value().data() + idx[i] * D, D, out.data() + i * D);
   return make_result<T>(std::move(out), {&table}, [table, idx, D]() {
     return [table, idx, D](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*table.node());
@@ -613,20 +916,169 @@ inline Var<T> gather_rows(const Var<T>& table, const std::vector<int32_t>& idx) 
   });
 }
 
+namespace detail {
+// The sizes of x.permute(perm) and the stride in x of each of its dimensions.
+inline void permute_plan(const Shape& xs, const std::vector<int>& perm, Shape& ys, std::vector<int64_t>& src_stride) {
+  const size_t nd = xs.size();
+  std::vector<bool> seen(nd, false);
+  bool ok = perm.size() == nd;
+  for (size_t i = 0; ok && i < nd; ++i) {
+    ok = perm[i] >= 0 && static_cast<size_t>(perm[i]) < nd && !seen[static_cast<size_t>(perm[i])];
+    if (ok) seen[static_cast<size_t>(perm[i])] = true;
+  }
+  if (!ok) {
+    std::string p;
+    for (int v : perm) p += (p.empty() ? "" : ", ") + std::to_string(v);
+    throw std::invalid_argument("diffuse: permute: (" + p + ") is not a permutation of the " + std::to_string(nd) +
+                                " dimensions of " + shape_str(xs));
+  }
+  std::vector<int64_t> xstride(nd, 1);
+  for (size_t d = nd; d-- > 1;) xstride[d - 1] = xstride[d] * xs[d];
+  ys.resize(nd);
+  src_stride.resize(nd);
+  for (size_t i = 0; i < nd; ++i) {
+    ys[i] = xs[static_cast<size_t>(perm[i])];
+    src_stride[i] = xstride[static_cast<size_t>(perm[i])];
+  }
+}
+
+// y[i] (+)= x[offset of y's element i in x], walking y in order (an odometer over its dimensions);
+// scatter: x[...] (+)= y[i] instead (the backward, through the inverse map).
+template <class T>
+inline void permute_copy(const T* x, T* y, const Shape& ys, const std::vector<int64_t>& src_stride, bool scatter,
+                         bool acc) {
+  const size_t nd = ys.size();
+  const int64_t n = shape_numel(ys);
+  std::vector<int64_t> idx(nd, 0);
+  int64_t off = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (scatter) {
+      T* d = const_cast<T*>(x) + off;
+      *d = acc ? *d + y[i] : y[i];
+    } else {
+      y[i] = acc ? y[i] + x[off] : x[off];
+    }
+    for (size_t k = nd; k-- > 0;) {
+      ++idx[k];
+      off += src_stride[k];
+      if (idx[k] < ys[k]) break;
+      off -= src_stride[k] * idx[k];
+      idx[k] = 0;
+    }
+  }
+}
+
+inline Var<float> permute_cuda(const Var<float>& x, const std::vector<int>& perm, const Shape& ys) {
+  backend::CudaBackend& be = backend::require_cuda("permute");
+  if (x.shape().size() > static_cast<size_t>(backend::kMaxDims))
+    throw std::invalid_argument("diffuse: permute on cuda: at most " + std::to_string(backend::kMaxDims) + " dimensions");
+  Tensor<float> out(ys, Device::CUDA);
+  const Shape xs = x.shape();
+  be.permute(x.value().data(), out.data(), static_cast<int>(xs.size()), xs.data(), perm.data(), false);
+  // The backward is the inverse permutation of the gradient.
+  std::vector<int> inv(perm.size());
+  for (size_t i = 0; i < perm.size(); ++i) inv[static_cast<size_t>(perm[i])] = static_cast<int>(i);
+  return make_result<float>(std::move(out), {&x}, [x, inv, ys]() {
+    return [x, inv, ys](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->permute(g.data(), s.data, static_cast<int>(ys.size()), ys.data(), inv.data(),
+                                       s.accumulate);
+    };
+  });
+}
+}  // namespace detail
+
+// x.permute(perm) as a copy: dimension i of the result is dimension perm[i] of x.
+template <class T>
+inline Var<T> permute(const Var<T>& x, const std::vector<int>& perm) {
+  Shape ys;
+  std::vector<int64_t> src_stride;
+  detail::permute_plan(x.shape(), perm, ys, src_stride);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::permute_cuda(x, perm, ys);
+    else detail::cuda_float_only("permute");
+  }
+  Tensor<T> out(ys);
+  detail::permute_copy(x.value().data(), out.data(), ys, src_stride, false, false);
+  return make_result<T>(std::move(out), {&x}, [x, ys, src_stride]() {
+    return [x, ys, src_stride](const Tensor<T>& g) {
+      GradSink<T> s = grad_sink(*x.node());
+      if (!s.accumulate) std::fill(s.data, s.data + x.value().size(), T(0));
+      detail::permute_copy(s.data, const_cast<T*>(g.data()), ys, src_stride, true, true);
+    };
+  });
+}
+
+// x with dimensions d0 and d1 exchanged (a copy), as x.transpose(d0, d1); negative counts from the end.
+template <class T>
+inline Var<T> transpose(const Var<T>& x, int d0, int d1) {
+  const int nd = static_cast<int>(x.shape().size());
+  if (d0 < 0) d0 += nd;
+  if (d1 < 0) d1 += nd;
+  if (d0 < 0 || d1 < 0 || d0 >= nd || d1 >= nd)
+    throw std::invalid_argument("diffuse: transpose: dimensions out of range for " + shape_str(x.shape()));
+  std::vector<int> perm(static_cast<size_t>(nd));
+  for (int i = 0; i < nd; ++i) perm[static_cast<size_t>(i)] = i;
+  std::swap(perm[static_cast<size_t>(d0)], perm[static_cast<size_t>(d1)]);
+  return permute(x, perm);
+}
+
+// The same numbers in another shape (shares the storage); the backward copies the gradient back.
 template <class T>
 inline Var<T> reshape(const Var<T>& a, Shape s) {
   Tensor<T> out = a.value().reshape(std::move(s));
   return make_result<T>(std::move(out), {&a}, [a]() {
     return [a](const Tensor<T>& g) {
       GradSink<T> sk = grad_sink(*a.node());
+      if (g.device() == Device::CUDA) {
+        if constexpr (std::is_same_v<T, float>) backend::cuda_backend()->copy(g.data(), sk.data, g.numel(), sk.accumulate);
+        else detail::cuda_float_only("reshape");
+        return;
+      }
       for (size_t i = 0; i < g.size(); ++i) sk.put(i, g[i]);
     };
   });
 }
 
-// Sum / mean of all elements -> a scalar (shape []). Accumulated in double.
+namespace detail {
+inline Var<float> sum_cuda(const Var<float>& a) {
+  backend::CudaBackend& be = backend::require_cuda("sum");
+  Tensor<float> out({}, Device::CUDA);
+  be.sum(a.value().data(), a.value().numel(), out.data());
+  return make_result<float>(std::move(out), {&a}, [a]() {
+    return [a](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*a.node());
+      backend::cuda_backend()->fill_scalar(g.data(), 1.0f, s.data, a.value().numel(), s.accumulate);
+    };
+  });
+}
+
+inline Var<float> mse_cuda(const Var<float>& a, const Var<float>& b) {
+  backend::CudaBackend& be = backend::require_cuda("mse");
+  const int64_t n = a.value().numel();
+  Tensor<float> out({}, Device::CUDA);
+  be.mse(a.value().data(), b.value().data(), n, out.data());
+  return make_result<float>(std::move(out), {&a, &b}, [a, b, n]() {
+    return [a, b, n](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      for (int side = 0; side < 2; ++side) {
+        const Var<float>& self = side ? b : a;
+        if (!self.requires_grad()) continue;
+        GradSink<float> s = grad_sink(*self.node());
+        be.mse_backward(a.value().data(), b.value().data(), n, g.data(), side ? -1.0f : 1.0f, s.data, s.accumulate);
+      }
+    };
+  });
+}
+}  // namespace detail
+
+// Sum / mean of all elements -> a scalar (shape []). Accumulated in double on the CPU.
 template <class T>
 inline Var<T> sum(const Var<T>& a) {
+  if (a.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::sum_cuda(a);
+    else detail::cuda_float_only("sum");
+  }
   double acc = 0;
   const size_t n = a.value().size();
   const T* p = a.value().data();
@@ -654,6 +1106,11 @@ inline Var<T> mean(const Var<T>& a) {
 template <class T>
 inline Var<T> mse(const Var<T>& a, const Var<T>& b) {
   if (a.shape() != b.shape()) detail::shape_error("mse", a.shape(), b.shape());
+  if (a.value().numel() == 0) throw std::invalid_argument("diffuse: mse of empty tensors");
+  if (detail::op_device("mse", {&a, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::mse_cuda(a, b);
+    else detail::cuda_float_only("mse");
+  }
   const size_t n = a.value().size();
   const T *pa = a.value().data(), *pb = b.value().data();
   double acc = 0;

@@ -5,13 +5,12 @@
 // always visible in the code.
 //
 // Storage lives on a device: the CPU, or a CUDA device. CUDA storage comes from
-// the DeviceMemory that a CUDA header registers: <diffuse/cuda/tensor.hpp>
-// registers the CUDA runtime's (cudaMalloc through the caching allocator) in a
-// CUDA build; the CPU emulation of the CUDA backend installs host memory
-// instead (diffuse::cuda::EmulatedDeviceMemory), so device code can run on the
-// CPU. Without either, creating a CUDA tensor throws. data() of a CUDA tensor is
-// a device pointer, for kernels; element access, fill and the CPU ops need CPU
-// tensors (the autograd refuses others): move with to(Device::CPU) / to(Device::CUDA).
+// the DeviceMemory that the CUDA backend registers (src/cuda_backend.cu, linked
+// through the diffuse::cuda target), or host memory posing as device memory
+// under the CPU emulation of the CUDA backend (diffuse::EmulatedCuda, for
+// tests). Without either, creating a CUDA tensor throws. data() of a CUDA
+// tensor is a device pointer, for kernels; element access needs a CPU tensor:
+// move with to(Device::CPU) / to(Device::CUDA), .cpu() / .cuda().
 #pragma once
 
 #include <algorithm>
@@ -28,8 +27,10 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "backend/cuda.hpp"
 #include "detail/host_cache.hpp"
 #include "rng.hpp"
 
@@ -55,8 +56,10 @@ inline std::string shape_str(const Shape& s) {
   return o.str();
 }
 
-// How CUDA storage is allocated and copied (see the top of this file). Copies are
-// synchronous: when they return, the data is where it was sent.
+// How CUDA storage is allocated and copied (see the top of this file). A copy to the host
+// waits for the device and returns with the data there; a copy from the host has taken the
+// host memory when it returns (it may be reused at once) and is ordered before any device work
+// queued after it; a device-to-device copy is queued in order.
 struct DeviceMemory {
   enum class Copy { HostToDevice, DeviceToHost, DeviceToDevice };
   const char* name;  // for messages: "CUDA runtime", "CPU emulation"
@@ -82,8 +85,8 @@ inline const DeviceMemory& require_device_memory() {
   const DeviceMemory* m = device_memory();
   if (!m)
     throw std::runtime_error(
-        "diffuse: no CUDA device memory in this program: include <diffuse/cuda/tensor.hpp> in a CUDA build "
-        "(DIFFUSE_CUDA=ON), or install diffuse::cuda::EmulatedDeviceMemory to run device code on the CPU");
+        "diffuse: CUDA tensors need the CUDA backend: link the diffuse::cuda target (CMake defines it when it "
+        "finds nvcc), or run under diffuse::EmulatedCuda (the CPU emulation, for tests)");
   return *m;
 }
 
@@ -130,10 +133,10 @@ class Tensor {
       if (d < 0) throw std::invalid_argument("diffuse: negative dimension in shape " + shape_str(shape_));
   }
 
-  static Tensor zeros(Shape shape) { return full(std::move(shape), T(0)); }
-  static Tensor ones(Shape shape) { return full(std::move(shape), T(1)); }
-  static Tensor full(Shape shape, T v) {
-    Tensor t(std::move(shape));
+  static Tensor zeros(Shape shape, Device dev = Device::CPU) { return full(std::move(shape), T(0), dev); }
+  static Tensor ones(Shape shape, Device dev = Device::CPU) { return full(std::move(shape), T(1), dev); }
+  static Tensor full(Shape shape, T v, Device dev = Device::CPU) {
+    Tensor t(std::move(shape), dev);
     t.fill(v);
     return t;
   }
@@ -145,16 +148,10 @@ class Tensor {
     std::copy(values.begin(), values.end(), t.data());
     return t;
   }
-  static Tensor randn(Shape shape, Generator& g) {
-    Tensor t(std::move(shape));
-    g.normal(t.data(), t.size());
-    return t;
-  }
-  static Tensor rand(Shape shape, Generator& g) {
-    Tensor t(std::move(shape));
-    g.uniform(t.data(), t.size());
-    return t;
-  }
+  // N(0, 1) / U(0, 1) draws from g: the same numbers on either device (rng.hpp's Philox
+  // streams; a CUDA tensor is drawn on the device, float only).
+  static Tensor randn(Shape shape, Generator& g, Device dev = Device::CPU) { return draw(std::move(shape), g, dev, true); }
+  static Tensor rand(Shape shape, Generator& g, Device dev = Device::CPU) { return draw(std::move(shape), g, dev, false); }
 
   bool defined() const { return storage_ != nullptr; }
   Device device() const { return storage_ ? storage_->device() : Device::CPU; }
@@ -214,8 +211,13 @@ class Tensor {
     return t;
   }
   void fill(T v) {
-    require_cpu("fill");
-    std::fill(begin(), end(), v);
+    if (device() == Device::CPU) {
+      std::fill(begin(), end(), v);
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (size()) backend::require_cuda("fill").fill(data(), numel(), v);
+    } else {
+      copy_from(Tensor::full(shape_, v));  // other element types: filled on the host, copied up
+    }
   }
   void zero() { fill(T(0)); }
   // Copies o's numbers into this tensor's storage, across devices too.
@@ -233,6 +235,21 @@ class Tensor {
   }
 
  private:
+  static Tensor draw(Shape shape, Generator& g, Device dev, bool normal) {
+    Tensor t(std::move(shape), dev);
+    if (dev == Device::CPU) {
+      if (normal) g.normal(t.data(), t.size());
+      else g.uniform(t.data(), t.size());
+    } else if constexpr (std::is_same_v<T, float>) {
+      backend::CudaBackend& be = backend::require_cuda(normal ? "randn" : "rand");
+      const uint64_t off = g.advance(t.size());
+      if (normal) be.normal(t.data(), t.numel(), g.seed, off);
+      else be.uniform(t.data(), t.numel(), g.seed, off);
+    } else {
+      t.copy_from(draw(t.shape_, g, Device::CPU, normal));
+    }
+    return t;
+  }
   const DeviceMemory* memory() const { return storage_ ? storage_->memory() : nullptr; }
   // Between any two storages; the device side's DeviceMemory does the copy.
   static void copy_bytes(void* dst, const DeviceMemory* dm, const void* src, const DeviceMemory* sm, size_t bytes) {

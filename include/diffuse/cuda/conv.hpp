@@ -350,14 +350,14 @@ class Conv2dPlan {
     DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn, &one, w_, w, y_, dy, bwd_data_, bwd_data_algo_, ws,
                                                      bwd_data_bytes_, &beta, x_, dx));
   }
-  // dw [O, kh, kw, C] += the gradient of the weight (parameter gradients accumulate).
+  // dw [O, kh, kw, C] += the gradient of the weight (accumulate = false: dw =).
   void backward_filter(Dnn& dnn, const float* x, const float* dy, float* dw, void* workspace = nullptr,
-                       std::size_t workspace_bytes = 0) const {
+                       std::size_t workspace_bytes = 0, bool accumulate = true) const {
     if (s_.N == 0) return;
     void* ws = resolve(dnn, bwd_filter_bytes_, workspace, workspace_bytes, "backward_filter");
-    const float one = 1.0f;
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn, &one, x_, x, y_, dy, bwd_filter_, bwd_filter_algo_, ws,
-                                                       bwd_filter_bytes_, &one, w_, dw));
+                                                       bwd_filter_bytes_, &beta, w_, dw));
   }
 
  private:
@@ -553,7 +553,7 @@ inline void conv2d_backward_data_host(const Conv2dShape& s, const T* dy, const T
 
 // One output channel per iteration: each owns its dw rows.
 template <class T>
-inline void conv2d_backward_filter_host(const Conv2dShape& s, const T* x, const T* dy, T* dw) {
+inline void conv2d_backward_filter_host(const Conv2dShape& s, const T* x, const T* dy, T* dw, bool accumulate) {
   const std::int64_t Ho = s.Ho(), Wo = s.Wo(), C = s.C, K = s.kh * s.kw * C;
 #pragma omp parallel if (s.N * Ho * Wo * s.O * K >= (std::int64_t(1) << 20))
   {
@@ -579,7 +579,7 @@ inline void conv2d_backward_filter_host(const Conv2dShape& s, const T* x, const 
           }
       T* d = dw + o * K;
       for (std::int64_t i = 0; i < K; ++i)
-        d[i] = static_cast<T>(static_cast<float>(static_cast<double>(static_cast<float>(d[i])) + acc[i]));
+        d[i] = static_cast<T>(static_cast<float>(accumulate ? static_cast<double>(static_cast<float>(d[i])) + acc[i] : acc[i]));
     }
   }
 }
@@ -630,8 +630,9 @@ class Conv2dPlan {
                      std::size_t = 0) const {
     if (s_.N > 0) detail::conv2d_backward_data_host(s_, dy, w, dx, accumulate);
   }
-  void backward_filter(Dnn&, const float* x, const float* dy, float* dw, void* = nullptr, std::size_t = 0) const {
-    if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw);
+  void backward_filter(Dnn&, const float* x, const float* dy, float* dw, void* = nullptr, std::size_t = 0,
+                       bool accumulate = true) const {
+    if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw, accumulate);
   }
 
  private:

@@ -1,13 +1,11 @@
-// How float matrix products and convolutions on the device round their inputs (shared by the
-// cuBLAS and cuDNN wrappers):
-//   FP32  full float products with float accumulation: results match the CPU backend up to the
-//         order of summation (cuDNN: CUDNN_FMA_MATH, never tensor cores)
-//   TF32  tensor cores on Ampere and newer: the inputs are rounded to 10 mantissa bits before
-//         the products (about 1e-3 relative per product), float accumulation
+// MathMode (FP32 or TF32 for the device's GEMMs and convolutions) for the cuBLAS and cuDNN
+// wrappers; defined with the ops' shared types (backend/op_types.hpp).
 #pragma once
+
+#include <diffuse/backend/op_types.hpp>
 
 namespace diffuse::cuda {
 
-enum class MathMode { FP32, TF32 };
+using diffuse::MathMode;
 
 }  // namespace diffuse::cuda

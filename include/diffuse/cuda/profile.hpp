@@ -1,9 +1,9 @@
 // Time per kind of device op, for finding where a train step's time goes without a profiler tool.
 //
-//   diffuse::cuda::OpProfiler prof;
-//   graph.set_profiler(&prof);          // the Graph (and UNetTrainer) open a scope around each op
+//   diffuse::cuda::OpProfiler prof;     // the CUDA backend owns one (CudaBackend::set_profiling)
+//   { ProfileScope s(&prof, "gemm"); ... }   // a scope around each backend entry
 //   ... steps ...
-//   prof.print(stdout, steps);          // waits for the device; a table of ms per step by op kind
+//   prof.table(steps);                  // waits for the device; a table of ms per step by entry
 //
 // Under nvcc each scope records a pair of CUDA events in the stream (no synchronisation, so the
 // step's overlap of host and device is kept); the events are read when the table is printed. In
@@ -91,19 +91,26 @@ class OpProfiler {
   }
 
   // A table, largest first: ms per step (totals / steps), calls per step, share of the sum.
-  void print(std::FILE* f, std::int64_t steps) {
+  std::string table(std::int64_t steps) {
     collect();
     std::vector<std::pair<std::string, Total>> rows(totals_.begin(), totals_.end());
     std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
     double sum = 0;
     for (const auto& r : rows) sum += r.second.ms;
     const double n = static_cast<double>(std::max<std::int64_t>(steps, 1));
-    std::fprintf(f, "%-28s %10s %8s %7s\n", "op", "ms/step", "calls", "share");
-    for (const auto& [name, t] : rows)
-      std::fprintf(f, "%-28s %10.3f %8.1f %6.1f%%\n", name.c_str(), t.ms / n, static_cast<double>(t.calls) / n,
-                   sum > 0 ? 100.0 * t.ms / sum : 0.0);
-    std::fprintf(f, "%-28s %10.3f\n", "sum of ops", sum / n);
+    std::string out;
+    char line[160];
+    std::snprintf(line, sizeof line, "%-28s %10s %8s %7s\n", "op", "ms/step", "calls", "share");
+    out += line;
+    for (const auto& [name, t] : rows) {
+      std::snprintf(line, sizeof line, "%-28s %10.3f %8.1f %6.1f%%\n", name.c_str(), t.ms / n,
+                    static_cast<double>(t.calls) / n, sum > 0 ? 100.0 * t.ms / sum : 0.0);
+      out += line;
+    }
+    std::snprintf(line, sizeof line, "%-28s %10.3f\n", "sum of ops", sum / n);
+    return out + line;
   }
+  void print(std::FILE* f, std::int64_t steps) { std::fputs(table(steps).c_str(), f); }
 
  private:
   std::vector<std::string> names_;  // the scopes since the last collect, in order

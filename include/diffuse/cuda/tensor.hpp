@@ -7,8 +7,9 @@
 //
 // In a CUDA build (nvcc, or a host file of a target linking diffuse::cuda) including this header
 // registers CudaRuntimeMemory: cudaMalloc through the caching allocator of the current device
-// (allocator.hpp), cudaMemcpy for copies (synchronous: they wait for earlier work on the legacy
-// default stream, so kernels queued there have finished writing what is copied back).
+// (allocator.hpp); copies to the host wait for earlier work on the legacy default stream (so
+// kernels queued there have finished writing what is copied back); copies from the host and
+// between device buffers are queued on that stream.
 //
 // EmulatedDeviceMemory, in every build: "device" memory that is host memory, for running the
 // device code (kernels through the CPU emulation, blas.hpp / conv.hpp's host fallbacks) on the
@@ -67,10 +68,16 @@ inline const DeviceMemory& cuda_runtime_memory() {
         }
       },
       [](void* dst, const void* src, std::size_t bytes, DeviceMemory::Copy kind) {
-        const cudaMemcpyKind k = kind == DeviceMemory::Copy::HostToDevice   ? cudaMemcpyHostToDevice
-                                 : kind == DeviceMemory::Copy::DeviceToHost ? cudaMemcpyDeviceToHost
-                                                                            : cudaMemcpyDeviceToDevice;
-        DIFFUSE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, k));
+        // To the host: wait for the device (the data must be there on return). From the host
+        // (pageable memory, as every CPU tensor's) and device to device: queued on the legacy
+        // stream. cudaMemcpyAsync stages pageable host memory before it returns, so the source may
+        // be reused at once, and it does not wait for earlier kernels as cudaMemcpy would.
+        if (kind == DeviceMemory::Copy::DeviceToHost) {
+          DIFFUSE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+        } else {
+          const cudaMemcpyKind k = kind == DeviceMemory::Copy::HostToDevice ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice;
+          DIFFUSE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, nullptr));
+        }
       }};
   return m;
 }

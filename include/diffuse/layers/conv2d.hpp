@@ -1,5 +1,7 @@
-// Conv2d and GroupNorm modules (NHWC activations, PyTorch parameter layout and
-// default initialisation, names "weight" and "bias").
+// Conv2d and GroupNorm modules (NHWC activations, PyTorch's names "weight" and
+// "bias" and default initialisation). Conv2d keeps its weight as [O, kh, kw, C]
+// (OHWI, what the NHWC convolutions of both backends read); its state_dict()
+// and checkpoints hold PyTorch's [O, C, kh, kw].
 #pragma once
 
 #include <cmath>
@@ -22,7 +24,9 @@ class Conv2d : public Module<T> {
   Conv2d(int64_t in, int64_t out, int64_t kh, int64_t kw, Generator& g, const Conv2dOptions& opt, bool bias = true)
       : opt_(opt) {
     const T bound = T(1) / std::sqrt(static_cast<T>(in * kh * kw));
-    weight = this->register_parameter("weight", uniform({out, in, kh, kw}, bound, g));
+    // Drawn in PyTorch's order, then stored OHWI: the same initial weights as before the layout.
+    weight = this->register_parameter("weight", from_torch_layout(uniform({out, in, kh, kw}, bound, g), ParamLayout::ConvOHWI),
+                                      ParamLayout::ConvOHWI);
     if (bias) this->bias = this->register_parameter("bias", uniform({out}, bound, g));
   }
   Var<T> operator()(const Var<T>& x) const { return conv2d(x, weight, bias, opt_); }

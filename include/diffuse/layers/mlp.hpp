@@ -14,12 +14,8 @@ namespace diffuse {
 inline Activation parse_activation(const std::string& s) {
   if (s == "silu") return Activation::SiLU;
   if (s == "relu") return Activation::ReLU;
-  throw std::invalid_argument("diffuse: unknown activation '" + s + "' (silu, relu)");
-}
-
-template <class T>
-inline Var<T> activate(const Var<T>& x, Activation a) {
-  return a == Activation::SiLU ? silu(x) : a == Activation::ReLU ? relu(x) : x;
+  if (s == "gelu") return Activation::GELU;
+  throw std::invalid_argument("diffuse: unknown activation '" + s + "' (silu, relu, gelu)");
 }
 
 // Linear layers named as in torch.nn.Sequential with the activations between
@@ -43,7 +39,7 @@ class MLP : public Module<T> {
       const Linear<T>& l = *layers_[i];
       const bool last = i + 1 == layers_.size();
       h = (last || !l.bias.defined()) ? l(h) : linear_act(h, l.weight, l.bias, act_);
-      if (!last && !l.bias.defined()) h = activate(h, act_);
+      if (!last && !l.bias.defined()) h = activate(h, act_);  // linear_act needs a bias
     }
     return h;
   }
@@ -84,7 +80,7 @@ class ToyMLP : public Module<T> {
       throw std::invalid_argument("diffuse: ToyMLP input " + shape_str(x.shape()) + " with " +
                                   std::to_string(t.size()) + " timesteps");
     if (!split_first_layer) {
-      Var<T> e(timestep_embedding<T>(t, cfg_.temb_dim));
+      Var<T> e(timestep_embedding<T>(t, cfg_.temb_dim, x.device()));
       return net_(concat<T>({x, e}, 1));
     }
     std::vector<int32_t> uniq(t);
@@ -96,7 +92,7 @@ class ToyMLP : public Module<T> {
     const Linear<T>& l0 = net_.layer(0);
     const int64_t D = cfg_.data_dim, E = cfg_.temb_dim;
     Var<T> wx = slice(l0.weight, 1, 0, D), we = slice(l0.weight, 1, D, D + E);
-    Var<T> e(timestep_embedding<T>(uniq, E));
+    Var<T> e(timestep_embedding<T>(uniq, E, x.device()));
     // act(W_x x + b + (W_e e)[pos]) as one fused op.
     return net_.forward_from(linear_gather_act(x, wx, l0.bias, linear(e, we), pos, cfg_.act), 1);
   }

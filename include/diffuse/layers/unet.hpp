@@ -5,7 +5,8 @@
 //
 // Same function as the reference, with fewer passes: SiLU(temb) is computed
 // once and shared by every ResBlock (the reference recomputes it per block),
-// and each GroupNorm that feeds a SiLU runs fused with it.
+// and each GroupNorm that feeds a SiLU runs fused with it. One class for every
+// device: after unet.to(Device::CUDA) the same forward runs on the GPU.
 #pragma once
 
 #include <memory>
@@ -215,7 +216,7 @@ class UNet : public Module<T> {
       throw std::invalid_argument("diffuse: UNet input " + shape_str(x.shape()) + " with " + std::to_string(t.size()) +
                                   " timesteps; expected [B, " + std::to_string(c.resolution) + ", " +
                                   std::to_string(c.resolution) + ", " + std::to_string(c.in_ch) + "]");
-    Var<T> temb = linear(linear_act(Var<T>(timestep_embedding<T>(t, c.ch)), temb0_->weight, temb0_->bias,
+    Var<T> temb = linear(linear_act(Var<T>(timestep_embedding<T>(t, c.ch, x.device())), temb0_->weight, temb0_->bias,
                                     Activation::SiLU),
                          temb2_->weight, temb2_->bias);
     if (c.num_classes > 0) {

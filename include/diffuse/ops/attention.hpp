@@ -169,6 +169,31 @@ inline void attention_backward(const AttentionDims& a, const T* q, const T* k, c
 
 }  // namespace detail
 
+namespace detail {
+inline Var<float> attention_cuda(const Var<float>& q, const Var<float>& k, const Var<float>& v, int64_t heads) {
+  backend::CudaBackend& be = backend::require_cuda("attention");
+  const int64_t N = q.size(0), L = q.size(1), C = q.size(2);
+  const bool grad = Tape<float>::grad_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  Tensor<float> out({N, L, C}, Device::CUDA);
+  // The forward writes P whether or not it is kept: without a backward it is scratch.
+  Tensor<float> P({N, heads, L, L}, Device::CUDA);
+  be.attention(q.value().data(), k.value().data(), v.value().data(), out.data(), P.data(), N, L, C, heads);
+  if (!grad) P = Tensor<float>();
+  return make_result<float>(std::move(out), {&q, &k, &v}, [&]() {
+    return [q, k, v, P, N, L, C, heads](const Tensor<float>& g) {
+      // Sinks in the CPU's order (dV, dQ, dK): when inputs are the same Var, the first writes.
+      GradSink<float> sv{}, sq{}, sk{};
+      if (v.requires_grad()) sv = grad_sink(*v.node());
+      if (q.requires_grad()) sq = grad_sink(*q.node());
+      if (k.requires_grad()) sk = grad_sink(*k.node());
+      backend::cuda_backend()->attention_backward(q.value().data(), k.value().data(), v.value().data(), P.data(),
+                                                  g.data(), sq.data, sq.accumulate, sk.data, sk.accumulate, sv.data,
+                                                  sv.accumulate, N, L, C, heads);
+    };
+  });
+}
+}  // namespace detail
+
 // Multi-head attention on [N, L, C] tokens: for each image n and head h (channel
 // slice [h*d, (h+1)*d), d = C / heads), out = softmax(Q K^T * d^-0.5, over keys) V.
 // With heads = 1 this is the reference AttnBlock's
@@ -193,6 +218,10 @@ inline Var<T> attention(const Var<T>& q, const Var<T>& k, const Var<T>& v, int h
   if (heads < 1 || C % heads != 0)
     throw std::invalid_argument("diffuse: attention: the channel count C = " + std::to_string(C) +
                                 " must be a multiple of heads = " + std::to_string(heads) + " (heads >= 1)");
+  if (detail::op_device("attention", {&q, &k, &v}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::attention_cuda(q, k, v, heads);
+    else detail::cuda_float_only("attention");
+  }
   const detail::AttentionDims dims = detail::attention_dims(N, L, C, heads);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(dims.d, 1))));
   const bool grad =

@@ -21,6 +21,29 @@
 
 namespace diffuse {
 
+namespace detail {
+inline Var<float> batch_norm_inference_cuda(const Var<float>& x, const Var<float>& weight, const Var<float>& bias,
+                                            const Tensor<float>& running_mean, const Tensor<float>& running_var,
+                                            float eps, int64_t P, int64_t C) {
+  backend::CudaBackend& be = backend::require_cuda("batch_norm_inference");
+  Tensor<float> out(x.shape(), Device::CUDA);
+  be.batch_norm_inference(x.value().data(), weight.value().data(), bias.value().data(), running_mean.data(),
+                          running_var.data(), eps, out.data(), P, C);
+  const Tensor<float> mean = running_mean.clone(), var = running_var.clone();  // the caller's buffers may change
+  return make_result<float>(std::move(out), {&x, &weight, &bias}, [&]() {
+    return [x, weight, bias, mean, var, eps, P, C](const Tensor<float>& g) {
+      GradSink<float> sx{}, sw{}, sb{};
+      if (x.requires_grad()) sx = grad_sink(*x.node());
+      if (weight.requires_grad()) sw = grad_sink(*weight.node());
+      if (bias.requires_grad()) sb = grad_sink(*bias.node());
+      backend::cuda_backend()->batch_norm_inference_backward(g.data(), x.value().data(), weight.value().data(),
+                                                             mean.data(), var.data(), eps, sx.data, sx.accumulate,
+                                                             sw.data, sw.accumulate, sb.data, sb.accumulate, P, C);
+    };
+  });
+}
+}  // namespace detail
+
 template <class T>
 inline Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const Var<T>& bias,
                                    const Tensor<T>& running_mean, const Tensor<T>& running_var, double eps) {
@@ -31,6 +54,15 @@ inline Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const 
       throw std::invalid_argument("diffuse: batch_norm_inference: weight, bias and running statistics must be [" +
                                   std::to_string(C) + "] for x " + shape_str(x.shape()) + ", got " + shape_str(*s));
   if (!(eps > 0)) throw std::invalid_argument("diffuse: batch_norm_inference: eps must be positive");
+  if (detail::op_device("batch_norm_inference", {&x, &weight, &bias}) == Device::CUDA) {
+    if (running_mean.device() != Device::CUDA || running_var.device() != Device::CUDA)
+      throw std::invalid_argument("diffuse: batch_norm_inference: running statistics on another device than x");
+    if constexpr (std::is_same_v<T, float>)
+      return detail::batch_norm_inference_cuda(x, weight, bias, running_mean, running_var, static_cast<float>(eps), P, C);
+    else detail::cuda_float_only("batch_norm_inference");
+  }
+  running_mean.require_cpu("batch_norm_inference (running mean)");
+  running_var.require_cpu("batch_norm_inference (running variance)");
   // invstd kept for the weight gradient; alpha and beta as PyTorch forms them.
   std::vector<T> invstd(C), alpha(C), beta(C);
   for (int64_t c = 0; c < C; ++c) {

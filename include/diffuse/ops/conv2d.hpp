@@ -1,14 +1,17 @@
-// 2-D convolution on NHWC images: x [N, H, W, C], weight [O, C, kh, kw] (the
-// PyTorch layout, so checkpoints move between the two unchanged), bias [O],
-// y [N, Ho, Wo, O]. Same function as torch.nn.functional.conv2d on the NCHW view.
+// 2-D convolution on NHWC images: x [N, H, W, C], weight [O, kh, kw, C] ("OHWI",
+// the filter layout of NHWC convolutions: cuDNN's NHWC filters, and the row order
+// of an NHWC im2col), bias [O], y [N, Ho, Wo, O]. Same function as
+// torch.nn.functional.conv2d on the NCHW view with the weight permuted to
+// PyTorch's [O, C, kh, kw]; Conv2d keeps the weight in this layout on every device
+// and its checkpoints in PyTorch's (module.hpp's ParamLayout::ConvOHWI).
 //
-// How: im2col GEMM over blocks of output pixels. In NHWC a kernel row's taps
-// are kw * C contiguous floats, so im2col is a few memcpy per output pixel;
-// each block of R pixels becomes a [R, kh*kw*C] matrix times the weight,
-// reordered once per call to [O, kh*kw*C] and packed once (detail::GemmB), so
-// the blocks can stay small enough for L2. A 1x1 convolution with stride 1 is
-// a plain GEMM on x itself. The backward recomputes im2col blocks rather than
-// keeping them (they are kh*kw times the size of x).
+// How (CPU): im2col GEMM over blocks of output pixels. In NHWC a kernel row's
+// taps are kw * C contiguous floats, so im2col is a few memcpy per output pixel;
+// each block of R pixels becomes a [R, kh*kw*C] matrix times the weight, packed
+// once per call (detail::GemmB), so the blocks can stay small enough for L2. A
+// 1x1 convolution with stride 1 is a plain GEMM on x itself. The backward
+// recomputes im2col blocks rather than keeping them (they are kh*kw times the
+// size of x). CUDA: cuDNN (the backend's conv2d entries).
 #pragma once
 
 #include <algorithm>
@@ -41,35 +44,6 @@ struct ConvGeom {
 inline int64_t conv_block_rows(int64_t K) {
   const int64_t r = std::clamp<int64_t>(65536 / std::max<int64_t>(K, 1), 24, 240);
   return r / kGemmMR * kGemmMR;
-}
-
-// w [O, C, kh, kw] -> wr [O, (ky, kx, c)], the order of an NHWC im2col row.
-// Parallel over o: for the CIFAR U-Net these reorders touch as many floats
-// as it has parameters, three times a step, and serially they left the
-// second core idle for ~3% of the step.
-template <class T>
-inline void conv_weight_rows(const T* w, T* wr, const ConvGeom& g) {
-  const int64_t K = g.K(), taps = g.kh * g.kw;
-#pragma omp parallel for schedule(static) if (g.O * K >= (int64_t(1) << 16) && !omp_in_parallel())
-  for (int64_t o = 0; o < g.O; ++o)
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t t = 0; t < taps; ++t) wr[o * K + t * g.C + c] = w[(o * g.C + c) * taps + t];
-}
-
-// The inverse reorder of a weight gradient, written through its sink.
-template <class T>
-inline void conv_weight_grad(const T* dwr, GradSink<T>& s, const ConvGeom& g) {
-  const int64_t K = g.K(), taps = g.kh * g.kw;
-#pragma omp parallel for schedule(static) if (g.O * K >= (int64_t(1) << 16) && !omp_in_parallel())
-  for (int64_t o = 0; o < g.O; ++o)
-    for (int64_t c = 0; c < g.C; ++c) {
-      T* d = s.data + (o * g.C + c) * taps;
-      const T* r = dwr + o * K + c;
-      if (s.accumulate)
-        for (int64_t t = 0; t < taps; ++t) d[t] += r[t * g.C];
-      else
-        for (int64_t t = 0; t < taps; ++t) d[t] = r[t * g.C];
-    }
 }
 
 // Calls f(ky, kx0, kx1, src_pixel_offset, col_offset) for each kernel row of
@@ -241,17 +215,35 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   }
 }
 
+inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, const ConvGeom& g) {
+  backend::CudaBackend& be = backend::require_cuda("conv2d");
+  const backend::ConvDesc d{g.N, g.H, g.W, g.C, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw};
+  const bool has_b = b.defined();
+  Tensor<float> y({g.N, g.Ho, g.Wo, g.O}, Device::CUDA);
+  be.conv2d(d, x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data());
+  return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, d]() {
+    return [x, w, b, has_b, d](const Tensor<float>& dy) {
+      GradSink<float> sx{}, sw{}, sb{};
+      if (x.requires_grad()) sx = grad_sink(*x.node());
+      if (w.requires_grad()) sw = grad_sink(*w.node());
+      if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
+      backend::cuda_backend()->conv2d_backward(d, x.value().data(), w.value().data(), dy.data(), sx.data, sx.accumulate,
+                                               sw.data, sw.accumulate, sb.data, sb.accumulate);
+    };
+  });
+}
+
 }  // namespace detail
 
-// y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, C, kh, kw], b [O] (or undefined).
+// y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, kh, kw, C] (OHWI), b [O] (or undefined).
 template <class T>
 inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
-  if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(1) != x.size(3))
-    throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,C,kh,kw]; got x " +
+  if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(3) != x.size(3))
+    throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,kh,kw,C] (OHWI); got x " +
                                 shape_str(x.shape()) + ", weight " + shape_str(w.shape()));
   if (opt.stride_h < 1 || opt.stride_w < 1 || opt.pad_h < 0 || opt.pad_w < 0)
     throw std::invalid_argument("diffuse: conv2d stride must be >= 1 and padding >= 0");
-  detail::ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), w.size(3),
+  detail::ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2),
                      opt.stride_h,  opt.stride_w, opt.pad_h, opt.pad_w, 0, 0};
   g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
@@ -262,30 +254,29 @@ inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Co
   if (has_b && (b.value().dim() != 1 || b.size(0) != g.O))
     throw std::invalid_argument("diffuse: conv2d bias " + shape_str(b.shape()) + " for " + std::to_string(g.O) +
                                 " output channels");
-  // The weight in im2col order. Not kept for the backward, which rebuilds it:
-  // over a whole model that copy is as large as the parameters.
-  Tensor<T> wr({g.O, g.K()});
-  detail::conv_weight_rows(w.value().data(), wr.data(), g);
+  if (detail::op_device("conv2d", {&x, &w, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::conv2d_cuda(x, w, b, g);
+    else detail::cuda_float_only("conv2d");
+  }
   Tensor<T> y({g.N, g.Ho, g.Wo, g.O});
-  detail::conv_forward(x.value().data(), wr.data(), has_b ? b.value().data() : nullptr, y.data(), g);
+  detail::conv_forward(x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data(), g);
   return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, g]() {
     return [x, w, b, has_b, g](const Tensor<T>& dy) {
-      Tensor<T> wr({g.O, g.K()});
-      detail::conv_weight_rows(w.value().data(), wr.data(), g);
-      GradSink<T> sx{};
+      GradSink<T> sx{}, sw{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
-      Tensor<T> dwr = w.requires_grad() ? Tensor<T>({g.O, g.K()}) : Tensor<T>();
-      Tensor<T> db = has_b && b.requires_grad() ? Tensor<T>({g.O}) : Tensor<T>();
-      detail::conv_backward(dy.data(), x.value().data(), wr.data(), x.requires_grad() ? &sx : nullptr,
-                            dwr.defined() ? dwr.data() : nullptr, db.defined() ? db.data() : nullptr, g);
-      if (dwr.defined()) {
-        GradSink<T> s = grad_sink(*w.node());
-        detail::conv_weight_grad(dwr.data(), s, g);
-      }
-      if (db.defined()) {
-        GradSink<T> s = grad_sink(*b.node());
-        for (int64_t o = 0; o < g.O; ++o) s.put(static_cast<size_t>(o), db[static_cast<size_t>(o)]);
-      }
+      if (w.requires_grad()) sw = grad_sink(*w.node());
+      if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
+      // conv_backward writes dW and db (sums from zero): straight into the sinks on their first
+      // contribution, through a temporary added on when they already hold one.
+      Tensor<T> dw_tmp = sw.data && sw.accumulate ? Tensor<T>(w.shape()) : Tensor<T>();
+      Tensor<T> db_tmp = sb.data && sb.accumulate ? Tensor<T>({g.O}) : Tensor<T>();
+      T* dw = sw.data ? (sw.accumulate ? dw_tmp.data() : sw.data) : nullptr;
+      T* db = sb.data ? (sb.accumulate ? db_tmp.data() : sb.data) : nullptr;
+      detail::conv_backward(dy.data(), x.value().data(), w.value().data(), x.requires_grad() ? &sx : nullptr, dw, db, g);
+      if (dw_tmp.defined())
+        for (size_t i = 0; i < dw_tmp.size(); ++i) sw.data[i] += dw_tmp[i];
+      if (db_tmp.defined())
+        for (size_t i = 0; i < db_tmp.size(); ++i) sb.data[i] += db_tmp[i];
     };
   });
 }

@@ -17,9 +17,10 @@
 
 namespace diffuse {
 
-// [N, C, H, W] -> [N, H, W, C] (a copy; not an autograd op).
+// [N, C, H, W] -> [N, H, W, C] (a copy of a CPU tensor; not an autograd op: permute() is).
 template <class T>
 inline Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
+  t.require_cpu("nchw_to_nhwc");
   if (t.dim() != 4)
     throw std::invalid_argument("diffuse: nchw_to_nhwc needs a 4-D tensor, got " + shape_str(t.shape()));
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), HW = H * W;
@@ -32,9 +33,10 @@ inline Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
   return out;
 }
 
-// [N, H, W, C] -> [N, C, H, W] (a copy; not an autograd op).
+// [N, H, W, C] -> [N, C, H, W] (a copy of a CPU tensor; not an autograd op: permute() is).
 template <class T>
 inline Tensor<T> nhwc_to_nchw(const Tensor<T>& t) {
+  t.require_cpu("nhwc_to_nchw");
   if (t.dim() != 4)
     throw std::invalid_argument("diffuse: nhwc_to_nchw needs a 4-D tensor, got " + shape_str(t.shape()));
   const int64_t N = t.size(0), H = t.size(1), W = t.size(2), C = t.size(3), HW = H * W;
@@ -100,6 +102,30 @@ using RowArr = Eigen::Array<T, 1, Eigen::Dynamic>;
 
 }  // namespace detail
 
+namespace detail {
+inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, const Var<float>& beta, int64_t groups,
+                                  double eps, bool silu) {
+  backend::CudaBackend& be = backend::require_cuda("group_norm");
+  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+  Tensor<float> out(x.shape(), Device::CUDA);
+  Tensor<float> stats({2 * N * groups}, Device::CUDA);  // mean, then rstd, per (sample, group)
+  be.group_norm(x.value().data(), gamma.value().data(), beta.value().data(), out.data(), stats.data(),
+                stats.data() + N * groups, N, HW, C, groups, static_cast<float>(eps), silu);
+  return make_result<float>(std::move(out), {&x, &gamma, &beta}, [x, gamma, beta, stats, N, HW, C, groups, silu]() {
+    return [x, gamma, beta, stats, N, HW, C, groups, silu](const Tensor<float>& g) {
+      GradSink<float> sx{}, sg{}, sb{};
+      if (x.requires_grad()) sx = grad_sink(*x.node());
+      if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
+      if (beta.requires_grad()) sb = grad_sink(*beta.node());
+      backend::cuda_backend()->group_norm_backward(g.data(), x.value().data(), gamma.value().data(), beta.value().data(),
+                                                   stats.data(), stats.data() + N * groups, sx.data, sx.accumulate,
+                                                   sg.data, sg.accumulate, sb.data, sb.accumulate, N, HW, C, groups,
+                                                   silu);
+    };
+  });
+}
+}  // namespace detail
+
 // torch.nn.GroupNorm(groups, C, eps) on the NCHW view of x: x NHWC [N, H, W, C],
 // gamma and beta [C]. Per (sample, group): mean and biased variance over
 // H * W * (C / groups) values, accumulated in double. With silu = true it
@@ -117,6 +143,10 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
       throw std::invalid_argument("diffuse: group_norm: gamma and beta must have shape [" + std::to_string(C) +
                                   "], got " + (v->defined() ? shape_str(v->shape()) : std::string("undefined")));
   if (!(eps > 0)) throw std::invalid_argument("diffuse: group_norm: eps must be positive");
+  if (detail::op_device("group_norm", {&x, &gamma, &beta}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu);
+    else detail::cuda_float_only("group_norm");
+  }
 
   const detail::GroupNormPlan pl = detail::group_norm_plan(N, HW, C, groups, sizeof(T));
   const int64_t Cg = pl.Cg;
@@ -286,10 +316,28 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
 
 // Nearest-neighbour 2x upsampling, NHWC [N, H, W, C] -> [N, 2H, 2W, C], as
 // F.interpolate(x, scale_factor=2, mode="nearest"); the backward sums the 4 copies.
+namespace detail {
+inline Var<float> upsample_nearest2x_cuda(const Var<float>& x, int64_t N, int64_t H, int64_t W, int64_t C) {
+  backend::CudaBackend& be = backend::require_cuda("upsample_nearest2x");
+  Tensor<float> out({N, 2 * H, 2 * W, C}, Device::CUDA);
+  be.upsample_nearest2x(x.value().data(), out.data(), N, H, W, C);
+  return make_result<float>(std::move(out), {&x}, [x, N, H, W, C]() {
+    return [x, N, H, W, C](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->upsample_nearest2x_backward(g.data(), s.data, N, H, W, C, s.accumulate);
+    };
+  });
+}
+}  // namespace detail
+
 template <class T>
 inline Var<T> upsample_nearest2x(const Var<T>& x) {
   detail::require_nhwc("upsample_nearest2x", x.shape());
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::upsample_nearest2x_cuda(x, N, H, W, C);
+    else detail::cuda_float_only("upsample_nearest2x");
+  }
   Tensor<T> out({N, 2 * H, 2 * W, C});
   const T* xd = x.value().data();
   T* od = out.data();
@@ -340,6 +388,21 @@ inline void dropout_mask(uint64_t seed, uint64_t off, size_t n, double p, F&& f)
 }
 }  // namespace detail
 
+namespace detail {
+inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, uint64_t off) {
+  backend::CudaBackend& be = backend::require_cuda("dropout");
+  const int64_t n = x.value().numel();
+  Tensor<float> out(x.shape(), Device::CUDA);
+  be.dropout(x.value().data(), out.data(), n, p, seed, off);
+  return make_result<float>(std::move(out), {&x}, [x, n, p, seed, off]() {
+    return [x, n, p, seed, off](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->dropout_backward(g.data(), s.data, n, p, seed, off, s.accumulate);
+    };
+  });
+}
+}  // namespace detail
+
 // F.dropout(x, p, training): each element zeroed with probability p, the rest
 // scaled by 1 / (1 - p). The mask comes from gen (which advances by ceil(n / 4)
 // blocks); the backward regenerates it from the same (seed, offset) instead of
@@ -351,6 +414,10 @@ inline Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) 
   if (!training || p == 0.0) return x;
   const size_t n = x.value().size();
   const uint64_t seed = gen.seed, off = gen.advance(n);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, off);
+    else detail::cuda_float_only("dropout");
+  }
   const T scale = p >= 1.0 ? T(0) : T(1) / static_cast<T>(1.0 - p);  // p == 1: all zeros, as PyTorch
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
@@ -365,6 +432,27 @@ inline Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) 
   });
 }
 
+namespace detail {
+inline Var<float> add_channel_bias_cuda(const Var<float>& x, const Var<float>& b, int64_t N, int64_t HW, int64_t C) {
+  backend::CudaBackend& be = backend::require_cuda("add_channel_bias");
+  Tensor<float> out(x.shape(), Device::CUDA);
+  be.add_channel_bias(x.value().data(), b.value().data(), out.data(), N, HW, C);
+  return make_result<float>(std::move(out), {&x, &b}, [x, b, N, HW, C]() {
+    return [x, b, N, HW, C](const Tensor<float>& g) {
+      backend::CudaBackend& be = *backend::cuda_backend();
+      if (x.requires_grad()) {
+        GradSink<float> s = grad_sink(*x.node());
+        be.copy(g.data(), s.data, g.numel(), s.accumulate);
+      }
+      if (b.requires_grad()) {
+        GradSink<float> s = grad_sink(*b.node());
+        be.channel_bias_backward(g.data(), s.data, N, HW, C, s.accumulate);
+      }
+    };
+  });
+}
+}  // namespace detail
+
 // x NHWC [N, H, W, C] plus b [N, C] broadcast over H and W: the ResBlock's
 // h + temb_proj(emb)[:, :, None, None]. Backward: dx = g, db[n, c] = sum over pixels.
 template <class T>
@@ -375,6 +463,10 @@ inline Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
     throw std::invalid_argument("diffuse: add_channel_bias: bias must have shape [" + std::to_string(N) + ", " +
                                 std::to_string(C) + "] for x " + shape_str(x.shape()) + ", got " +
                                 shape_str(b.shape()));
+  if (detail::op_device("add_channel_bias", {&x, &b}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::add_channel_bias_cuda(x, b, N, HW, C);
+    else detail::cuda_float_only("add_channel_bias");
+  }
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   const T* bd = b.value().data();

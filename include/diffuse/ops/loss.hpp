@@ -30,6 +30,34 @@ inline double row_logsumexp(const T* z, int64_t K) {
   return m + std::log(s);
 }
 
+inline Var<float> log_softmax_cuda(const Var<float>& x, int64_t rows, int64_t K) {
+  backend::CudaBackend& be = backend::require_cuda("log_softmax");
+  Tensor<float> out(x.shape(), Device::CUDA);
+  be.log_softmax(x.value().data(), out.data(), rows, K);
+  const Tensor<float> yv = out;
+  return make_result<float>(std::move(out), {&x}, [x, yv, rows, K]() {
+    return [x, yv, rows, K](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->log_softmax_backward(yv.data(), g.data(), s.data, rows, K, s.accumulate);
+    };
+  });
+}
+
+inline Var<float> cross_entropy_cuda(const Var<float>& logits, const std::vector<int32_t>& labels, int64_t N,
+                                     int64_t K) {
+  backend::CudaBackend& be = backend::require_cuda("cross_entropy");
+  const Tensor<int32_t> lab = Tensor<int32_t>::from(labels, {N}).to(Device::CUDA);
+  Tensor<float> out({}, Device::CUDA), lse({N}, Device::CUDA);
+  be.cross_entropy(logits.value().data(), lab.data(), N, K, out.data(), lse.data());
+  return make_result<float>(std::move(out), {&logits}, [logits, lab, lse, N, K]() {
+    return [logits, lab, lse, N, K](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*logits.node());
+      backend::cuda_backend()->cross_entropy_backward(logits.value().data(), lab.data(), lse.data(), g.data(), s.data, N,
+                                                      K, s.accumulate);
+    };
+  });
+}
+
 }  // namespace detail
 
 // log softmax over the last dimension. Backward: dx = g - softmax * sum(g), with
@@ -38,6 +66,10 @@ template <class T>
 inline Var<T> log_softmax(const Var<T>& x) {
   if (x.value().dim() < 1) throw std::invalid_argument("diffuse: log_softmax of a scalar");
   const int64_t K = x.size(-1), rows = K ? x.value().numel() / K : 0;
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::log_softmax_cuda(x, rows, K);
+    else detail::cuda_float_only("log_softmax");
+  }
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   T* od = out.data();
@@ -82,6 +114,10 @@ inline Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& la
     if (labels[i] < 0 || labels[i] >= K)
       throw std::out_of_range("diffuse: cross_entropy: label " + std::to_string(labels[i]) + " of row " +
                               std::to_string(i) + " outside [0, " + std::to_string(K) + ")");
+  if (logits.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::cross_entropy_cuda(logits, labels, N, K);
+    else detail::cuda_float_only("cross_entropy");
+  }
   const T* zd = logits.value().data();
   std::vector<double> lse(static_cast<size_t>(N)), loss(static_cast<size_t>(N));
 #pragma omp parallel for schedule(static) if (logits.value().size() >= detail::kParallelMin)
@@ -111,6 +147,7 @@ inline Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& la
 // first one on ties and a NaN counts as the largest, as torch.argmax.
 template <class T>
 inline std::vector<int32_t> argmax_rows(const Tensor<T>& t) {
+  t.require_cpu("argmax_rows");
   if (t.dim() != 2) throw std::invalid_argument("diffuse: argmax_rows needs a 2-D tensor, got " + shape_str(t.shape()));
   const int64_t N = t.size(0), K = t.size(1);
   if (K == 0 && N > 0) throw std::invalid_argument("diffuse: argmax_rows of rows with no elements");

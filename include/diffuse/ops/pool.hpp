@@ -90,6 +90,52 @@ inline PoolPlan pool_plan(const char* op, const Shape& s, PoolOptions& o) {
   return p;
 }
 
+inline backend::PoolDesc pool_desc(const PoolPlan& p, const PoolOptions& o) {
+  backend::PoolDesc d;
+  d.N = p.N, d.H = p.H, d.W = p.W, d.C = p.C, d.OH = p.OH, d.OW = p.OW;
+  d.kernel_h = o.kernel_h, d.kernel_w = o.kernel_w, d.stride_h = o.stride_h, d.stride_w = o.stride_w;
+  d.pad_h = o.pad_h, d.pad_w = o.pad_w, d.count_include_pad = o.count_include_pad;
+  return d;
+}
+
+inline Var<float> max_pool2d_cuda(const Var<float>& x, const backend::PoolDesc& d) {
+  backend::CudaBackend& be = backend::require_cuda("max_pool2d");
+  const bool grad = Tape<float>::grad_enabled() && x.requires_grad();
+  Tensor<float> out({d.N, d.OH, d.OW, d.C}, Device::CUDA);
+  Tensor<int32_t> arg = grad ? Tensor<int32_t>(out.shape(), Device::CUDA) : Tensor<int32_t>();
+  be.max_pool2d(d, x.value().data(), out.data(), grad ? arg.data() : nullptr);
+  return make_result<float>(std::move(out), {&x}, [&]() {
+    return [x, d, arg](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->max_pool2d_backward(d, arg.data(), g.data(), s.data, s.accumulate);
+    };
+  });
+}
+
+inline Var<float> avg_pool2d_cuda(const Var<float>& x, const backend::PoolDesc& d) {
+  backend::CudaBackend& be = backend::require_cuda("avg_pool2d");
+  Tensor<float> out({d.N, d.OH, d.OW, d.C}, Device::CUDA);
+  be.avg_pool2d(d, x.value().data(), out.data());
+  return make_result<float>(std::move(out), {&x}, [x, d]() {
+    return [x, d](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->avg_pool2d_backward(d, g.data(), s.data, s.accumulate);
+    };
+  });
+}
+
+inline Var<float> global_avg_pool_cuda(const Var<float>& x, int64_t N, int64_t HW, int64_t C) {
+  backend::CudaBackend& be = backend::require_cuda("global_avg_pool");
+  Tensor<float> out({N, C}, Device::CUDA);
+  be.global_avg_pool(x.value().data(), out.data(), N, HW, C);
+  return make_result<float>(std::move(out), {&x}, [x, N, HW, C]() {
+    return [x, N, HW, C](const Tensor<float>& g) {
+      GradSink<float> s = grad_sink(*x.node());
+      backend::cuda_backend()->global_avg_pool_backward(g.data(), s.data, N, HW, C, s.accumulate);
+    };
+  });
+}
+
 }  // namespace detail
 
 // F.max_pool2d on NHWC x. The forward keeps, per output element, the index
@@ -97,6 +143,10 @@ inline PoolPlan pool_plan(const char* op, const Shape& s, PoolOptions& o) {
 template <class T>
 inline Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
   const detail::PoolPlan pl = detail::pool_plan("max_pool2d", x.shape(), opt);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::max_pool2d_cuda(x, detail::pool_desc(pl, opt));
+    else detail::cuda_float_only("max_pool2d");
+  }
   const int64_t H = pl.H, W = pl.W, C = pl.C, OH = pl.OH, OW = pl.OW;
   const bool grad = Tape<T>::grad_enabled() && x.requires_grad();
   Tensor<T> out({pl.N, OH, OW, C});
@@ -154,6 +204,10 @@ inline Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
 template <class T>
 inline Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
   const detail::PoolPlan pl = detail::pool_plan("avg_pool2d", x.shape(), opt);
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::avg_pool2d_cuda(x, detail::pool_desc(pl, opt));
+    else detail::cuda_float_only("avg_pool2d");
+  }
   const int64_t H = pl.H, W = pl.W, C = pl.C, OH = pl.OH, OW = pl.OW;
   const bool include_pad = opt.count_include_pad;
   auto divisor = [include_pad](const detail::PoolWindow& a, const detail::PoolWindow& b) {
@@ -230,6 +284,10 @@ inline Var<T> global_avg_pool(const Var<T>& x) {
   detail::require_nhwc("global_avg_pool", x.shape());
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   if (HW == 0) throw std::invalid_argument("diffuse: global_avg_pool of an empty image " + shape_str(x.shape()));
+  if (x.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::global_avg_pool_cuda(x, N, HW, C);
+    else detail::cuda_float_only("global_avg_pool");
+  }
   Tensor<T> out({N, C});
   const T* xd = x.value().data();
   T* od = out.data();

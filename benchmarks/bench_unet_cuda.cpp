@@ -1,0 +1,133 @@
+// GPU benchmark of the U-Net's train step on CUDA: the library's UNet moved to the device
+// (model.to(Device::CUDA)), forward with dropout, MSE, backward and Adam over all parameters;
+// wall time per step (the step reads the loss back, so it ends synchronised), images per second
+// as a counter. Ordinary C++ linking diffuse::cuda, as a user's program would be. Compare with
+// ../shared/reference/torch_gpu_reference.py unet (PyTorch, same model, same card, same call):
+// PyTorch's step also draws t and eps and runs q_sample on the device (a few microseconds);
+// ours takes x_t and eps ready on the device.
+//   Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32), convolution
+//   algorithms (0 = cuDNN's heuristics, plain sums of products only: the default; 1 = timed by
+//   cuDNN, plain sums; 2 = timed, FFT and Winograd allowed).
+//   bench_unet_cuda --profile   instead: where a step's device time goes, by backend entry, for
+//                               each configuration.
+// Without a GPU it says so and exits 0.
+#include <benchmark/benchmark.h>
+
+#include <diffuse/diffuse.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace diffuse;
+
+// The model, its optimiser and one batch on the device, warmed up (plans, caches, allocator).
+struct Setup {
+  Setup(bool cifar, std::int64_t B, bool tf32, int conv) : c(cifar ? UNetConfig::cifar10() : UNetConfig::mnist16()) {
+    backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
+    be.set_math_mode(tf32 ? MathMode::TF32 : MathMode::FP32);
+    be.set_conv_search(conv > 0, conv == 2);
+    Generator g(1234);
+    net = std::make_unique<UNet<float>>(c, g);
+    net->to(Device::CUDA);
+    AdamOptions ao;
+    ao.lr = 2e-4;
+    opt = std::make_unique<Adam<float>>(net->named_parameters(), ao);
+    x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g, Device::CUDA);
+    eps = Tensor<float>::randn(x.shape(), g, Device::CUDA);
+    t.resize(static_cast<size_t>(B));
+    for (std::int64_t i = 0; i < B; ++i) t[static_cast<size_t>(i)] = static_cast<std::int32_t>((i * 37) % 1000);
+    for (int w = 0; w < 3; ++w) step();
+  }
+  float step() {
+    opt->zero_grad();
+    const Var<float> loss = mse((*net)(Var<float>(x), t, nullptr, &drop), Var<float>(eps));
+    backward(loss);
+    opt->step();
+    return loss.value().cpu()[0];
+  }
+
+  UNetConfig c;
+  std::unique_ptr<UNet<float>> net;
+  std::unique_ptr<Adam<float>> opt;
+  Tensor<float> x, eps;
+  std::vector<std::int32_t> t;
+  Generator drop{7};
+};
+
+void BM_unet_train_step(benchmark::State& state) {
+  const bool cifar = state.range(0) == 1;
+  const std::int64_t B = state.range(1);
+  const bool tf32 = state.range(2) == 1;
+  const int conv = static_cast<int>(state.range(3));
+  Setup su(cifar, B, tf32, conv);
+  for (auto _ : state) {
+    const auto s = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(su.step());
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count());
+  }
+  state.counters["img_per_s"] = benchmark::Counter(static_cast<double>(B * state.iterations()), benchmark::Counter::kIsRate);
+  static const char* conv_name[] = {" conv heuristic", " conv timed", " conv timed+fft/winograd"};
+  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + (tf32 ? " tf32" : " fp32") + conv_name[conv] +
+                 " params " + std::to_string(su.net->num_parameters()));
+}
+BENCHMARK(BM_unet_train_step)
+    ->Args({0, 128, 0, 0})
+    ->Args({0, 128, 1, 0})
+    ->Args({1, 128, 0, 0})
+    ->Args({1, 128, 1, 0})
+    ->Args({0, 128, 0, 1})
+    ->Args({0, 128, 1, 1})
+    ->Args({1, 128, 0, 1})
+    ->Args({1, 128, 1, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+
+// --profile: device time per backend entry over 5 steps of each configuration, beside the wall time.
+void profile(std::int64_t B) {
+  static const char* conv_name[] = {"conv heuristic", "conv timed", "conv timed+fft/winograd"};
+  backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
+  for (const bool cifar : {true, false}) {
+    for (const bool tf32 : {false, true}) {
+      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2); ++conv) {
+        Setup su(cifar, B, tf32, conv);
+        be.set_profiling(true);
+        su.step();
+        be.profile_table(1);  // the first profiled step creates the events
+        const int steps = 5;
+        const auto s = std::chrono::steady_clock::now();
+        for (int i = 0; i < steps; ++i) su.step();
+        const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count();
+        std::printf("\n== %s %s %s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
+                    cifar ? "cifar10" : "mnist16", tf32 ? "tf32" : "fp32", conv_name[conv], static_cast<long long>(B),
+                    wall / steps);
+        std::fputs(be.profile_table(steps).c_str(), stdout);
+        be.set_profiling(false);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!cuda_available()) {
+    std::printf("bench_unet_cuda: %s; nothing to measure\n", cuda_unavailable_reason().c_str());
+    return 0;
+  }
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--profile") {
+      profile(128);
+      return 0;
+    }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,34 @@
+// The tools' --device flag: "cpu", "cuda", or "" (cuda when this program has a usable CUDA
+// device, else cpu). Asking for cuda where there is none fails before any work, in one line.
+#pragma once
+
+#include <diffuse/tensor.hpp>
+
+#include <stdexcept>
+#include <string>
+
+namespace diffuse::examples {
+
+inline Device choose_device(const std::string& flag) {
+  if (flag == "cpu") return Device::CPU;
+  const std::string why = cuda_unavailable_reason();
+  if (flag.empty()) return why.empty() ? Device::CUDA : Device::CPU;
+  if (flag != "cuda") throw std::invalid_argument("--device must be cpu or cuda, got '" + flag + "'");
+  if (!why.empty()) throw std::runtime_error("--device cuda: " + why + " (use --device cpu)");
+  return Device::CUDA;
+}
+
+// "cpu", or "cuda (<the device's name>)" for the tools' first line.
+inline std::string device_description(Device d) {
+  if (d == Device::CPU) return "cpu";
+  return "cuda (" + backend::require_cuda("device").name() + ")";
+}
+
+// --tf32: TF32 tensor cores for the device's GEMMs and convolutions; refused on the CPU.
+inline void apply_tf32(bool tf32, Device d) {
+  if (!tf32) return;
+  if (d != Device::CUDA) throw std::invalid_argument("--tf32 needs --device cuda");
+  set_cuda_math_mode(MathMode::TF32);
+}
+
+}  // namespace diffuse::examples

@@ -1,0 +1,572 @@
+// The CUDA backend: every entry of CudaBackend (backend/cuda.hpp) on the kernels of kernels/,
+// cuBLAS (cuda/blas.hpp) and cuDNN (cuda/conv.hpp), queued on the legacy default stream.
+//
+// Compiled once per program, in one of two worlds (never both in one program):
+//   - by nvcc in src/cuda_backend.cu (the diffuse::cuda target): the real device;
+//   - by the host compiler in src/cuda_emulation.cpp (diffuse::cuda_emulation): the same source
+//     through the CPU emulation of the CUDA execution model (cuda/emulation.hpp), with host-loop
+//     cuBLAS/cuDNN stand-ins and host memory posing as device memory, which is how every op's
+//     CUDA path runs in CI without a GPU.
+// The per-device state lives here: the cuBLAS and cuDNN handles (made on first use, so a program
+// without a GPU never touches the driver until it asks for the device), the convolution plans by
+// shape, one scratch buffer that grows to the largest request, the optimiser's parameter tables.
+#pragma once
+
+#include <diffuse/backend/cuda.hpp>
+#include <diffuse/cuda/attention.hpp>
+#include <diffuse/cuda/blas.hpp>
+#include <diffuse/cuda/conv.hpp>
+#include <diffuse/cuda/profile.hpp>
+#include <diffuse/cuda/tensor.hpp>
+#include <diffuse/rng.hpp>
+
+#include "kernels/activation.cuh"
+#include "kernels/adam.cuh"
+#include "kernels/batch_norm.cuh"
+#include "kernels/classification.cuh"
+#include "kernels/elementwise.cuh"
+#include "kernels/grad_norm.cuh"
+#include "kernels/group_norm.cuh"
+#include "kernels/image.cuh"
+#include "kernels/layer_norm.cuh"
+#include "kernels/layout.cuh"
+#include "kernels/pointwise.cuh"
+#include "kernels/pool.cuh"
+#include "kernels/q_sample.cuh"
+#include "kernels/rng.cuh"
+#include "kernels/sampler.cuh"
+#include "kernels/timestep_embedding.cuh"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace diffuse::backend {
+
+// The two worlds' classes differ: separate inline namespaces keep them apart (ODR).
+#ifdef __CUDACC__
+inline namespace cuda_runtime_world {
+#else
+inline namespace emulation_world {
+#endif
+
+class CudaBackendImpl final : public CudaBackend {
+ public:
+  CudaBackendImpl() = default;
+  CudaBackendImpl(const CudaBackendImpl&) = delete;
+  CudaBackendImpl& operator=(const CudaBackendImpl&) = delete;
+
+  // ------------------------------------------------------------------ the device
+  std::string name() const override {
+#ifdef __CUDACC__
+    int dev = 0;
+    cudaDeviceProp p{};
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&p, dev) != cudaSuccess) return "CUDA device";
+    return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ")";
+#else
+    return "CPU emulation of CUDA";
+#endif
+  }
+  std::string unavailable_reason() const override {
+#ifdef __CUDACC__
+    if (!probed_) {
+      int n = 0;
+      const cudaError_t e = cudaGetDeviceCount(&n);
+      reason_ = e != cudaSuccess ? std::string("no usable CUDA device (") + cudaGetErrorString(e) + ")"
+                : n == 0         ? std::string("no CUDA device on this machine")
+                                 : std::string();
+      probed_ = true;
+    }
+    return reason_;
+#else
+    return "";
+#endif
+  }
+  void synchronize() override {
+#ifdef __CUDACC__
+    DIFFUSE_CUDA_CHECK(cudaDeviceSynchronize());
+#endif
+  }
+  void set_math_mode(MathMode m) override {
+    math_ = m;
+    if (blas_) blas_->set_math_mode(m);
+  }
+  MathMode math_mode() const override { return math_; }
+  void set_conv_search(bool benchmark, bool allow_fft_winograd) override {
+    conv_opt_.search = benchmark ? cuda::ConvSearch::Benchmark : cuda::ConvSearch::Heuristic;
+    conv_opt_.allow_fft_winograd = allow_fft_winograd;
+  }
+  void set_profiling(bool on) override { prof_ = on ? &profiler_ : nullptr; }
+  std::string profile_table(std::int64_t steps) override {
+    std::string t = profiler_.table(steps);
+    profiler_.reset();
+    return t;
+  }
+
+  // ------------------------------------------------------------------ pointwise
+  void fill(float* y, std::int64_t n, float v) override {
+    cuda::ProfileScope ps(prof_, "fill");
+    kernels::fill(y, n, v, stream_);
+  }
+  void copy(const float* x, float* y, std::int64_t n, bool acc) override {
+    cuda::ProfileScope ps(prof_, "copy");
+    copy_n(x, y, n, acc);
+  }
+  void scale(const float* x, float s, float* y, std::int64_t n, bool acc) override {
+    cuda::ProfileScope ps(prof_, "scale");
+    kernels::scale_acc(x, s, y, n, acc, stream_);
+  }
+  void axpby(float a, const float* x, float b, float* y, std::int64_t n) override {
+    cuda::ProfileScope ps(prof_, "axpby");
+    kernels::axpby(a, x, b, y, n, stream_);
+  }
+  void fill_scalar(const float* s, float alpha, float* y, std::int64_t n, bool acc) override {
+    cuda::ProfileScope ps(prof_, "fill_scalar");
+    kernels::fill_scalar(s, alpha, y, n, acc, stream_);
+  }
+  void binary(BinaryOp op, const float* a, const float* b, float* y, const BroadcastDesc& d) override {
+    cuda::ProfileScope ps(prof_, "binary");
+    kernels::binary(op, a, b, y, d, stream_);
+  }
+  void binary_backward(BinaryOp op, bool first, const float* g, const float* other, float* dx, const BroadcastDesc& d,
+                       bool acc) override {
+    cuda::ProfileScope ps(prof_, "binary bwd");
+    kernels::binary_backward(op, first, g, other, dx, d, acc, stream_);
+  }
+  void activation(Activation f, const float* x, float* y, std::int64_t n) override {
+    cuda::ProfileScope ps(prof_, "activation");
+    kernels::activation_forward(f, x, y, n, stream_);
+  }
+  void activation_backward(Activation f, const float* x, const float* g, float* dx, std::int64_t n,
+                           bool acc) override {
+    cuda::ProfileScope ps(prof_, "activation bwd");
+    kernels::activation_backward(f, x, g, dx, n, acc, stream_);
+  }
+
+  // ------------------------------------------------------------------ reductions and losses
+  void sum(const float* x, std::int64_t n, float* out) override {
+    cuda::ProfileScope ps(prof_, "sum");
+    kernels::sum(x, n, out, scratch(kernels::sum_workspace_bytes(n)), stream_);
+  }
+  void mse(const float* a, const float* b, std::int64_t n, float* out) override {
+    cuda::ProfileScope ps(prof_, "mse");
+    kernels::mse_forward(a, b, n, out, scratch(kernels::mse_forward_workspace_bytes(n)), stream_);
+  }
+  void mse_backward(const float* a, const float* b, std::int64_t n, const float* g, float sign, float* da,
+                    bool acc) override {
+    cuda::ProfileScope ps(prof_, "mse bwd");
+    kernels::mse_backward(a, b, n, g, sign, da, acc, stream_);
+  }
+  void log_softmax(const float* x, float* y, std::int64_t rows, std::int64_t K) override {
+    cuda::ProfileScope ps(prof_, "log_softmax");
+    kernels::log_softmax_forward(x, y, rows, K, stream_);
+  }
+  void log_softmax_backward(const float* y, const float* g, float* dx, std::int64_t rows, std::int64_t K,
+                            bool acc) override {
+    cuda::ProfileScope ps(prof_, "log_softmax bwd");
+    kernels::log_softmax_backward(y, g, dx, rows, K, acc, stream_);
+  }
+  void cross_entropy(const float* logits, const std::int32_t* labels, std::int64_t rows, std::int64_t K, float* loss,
+                     float* lse) override {
+    cuda::ProfileScope ps(prof_, "cross_entropy");
+    kernels::cross_entropy_forward(logits, labels, rows, K, loss, lse,
+                                   scratch(kernels::cross_entropy_workspace_bytes(rows, K)), stream_);
+  }
+  void cross_entropy_backward(const float* logits, const std::int32_t* labels, const float* lse, const float* g,
+                              float* dlogits, std::int64_t rows, std::int64_t K, bool acc) override {
+    cuda::ProfileScope ps(prof_, "cross_entropy bwd");
+    kernels::cross_entropy_backward(logits, labels, lse, g, dlogits, rows, K, acc, stream_);
+  }
+
+  // ------------------------------------------------------------------ matrix products
+  void gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* A,
+            std::int64_t lda, const float* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc) override {
+    cuda::ProfileScope ps(prof_, "gemm");
+    if (m == 0 || n == 0) return;
+    if (k == 0) {  // a product over nothing: C = beta C
+      if (beta == 0.0f) fill_2d(C, ldc, m, n, 0.0f);
+      else if (beta != 1.0f) scale_2d(C, ldc, m, n, beta);
+      return;
+    }
+    cuda::gemm(blas(), ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  void gemm_batched(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* A,
+                    std::int64_t lda, std::int64_t sa, const float* B, std::int64_t ldb, std::int64_t sb, float beta,
+                    float* C, std::int64_t ldc, std::int64_t sc, std::int64_t batch) override {
+    cuda::ProfileScope ps(prof_, "gemm batched");
+    if (m == 0 || n == 0 || batch == 0) return;
+    cuda::gemm_strided_batched(blas(), ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, batch, sa, sb, sc);
+  }
+  void add_row_bias(float* y, const float* b, std::int64_t rows, std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "row bias");
+    kernels::add_row_bias(y, b, rows, C, stream_);
+  }
+  void row_bias_backward(const float* g, float* db, std::int64_t rows, std::int64_t C, bool acc) override {
+    cuda::ProfileScope ps(prof_, "row bias bwd");
+    bias_grad(g, db, rows, C, acc);
+  }
+  void bias_activation(float* z, const float* b, const float* table, const std::int32_t* idx, float* y,
+                       std::int64_t rows, std::int64_t C, Activation f) override {
+    cuda::ProfileScope ps(prof_, "bias+activation");
+    kernels::bias_activation(z, b, table, idx, y, rows, C, f, stream_);
+  }
+
+ private:
+  void bias_grad(const float* g, float* db, std::int64_t rows, std::int64_t C, bool acc) {
+    if (rows == 0) {
+      if (!acc) kernels::fill(db, C, 0.0f, stream_);
+      return;
+    }
+    kernels::row_bias_backward(g, db, rows, C, acc, scratch(kernels::row_bias_backward_workspace_bytes(rows, C)),
+                               stream_);
+  }
+  void copy_n(const float* x, float* y, std::int64_t n, bool acc) {
+    if (acc) kernels::accumulate(x, y, n, stream_);
+    else kernels::scale(x, 1.0f, y, n, stream_);
+  }
+
+ public:
+
+  // ------------------------------------------------------------------ layout
+  void gather_rows(const float* table, const std::int32_t* idx, float* y, std::int64_t N, std::int64_t D,
+                   bool acc) override {
+    cuda::ProfileScope ps(prof_, "gather rows");
+    kernels::gather_rows(table, idx, y, N, D, acc, stream_);
+  }
+  void scatter_rows(const std::int32_t* idx, const float* g, float* dtable, std::int64_t N, std::int64_t R,
+                    std::int64_t D, bool acc) override {
+    cuda::ProfileScope ps(prof_, "scatter rows");
+    kernels::scatter_rows(idx, g, dtable, N, R, D, acc, stream_);
+  }
+  void copy_2d(const float* src, std::int64_t src_ld, float* dst, std::int64_t dst_ld, std::int64_t rows,
+               std::int64_t width, bool acc) override {
+    cuda::ProfileScope ps(prof_, "copy 2d");
+    kernels::copy_2d(src, src_ld, dst, dst_ld, rows, width, acc, stream_);
+  }
+  void permute(const float* x, float* y, int ndim, const std::int64_t* x_shape, const int* perm, bool acc) override {
+    cuda::ProfileScope ps(prof_, "permute");
+    kernels::permute(x, y, ndim, x_shape, perm, acc, stream_);
+  }
+
+  // ------------------------------------------------------------------ image ops, NHWC
+  void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, float* y) override {
+    const cuda::Conv2dPlan& plan = conv_plan(d);
+    cuda::ProfileScope ps(prof_, "conv2d");
+    plan.forward(dnn(), x, w, y);
+    if (b) kernels::add_row_bias(y, b, d.N * d.Ho() * d.Wo(), d.O, stream_);
+  }
+  void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
+                       float* dw, bool acc_dw, float* db, bool acc_db) override {
+    const cuda::Conv2dPlan& plan = conv_plan(d);
+    const std::int64_t rows = d.N * d.Ho() * d.Wo();
+    {
+      cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
+      if (db) bias_grad(dy, db, rows, d.O, acc_db);
+      if (dw) {
+        if (d.N == 0) {
+          if (!acc_dw) kernels::fill(dw, d.O * d.kh * d.kw * d.C, 0.0f, stream_);
+        } else {
+          plan.backward_filter(dnn(), x, dy, dw, nullptr, 0, acc_dw);
+        }
+      }
+    }
+    if (dx) {
+      cuda::ProfileScope ps(prof_, "conv2d bwd data");
+      plan.backward_data(dnn(), dy, w, dx, acc_dx);
+    }
+  }
+  void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
+                  std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu) override {
+    cuda::ProfileScope ps(prof_, silu ? "group_norm+silu" : "group_norm");
+    kernels::group_norm_forward(x, gamma, beta, y, mean, rstd, N, HW, C, G, eps, silu,
+                                scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_);
+  }
+  void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta, const float* mean,
+                           const float* rstd, float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
+                           bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
+                           bool silu) override {
+    cuda::ProfileScope ps(prof_, silu ? "group_norm+silu bwd" : "group_norm bwd");
+    if (N * HW == 0) {  // no values: the parameters' gradients are sums over nothing
+      if (dgamma && !acc_gamma) kernels::fill(dgamma, C, 0.0f, stream_);
+      if (dbeta && !acc_beta) kernels::fill(dbeta, C, 0.0f, stream_);
+      return;
+    }
+    kernels::group_norm_backward(dy, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N, HW,
+                                 C, G, silu, scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_);
+  }
+  void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
+                  std::int64_t rows, std::int64_t C, float eps) override {
+    cuda::ProfileScope ps(prof_, "layer_norm");
+    kernels::layer_norm_forward(x, gamma, beta, y, mean, rstd, rows, C, eps, stream_);
+  }
+  void layer_norm_backward(const float* dy, const float* x, const float* gamma, const float* mean, const float* rstd,
+                           float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta, bool acc_beta,
+                           std::int64_t rows, std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "layer_norm bwd");
+    kernels::layer_norm_backward(dy, x, gamma, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, rows, C,
+                                 scratch(kernels::layer_norm_backward_workspace_bytes(rows, C)), stream_);
+  }
+  void upsample_nearest2x(const float* x, float* y, std::int64_t N, std::int64_t H, std::int64_t W,
+                          std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "upsample");
+    kernels::upsample_nearest2x_forward(x, y, N, H, W, C, stream_);
+  }
+  void upsample_nearest2x_backward(const float* g, float* dx, std::int64_t N, std::int64_t H, std::int64_t W,
+                                   std::int64_t C, bool acc) override {
+    cuda::ProfileScope ps(prof_, "upsample bwd");
+    kernels::upsample_nearest2x_backward(g, dx, N, H, W, C, acc, stream_);
+  }
+  void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off) override {
+    cuda::ProfileScope ps(prof_, "dropout");
+    kernels::dropout_forward(x, y, n, p, seed, off, stream_);
+  }
+  void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+                        bool acc) override {
+    cuda::ProfileScope ps(prof_, "dropout bwd");
+    kernels::dropout_backward(g, dx, n, p, seed, off, acc, stream_);
+  }
+  void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
+                        std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "channel bias");
+    kernels::add_channel_bias(x, b, y, N, HW, C, stream_);
+  }
+  void channel_bias_backward(const float* g, float* db, std::int64_t N, std::int64_t HW, std::int64_t C,
+                             bool acc) override {
+    cuda::ProfileScope ps(prof_, "channel bias bwd");
+    if (HW == 0) {
+      if (!acc) kernels::fill(db, N * C, 0.0f, stream_);
+      return;
+    }
+    kernels::channel_bias_backward(g, db, N, HW, C, acc, scratch(kernels::channel_bias_backward_workspace_bytes(N, HW, C)),
+                                   stream_);
+  }
+  void attention(const float* q, const float* k, const float* v, float* out, float* P, std::int64_t N, std::int64_t L,
+                 std::int64_t C, std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "attention");
+    cuda::attention_forward(blas(), q, k, v, out, P, N, L, C, heads, stream_);
+  }
+  void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* g, float* dq,
+                          bool acc_q, float* dk, bool acc_k, float* dv, bool acc_v, std::int64_t N, std::int64_t L,
+                          std::int64_t C, std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "attention bwd");
+    const bool alias = (dq && (dq == dk || dq == dv)) || (dk && dk == dv);
+    if (!alias) {
+      cuda::attention_backward(blas(), q, k, v, P, g, dq, dk, dv,
+                               dq || dk ? scratch(cuda::attention_workspace_bytes(N, L, heads)) : nullptr, N, L, C,
+                               heads, stream_, cuda::AttentionAccumulate{acc_q, acc_k, acc_v});
+      return;
+    }
+    // q, k or v the same tensor: each gradient into its own buffer, then added to its target in
+    // the order the op set the flags (dv, dq, dk), so the first contribution writes.
+    const std::int64_t n = N * L * C;
+    Tensor<float> tq = dq ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tk = dk ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tv = dv ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    cuda::attention_backward(blas(), q, k, v, P, g, tq.data(), tk.data(), tv.data(),
+                             scratch(cuda::attention_workspace_bytes(N, L, heads)), N, L, C, heads, stream_, {});
+    if (dv) copy_n(tv.data(), dv, n, acc_v);
+    if (dq) copy_n(tq.data(), dq, n, acc_q);
+    if (dk) copy_n(tk.data(), dk, n, acc_k);
+  }
+  void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) override {
+    cuda::ProfileScope ps(prof_, "max_pool2d");
+    kernels::max_pool2d_forward(d, x, y, argmax, stream_);
+  }
+  void max_pool2d_backward(const PoolDesc& d, const std::int32_t* argmax, const float* g, float* dx,
+                           bool acc) override {
+    cuda::ProfileScope ps(prof_, "max_pool2d bwd");
+    kernels::max_pool2d_backward(d, argmax, g, dx, acc, stream_);
+  }
+  void avg_pool2d(const PoolDesc& d, const float* x, float* y) override {
+    cuda::ProfileScope ps(prof_, "avg_pool2d");
+    kernels::avg_pool2d_forward(d, x, y, stream_);
+  }
+  void avg_pool2d_backward(const PoolDesc& d, const float* g, float* dx, bool acc) override {
+    cuda::ProfileScope ps(prof_, "avg_pool2d bwd");
+    kernels::avg_pool2d_backward(d, g, dx, acc, stream_);
+  }
+  void global_avg_pool(const float* x, float* y, std::int64_t N, std::int64_t HW, std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "global_avg_pool");
+    kernels::global_avg_pool_forward(x, y, N, HW, C, scratch(kernels::global_avg_pool_workspace_bytes(N, HW, C)),
+                                     stream_);
+  }
+  void global_avg_pool_backward(const float* g, float* dx, std::int64_t N, std::int64_t HW, std::int64_t C,
+                                bool acc) override {
+    cuda::ProfileScope ps(prof_, "global_avg_pool bwd");
+    kernels::global_avg_pool_backward(g, dx, N, HW, C, acc, stream_);
+  }
+  void batch_norm_inference(const float* x, const float* w, const float* b, const float* mean, const float* var,
+                            float eps, float* y, std::int64_t rows, std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "batch_norm");
+    kernels::batch_norm_inference_forward(x, w, b, mean, var, eps, y, rows, C, stream_);
+  }
+  void batch_norm_inference_backward(const float* g, const float* x, const float* w, const float* mean,
+                                     const float* var, float eps, float* dx, bool acc_dx, float* dw, bool acc_w,
+                                     float* db, bool acc_b, std::int64_t rows, std::int64_t C) override {
+    cuda::ProfileScope ps(prof_, "batch_norm bwd");
+    kernels::batch_norm_inference_backward(g, x, w, mean, var, eps, dx, acc_dx, dw, acc_w, db, acc_b, rows, C,
+                                           scratch(kernels::batch_norm_inference_backward_workspace_bytes(rows, C)),
+                                           stream_);
+  }
+  void timestep_embedding(const std::int32_t* t, float* out, std::int64_t n, std::int64_t dim) override {
+    cuda::ProfileScope ps(prof_, "timestep embedding");
+    kernels::timestep_embedding(t, out, n, dim, stream_);
+  }
+
+  // ------------------------------------------------------------------ random numbers, diffusion
+  void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) override {
+    cuda::ProfileScope ps(prof_, "randn");
+    Generator g(seed, off);
+    kernels::philox_normal(g, out, n, stream_);
+  }
+  void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) override {
+    cuda::ProfileScope ps(prof_, "rand");
+    Generator g(seed, off);
+    kernels::philox_uniform(g, out, n, stream_);
+  }
+  void q_sample(const float* x0, const float* eps, const std::int32_t* t, const float* coef, std::int64_t T, float* xt,
+                std::int64_t batch, std::int64_t row) override {
+    cuda::ProfileScope ps(prof_, "q_sample");
+    kernels::q_sample(x0, eps, t, coef, coef + T, xt, batch, row, stream_);
+  }
+  void sampler_step(const SamplerStep& s, float* x, const float* eps, std::int64_t n, std::uint64_t seed,
+                    std::uint64_t off) override {
+    cuda::ProfileScope ps(prof_, "sampler step");
+    if (s.ddim) {
+      const kernels::DdimStepParams p{s.clip_x0 ? 1 : 0, s.noise ? 1 : 0, s.ra, s.rb, s.cx0, s.ceps, s.lim, s.sigma};
+      kernels::ddim_step(p, x, eps, static_cast<const float*>(nullptr), 0.0, n, seed, off, stream_);
+    } else {
+      const kernels::DdpmStepParams p{s.clip_x0 ? 1 : 0, s.noise ? 1 : 0, s.a, s.b, s.ra, s.rb, s.c1, s.c2, s.lim, s.sigma};
+      kernels::ddpm_step(p, x, eps, static_cast<const float*>(nullptr), 0.0, n, seed, off, stream_);
+    }
+  }
+
+  // ------------------------------------------------------------------ optimisers
+  void adam_step(const std::vector<ParamSlot>& slots, const AdamArgs& a) override {
+    cuda::ProfileScope ps(prof_, "adam");
+    const Table& t = table(slots);
+    const kernels::AdamStepArgs<float> k{a.step_size, a.bc2_sqrt, a.b1, a.b2, a.eps, a.lr, a.wd, a.ema_decay,
+                                         a.decoupled ? 1 : 0};
+    kernels::adam_ema_step(t.tensors(), t.chunks(), t.num_chunks, k, stream_);
+  }
+  void ema_update(const std::vector<ParamSlot>& slots, float decay) override {
+    cuda::ProfileScope ps(prof_, "ema");
+    const Table& t = table(slots);
+    kernels::ema_step(t.tensors(), t.chunks(), t.num_chunks, decay, stream_);
+  }
+  double grad_sq_norm(const std::vector<ParamSlot>& slots) override {
+    cuda::ProfileScope ps(prof_, "grad norm");
+    const Table& t = table(slots);
+    if (t.num_chunks == 0) return 0.0;
+    Tensor<double> part({t.num_chunks}, Device::CUDA);
+    kernels::grad_sq_partials(t.tensors(), t.chunks(), t.num_chunks, part.data(), stream_);
+    const Tensor<double> host = part.cpu();  // waits for the device
+    double sq = 0;
+    for (double v : host) sq += v;  // chunk order: the same sum every time
+    return sq;
+  }
+  void grad_scale(const std::vector<ParamSlot>& slots, double c) override {
+    cuda::ProfileScope ps(prof_, "grad scale");
+    const Table& t = table(slots);
+    kernels::grad_scale(t.tensors(), t.chunks(), t.num_chunks, c, stream_);
+  }
+
+ private:
+  // The parameter table of the multi-tensor kernels (adam.cuh) on the device, remade only when the
+  // slots change (a different model, a parameter without a gradient this step).
+  struct Table {
+    std::vector<ParamSlot> slots;
+    Tensor<std::uint8_t> tensors_dev, chunks_dev;
+    std::int64_t num_chunks = 0;
+    const kernels::AdamTensor<float>* tensors() const {
+      return reinterpret_cast<const kernels::AdamTensor<float>*>(tensors_dev.data());
+    }
+    const kernels::AdamChunk* chunks() const { return reinterpret_cast<const kernels::AdamChunk*>(chunks_dev.data()); }
+  };
+  template <class V>
+  static Tensor<std::uint8_t> upload(const std::vector<V>& v) {
+    Tensor<std::uint8_t> h({static_cast<std::int64_t>(std::max<std::size_t>(v.size() * sizeof(V), 1))});
+    if (!v.empty()) std::memcpy(h.data(), v.data(), v.size() * sizeof(V));
+    return h.to(Device::CUDA);
+  }
+  const Table& table(const std::vector<ParamSlot>& slots) {
+    for (const Table& t : tables_)
+      if (t.slots == slots) return t;
+    Table t;
+    t.slots = slots;
+    std::vector<kernels::AdamTensor<float>> tensors;
+    std::vector<std::int64_t> sizes;
+    for (const ParamSlot& s : slots) {
+      tensors.push_back({s.w, s.g, s.m, s.v, s.ema, s.n});
+      sizes.push_back(s.n);
+    }
+    const std::vector<kernels::AdamChunk> chunks = kernels::plan_adam_chunks(sizes);
+    t.num_chunks = static_cast<std::int64_t>(chunks.size());
+    t.tensors_dev = upload(tensors);
+    t.chunks_dev = upload(chunks);
+    // A few tables (the optimiser's, the clipper's, ...); the oldest goes when a new one comes.
+    if (tables_.size() >= 4) tables_.erase(tables_.begin());
+    tables_.push_back(std::move(t));
+    return tables_.back();
+  }
+
+  // Scratch device memory of at least `bytes`, valid until the next entry (entries run in stream
+  // order, so one entry's scratch is free once its kernels are queued).
+  void* scratch(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    if (!scratch_.defined() || scratch_.size() < bytes) {
+      scratch_ = Tensor<std::uint8_t>();
+      scratch_ = Tensor<std::uint8_t>({static_cast<std::int64_t>(std::max<std::size_t>(bytes, 1 << 20))}, Device::CUDA);
+    }
+    return scratch_.data();
+  }
+  void fill_2d(float* C, std::int64_t ldc, std::int64_t m, std::int64_t n, float v) {
+    for (std::int64_t r = 0; r < m; ++r) kernels::fill(C + r * ldc, n, v, stream_);
+  }
+  void scale_2d(float* C, std::int64_t ldc, std::int64_t m, std::int64_t n, float s) {
+    for (std::int64_t r = 0; r < m; ++r) kernels::scale_acc(C + r * ldc, s, C + r * ldc, n, false, stream_);
+  }
+
+  cuda::Blas& blas() {
+    if (!blas_) {
+      blas_ = std::make_unique<cuda::Blas>();
+      blas_->set_stream(stream_);
+      blas_->set_math_mode(math_);
+    }
+    return *blas_;
+  }
+  cuda::Dnn& dnn() {
+    if (!dnn_) dnn_ = std::make_unique<cuda::Dnn>(stream_);
+    return *dnn_;
+  }
+  const cuda::Conv2dPlan& conv_plan(const ConvDesc& d) {
+    cuda::Conv2dShape s;
+    s.N = d.N, s.H = d.H, s.W = d.W, s.C = d.C, s.O = d.O, s.kh = d.kh, s.kw = d.kw;
+    s.stride_h = d.stride_h, s.stride_w = d.stride_w, s.pad_h = d.pad_h, s.pad_w = d.pad_w;
+    cuda::Conv2dPlanOptions o = conv_opt_;
+    o.math = math_;
+    cuda::ProfileScope ps(prof_, "conv2d plan");
+    return plans_.get(dnn(), s, o);
+  }
+
+  cuda::stream_t stream_{};  // the legacy default stream
+  MathMode math_ = MathMode::FP32;
+  cuda::Conv2dPlanOptions conv_opt_;
+  std::unique_ptr<cuda::Blas> blas_;
+  std::unique_ptr<cuda::Dnn> dnn_;
+  cuda::Conv2dPlans plans_;
+  Tensor<std::uint8_t> scratch_;
+  std::vector<Table> tables_;
+  cuda::OpProfiler profiler_;
+  cuda::OpProfiler* prof_ = nullptr;  // &profiler_ while profiling
+  mutable bool probed_ = false;
+  mutable std::string reason_;
+};
+
+}  // inline namespace cuda_runtime_world / emulation_world
+
+}  // namespace diffuse::backend

@@ -1,0 +1,480 @@
+// Whole models on the CUDA backend against the CPU backend: the library's own (the U-Net, the toy
+// MLP, LeNet, the FID Inception's blocks) and one written here from the public layers, each ONE
+// class moved with to(Device::CUDA). Forward, every gradient, train steps with clipping, Adam(W)
+// and EMA, sampling with the same seed, and checkpoints across devices. Through the emulation in
+// CI (test_backend_models), natively on a GPU (test_backend_models_cuda).
+#include "backend_ops.hpp"
+#include "temp_files.hpp"
+
+#include <diffuse/guidance.hpp>
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace diffuse;
+using namespace diffuse::testing;
+
+namespace {
+
+// Random weights everywhere (the zero-initialised convs would hide their gradients' paths; norm
+// gains around 1), the same on every model built from `seed`.
+template <class M>
+void randomise(M& m, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  NamedTensors<float> st = m.state_dict();
+  for (auto& [name, t] : st) {
+    const bool norm = name.find("norm") != std::string::npos || name.find("ln") != std::string::npos;
+    const bool gain = norm && name.find(".weight") != std::string::npos;
+    for (float& v : t) v = (gain ? 1.0f : 0.0f) + (norm ? 0.1f : 0.3f) * d(gen);
+  }
+  m.load_state_dict(st);
+}
+
+std::map<std::string, Tensor<float>> grads_of(const Module<float>& m) {
+  std::map<std::string, Tensor<float>> g;
+  for (auto& [n, p] : m.named_parameters())
+    if (p.has_grad()) g[n] = to_torch_layout(p.grad(), p.layout());
+  return g;
+}
+
+std::map<std::string, Tensor<float>> values_of(const Module<float>& m) {
+  std::map<std::string, Tensor<float>> v;
+  for (auto& [n, t] : m.state_dict()) v[n] = t;
+  return v;
+}
+
+double norm_of(const Tensor<float>& t) {
+  double s = 0;
+  for (float v : t.cpu()) s += static_cast<double>(v) * v;
+  return std::sqrt(s);
+}
+
+// An attention block's key bias adds the same vector to every key, which shifts each query's
+// logits by one constant: softmax ignores it, so its gradient is 0 up to rounding on either device.
+bool is_key_bias(const std::string& n) { return n.size() > 7 && n.compare(n.size() - 7, 7, ".k.bias") == 0; }
+
+UNetConfig small_unet() {
+  UNetConfig c;
+  c.in_ch = c.out_ch = 3;
+  c.ch = 8;
+  c.ch_mult = {1, 2};
+  c.num_res_blocks = 1;
+  c.attn_resolutions = {4};
+  c.groups = 4;
+  c.resolution = 8;
+  c.mid_attn = true;
+  c.num_classes = 3;
+  c.dropout = 0.1;
+  c.attn_heads = 2;
+  return c;
+}
+
+struct Batch {
+  Tensor<float> x, eps;
+  std::vector<int32_t> t, y;
+};
+Batch random_batch(const UNetConfig& c, int64_t B, Generator& g) {
+  Batch b;
+  b.x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g);
+  b.eps = Tensor<float>::randn(b.x.shape(), g);
+  std::vector<uint32_t> u(static_cast<size_t>(2 * B));
+  g.randint(u.data(), u.size(), 1000);
+  for (int64_t i = 0; i < B; ++i) {
+    b.t.push_back(static_cast<int32_t>(u[static_cast<size_t>(i)]));
+    b.y.push_back(static_cast<int32_t>(u[static_cast<size_t>(B + i)] % (c.num_classes + 1)));
+  }
+  return b;
+}
+
+// A model the library does not have, from the public layers and ops only: a conv net whose
+// features a timestep MLP modulates (FiLM: a scale and a shift per channel), then a transformer
+// block over the pixels as tokens (layer norm, self-attention, a GELU MLP), a spatial transpose
+// (permute) around a conv, and a conv back to the image.
+class FilmNet : public Module<float> {
+ public:
+  static constexpr int64_t kC = 8, kE = 16;
+  FilmNet(int64_t channels, Generator& g)
+      : conv_in(channels, kC, 3, g, 1, 1),
+        film0(kE, 32, g),
+        film1(32, 2 * kC, g),
+        norm(2, kC, 1e-5),
+        mlp0(kC, 2 * kC, g),
+        mlp1(2 * kC, kC, g),
+        mix(kC, kC, 3, 1, g, Conv2dOptions{1, 1, 1, 0}),
+        conv_out(kC, channels, 3, g, 1, 1) {
+    register_module("conv_in", conv_in);
+    register_module("film.0", film0);
+    register_module("film.1", film1);
+    register_module("norm", norm);
+    ln1_w = register_parameter("ln1.weight", Tensor<float>::ones({kC}));
+    ln1_b = register_parameter("ln1.bias", Tensor<float>::zeros({kC}));
+    ln2_w = register_parameter("ln2.weight", Tensor<float>::ones({kC}));
+    ln2_b = register_parameter("ln2.bias", Tensor<float>::zeros({kC}));
+    register_module("mlp.0", mlp0);
+    register_module("mlp.1", mlp1);
+    register_module("mix", mix);
+    register_module("conv_out", conv_out);
+  }
+  Var<float> operator()(const Var<float>& x, const std::vector<int32_t>& t) const {
+    const int64_t B = x.size(0), H = x.size(1), W = x.size(2), L = H * W;
+    const Var<float> e(timestep_embedding<float>(t, kE, x.device()));
+    const Var<float> f = film1(silu(film0(e)));  // [B, 2C]
+    const Var<float> scale = reshape(slice(f, 1, 0, kC), {B, 1, 1, kC}), shift = slice(f, 1, kC, 2 * kC);
+    Var<float> h = norm(conv_in(x), true);
+    h = add_channel_bias(add(h, mul(h, scale)), shift);  // h (1 + scale) + shift
+    Var<float> tok = reshape(h, {B, L, kC});
+    const Var<float> a = layer_norm(tok, ln1_w, ln1_b);
+    tok = add(tok, attention(a, a, a, 2));
+    const Var<float> m = reshape(layer_norm(tok, ln2_w, ln2_b), {B * L, kC});
+    tok = add(tok, reshape(mlp1(gelu(mlp0(m))), {B, L, kC}));
+    h = reshape(tok, {B, H, W, kC});
+    h = permute(mix(permute(h, {0, 2, 1, 3})), {0, 2, 1, 3});  // the 3x1 conv along W, through a transpose
+    return conv_out(silu(h));
+  }
+
+  Conv2d<float> conv_in;
+  Linear<float> film0, film1;
+  GroupNorm<float> norm;
+  Var<float> ln1_w, ln1_b, ln2_w, ln2_b;
+  Linear<float> mlp0, mlp1;
+  Conv2d<float> mix, conv_out;
+};
+
+// Trains `steps` steps (MSE to eps, clip, AdamW, EMA) on `dev`; returns losses, norms and state.
+struct TrainRun {
+  std::vector<float> losses;
+  std::vector<double> norms;
+  std::map<std::string, Tensor<float>> weights, ema;
+};
+template <class M, class Forward>
+TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<Batch>& batches, double clip) {
+  m.to(dev);
+  AdamOptions ao;
+  ao.lr = 2e-3;
+  ao.weight_decay = 0.01;
+  ao.decoupled = true;
+  Adam<float> opt(m.named_parameters(), ao);
+  EMA<float> ema(m.named_parameters(), 0.99);
+  TrainRun r;
+  for (const Batch& b : batches) {
+    opt.zero_grad();
+    const Var<float> loss = mse(fwd(Var<float>(b.x.to(dev)), b), Var<float>(b.eps.to(dev)));
+    backward(loss);
+    r.norms.push_back(clip > 0 ? clip_grad_norm(opt.params(), clip) : 0.0);
+    r.losses.push_back(loss.value().cpu()[0]);
+    opt.step(ema);
+  }
+  r.weights = values_of(m);
+  ema.swap_into_model();
+  r.ema = values_of(m);
+  ema.swap_into_model();
+  return r;
+}
+
+// Weights after training judged by their change from w0: each moved by ~lr per step, so a wrong
+// update would hide under the weight's own size. Adam's first updates are nearly sign(g) lr, so
+// gradient rounding moves them little, except where a gradient is near 0 (key biases, see above).
+void check_training(const TrainRun& cpu, const TrainRun& dev, const std::map<std::string, Tensor<float>>& w0,
+                    double tol = 1e-3) {
+  REQUIRE(cpu.losses.size() == dev.losses.size());
+  for (size_t s = 0; s < cpu.losses.size(); ++s) {
+    INFO("step " << s << ": loss cpu " << cpu.losses[s] << " cuda " << dev.losses[s]);
+    CHECK(std::fabs(dev.losses[s] - cpu.losses[s]) <= 1e-5 * std::fabs(cpu.losses[s]));
+    CHECK(std::fabs(dev.norms[s] - cpu.norms[s]) <= 1e-4 * std::max(cpu.norms[s], 1e-12));
+  }
+  for (const auto* which : {&cpu.weights, &cpu.ema}) {
+    const auto& other = which == &cpu.weights ? dev.weights : dev.ema;
+    for (const auto& [n, w] : *which) {
+      if (is_key_bias(n)) continue;
+      INFO((which == &cpu.weights ? "weight " : "EMA ") << n);
+      Tensor<float> dc(w.shape()), dd(w.shape());
+      const Tensor<float>& start = w0.at(n);
+      for (size_t i = 0; i < w.size(); ++i) {
+        dc[i] = w[i] - start[i];
+        dd[i] = other.at(n)[i] - start[i];
+      }
+      if (norm_of(dc) == 0) {
+        CHECK(norm_of(dd) == 0);
+        continue;
+      }
+      CHECK(rel_err(dd, dc) < tol);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("backend models: the U-Net's forward, loss and every gradient match on both devices") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  const UNetConfig c = small_unet();
+  Generator g0(seed), g1(seed);
+  UNet<float> cpu(c, g0), dev(c, g1);
+  randomise(cpu, seed);
+  randomise(dev, seed);
+  dev.to(Device::CUDA);
+  CHECK(dev.device() == Device::CUDA);
+  Generator gb(seed, 99);
+  const Batch b = random_batch(c, 3, gb);
+  // Dropout from generators in the same state: the same masks, drawn at the same offsets.
+  Generator dc(seed ^ 0x5eedu), dd(seed ^ 0x5eedu);
+  const Var<float> out_cpu = cpu(Var<float>(b.x), b.t, &b.y, &dc);
+  const Var<float> loss_cpu = mse(out_cpu, Var<float>(b.eps));
+  backward(loss_cpu);
+  const Var<float> out_dev = dev(Var<float>(b.x.to(Device::CUDA)), b.t, &b.y, &dd);
+  const Var<float> loss_dev = mse(out_dev, Var<float>(b.eps.to(Device::CUDA)));
+  backward(loss_dev);
+  CHECK(dc.offset == dd.offset);
+  // Float rounding through ~20 layers in another order of summation: ~1e-6 relative; the bounds
+  // leave room for the normalisations' amplification and catch any wrong term (1e-2 or more).
+  const double out_err = rel_err(out_dev.value().cpu(), out_cpu.value());
+  INFO("output relative error " << out_err);
+  CHECK(out_err < 1e-5);
+  CHECK(std::fabs(loss_dev.value().cpu()[0] - loss_cpu.value()[0]) <= 1e-5 * loss_cpu.value()[0]);
+  const auto gc = grads_of(cpu), gd = grads_of(dev);
+  REQUIRE(gc.size() == gd.size());
+  REQUIRE(gc.size() == cpu.named_parameters().size());
+  for (const auto& [n, t] : gc) {
+    INFO(n);
+    REQUIRE(gd.count(n));
+    if (is_key_bias(n)) {
+      const double ref = norm_of(gc.at(n.substr(0, n.size() - 6) + "q.bias"));
+      CHECK(norm_of(gd.at(n)) < 1e-4 * ref);
+      continue;
+    }
+    CHECK(rel_err(gd.at(n), t) < 1e-4);
+  }
+}
+
+TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the same weights on both devices") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  const UNetConfig c = small_unet();
+  Generator g0(seed), g1(seed), gb(seed, 7);
+  UNet<float> cpu(c, g0), dev(c, g1);
+  randomise(cpu, seed);
+  randomise(dev, seed);
+  const auto w0 = values_of(cpu);
+  std::vector<Batch> batches;
+  for (int s = 0; s < 3; ++s) batches.push_back(random_batch(c, 2, gb));
+  Generator dc(seed + 1), dd(seed + 1);
+  auto fwd = [](UNet<float>& m, Generator& d) {
+    return [&m, &d](const Var<float>& x, const Batch& b) { return m(x, b.t, &b.y, &d); };
+  };
+  const TrainRun rc = train_steps(cpu, Device::CPU, fwd(cpu, dc), batches, 0.5);
+  const TrainRun rd = train_steps(dev, Device::CUDA, fwd(dev, dd), batches, 0.5);
+  for (double n : rc.norms) CHECK(n > 0.5);  // clipping acts
+  check_training(rc, rd, w0);
+}
+
+TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same images on both devices") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  const UNetConfig c = small_unet();
+  Generator g0(seed), g1(seed);
+  UNet<float> cpu(c, g0), dev(c, g1);
+  randomise(cpu, seed);
+  randomise(dev, seed);
+  dev.to(Device::CUDA);
+  const NoiseSchedule s = NoiseSchedule::cosine(12);
+  const std::vector<int32_t> labels{0, 2, 3};
+  for (const bool ddim : {false, true}) {
+    INFO((ddim ? "DDIM eta 0.5" : "DDPM"));
+    auto run = [&](const UNet<float>& m, Device d) {
+      ClassEpsModel<float> f = [&m](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>& y) {
+        NoGrad ng;
+        return m(Var<float>(x), t, &y).value();
+      };
+      SampleOptions o;
+      o.clip_x0 = true;
+      o.device = d;
+      o.eta = 0.5;
+      o.steps = 6;
+      Generator g(seed, 1234);
+      int observed = 0;
+      const SampleObserver<float> obs = [&](int, const Tensor<float>& x) {
+        CHECK(x.device() == d);  // the state never leaves the device
+        ++observed;
+      };
+      const EpsModel<float> eps = guided_eps_model<float>(f, labels, 3, 0.7);
+      const Shape shape{3, 8, 8, 3};
+      Tensor<float> x = ddim ? ddim_sample<float>(s, eps, shape, g, o, obs) : ddpm_sample<float>(s, eps, shape, g, o, obs);
+      CHECK(observed == (ddim ? 7 : 13));
+      return std::make_pair(x.cpu(), g.offset);
+    };
+    const auto [xc, oc] = run(cpu, Device::CPU);
+    const auto [xd, od] = run(dev, Device::CUDA);
+    CHECK(oc == od);  // the same draws
+    CHECK(rel_err(xd, xc) < 1e-4);
+  }
+}
+
+TEST_CASE("backend models: a checkpoint written on one device loads on the other") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  const UNetConfig c = small_unet();
+  TempDir dir("backend_models", "checkpoint");
+  Generator g0(seed), g1(seed + 1);
+  UNet<float> a(c, g0), b(c, g1);
+  randomise(a, seed);
+  a.to(Device::CUDA);
+  AdamOptions ao;
+  Adam<float> opt(a.named_parameters(), ao);
+  EMA<float> ema(a.named_parameters(), 0.9);
+  Generator gb(seed, 3), d(seed);
+  const Batch batch = random_batch(c, 2, gb);
+  for (int s = 0; s < 2; ++s) {
+    opt.zero_grad();
+    backward(mse(a(Var<float>(batch.x.to(Device::CUDA)), batch.t, &batch.y, &d), Var<float>(batch.eps.to(Device::CUDA))));
+    opt.step(ema);
+  }
+  const std::string path = dir / "ckpt.safetensors";
+  save_checkpoint<float>(path, a, &opt, &ema, 2, d);
+  // On the CPU: the same weights, moments and averages, and PyTorch's layout in the file.
+  Adam<float> opt_b(b.named_parameters(), ao);
+  EMA<float> ema_b(b.named_parameters(), 0.9);
+  load_checkpoint<float>(path, b, &opt_b, &ema_b);
+  CHECK(safetensors::File::read(path).at("conv_in.weight").shape == Shape{8, 3, 3, 3});
+  const auto va = values_of(a), vb = values_of(b);
+  for (const auto& [n, t] : va) CHECK(rel_err(vb.at(n), t) == 0.0);
+  const auto pa = a.named_parameters();
+  for (size_t k = 0; k < pa.size(); ++k) {
+    INFO(pa[k].first);
+    CHECK(rel_err(opt_b.first_moments()[k], opt.first_moments()[k].cpu()) == 0.0);
+    CHECK(rel_err(ema_b.shadow()[k], ema.shadow()[k].cpu()) == 0.0);
+    CHECK(opt_b.first_moments()[k].device() == Device::CPU);
+  }
+  CHECK(opt_b.steps() == 2);
+  CHECK(ema_b.updates() == 2);
+  // And back onto the device.
+  b.to(Device::CUDA);
+  Adam<float> opt_c(b.named_parameters(), ao);
+  load_checkpoint<float>(path, b, &opt_c, nullptr);
+  CHECK(opt_c.first_moments()[0].device() == Device::CUDA);
+  for (const auto& [n, t] : values_of(b)) CHECK(rel_err(t, va.at(n)) == 0.0);
+}
+
+TEST_CASE("backend models: the toy MLP and LeNet train the same on both devices") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  {
+    ToyMLPConfig tc;
+    tc.hidden = 32;
+    tc.temb_dim = 16;
+    Generator g0(seed), g1(seed), gb(seed, 5);
+    ToyMLP<float> cpu(tc, g0), dev(tc, g1);
+    const auto w0 = values_of(cpu);
+    std::vector<Batch> batches;
+    for (int s = 0; s < 3; ++s) {
+      Batch b;
+      b.x = Tensor<float>::randn({37, 2}, gb);
+      b.eps = Tensor<float>::randn({37, 2}, gb);
+      b.t.resize(37);
+      for (size_t i = 0; i < b.t.size(); ++i) b.t[i] = static_cast<int32_t>((i * 7 + s) % 20);  // repeats: the split path
+      batches.push_back(b);
+    }
+    auto fwd = [](ToyMLP<float>& m) { return [&m](const Var<float>& x, const Batch& b) { return m(x, b.t); }; };
+    check_training(train_steps(cpu, Device::CPU, fwd(cpu), batches, 1.0),
+                   train_steps(dev, Device::CUDA, fwd(dev), batches, 1.0), w0);
+  }
+  {
+    LeNetConfig lc;
+    lc.size = 8;
+    lc.c1 = 4;
+    lc.c2 = 6;
+    lc.hidden = 16;
+    Generator g0(seed), g1(seed), gb(seed, 9);
+    LeNet<float> cpu(lc, g0), dev(lc, g1);
+    dev.to(Device::CUDA);
+    const Tensor<float> x = Tensor<float>::randn({5, 8, 8, 1}, gb);
+    const std::vector<int32_t> y{0, 3, 9, 3, 1};
+    for (int s = 0; s < 2; ++s) {
+      // One graph at a time: backward() runs (and clears) the whole tape of the thread.
+      const Var<float> lc_ = cross_entropy(cpu.logits(Var<float>(x)), y);
+      backward(lc_);
+      const Var<float> ld = cross_entropy(dev.logits(Var<float>(x.to(Device::CUDA))), y);
+      backward(ld);
+      CHECK(std::fabs(ld.value().cpu()[0] - lc_.value()[0]) <= 1e-5 * lc_.value()[0]);
+      const auto gc = grads_of(cpu), gd = grads_of(dev);
+      for (const auto& [n, t] : gc) {
+        INFO("LeNet " << n);
+        CHECK(rel_err(gd.at(n), t) < 1e-4);
+      }
+      cpu.zero_grad();
+      dev.zero_grad();
+    }
+  }
+}
+
+TEST_CASE("backend models: the FID Inception's blocks evaluate the same on both devices") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  Generator g0(seed), g1(seed);
+  FidInceptionV3<float> cpu(g0), dev(g1);
+  // Batch norm statistics away from their initial state, so that the buffers matter.
+  NamedTensors<float> st = cpu.state_dict();
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<float> u(0.5f, 1.5f);
+  for (auto& [n, t] : st)
+    if (n.find("running_var") != std::string::npos || n.find("running_mean") != std::string::npos)
+      for (float& v : t) v = u(gen) - (n.find("mean") != std::string::npos ? 1.0f : 0.0f);
+  cpu.load_state_dict(st);
+  dev.load_state_dict(st);
+  dev.to(Device::CUDA);
+  Generator gx(seed, 11);
+  NoGrad ng;
+  struct Probe {
+    const char* what;
+    Shape x;
+    std::function<Var<float>(const FidInceptionV3<float>&, const Var<float>&)> f;
+  };
+  for (const Probe& p : {Probe{"Conv2d_1a_3x3", {1, 9, 9, 3}, [](const auto& n, const auto& x) { return n.c1a(x); }},
+                         Probe{"Mixed_5b (A)", {1, 7, 7, 192}, [](const auto& n, const auto& x) { return n.m5b(x); }},
+                         Probe{"Mixed_6a (B)", {1, 9, 9, 288}, [](const auto& n, const auto& x) { return n.m6a(x); }},
+                         Probe{"Mixed_6b (C)", {1, 5, 5, 768}, [](const auto& n, const auto& x) { return n.m6b(x); }},
+                         Probe{"Mixed_7a (D)", {1, 7, 7, 768}, [](const auto& n, const auto& x) { return n.m7a(x); }},
+                         Probe{"Mixed_7c (E, max pool)", {1, 3, 3, 2048},
+                               [](const auto& n, const auto& x) { return global_avg_pool(n.m7c(x)); }}}) {
+    INFO(p.what);
+    const Tensor<float> x = Tensor<float>::randn(p.x, gx);
+    const Tensor<float> yc = p.f(cpu, Var<float>(x)).value();
+    const Tensor<float> yd = p.f(dev, Var<float>(x.to(Device::CUDA))).value().cpu();
+    CHECK(rel_err(yd, yc) < 1e-5);
+  }
+}
+
+TEST_CASE("backend models: a model written in the test (FiLM, layer norm, attention, GELU) trains the same") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  Generator g0(seed), g1(seed), gb(seed, 21);
+  FilmNet cpu(3, g0), dev(3, g1);
+  randomise(cpu, seed);
+  randomise(dev, seed);
+  const auto w0 = values_of(cpu);
+  std::vector<Batch> batches;
+  for (int s = 0; s < 3; ++s) {
+    Batch b;
+    b.x = Tensor<float>::randn({2, 5, 4, 3}, gb);
+    b.eps = Tensor<float>::randn(b.x.shape(), gb);
+    b.t = {static_cast<int32_t>(10 * s + 3), static_cast<int32_t>(500 - s)};
+    batches.push_back(b);
+  }
+  auto fwd = [](FilmNet& m) { return [&m](const Var<float>& x, const Batch& b) { return m(x, b.t); }; };
+  const TrainRun rc = train_steps(cpu, Device::CPU, fwd(cpu), batches, 0.0);
+  const TrainRun rd = train_steps(dev, Device::CUDA, fwd(dev), batches, 0.0);
+  check_training(rc, rd, w0);
+  double moved = 0;  // not a vacuous comparison: the steps moved the weights
+  for (const auto& [n, w] : rc.weights)
+    for (size_t i = 0; i < w.size(); ++i) moved += std::fabs(w[i] - w0.at(n)[i]);
+  CHECK(moved > 0);
+}

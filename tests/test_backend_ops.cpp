@@ -1,0 +1,269 @@
+// Every op of the public op API, forward and backward, on the CUDA backend against the CPU
+// backend (backend_ops.hpp), on fresh random inputs of awkward shapes; and the ops added for
+// transformer blocks (GELU, layer norm, permute) checked by finite differences in double on the
+// CPU. Built twice: test_backend_ops (the emulation, in CI) and test_backend_ops_cuda (a GPU).
+#include "backend_ops.hpp"
+#include "gradcheck.hpp"
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+using namespace diffuse;
+using namespace diffuse::testing;
+
+namespace {
+
+Generator gen() { return Generator(fresh_seed()); }
+
+}  // namespace
+
+TEST_CASE("backend ops: add, sub, mul with broadcasting") {
+  CudaScope cuda;
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  const std::vector<std::pair<Shape, Shape>> shapes = {
+      {{7, 33}, {7, 33}}, {{7, 33}, {33}}, {{33}, {7, 33}}, {{}, {3, 5}},        {{4, 1, 3}, {2, 1}},
+      {{2, 3, 4, 5}, {3, 1, 5}}, {{1}, {1}}, {{5, 1}, {1, 6}}, {{2, 1, 3, 1}, {1, 4, 1, 5}}};
+  for (const auto& [sa, sb] : shapes) {
+    const auto in = inputs_of({randn_t(sa, g), randn_t(sb, g)});
+    const std::string what = shape_str(sa) + " and " + shape_str(sb);
+    check_op("add " + what, [](const auto& v) { return add(v[0], v[1]); }, in);
+    check_op("sub " + what, [](const auto& v) { return sub(v[0], v[1]); }, in);
+    check_op("mul " + what, [](const auto& v) { return mul(v[0], v[1]); }, in);
+  }
+  // The same Var on both sides: both gradient contributions meet in one buffer.
+  check_op("mul x * x", [](const auto& v) { return mul(v[0], v[0]); }, inputs_of({randn_t({5, 9}, g)}));
+  check_op("sub x - x", [](const auto& v) { return sub(v[0], v[0]); }, inputs_of({randn_t({5, 9}, g)}));
+  // One input without a gradient.
+  check_op("add, b constant", [](const auto& v) { return add(v[0], v[1]); },
+           {{randn_t({3, 4}, g), true}, {randn_t({4}, g), false}});
+}
+
+TEST_CASE("backend ops: scale, silu, relu, gelu") {
+  CudaScope cuda;
+  Generator g = gen();
+  for (Shape s : {Shape{1}, Shape{33}, Shape{7, 129}, Shape{3, 4, 5, 6}}) {
+    Tensor<float> x = randn_t(s, g);
+    for (float& v : x) v *= 4.0f;  // both tails
+    const auto in = inputs_of({x});
+    check_op("scale " + shape_str(s), [](const auto& v) { return scale(v[0], -1.75f); }, in);
+    check_op("silu " + shape_str(s), [](const auto& v) { return silu(v[0]); }, in, 1e-6);
+    check_op("relu " + shape_str(s), [](const auto& v) { return relu(v[0]); }, in, 1e-7);
+    check_op("gelu " + shape_str(s), [](const auto& v) { return gelu(v[0]); }, in, 1e-6);
+  }
+}
+
+TEST_CASE("backend ops: matmul, linear, linear_act, linear_gather_act") {
+  CudaScope cuda;
+  Generator g = gen();
+  struct Mnk {
+    int64_t m, k, n;
+  };
+  for (Mnk s : {Mnk{1, 1, 1}, Mnk{7, 33, 5}, Mnk{65, 3, 17}, Mnk{16, 128, 64}}) {
+    const std::string what = std::to_string(s.m) + "x" + std::to_string(s.k) + "x" + std::to_string(s.n);
+    check_op("matmul " + what, [](const auto& v) { return matmul(v[0], v[1]); },
+             inputs_of({randn_t({s.m, s.k}, g), randn_t({s.k, s.n}, g)}));
+    const auto lin = inputs_of({randn_t({s.m, s.k}, g), randn_t({s.n, s.k}, g), randn_t({s.n}, g)});
+    check_op("linear " + what, [](const auto& v) { return linear(v[0], v[1], v[2]); }, lin);
+    check_op("linear without bias " + what, [](const auto& v) { return linear(v[0], v[1]); },
+             inputs_of({randn_t({s.m, s.k}, g), randn_t({s.n, s.k}, g)}));
+    for (Activation a : {Activation::SiLU, Activation::ReLU, Activation::None, Activation::GELU})
+      check_op("linear_act " + what + " act " + std::to_string(static_cast<int>(a)),
+               [a](const auto& v) { return linear_act(v[0], v[1], v[2], a); }, lin);
+    // A table of 5 rows gathered by index, repeats included.
+    std::vector<int32_t> idx(static_cast<size_t>(s.m));
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>((i * 3) % 5);
+    const auto gin = inputs_of({randn_t({s.m, s.k}, g), randn_t({s.n, s.k}, g), randn_t({s.n}, g), randn_t({5, s.n}, g)});
+    for (Activation a : {Activation::SiLU, Activation::None})
+      check_op("linear_gather_act " + what, [a, idx](const auto& v) { return linear_gather_act(v[0], v[1], v[2], v[3], idx, a); },
+               gin);
+  }
+}
+
+TEST_CASE("backend ops: concat, slice, gather_rows, reshape, permute, transpose") {
+  CudaScope cuda;
+  Generator g = gen();
+  for (int64_t axis : {0, 1, 2}) {
+    Shape a{3, 4, 5}, b{3, 4, 5};
+    b[static_cast<size_t>(axis)] = 2;
+    check_op("concat axis " + std::to_string(axis), [axis](const auto& v) { return concat<float>({v[0], v[1], v[0]}, axis); },
+             inputs_of({randn_t(a, g), randn_t(b, g)}));
+    check_op("slice axis " + std::to_string(axis), [axis](const auto& v) { return slice(v[0], axis, 1, 3); },
+             inputs_of({randn_t({4, 5, 6}, g)}));
+  }
+  const std::vector<int32_t> idx{2, 0, 2, 6, 1, 2};
+  check_op("gather_rows", [idx](const auto& v) { return gather_rows(v[0], idx); }, inputs_of({randn_t({7, 33}, g)}));
+  check_op("reshape", [](const auto& v) { return reshape(v[0], {6, -1}); }, inputs_of({randn_t({3, 4, 5}, g)}));
+  check_op("permute 3-D", [](const auto& v) { return permute(v[0], {2, 0, 1}); }, inputs_of({randn_t({3, 4, 5}, g)}));
+  check_op("permute 5-D", [](const auto& v) { return permute(v[0], {4, 1, 3, 0, 2}); },
+           inputs_of({randn_t({2, 3, 1, 4, 5}, g)}));
+  check_op("transpose", [](const auto& v) { return transpose(v[0], 0, -1); }, inputs_of({randn_t({33, 7}, g)}));
+}
+
+TEST_CASE("backend ops: sum, mean, mse, log_softmax, cross_entropy") {
+  CudaScope cuda;
+  Generator g = gen();
+  for (Shape s : {Shape{1}, Shape{1000}, Shape{7, 33}, Shape{3, 100, 11}}) {
+    const auto in = inputs_of({randn_t(s, g)});
+    check_op("sum " + shape_str(s), [](const auto& v) { return sum(v[0]); }, in);
+    check_op("mean " + shape_str(s), [](const auto& v) { return mean(v[0]); }, in);
+    check_op("mse " + shape_str(s), [](const auto& v) { return mse(v[0], v[1]); }, inputs_of({randn_t(s, g), randn_t(s, g)}));
+    check_op("log_softmax " + shape_str(s), [](const auto& v) { return log_softmax(v[0]); }, in);
+  }
+  for (int64_t K : {2, 10, 33}) {
+    std::vector<int32_t> labels{0, 1, 1, 0, static_cast<int32_t>(K - 1)};
+    Tensor<float> z = randn_t({5, K}, g);
+    for (float& v : z) v *= 5.0f;
+    check_op("cross_entropy K " + std::to_string(K), [labels](const auto& v) { return cross_entropy(v[0], labels); },
+             inputs_of({z}));
+  }
+}
+
+TEST_CASE("backend ops: conv2d") {
+  CudaScope cuda;
+  Generator g = gen();
+  struct Case {
+    const char* what;
+    Shape x;
+    int64_t O, kh, kw;
+    Conv2dOptions opt;
+    bool bias;
+  };
+  for (const Case& c : {Case{"3x3 pad 1", {2, 5, 6, 3}, 4, 3, 3, {1, 1, 1, 1}, true},
+                        Case{"3x3 stride 2", {2, 7, 7, 5}, 3, 3, 3, {2, 2, 1, 1}, true},
+                        Case{"1x1", {3, 4, 4, 7}, 5, 1, 1, {1, 1, 0, 0}, true},
+                        Case{"1x3 pad (0, 1), no bias", {2, 5, 5, 4}, 6, 1, 3, {1, 1, 0, 1}, false},
+                        Case{"3x1 stride 2 no pad", {1, 9, 4, 2}, 3, 3, 1, {2, 2, 0, 0}, true}}) {
+    std::vector<Tensor<float>> t{randn_t(c.x, g), randn_t({c.O, c.kh, c.kw, c.x[3]}, g)};
+    if (c.bias) t.push_back(randn_t({c.O}, g));
+    const Conv2dOptions opt = c.opt;
+    check_op(std::string("conv2d ") + c.what,
+             [opt](const auto& v) { return conv2d(v[0], v[1], v.size() > 2 ? v[2] : Var<float>(), opt); }, inputs_of(t));
+  }
+}
+
+TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {
+  CudaScope cuda;
+  Generator g = gen();
+  for (bool silu : {false, true}) {
+    const auto in = inputs_of({randn_t({3, 5, 4, 12}, g), randn_t({12}, g), randn_t({12}, g)});
+    check_op(std::string("group_norm 4 groups") + (silu ? " + silu" : ""),
+             [silu](const auto& v) { return group_norm(v[0], v[1], v[2], 4, 1e-6, silu); }, in, 2e-5);
+    check_op(std::string("group_norm 1 group") + (silu ? " + silu" : ""),
+             [silu](const auto& v) { return group_norm(v[0], v[1], v[2], 1, 1e-5, silu); }, in, 2e-5);
+  }
+  for (Shape s : {Shape{1, 1}, Shape{5, 33}, Shape{2, 3, 7}, Shape{4, 768}}) {
+    const int64_t C = s.back();
+    check_op("layer_norm " + shape_str(s), [](const auto& v) { return layer_norm(v[0], v[1], v[2]); },
+             inputs_of({randn_t(s, g), randn_t({C}, g), randn_t({C}, g)}), 2e-5);
+    check_op("layer_norm without affine " + shape_str(s),
+             [](const auto& v) { return layer_norm(v[0], Var<float>(), Var<float>(), 1e-6); }, inputs_of({randn_t(s, g)}),
+             2e-5);
+  }
+  Tensor<float> var = Tensor<float>::rand({7}, g), mu = randn_t({7}, g);
+  check_op("batch_norm_inference",
+           [var, mu](const auto& v) {
+             return batch_norm_inference(v[0], v[1], v[2], mu.to(v[0].device()), var.to(v[0].device()), 1e-3);
+           },
+           inputs_of({randn_t({2, 3, 5, 7}, g), randn_t({7}, g), randn_t({7}, g)}));
+}
+
+TEST_CASE("backend ops: upsample, dropout, add_channel_bias, attention") {
+  CudaScope cuda;
+  Generator g = gen();
+  check_op("upsample_nearest2x", [](const auto& v) { return upsample_nearest2x(v[0]); }, inputs_of({randn_t({2, 3, 5, 7}, g)}));
+  // The same generator state on both devices: the same mask (the CPU's Philox draws).
+  const uint64_t seed = g.seed;
+  check_op("dropout 0.3",
+           [seed](const auto& v) {
+             Generator d(seed, 5);
+             return dropout(v[0], 0.3, d, true);
+           },
+           inputs_of({randn_t({4, 33}, g)}));
+  check_op("add_channel_bias", [](const auto& v) { return add_channel_bias(v[0], v[1]); },
+           inputs_of({randn_t({3, 4, 5, 6}, g), randn_t({3, 6}, g)}));
+  for (int heads : {1, 2}) {
+    const auto in = inputs_of({randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g)});
+    check_op("attention heads " + std::to_string(heads),
+             [heads](const auto& v) { return attention(v[0], v[1], v[2], heads); }, in);
+    check_op("self-attention on one tensor, heads " + std::to_string(heads),
+             [heads](const auto& v) { return attention(v[0], v[0], v[0], heads); }, inputs_of({randn_t({2, 9, 8}, g)}));
+  }
+}
+
+TEST_CASE("backend ops: max_pool2d, avg_pool2d, global_avg_pool") {
+  CudaScope cuda;
+  Generator g = gen();
+  for (const PoolOptions& o : {PoolOptions{2, 2, 0, 0, 0, 0, false, true}, PoolOptions{3, 3, 2, 2, 0, 0, false, true},
+                               PoolOptions{3, 3, 1, 1, 1, 1, false, false}, PoolOptions{3, 3, 2, 2, 1, 1, true, true},
+                               PoolOptions{2, 3, 1, 2, 1, 1, true, false}}) {
+    const std::string what = std::to_string(o.kernel_h) + "x" + std::to_string(o.kernel_w) + " stride " +
+                             std::to_string(o.stride_h) + " pad " + std::to_string(o.pad_h) + (o.ceil_mode ? " ceil" : "") +
+                             (o.count_include_pad ? "" : " no-pad-count");
+    const auto in = inputs_of({randn_t({2, 7, 8, 3}, g)});
+    check_op("max_pool2d " + what, [o](const auto& v) { return max_pool2d(v[0], o); }, in);
+    check_op("avg_pool2d " + what, [o](const auto& v) { return avg_pool2d(v[0], o); }, in);
+  }
+  // Ties: the first maximum in window order gets the gradient on both devices.
+  Tensor<float> ties = Tensor<float>::zeros({1, 4, 4, 2});
+  check_op("max_pool2d ties", [](const auto& v) { return max_pool2d(v[0], 2); }, inputs_of({ties}));
+  check_op("global_avg_pool", [](const auto& v) { return global_avg_pool(v[0]); }, inputs_of({randn_t({3, 5, 7, 9}, g)}));
+}
+
+TEST_CASE("backend ops: tensor-level device work matches the CPU (draws, fills, embeddings)") {
+  CudaScope cuda;
+  Generator g = gen();
+  Generator a(g.seed, 3), b(g.seed, 3);
+  const Tensor<float> cpu = Tensor<float>::randn({1001}, a), dev = Tensor<float>::randn({1001}, b, Device::CUDA);
+  CHECK(a.offset == b.offset);
+  CHECK(rel_err(dev.cpu(), cpu) < 1e-6);
+  const Tensor<float> ucpu = Tensor<float>::rand({37}, a), udev = Tensor<float>::rand({37}, b, Device::CUDA);
+  CHECK(rel_err(udev.cpu(), ucpu) < 1e-7);
+  Tensor<float> f = Tensor<float>::full({3, 5}, 2.5f, Device::CUDA);
+  for (float v : f.cpu()) CHECK(v == 2.5f);
+  const std::vector<int32_t> t{0, 1, 999, 500, 7};
+  CHECK(rel_err(timestep_embedding<float>(t, 64, Device::CUDA).cpu(), timestep_embedding<float>(t, 64)) < 1e-6);
+}
+
+TEST_CASE("backend ops: operands on different devices, or double on CUDA, are one clear error") {
+  CudaScope cuda;
+  Generator g = gen();
+  Var<float> a(randn_t({3, 4}, g)), b(randn_t({3, 4}, g).to(Device::CUDA));
+  CHECK_THROWS_WITH(add(a, b), Catch::Contains("add: operands on different devices (cpu, cuda)"));
+  CHECK_THROWS_WITH(linear(a, b), Catch::Contains("linear: operands on different devices"));
+  CHECK_THROWS_WITH(concat<float>({a, b}, 0), Catch::Contains("concat: operands on different devices"));
+  Var<double> d(Tensor<double>::zeros({2}).to(Device::CUDA));
+  CHECK_THROWS_WITH(silu(d), Catch::Contains("CUDA tensors must be float"));
+}
+
+TEST_CASE("transformer ops (gelu, layer_norm, permute, linear_act GELU) pass finite differences in double") {
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  const uint64_t s = g.seed;
+  CHECK(max_gradcheck_error([](const auto& v) { return gelu(v[0]); }, {rand_var({4, 5}, g)}, s) < 1e-6);
+  CHECK(max_gradcheck_error([](const auto& v) { return layer_norm(v[0], v[1], v[2]); },
+                            {rand_var({3, 7}, g), rand_var({7}, g), rand_var({7}, g)}, s) < 1e-6);
+  CHECK(max_gradcheck_error([](const auto& v) { return layer_norm(v[0], Var<double>(), Var<double>(), 1e-6); },
+                            {rand_var({2, 3, 5}, g)}, s) < 1e-6);
+  CHECK(max_gradcheck_error([](const auto& v) { return permute(v[0], {1, 2, 0}); }, {rand_var({2, 3, 4}, g)}, s) < 1e-8);
+  CHECK(max_gradcheck_error([](const auto& v) { return transpose(mul(v[0], v[0]), 0, 1); }, {rand_var({3, 5}, g)}, s) <
+        1e-6);
+  CHECK(max_gradcheck_error([](const auto& v) { return linear_act(v[0], v[1], v[2], Activation::GELU); },
+                            {rand_var({4, 3}, g), rand_var({5, 3}, g), rand_var({5}, g)}, s) < 1e-6);
+}
+
+TEST_CASE("layer_norm and gelu match PyTorch's definitions on known values") {
+  // gelu(1) = 0.5 (1 + erf(1 / sqrt 2)) = 0.8413447460685429; layer_norm of (1, 2, 3) = (-1.2247, 0, 1.2247).
+  Var<double> x(Tensor<double>::from({1.0, -1.0, 0.0}, {3}));
+  const Tensor<double> y = gelu(x).value();
+  CHECK(y[0] == Approx(0.8413447460685429).epsilon(1e-14));
+  CHECK(y[1] == Approx(-0.15865525393145707).epsilon(1e-13));
+  CHECK(y[2] == 0.0);
+  Var<double> r(Tensor<double>::from({1.0, 2.0, 3.0}, {1, 3}));
+  const Tensor<double> n = layer_norm(r, Var<double>(), Var<double>(), 1e-12).value();
+  CHECK(n[0] == Approx(-1.224744871391589).epsilon(1e-10));
+  CHECK(n[1] == Approx(0.0).margin(1e-12));
+  CHECK(n[2] == Approx(1.224744871391589).epsilon(1e-10));
+}
