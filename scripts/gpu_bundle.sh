@@ -8,9 +8,10 @@
 #   ... copy the folder to the GPU machine, then there:
 #   build-gpubin/run.sh [OUTDIR]        # tests, then benchmarks; logs and summary.txt in OUTDIR
 #
-# What it packs: test_kernels_cuda, test_cuda_memory, test_cuda_unet (the CUDA tests: every kernel
-# against the CPU backend, device memory, the whole U-Net train step and sampling against the CPU
-# model), bench_kernels_cuda, bench_unet_cuda (also --profile: device time by op kind),
+# What it packs: test_kernels_cuda, test_cuda_memory, test_backend_ops_cuda, test_backend_models_cuda
+# (the CUDA tests: every kernel and every op against the CPU backend, device memory, the library's
+# models and one written in the test trained on both devices), bench_kernels_cuda, bench_unet_cuda
+# (also --profile: device time by backend entry),
 # libbenchmark (the GPU machine may lack it), train_2d (cpu vs cuda, resume across devices),
 # train_mnist and sample with the MNIST files of data/mnist when there (20 steps on the CPU and on
 # the GPU, same seed: the progress lines' losses should agree; then the GPU's checkpoint resumed
@@ -32,13 +33,15 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 BUILD=build-gpu-sm$ARCH
-TARGETS=(test_kernels_cuda test_cuda_memory test_cuda_unet bench_kernels_cuda bench_unet_cuda train_mnist sample train_2d)
+TARGETS=(test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda bench_kernels_cuda bench_unet_cuda
+         train_mnist sample train_2d fid)
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-cp "$BUILD"/tests/test_kernels_cuda "$BUILD"/tests/test_cuda_memory "$BUILD"/tests/test_cuda_unet "$OUT"/
-cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$BUILD"/examples/sample "$BUILD"/examples/train_2d "$OUT"/
+cp "$BUILD"/tests/test_kernels_cuda "$BUILD"/tests/test_cuda_memory "$BUILD"/tests/test_backend_ops_cuda \
+   "$BUILD"/tests/test_backend_models_cuda "$OUT"/
+cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$BUILD"/examples/sample "$BUILD"/examples/train_2d "$BUILD"/examples/fid "$OUT"/
 if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh made them: train_mnist cpu vs cuda
   mkdir -p "$OUT"/mnist
   cp data/mnist/*-ubyte.gz "$OUT"/mnist/
@@ -68,7 +71,7 @@ step() {  # log-name command...
   timeout 300 "$@" > "$LOG/$name.log" 2>&1; rc=$?
   echo "$name: rc=$rc, $(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME - $s}") s: $(tail -n 1 "$LOG/$name.log" | head -c 160)" | tee -a "$LOG"/summary.txt
 }
-for t in test_kernels_cuda test_cuda_memory test_cuda_unet; do step "$t" ./"$t" -r compact; done
+for t in test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda; do step "$t" ./"$t" -r compact; done
 step bench_unet_cuda ./bench_unet_cuda --benchmark_counters_tabular=true
 step bench_unet_profile ./bench_unet_cuda --profile
 step bench_kernels_cuda ./bench_kernels_cuda --benchmark_min_time=0.05

@@ -9,7 +9,8 @@
 #
 # Steps, ordered so that a run cut short by the time budget still has the GPU results:
 #   1. configure build-gpu/ (Release, DIFFUSE_CUDA=ON, CMAKE_CUDA_ARCHITECTURES=native)
-#   2. build the CUDA targets (test_kernels_cuda, test_cuda_memory, test_cuda_unet, bench_kernels_cuda)
+#   2. build the CUDA targets (test_kernels_cuda, test_cuda_memory, test_backend_ops_cuda,
+#      test_backend_models_cuda, bench_kernels_cuda)
 #   3. run the CUDA tests (ctest -L cuda), 4. run the GPU benchmarks
 #   5. build everything else, 6. run the whole suite (ctest)
 # Writes build-gpu/gpu_check.log (everything) and build-gpu/gpu_check_report.md (the report).
@@ -209,7 +210,7 @@ test_status() {  # the status ctest printed for test $2 in file $1
 if [[ $CONFIGURE == ok* ]]; then
   # -------------------------------------------------------------- 2. CUDA targets
   CUDA_TARGETS=()
-  [[ $TESTS == ON ]] && CUDA_TARGETS+=(test_kernels_cuda test_cuda_memory test_cuda_unet)
+  [[ $TESTS == ON ]] && CUDA_TARGETS+=(test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda)
   [[ $BENCHES == ON && $BENCH -eq 1 ]] && CUDA_TARGETS+=(bench_kernels_cuda)
   if [[ ${#CUDA_TARGETS[@]} -gt 0 ]]; then
     say "2. build the CUDA targets: ${CUDA_TARGETS[*]}"

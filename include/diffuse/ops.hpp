@@ -1023,13 +1023,21 @@ inline Var<T> transpose(const Var<T>& x, int d0, int d1) {
   return permute(x, perm);
 }
 
-// The same numbers in another shape (shares the storage); the backward copies the gradient back.
+// The same numbers in another shape (shares the storage). The backward hands the gradient back
+// in a's shape: as a view of g when it is a's first contribution (the tape drops g itself right
+// after this entry, so nothing else writes it), else added.
 template <class T>
 inline Var<T> reshape(const Var<T>& a, Shape s) {
   Tensor<T> out = a.value().reshape(std::move(s));
   return make_result<T>(std::move(out), {&a}, [a]() {
     return [a](const Tensor<T>& g) {
-      GradSink<T> sk = grad_sink(*a.node());
+      Node<T>& n = *a.node();
+      if (!n.has_grad) {
+        n.grad = g.reshape(n.value.shape());
+        n.has_grad = true;
+        return;
+      }
+      GradSink<T> sk = grad_sink(n);
       if (g.device() == Device::CUDA) {
         if constexpr (std::is_same_v<T, float>) backend::cuda_backend()->copy(g.data(), sk.data, g.numel(), sk.accumulate);
         else detail::cuda_float_only("reshape");
