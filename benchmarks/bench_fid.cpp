@@ -4,7 +4,7 @@
 // side: benchmarks/torch_fid.py. FLOPs: 5.71 G multiply-adds x 2 per image.
 #include <benchmark/benchmark.h>
 
-#include <diffuse/fid.hpp>
+#include <diffuse/eval/fid.hpp>
 
 using namespace diffuse;
 

@@ -8,8 +8,8 @@
 
 #include <Eigen/Core>
 #include <cstdint>
-#include <diffuse/gemm.hpp>
-#include <diffuse/rng.hpp>
+#include <diffuse/backend/cpu/gemm.hpp>
+#include <diffuse/core/rng.hpp>
 #include <vector>
 
 #ifdef _OPENMP

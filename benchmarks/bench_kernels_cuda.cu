@@ -6,10 +6,10 @@
 // and SGEMM rate. Without a GPU it says so and exits 0.
 #include <benchmark/benchmark.h>
 
-#include <diffuse/cuda/check.hpp>
-#include <diffuse/cuda/memory.hpp>
+#include <diffuse/backend/cuda/check.hpp>
+#include <diffuse/backend/cuda/memory.hpp>
 
-#include <diffuse/cuda/attention.hpp>
+#include <diffuse/backend/cuda/attention.hpp>
 
 #include "kernels/adam.cuh"
 #include "kernels/elementwise.cuh"

@@ -7,7 +7,7 @@
 #include <benchmark/benchmark.h>
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/layers/unet.hpp>
+#include <diffuse/models/unet.hpp>
 
 using namespace diffuse;
 

@@ -2,7 +2,7 @@
 // device, else cpu). Asking for cuda where there is none fails before any work, in one line.
 #pragma once
 
-#include <diffuse/tensor.hpp>
+#include <diffuse/core/tensor.hpp>
 
 #include <stdexcept>
 #include <string>

@@ -9,7 +9,7 @@
 // pytorch-fid and --save-stats write them. Prints "FID: <value>" last.
 #include <CLI/CLI.hpp>
 
-#include <diffuse/fid.hpp>
+#include <diffuse/eval/fid.hpp>
 
 #include "device_choice.hpp"
 

@@ -1,7 +1,7 @@
 // mnist_classifier: the LeNet that judges generated digits.
 //
 //   mnist_classifier train --data DIR [--size 16|28] [--resize area|bilinear] ...
-//       trains LeNet (include/diffuse/layers/lenet.hpp) on DIR's train split with
+//       trains LeNet (include/diffuse/models/lenet.hpp) on DIR's train split with
 //       Adam + cross-entropy, prints the test-split accuracy, writes
 //       DIR/lenet<size>.safetensors (metadata: size, resize, test_accuracy).
 //   mnist_classifier score --classifier FILE --samples samples.npy [--labels labels.npy] --data DIR
@@ -10,12 +10,12 @@
 //       (real train digits, same N); --json FILE writes the numbers.
 #include <CLI/CLI.hpp>
 #include <diffuse/diffuse.hpp>
-#include <diffuse/idx.hpp>
-#include <diffuse/layers/lenet.hpp>
+#include <diffuse/io/idx.hpp>
+#include <diffuse/models/lenet.hpp>
 
 #include "device_choice.hpp"
-#include <diffuse/lenet_eval.hpp>
-#include <diffuse/npy.hpp>
+#include <diffuse/eval/lenet_score.hpp>
+#include <diffuse/io/npy.hpp>
 
 #include <chrono>
 #include <cmath>

@@ -4,12 +4,12 @@
 #pragma once
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/guidance.hpp>
-#include <diffuse/idx.hpp>
-#include <diffuse/image_grid.hpp>
-#include <diffuse/layers/unet.hpp>
-#include <diffuse/npy.hpp>
-#include <diffuse/resize.hpp>
+#include <diffuse/diffusion/guidance.hpp>
+#include <diffuse/io/idx.hpp>
+#include <diffuse/viz/image_grid.hpp>
+#include <diffuse/models/unet.hpp>
+#include <diffuse/io/npy.hpp>
+#include <diffuse/data/resize.hpp>
 
 #include <chrono>
 #include <cstdio>

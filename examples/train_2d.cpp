@@ -7,10 +7,10 @@
 // floor (two independent data draws) and to N(0, I) noise. --device cuda trains and samples on
 // the GPU (the same model, moved there); checkpoints are the same files on either device.
 #include <CLI/CLI.hpp>
-#include <diffuse/data2d.hpp>
+#include <diffuse/data/points2d.hpp>
 #include <diffuse/diffuse.hpp>
-#include <diffuse/metrics2d.hpp>
-#include <diffuse/plot.hpp>
+#include <diffuse/eval/metrics2d.hpp>
+#include <diffuse/viz/plot.hpp>
 
 #include <chrono>
 #include <cmath>

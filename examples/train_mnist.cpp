@@ -11,7 +11,7 @@
 #include "device_choice.hpp"
 #include "mnist_common.hpp"
 
-#include <diffuse/lenet_eval.hpp>
+#include <diffuse/eval/lenet_score.hpp>
 
 #include <cmath>
 #include <csignal>

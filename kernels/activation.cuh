@@ -1,5 +1,5 @@
 // The pointwise activations of the library on the device, as the CPU ops compute them
-// (include/diffuse/ops.hpp), selected by diffuse::Activation:
+// (include/diffuse/ops/elementwise.hpp), selected by diffuse::Activation:
 //
 //   activation_forward    y = f(x): diffuse::silu, relu, gelu (exact erf form), None = copy
 //   activation_backward   dx (+)= g * f'(x) from the saved input x (their backwards)
@@ -15,8 +15,8 @@
 #pragma once
 
 #include <diffuse/backend/op_types.hpp>
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <cstdint>
 #include <limits>

@@ -16,8 +16,8 @@
 // backend does (adam_step_args).
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -17,8 +17,8 @@
 // no atomics are used.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -19,8 +19,8 @@
 // nothing depends on the launch configuration; no atomics.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cmath>

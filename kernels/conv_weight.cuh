@@ -1,11 +1,11 @@
 // Convolution weight layouts on the device: the PyTorch layout OIHW = [O, C, kh, kw] (checkpoints,
 // the CPU backend) <-> OHWI = [O, kh, kw, C] (cuDNN's NHWC filter format, "KRSC", used by
-// include/diffuse/cuda/conv.hpp). A pure permutation: any element type, exact.
+// include/diffuse/backend/cuda/conv.hpp). A pure permutation: any element type, exact.
 // The host versions are diffuse::cuda::conv_weight_*_host in conv.hpp.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstdint>

@@ -18,8 +18,8 @@
 // an input at the same index (in place) and so take no __restrict__.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstddef>

@@ -1,5 +1,5 @@
 // Gradient-norm clipping over all parameters (torch.nn.utils.clip_grad_norm_, the CPU backend's
-// clip_grad_norm in optim.hpp), on the chunk table of the Adam kernel (adam.cuh):
+// clip_grad_norm in optim/adam.hpp, clip_grad_norm.hpp), on the chunk table of the Adam kernel (adam.cuh):
 //
 //   grad_sq_partials   one double per chunk: the sum of g^2 over the chunk, in double as the CPU
 //                      does; the host adds the partials (few hundred) in chunk order
@@ -7,8 +7,8 @@
 //   grad_zero          g = 0 for every gradient element (zero_grad: one launch for the model)
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include "kernels/adam.cuh"
 

@@ -1,5 +1,5 @@
 // GroupNorm on the device, optionally fused with SiLU: the CPU backend's diffuse::group_norm
-// (include/diffuse/ops/image.hpp), torch.nn.GroupNorm on NHWC x [N, HW, C], gamma and beta [C].
+// (include/diffuse/ops/group_norm.hpp), torch.nn.GroupNorm on NHWC x [N, HW, C], gamma and beta [C].
 // Per (sample n, group g): mean and biased variance over HW * Cg values (Cg = C / G), then
 //   y = (x - mean) * (rstd * gamma) + beta,  rstd = 1 / sqrt(var + eps),  and y * sigmoid(y) with silu.
 // The backward, with dyv = dy (times SiLU'(y) when fused) and xhat = (x - mean) * rstd:
@@ -21,8 +21,8 @@
 //             channel dgamma, dbeta (a column sum over the N * chunks rows); then dx elementwise.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include "reduce_sum.cuh"  // warp_sum
 

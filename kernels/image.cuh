@@ -1,11 +1,11 @@
 // NHWC image ops of the U-Net on the device, each the same function as the CPU backend's op:
 //
-//   upsample_nearest2x_forward / _backward   diffuse::upsample_nearest2x (ops/image.hpp)
+//   upsample_nearest2x_forward / _backward   diffuse::upsample_nearest2x (ops/upsample.hpp)
 //       [N, H, W, C] -> [N, 2H, 2W, C]; the backward sums the 4 copies in the CPU's order,
 //       (g[2h][2w] + g[2h][2w+1]) + (g[2h+1][2w] + g[2h+1][2w+1]), so it is bit for bit the same.
-//   concat_channels_forward / _backward      diffuse::concat({a, b}, 3) (ops.hpp)
+//   concat_channels_forward / _backward      diffuse::concat({a, b}, 3) (ops/shape.hpp)
 //       a [P, Ca], b [P, Cb] -> [P, Ca + Cb] (P = N H W); the backward splits the gradient.
-//   dropout_forward / _backward              diffuse::dropout(x, p, gen, true) (ops/image.hpp)
+//   dropout_forward / _backward              diffuse::dropout(x, p, gen, true) (ops/dropout.hpp)
 //       element i kept when uniform i of the Philox draw at (seed, offset) is below 1 - p (the
 //       comparison in double, as the CPU does), kept values scaled by 1 / (1 - p) (rounded to
 //       float first, as the CPU's T(1) / T(1 - p)); p == 1 gives zeros. The mask is not stored:
@@ -22,10 +22,10 @@
 // (grid-stride loops, so tests can force a small grid), nothing to do for empty tensors.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
-#include "rng.cuh"  // the CPU Generator's Philox4x32-10 (diffuse/rng.hpp), host and device
+#include "rng.cuh"  // the CPU Generator's Philox4x32-10 (diffuse/core/rng.hpp), host and device
 
 #include <algorithm>
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Copies that move data between layouts: the device side of the CUDA backend's copy_2d and
 // permute entries (include/diffuse/backend/cuda.hpp), as diffuse::concat / slice / permute do on
-// the CPU (include/diffuse/ops.hpp):
+// the CPU (include/diffuse/ops/shape.hpp):
 //
 //   copy_2d    dst[r * dst_ld + j] (+)= src[r * src_ld + j], r < rows, j < width: one operand of a
 //              concat along any axis (and its gradient), a slice (and its gradient)
@@ -18,8 +18,8 @@
 #pragma once
 
 #include <diffuse/backend/op_types.hpp>
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstdint>

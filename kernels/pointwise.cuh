@@ -1,6 +1,6 @@
 // Pointwise ops, broadcasting binary ops and their gradients, and the sum of a tensor: the device
 // side of the CUDA backend's pointwise and sum entries (include/diffuse/backend/cuda.hpp), with the
-// CPU ops' semantics (include/diffuse/ops.hpp):
+// CPU ops' semantics (include/diffuse/ops/elementwise.hpp, reduce.hpp):
 //
 //   fill, fill_scalar      y = v; y (+)= alpha * (*s) for one device float s (the backward of sum)
 //   axpby, scale_acc       y = a x + b y (y not read when b == 0); y (+)= s x
@@ -30,8 +30,8 @@
 #pragma once
 
 #include <diffuse/backend/op_types.hpp>
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstddef>

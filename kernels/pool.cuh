@@ -21,8 +21,8 @@
 #pragma once
 
 #include <diffuse/backend/op_types.hpp>
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <cmath>
 #include <cstddef>

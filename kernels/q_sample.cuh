@@ -1,12 +1,12 @@
 // DDPM forward noising on the device: x_t = sqrt(abar[t_b]) x0 + sqrt(1 - abar[t_b]) eps, each
-// sample b of the batch at its own timestep t_b; the CPU backend's q_sample (diffusion.hpp).
+// sample b of the batch at its own timestep t_b; the CPU backend's q_sample (diffusion/samplers.hpp).
 // The schedule's two coefficient tables (T entries each, rounded to the element type as the CPU
 // backend rounds them) and the timesteps are device arrays; they are uploaded once per schedule
 // and once per batch.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstdint>

@@ -1,8 +1,8 @@
 // Row sums on the device: out[r] = sum over c of x[r * cols + c], for a row-major [rows, cols].
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstdint>

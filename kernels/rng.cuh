@@ -1,5 +1,5 @@
 // Random numbers on the device: the same Philox4x32-10 streams as the CPU backend's Generator
-// (include/diffuse/rng.hpp), so a seed and offset give the same noise on either device (the
+// (include/diffuse/core/rng.hpp), so a seed and offset give the same noise on either device (the
 // uniforms bit for bit; the normals to the rounding of the device's logf/sinf/cosf).
 //
 // Draw k of n numbers at offset `off` fills out[i] from Philox block off + i / 4, lane i % 4,
@@ -7,9 +7,9 @@
 // Generator by the same ceil(n / 4) blocks, so CPU and GPU draws can be interleaved.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
-#include <diffuse/rng.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
+#include <diffuse/core/rng.hpp>
 
 #include <algorithm>
 #include <cstdint>

@@ -1,6 +1,6 @@
-// One reverse step of the CPU backend's samplers (include/diffuse/diffusion.hpp) on the device,
+// One reverse step of the CPU backend's samplers (include/diffuse/diffusion/ddpm.hpp) on the device,
 // as one fused elementwise kernel over the whole batch x [n] (in place), with classifier-free
-// guidance (include/diffuse/guidance.hpp) optionally fused in front:
+// guidance (include/diffuse/diffusion/guidance.hpp) optionally fused in front:
 //
 //   guidance (eps_uncond given): eps = (1 + w) eps - w eps_uncond        guide_combine
 //   DDPM, no clipping: x = (x - beta / sqrt(1 - abar) eps) / sqrt(alpha) + sigma z      ddpm_step
@@ -13,7 +13,7 @@
 //   are host scalars (DdpmStepParams / DdimStepParams), computed in double from the schedule and
 //   rounded to float exactly as ddpm_step / ddim_sample round them to T. ddpm_step_params and
 //   ddim_step_params take any schedule with NoiseSchedule's tables (a template, so this header
-//   does not include schedule.hpp).
+//   does not include diffusion/schedule.hpp).
 // - Noise: the CPU draws z = randn(x.shape(), g) (n normals) only when it adds noise (DDPM: t > 0;
 //   DDIM: sigma > 0), *after* the model call. Here z is generated inside the step kernel from the
 //   Philox stream at (seed, off), element i from block off + i / 4 as Generator::normal; params.noise
@@ -28,8 +28,8 @@
 // - The clamp is std::clamp's comparison order (a NaN passes through), not fminf/fmaxf.
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include "rng.cuh"  // the CPU Generator's Philox normals (philox_normal4), host and device
 

@@ -1,9 +1,9 @@
 // SiLU forward on the device: y = x / (1 + exp(-x)), elementwise; float, double or bf16 (computed in float).
 #pragma once
 
-#include <diffuse/cuda/bf16.hpp>
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/bf16.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cstdint>

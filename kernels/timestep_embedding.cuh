@@ -1,5 +1,5 @@
 // Sinusoidal timestep embedding on the device: diffuse::timestep_embedding<float>
-// (include/diffuse/layers/timestep_embedding.hpp) from device int32 timesteps t [N] to [N, dim]:
+// (include/diffuse/nn/timestep_embedding.hpp) from device int32 timesteps t [N] to [N, dim]:
 //   half = dim / 2, freq[k] = exp(-ln(10000) k / (half - 1)),
 //   out[n, k] = sin(t[n] freq[k]),  out[n, half + k] = cos(t[n] freq[k])   (k < half).
 // In float with the CPU's order of operations: freq = expf((-float(ln 10000) * k) / (half - 1)),
@@ -10,8 +10,8 @@
 // allows 4 FLT_EPSILON (|a| + 1). (A host-computed freq table would not remove the sin/cos part.)
 #pragma once
 
-#include <diffuse/cuda/device.hpp>
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/device.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cmath>

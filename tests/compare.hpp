@@ -3,7 +3,7 @@
 #pragma once
 
 #include <catch2/catch.hpp>
-#include <diffuse/tensor.hpp>
+#include <diffuse/core/tensor.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // Part of test_cuda_memory compiled by the host compiler, not nvcc: the memory headers in an
 // ordinary C++ translation unit with DIFFUSE_WITH_CUDA (as host code of the library will be).
-#include <diffuse/cuda/memory.hpp>
-#include <diffuse/cuda/tensor.hpp>
+#include <diffuse/backend/cuda/memory.hpp>
+#include <diffuse/backend/cuda/tensor.hpp>
 
 #include <cstdint>
 #include <vector>

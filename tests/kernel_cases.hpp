@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include <diffuse/cuda/bf16.hpp>
+#include <diffuse/backend/cuda/bf16.hpp>
 
 #include "device_buffer.hpp"
 #include "kernel_reference.hpp"

@@ -1,7 +1,7 @@
 // The attention family against exact references: diffuse::cuda::gemm / gemm_strided_batched
-// (include/diffuse/cuda/blas.hpp) against a double loop here, the softmax kernels
+// (include/diffuse/backend/cuda/blas.hpp) against a double loop here, the softmax kernels
 // (kernels/softmax.cuh) and diffuse::cuda::attention_forward / _backward
-// (include/diffuse/cuda/attention.hpp) against the CPU backend run in double
+// (include/diffuse/backend/cuda/attention.hpp) against the CPU backend run in double
 // (kernel_reference_attention.cpp). Included by test_emu_attention.cpp (CPU emulation: the GEMMs
 // are the host fallback) and cuda_attention.cu (nvcc: cuBLAS and the kernels on the GPU).
 //
@@ -17,8 +17,8 @@
 
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/attention.hpp>
-#include <diffuse/cuda/blas.hpp>
+#include <diffuse/backend/cuda/attention.hpp>
+#include <diffuse/backend/cuda/blas.hpp>
 
 #include "kernels/softmax.cuh"
 

@@ -1,11 +1,11 @@
-// The device convolution (include/diffuse/cuda/conv.hpp: cuDNN natively, host loops in the CPU
+// The device convolution (include/diffuse/backend/cuda/conv.hpp: cuDNN natively, host loops in the CPU
 // emulation) and the weight layout kernels (kernels/conv_weight.cuh) against the CPU backend's
 // conv2d and its autograd. Included by test_emu_conv.cpp (g++) and cuda_conv.cu (nvcc).
 #pragma once
 
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/conv.hpp>
+#include <diffuse/backend/cuda/conv.hpp>
 
 #include <algorithm>
 #include <cfloat>

@@ -19,7 +19,7 @@
 #include <random>
 #include <vector>
 
-#include <diffuse/rng.hpp>
+#include <diffuse/core/rng.hpp>
 
 #include "device_buffer.hpp"
 #include "kernel_reference_image.hpp"

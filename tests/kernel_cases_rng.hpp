@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include <diffuse/rng.hpp>
+#include <diffuse/core/rng.hpp>
 
 #include "device_buffer.hpp"
 #include "kernels/rng.cuh"

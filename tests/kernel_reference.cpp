@@ -1,9 +1,13 @@
 // CPU references for the kernel tests (see kernel_reference.hpp).
 #include "kernel_reference.hpp"
 
-#include <diffuse/diffusion.hpp>
-#include <diffuse/ops.hpp>
-#include <diffuse/schedule.hpp>
+#include <diffuse/diffusion/objectives.hpp>
+#include <diffuse/diffusion/q_sample.hpp>
+#include <diffuse/diffusion/samplers.hpp>
+#include <diffuse/ops/elementwise.hpp>
+#include <diffuse/ops/linear.hpp>
+#include <diffuse/ops/reduce.hpp>
+#include <diffuse/diffusion/schedule.hpp>
 
 namespace diffuse::testing {
 

@@ -1,7 +1,9 @@
 // CPU references for the Adam(W) + EMA and gradient-norm kernels (see kernel_reference_adam.hpp).
 #include "kernel_reference_adam.hpp"
 
-#include <diffuse/optim.hpp>
+#include <diffuse/optim/adam.hpp>
+#include <diffuse/optim/clip_grad_norm.hpp>
+#include <diffuse/optim/ema.hpp>
 
 #include <string>
 

@@ -1,7 +1,7 @@
 // CPU references for the attention kernel cases (see kernel_reference_attention.hpp).
 #include "kernel_reference_attention.hpp"
 
-#include <diffuse/ops.hpp>
+#include <diffuse/ops/reduce.hpp>
 #include <diffuse/ops/attention.hpp>
 
 #include <cmath>

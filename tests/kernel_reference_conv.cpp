@@ -1,8 +1,8 @@
 // CPU references for the conv kernel cases, computed by the CPU backend (host compiler only).
 #include "kernel_reference_conv.hpp"
 
-#include <diffuse/autograd.hpp>
-#include <diffuse/module.hpp>
+#include <diffuse/core/autograd.hpp>
+#include <diffuse/nn/module.hpp>
 #include <diffuse/ops/conv2d.hpp>
 
 namespace diffuse::testing {

@@ -1,8 +1,15 @@
 // CPU references for the elementwise kernel cases (see kernel_reference_elementwise.hpp).
 #include "kernel_reference_elementwise.hpp"
 
-#include <diffuse/ops.hpp>
-#include <diffuse/ops/image.hpp>
+#include <diffuse/ops/elementwise.hpp>
+#include <diffuse/ops/linear.hpp>
+#include <diffuse/ops/shape.hpp>
+#include <diffuse/ops/reduce.hpp>
+#include <diffuse/ops/channel_bias.hpp>
+#include <diffuse/ops/dropout.hpp>
+#include <diffuse/ops/group_norm.hpp>
+#include <diffuse/ops/nhwc.hpp>
+#include <diffuse/ops/upsample.hpp>
 
 namespace diffuse::testing {
 

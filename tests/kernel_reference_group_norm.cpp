@@ -3,8 +3,9 @@
 
 #include <cmath>
 
-#include <diffuse/ops.hpp>
-#include <diffuse/ops/image.hpp>
+#include <diffuse/ops/elementwise.hpp>
+#include <diffuse/ops/reduce.hpp>
+#include <diffuse/ops/group_norm.hpp>
 
 namespace diffuse::testing {
 

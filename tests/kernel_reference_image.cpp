@@ -1,12 +1,18 @@
 // CPU references for the image kernel cases (see kernel_reference_image.hpp).
 #include "kernel_reference_image.hpp"
 
-#include <diffuse/diffusion.hpp>
-#include <diffuse/guidance.hpp>
-#include <diffuse/layers/timestep_embedding.hpp>
-#include <diffuse/ops.hpp>
-#include <diffuse/ops/image.hpp>
-#include <diffuse/schedule.hpp>
+#include <diffuse/diffusion/objectives.hpp>
+#include <diffuse/diffusion/q_sample.hpp>
+#include <diffuse/diffusion/samplers.hpp>
+#include <diffuse/diffusion/guidance.hpp>
+#include <diffuse/nn/timestep_embedding.hpp>
+#include <diffuse/ops/shape.hpp>
+#include <diffuse/ops/channel_bias.hpp>
+#include <diffuse/ops/dropout.hpp>
+#include <diffuse/ops/group_norm.hpp>
+#include <diffuse/ops/nhwc.hpp>
+#include <diffuse/ops/upsample.hpp>
+#include <diffuse/diffusion/schedule.hpp>
 
 #include <random>
 #include <stdexcept>

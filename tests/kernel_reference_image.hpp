@@ -1,5 +1,5 @@
 // CPU references for the image kernel cases (kernel_cases_image.hpp), computed by the CPU
-// backend: the ops of include/diffuse/ops/image.hpp and ops.hpp forward and, through the
+// backend: the ops of include/diffuse/ops/ (upsample, dropout, shape, ...) forward and, through the
 // autograd, backward; the timestep embedding; the DDPM / DDIM samplers. Defined in
 // kernel_reference_image.cpp (host compiler only: nvcc never parses Eigen or the autograd).
 #pragma once

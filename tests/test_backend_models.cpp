@@ -6,7 +6,7 @@
 #include "backend_ops.hpp"
 #include "temp_files.hpp"
 
-#include <diffuse/guidance.hpp>
+#include <diffuse/diffusion/guidance.hpp>
 
 #include <cmath>
 #include <map>

@@ -1,9 +1,9 @@
-// bf16 (include/diffuse/cuda/bf16.hpp): every bit pattern round-trips, float -> bf16 rounds to
+// bf16 (include/diffuse/backend/cuda/bf16.hpp): every bit pattern round-trips, float -> bf16 rounds to
 // nearest even (checked against exact arithmetic and against PyTorch's conversion). A kernel on
 // bf16 data: kernel_cases.hpp ("kernel silu_forward on bf16").
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/bf16.hpp>
+#include <diffuse/backend/cuda/bf16.hpp>
 
 #include <cfloat>
 #include <cmath>

@@ -1,13 +1,13 @@
-// The caching allocator of include/diffuse/cuda/allocator.hpp on the CPU, over a host-memory
+// The caching allocator of include/diffuse/backend/cuda/allocator.hpp on the CPU, over a host-memory
 // backend that counts what it hands out and can be told to run out of memory or to fail frees:
 // bucket rounding, reuse, statistics, CachedBuffer's ownership, empty_cache, the cache limit and
 // the out-of-memory path. Also: check.hpp compiles in a CPU build, and the message of a failed check.
 // Random sequences use a fresh seed (shown with any failure); DIFFUSE_TEST_SEED=<n> repeats one.
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/allocator.hpp>
-#include <diffuse/cuda/check.hpp>
-#include <diffuse/cuda/memory.hpp>  // declares nothing without CUDA, but must compile
+#include <diffuse/backend/cuda/allocator.hpp>
+#include <diffuse/backend/cuda/check.hpp>
+#include <diffuse/backend/cuda/memory.hpp>  // declares nothing without CUDA, but must compile
 
 #include <algorithm>
 #include <cstdint>

@@ -9,8 +9,8 @@
 // Random inputs use a fresh seed (shown with any failure); DIFFUSE_TEST_SEED=<n> repeats one.
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/check.hpp>
-#include <diffuse/cuda/memory.hpp>
+#include <diffuse/backend/cuda/check.hpp>
+#include <diffuse/backend/cuda/memory.hpp>
 
 #include "kernels/silu.cuh"
 

@@ -10,9 +10,9 @@
 
 #include <unistd.h>
 
-#include "diffuse/data2d.hpp"
-#include "diffuse/metrics2d.hpp"
-#include "diffuse/plot.hpp"
+#include <diffuse/data/points2d.hpp>
+#include <diffuse/eval/metrics2d.hpp>
+#include <diffuse/viz/plot.hpp>
 
 using namespace diffuse;
 using Catch::Matchers::Contains;

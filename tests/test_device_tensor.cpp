@@ -4,9 +4,10 @@
 // on a device tensor's data. test_cuda_memory runs the same moves on a real device.
 #include <catch2/catch.hpp>
 
-#include <diffuse/autograd.hpp>
-#include <diffuse/cuda/tensor.hpp>
-#include <diffuse/ops.hpp>
+#include <diffuse/core/autograd.hpp>
+#include <diffuse/backend/cuda/tensor.hpp>
+#include <diffuse/ops/elementwise.hpp>
+#include <diffuse/ops/shape.hpp>
 
 #include <cmath>
 #include <cstdint>

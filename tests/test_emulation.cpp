@@ -1,9 +1,9 @@
-// The CPU emulation of the CUDA execution model (include/diffuse/cuda/emulation.hpp): indices,
+// The CPU emulation of the CUDA execution model (include/diffuse/backend/cuda/emulation.hpp): indices,
 // barriers, shared memory, warp shuffles and votes, atomics, limits and deadlock reports; then
 // every kernel in kernels/ through it (kernel_cases.hpp, shared with the nvcc build).
 #include <catch2/catch.hpp>
 
-#include <diffuse/cuda/launch.hpp>
+#include <diffuse/backend/cuda/launch.hpp>
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-// The FID pieces (include/diffuse/fid.hpp, layers/inception_fid.hpp,
+// The FID pieces (include/diffuse/eval/fid.hpp, models/inception_fid.hpp,
 // ops/batch_norm.hpp): batch norm in inference against its formula and by
 // finite differences; pytorch-fid's InceptionV3 against PyTorch with random
 // weights (tests/torch/inception_ref.py builds it from torchvision's blocks and
@@ -11,8 +11,8 @@
 #include "temp_files.hpp"
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/fid.hpp>
-#include <diffuse/npy.hpp>
+#include <diffuse/eval/fid.hpp>
+#include <diffuse/io/npy.hpp>
 
 #include <cmath>
 #include <cstdlib>

@@ -7,8 +7,8 @@
 
 #include "run_command.hpp"
 
-#include <diffuse/fid.hpp>
-#include <diffuse/npy.hpp>
+#include <diffuse/eval/fid.hpp>
+#include <diffuse/io/npy.hpp>
 
 #include <cmath>
 #include <cstdio>

@@ -1,4 +1,4 @@
-// Frechet distance and Gaussian statistics (include/diffuse/frechet.hpp):
+// Frechet distance and Gaussian statistics (include/diffuse/eval/frechet.hpp):
 // closed forms (1-D, identical, commuting covariances, a zero covariance),
 // errors, the stats file round trip, and pytorch-fid's formula with
 // scipy.linalg.sqrtm (tests/torch/frechet_ref.py) on random, nearly singular
@@ -17,7 +17,7 @@
 
 #include <unistd.h>
 
-#include "diffuse/frechet.hpp"
+#include <diffuse/eval/frechet.hpp>
 
 using namespace diffuse;
 using Catch::Matchers::Contains;

@@ -5,8 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <diffuse/gemm.hpp>
-#include <diffuse/rng.hpp>
+#include <diffuse/backend/cpu/gemm.hpp>
+#include <diffuse/core/rng.hpp>
 #include <limits>
 #include <sstream>
 #include <string>

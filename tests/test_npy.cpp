@@ -1,4 +1,4 @@
-// NumPy .npy / .npz reader and writer (include/diffuse/npy.hpp): round trips of
+// NumPy .npy / .npz reader and writer (include/diffuse/io/npy.hpp): round trips of
 // every dtype, files written by numpy (np.save with format versions 1.0-3.0,
 // savez, savez_compressed) read here, our files read by numpy (and .npy files
 // byte-identical to np.save's), and malformed files with their messages.
@@ -18,7 +18,7 @@
 
 #include <unistd.h>
 
-#include "diffuse/npy.hpp"
+#include <diffuse/io/npy.hpp>
 
 using namespace diffuse;
 using Catch::Matchers::Contains;

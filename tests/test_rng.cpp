@@ -1,6 +1,6 @@
-// Tests for include/diffuse/rng.hpp: Philox4x32-10 known-answer vectors,
+// Tests for include/diffuse/core/rng.hpp: Philox4x32-10 known-answer vectors,
 // distribution moments, and the reproducibility contract of Generator.
-#include <diffuse/rng.hpp>
+#include <diffuse/core/rng.hpp>
 
 #include <catch2/catch.hpp>
 #include <omp.h>

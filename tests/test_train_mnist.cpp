@@ -7,8 +7,8 @@
 #include "run_command.hpp"
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/idx.hpp>
-#include <diffuse/npy.hpp>
+#include <diffuse/io/idx.hpp>
+#include <diffuse/io/npy.hpp>
 
 #include <csignal>
 #include <cstdio>

@@ -6,7 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <diffuse/diffuse.hpp>
-#include <diffuse/layers/unet.hpp>
+#include <diffuse/models/unet.hpp>
 
 #include <cmath>
 #include <cstdlib>

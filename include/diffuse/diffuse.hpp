@@ -1,31 +1,82 @@
-// diffuse: denoising diffusion models in C++20. The umbrella header.
+// diffuse: denoising diffusion models in C++20. The umbrella header: everything below.
+//
+// It is convenient and slow to compile (Eigen's decompositions for the Frechet distance, stb,
+// every op and model); a program pays only for what it includes, so include the folders' headers
+// you use instead (the README's example includes three).
 #pragma once
 
-#include "config.hpp"
-#include "rng.hpp"
-#include "tensor.hpp"
-#include "autograd.hpp"
-#include "ops.hpp"
-#include "ops/attention.hpp"
-#include "ops/conv2d.hpp"
-#include "ops/image.hpp"
-#include "ops/pool.hpp"
-#include "ops/loss.hpp"
-#include "ops/batch_norm.hpp"
-#include "ops/layer_norm.hpp"
-#include "module.hpp"
-#include "layers/linear.hpp"
-#include "layers/timestep_embedding.hpp"
-#include "layers/mlp.hpp"
-#include "layers/conv2d.hpp"
-#include "layers/unet.hpp"
-#include "layers/lenet.hpp"
-#include "layers/batch_norm.hpp"
-#include "layers/inception_fid.hpp"
-#include "optim.hpp"
-#include "schedule.hpp"
-#include "diffusion.hpp"
-#include "safetensors.hpp"
-#include "checkpoint.hpp"
-#include "npy.hpp"
-#include "frechet.hpp"
+// core: tensors on a device, counter-based random numbers, the autograd
+#include <diffuse/core/autograd.hpp>
+#include <diffuse/core/config.hpp>
+#include <diffuse/core/rng.hpp>
+#include <diffuse/core/tensor.hpp>
+
+// ops: one signature per op, run on the device of the operands
+#include <diffuse/ops/attention.hpp>
+#include <diffuse/ops/batch_norm.hpp>
+#include <diffuse/ops/channel_bias.hpp>
+#include <diffuse/ops/conv2d.hpp>
+#include <diffuse/ops/dropout.hpp>
+#include <diffuse/ops/elementwise.hpp>
+#include <diffuse/ops/group_norm.hpp>
+#include <diffuse/ops/layer_norm.hpp>
+#include <diffuse/ops/linear.hpp>
+#include <diffuse/ops/loss.hpp>
+#include <diffuse/ops/nhwc.hpp>
+#include <diffuse/ops/pool.hpp>
+#include <diffuse/ops/reduce.hpp>
+#include <diffuse/ops/shape.hpp>
+#include <diffuse/ops/upsample.hpp>
+
+// nn: modules and layers
+#include <diffuse/nn/batch_norm.hpp>
+#include <diffuse/nn/conv2d.hpp>
+#include <diffuse/nn/group_norm.hpp>
+#include <diffuse/nn/linear.hpp>
+#include <diffuse/nn/mlp.hpp>
+#include <diffuse/nn/module.hpp>
+#include <diffuse/nn/timestep_embedding.hpp>
+
+// models
+#include <diffuse/models/inception_fid.hpp>
+#include <diffuse/models/lenet.hpp>
+#include <diffuse/models/toy_mlp.hpp>
+#include <diffuse/models/unet.hpp>
+#include <diffuse/models/unet_config.hpp>
+
+// optim
+#include <diffuse/optim/adam.hpp>
+#include <diffuse/optim/clip_grad_norm.hpp>
+#include <diffuse/optim/ema.hpp>
+#include <diffuse/optim/lr_schedule.hpp>
+#include <diffuse/optim/params.hpp>
+
+// diffusion: schedules, the forward process, objectives, samplers, guidance
+#include <diffuse/diffusion/guidance.hpp>
+#include <diffuse/diffusion/objectives.hpp>
+#include <diffuse/diffusion/q_sample.hpp>
+#include <diffuse/diffusion/samplers.hpp>
+#include <diffuse/diffusion/schedule.hpp>
+
+// io: file formats
+#include <diffuse/io/checkpoint.hpp>
+#include <diffuse/io/idx.hpp>
+#include <diffuse/io/npy.hpp>
+#include <diffuse/io/safetensors.hpp>
+
+// data
+#include <diffuse/data/points2d.hpp>
+#include <diffuse/data/resize.hpp>
+
+// eval
+#include <diffuse/eval/fid.hpp>
+#include <diffuse/eval/frechet.hpp>
+#include <diffuse/eval/lenet_score.hpp>
+#include <diffuse/eval/metrics2d.hpp>
+
+// viz
+#include <diffuse/viz/image_grid.hpp>
+#include <diffuse/viz/plot.hpp>
+
+// backends: the CUDA backend's interface (its implementation is compiled by diffuse::cuda)
+#include <diffuse/backend/cuda.hpp>

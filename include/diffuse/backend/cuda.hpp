@@ -1,6 +1,6 @@
 // The CUDA backend as the ops see it: one virtual call per kernel, on raw device pointers.
 //
-// Every op of the library (ops.hpp, ops/*.hpp) checks its shapes once, then runs on the device
+// Every op of the library (ops/*.hpp) checks its shapes once, then runs on the device
 // of its operands: the CPU code beside it, or these entries. The autograd, the modules and the
 // models are ordinary host code; only the bodies of these entries are device code, compiled once
 // by nvcc in src/cuda_backend.cu (what the diffuse::cuda target brings) or, for tests without a
@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "op_types.hpp"
+#include <diffuse/backend/op_types.hpp>
 
 namespace diffuse {
 
@@ -41,13 +41,13 @@ struct ParamSlot {
   bool operator==(const ParamSlot&) const = default;
 };
 
-// The scalars of one Adam(W) step, rounded to float as the CPU's Adam rounds them (optim.hpp).
+// The scalars of one Adam(W) step, rounded to float as the CPU's Adam rounds them (optim/adam.hpp, clip_grad_norm.hpp).
 struct AdamArgs {
   float step_size, bc2_sqrt, b1, b2, eps, lr, wd, ema_decay;
   bool decoupled;
 };
 
-// One reverse sampler step (diffusion.hpp): DDPM without clipping x = (x - a eps) / b + sigma z;
+// One reverse sampler step (diffusion/samplers.hpp): DDPM without clipping x = (x - a eps) / b + sigma z;
 // DDPM with clipping x0 = clamp(ra x - rb eps), x = c1 x0 + c2 x + sigma z; DDIM
 // x0 = ra x - rb eps (clamped), x = cx0 x0 + ceps eps + sigma z. z: normals at (seed, off).
 struct SamplerStep {
@@ -194,7 +194,7 @@ class CudaBackend {
   virtual void batch_norm_inference_backward(const float* g, const float* x, const float* w, const float* mean,
                                              const float* var, float eps, float* dx, bool acc_dx, float* dw,
                                              bool acc_w, float* db, bool acc_b, std::int64_t rows, std::int64_t C) = 0;
-  // out [n, dim] = the sinusoidal embedding of timesteps t [n] (layers/timestep_embedding.hpp).
+  // out [n, dim] = the sinusoidal embedding of timesteps t [n] (nn/timestep_embedding.hpp).
   virtual void timestep_embedding(const std::int32_t* t, float* out, std::int64_t n, std::int64_t dim) = 0;
 
   // ------------------------------------------------------------------ random numbers, diffusion

@@ -12,7 +12,7 @@
 #pragma once
 
 #include <diffuse/backend/cuda.hpp>
-#include <diffuse/tensor.hpp>
+#include <diffuse/core/tensor.hpp>
 
 namespace diffuse {
 

@@ -1,6 +1,6 @@
 // The small types that an op and its backends share: which pointwise function, how two shapes
 // broadcast, the geometry of a convolution or a pooling window. Plain structs of integers, so
-// the CPU ops (ops.hpp, ops/*.hpp) and the CUDA backend (backend/cuda.hpp) describe the same
+// the CPU ops (ops/*.hpp) and the CUDA backend (backend/cuda.hpp) describe the same
 // call the same way.
 #pragma once
 

@@ -16,7 +16,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "../ops.hpp"
+#include <diffuse/backend/cpu/gemm.hpp>
+#include <diffuse/ops/common.hpp>
 
 #ifdef _OPENMP
 #include <omp.h>

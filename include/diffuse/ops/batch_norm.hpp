@@ -16,8 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "../ops.hpp"
-#include "image.hpp"
+#include <diffuse/ops/common.hpp>
+#include <diffuse/ops/nhwc.hpp>
 
 namespace diffuse {
 

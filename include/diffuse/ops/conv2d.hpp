@@ -3,7 +3,7 @@
 // of an NHWC im2col), bias [O], y [N, Ho, Wo, O]. Same function as
 // torch.nn.functional.conv2d on the NCHW view with the weight permuted to
 // PyTorch's [O, C, kh, kw]; Conv2d keeps the weight in this layout on every device
-// and its checkpoints in PyTorch's (module.hpp's ParamLayout::ConvOHWI).
+// and its checkpoints in PyTorch's (nn/module.hpp's ParamLayout::ConvOHWI).
 //
 // How (CPU): im2col GEMM over blocks of output pixels. In NHWC a kernel row's
 // taps are kw * C contiguous floats, so im2col is a few memcpy per output pixel;
@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "../gemm.hpp"
-#include "../ops.hpp"
+#include <diffuse/backend/cpu/gemm.hpp>
+#include <diffuse/ops/common.hpp>
 
 namespace diffuse {
 

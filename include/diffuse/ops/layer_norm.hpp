@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "../ops.hpp"
+#include <diffuse/ops/common.hpp>
 
 namespace diffuse {
 

@@ -13,7 +13,7 @@
 #include <limits>
 #include <vector>
 
-#include "../ops.hpp"
+#include <diffuse/ops/common.hpp>
 
 namespace diffuse {
 

@@ -20,8 +20,8 @@
 #include <limits>
 #include <vector>
 
-#include "../ops.hpp"
-#include "image.hpp"
+#include <diffuse/ops/common.hpp>
+#include <diffuse/ops/nhwc.hpp>
 
 namespace diffuse {
 

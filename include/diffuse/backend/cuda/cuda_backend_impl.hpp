@@ -13,12 +13,12 @@
 #pragma once
 
 #include <diffuse/backend/cuda.hpp>
-#include <diffuse/cuda/attention.hpp>
-#include <diffuse/cuda/blas.hpp>
-#include <diffuse/cuda/conv.hpp>
-#include <diffuse/cuda/profile.hpp>
-#include <diffuse/cuda/tensor.hpp>
-#include <diffuse/rng.hpp>
+#include <diffuse/backend/cuda/attention.hpp>
+#include <diffuse/backend/cuda/blas.hpp>
+#include <diffuse/backend/cuda/conv.hpp>
+#include <diffuse/backend/cuda/profile.hpp>
+#include <diffuse/backend/cuda/tensor.hpp>
+#include <diffuse/core/rng.hpp>
 
 #include "kernels/activation.cuh"
 #include "kernels/adam.cuh"

@@ -1,0 +1,132 @@
+// Counter-based random numbers (Philox4x32-10, Salmon et al. 2011).
+//
+// A draw is a pure function of (seed, offset, element index): element i of a
+// draw that starts at `offset` comes from block (offset + i / 4), lane i % 4.
+// So the same seed and offset give the same numbers on the CPU and on a GPU,
+// in any thread count and any partition of the work.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include <diffuse/core/config.hpp>
+
+namespace diffuse {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+// One Philox4x32-10 block: 4 random 32-bit words for counter `ctr` and key `seed`.
+DIFFUSE_HD inline Philox4 philox4x32_10(uint64_t ctr, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Uniform in (0, 1): never 0 (log() is safe) and never 1. 23 bits, so that
+// the largest value, 1 - 2^-24, is exact in float (24 bits would round to 1).
+DIFFUSE_HD inline float uint_to_uniform(uint32_t x) {
+  return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
+}
+
+// Element i of a uniform(0,1) draw at (seed, offset).
+DIFFUSE_HD inline float philox_uniform(uint64_t seed, uint64_t offset, uint64_t i) {
+  const Philox4 b = philox4x32_10(offset + i / 4, seed);
+  return uint_to_uniform(b.v[i % 4]);
+}
+
+// Element i of a standard normal draw at (seed, offset). Box-Muller on lane
+// pairs (0,1) and (2,3) of a block; float math so CPU and GPU agree to rounding.
+DIFFUSE_HD inline float philox_normal(uint64_t seed, uint64_t offset, uint64_t i) {
+  const Philox4 b = philox4x32_10(offset + i / 4, seed);
+  const unsigned lane = static_cast<unsigned>(i % 4);
+  const unsigned pair = lane & 2u;
+  const float u1 = uint_to_uniform(b.v[pair]);
+  const float u2 = uint_to_uniform(b.v[pair + 1]);
+  const float r = sqrtf(-2.0f * logf(u1));
+  const float theta = 6.2831853071795864769f * u2;
+  return (lane & 1u) ? r * sinf(theta) : r * cosf(theta);
+}
+
+// All four normals of block `ctr`, lanes 0..3: the same values as
+// philox_normal for those elements, at a quarter of the Philox work and half
+// the log/sin/cos calls.
+DIFFUSE_HD inline void philox_normal4(uint64_t seed, uint64_t ctr, float out[4]) {
+  const Philox4 b = philox4x32_10(ctr, seed);
+  for (unsigned pair = 0; pair < 4; pair += 2) {
+    const float u1 = uint_to_uniform(b.v[pair]);
+    const float u2 = uint_to_uniform(b.v[pair + 1]);
+    const float r = sqrtf(-2.0f * logf(u1));
+    const float theta = 6.2831853071795864769f * u2;
+    out[pair] = r * cosf(theta);
+    out[pair + 1] = r * sinf(theta);
+  }
+}
+
+// A stream: the seed plus how many Philox blocks have been used. Each draw of
+// n numbers takes ceil(n / 4) blocks. The state is two integers, saved in checkpoints.
+struct Generator {
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+
+  Generator() = default;
+  explicit Generator(uint64_t s, uint64_t off = 0) : seed(s), offset(off) {}
+
+  // Reserve the blocks for n numbers; returns the offset at which the draw starts.
+  uint64_t advance(uint64_t n) {
+    const uint64_t start = offset;
+    offset += (n + 3) / 4;
+    return start;
+  }
+
+  template <class T>
+  void normal(T* out, size_t n) {
+    const uint64_t off = advance(n);
+    const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (int64_t j = 0; j < blocks; ++j) {
+      float z[4];
+      philox_normal4(seed, off + static_cast<uint64_t>(j), z);
+      const size_t i0 = static_cast<size_t>(j) * 4;
+      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(z[l]);
+    }
+  }
+  template <class T>
+  void uniform(T* out, size_t n) {
+    const uint64_t off = advance(n);
+    const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
+#pragma omp parallel for schedule(static) if (n > (1u << 16))
+    for (int64_t j = 0; j < blocks; ++j) {
+      const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
+      const size_t i0 = static_cast<size_t>(j) * 4;
+      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(uint_to_uniform(b.v[l]));
+    }
+  }
+  // Integers uniform in [0, hi) (hi small: the modulo bias is below 2^-32 * hi).
+  template <class I>
+  void randint(I* out, size_t n, uint32_t hi) {
+    const uint64_t off = advance(n);
+    for (size_t i0 = 0; i0 < n; i0 += 4) {
+      const Philox4 b = philox4x32_10(off + i0 / 4, seed);
+      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<I>(static_cast<uint64_t>(b.v[l]) * hi >> 32);
+    }
+  }
+  float uniform1() { float u; uniform(&u, 1); return u; }
+  float normal1() { float z; normal(&z, 1); return z; }
+};
+
+}  // namespace diffuse

@@ -1,0 +1,203 @@
+// FID as pytorch-fid computes it (mseitzer/pytorch-fid, the numbers papers
+// quote): its InceptionV3 (models/inception_fid.hpp), its preprocessing, its
+// statistics and distance (frechet.hpp).
+//
+//   load_fid_weights(path, net)      pytorch-fid's state dict converted to safetensors
+//                                    (scripts/fid_weights_to_safetensors.py), every name
+//                                    and shape checked
+//   fid_preprocess(images)           uint8 NHWC -> float [N, 299, 299, 3] in [-1, 1]
+//   fid_features(net, images, ...)   [N, 2048] pool features, in batches, with progress
+//   fid_statistics(features)         mean and N-1 covariance in double (gaussian_stats)
+//   load_image_folder / load_image_array
+//                                    the fid tool's inputs: a folder of images, a uint8 .npy
+//
+// Preprocessing, as pytorch-fid's dataset and InceptionV3.forward: PIL's
+// convert("RGB") (grayscale replicated to three channels, alpha dropped),
+// ToTensor (uint8 / 255 in float), F.interpolate to 299x299 bilinear with
+// align_corners=False and no antialias, then 2x - 1. Other FID codes (the
+// TensorFlow original, torch-fidelity, clean-fid) scale with (x - 128) / 128
+// and resize differently; their numbers are not comparable with these.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <diffuse/core/autograd.hpp>
+#include <diffuse/io/stb.hpp>
+#include <diffuse/eval/frechet.hpp>
+#include <diffuse/models/inception_fid.hpp>
+#include <diffuse/io/npy.hpp>
+#include <diffuse/data/resize.hpp>
+#include <diffuse/io/safetensors.hpp>
+
+namespace diffuse {
+
+// A batch of 8-bit images, NHWC, C = 1 or 3.
+struct Images {
+  std::vector<uint8_t> pixels;  // [n, h, w, c]
+  int64_t n = 0, h = 0, w = 0, c = 0;
+};
+
+// Loads pytorch-fid's weights into `net`. Every parameter and running
+// statistic must be present with its shape; the file's classifier ("fc.*",
+// unused by FID) and BatchNorm's "num_batches_tracked" are ignored; any other
+// tensor is an error (a different network's file). Errors name the first
+// offending tensor.
+inline void load_fid_weights(const std::string& path, FidInceptionV3<float>& net) {
+  const safetensors::File f = safetensors::File::read(path);
+  std::set<std::string> expected;
+  for (auto& [name, p] : net.named_state()) {
+    expected.insert(name);
+    const Shape want = torch_shape(p.shape(), p.layout());  // the file's (PyTorch's) layout
+    if (!f.contains(name))
+      throw std::runtime_error("fid weights '" + path + "': missing tensor '" + name + "' " + shape_str(want) +
+                               " (is this pytorch-fid's pt_inception-2015-12-05 converted by "
+                               "scripts/fid_weights_to_safetensors.py?)");
+    const safetensors::View& v = f.at(name);
+    if (v.shape != want)
+      throw std::runtime_error("fid weights '" + path + "': tensor '" + name + "' has shape " + shape_str(v.shape) +
+                               ", expected " + shape_str(want));
+    Tensor<float> host(want);
+    f.copy_converted(v, name, host.data());
+    p.node()->value.copy_from(from_torch_layout(host, p.layout()));
+  }
+  for (const std::string& n : f.names()) {
+    const bool ignored = n.rfind("fc.", 0) == 0 ||
+                         (n.size() > 20 && n.compare(n.size() - 20, 20, ".num_batches_tracked") == 0);
+    if (!expected.count(n) && !ignored)
+      throw std::runtime_error("fid weights '" + path + "': unexpected tensor '" + n +
+                               "' (not part of pytorch-fid's InceptionV3)");
+  }
+}
+
+// uint8 NHWC (C = 1 or 3) -> float NHWC [n, 299, 299, 3] in [-1, 1].
+inline Tensor<float> fid_preprocess(const uint8_t* pixels, int64_t n, int64_t h, int64_t w, int64_t c) {
+  if (c != 1 && c != 3)
+    throw std::invalid_argument("fid_preprocess: images must have 1 or 3 channels, got " + std::to_string(c));
+  if (n < 1 || h < 1 || w < 1) throw std::invalid_argument("fid_preprocess: empty image batch");
+  Tensor<float> x({n, h, w, 3});
+  float* xd = x.data();
+  const int64_t pix = n * h * w;
+  for (int64_t p = 0; p < pix; ++p)
+    for (int64_t ch = 0; ch < 3; ++ch)
+      xd[p * 3 + ch] = static_cast<float>(pixels[p * c + (c == 3 ? ch : 0)]) / 255.0f;  // ToTensor divides
+  constexpr int64_t S = FidInceptionV3<float>::kInputSize;
+  Tensor<float> y = resize_bilinear(x, S, S);
+  for (float& v : y) v = 2.0f * v - 1.0f;
+  return y;
+}
+
+// Progress of feature extraction: images done, total, seconds elapsed.
+using FidProgress = std::function<void(int64_t done, int64_t total, double seconds)>;
+
+// Inception pool features of all images, `batch` at a time, on the network's device (each batch
+// is preprocessed on the CPU, then moved there): [n, 2048] row-major floats.
+inline std::vector<float> fid_features(const FidInceptionV3<float>& net, const Images& im, int64_t batch,
+                                       const FidProgress& progress = {}) {
+  if (batch < 1) throw std::invalid_argument("fid_features: batch must be positive");
+  constexpr int64_t D = FidInceptionV3<float>::kFeatures;
+  std::vector<float> out(static_cast<size_t>(im.n * D));
+  const int64_t per = im.h * im.w * im.c;
+  NoGrad ng;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < im.n; i += batch) {
+    const int64_t b = std::min(batch, im.n - i);
+    const Var<float> x(fid_preprocess(im.pixels.data() + i * per, b, im.h, im.w, im.c).to(net.device()));
+    const Tensor<float> f = net.features(x).value().cpu();
+    std::copy(f.data(), f.data() + b * D, out.data() + i * D);
+    if (progress)
+      progress(i + b, im.n, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return out;
+}
+
+inline GaussianStats fid_statistics(const std::vector<float>& features) {
+  constexpr int64_t D = FidInceptionV3<float>::kFeatures;
+  return gaussian_stats(features.data(), static_cast<int64_t>(features.size()) / D, D);
+}
+
+// ------------------------------------------------------------------ inputs
+
+// The extensions pytorch-fid's folder dataset takes that stb_image reads.
+inline bool is_image_file(const std::filesystem::path& p) {
+  std::string e = p.extension().string();
+  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return e == ".png" || e == ".jpg" || e == ".jpeg" || e == ".bmp" || e == ".pgm" || e == ".ppm";
+}
+
+// Every image file in `dir` (not recursive), sorted by name, as RGB (as PIL's
+// convert("RGB"): grayscale replicated, alpha dropped). All must have the
+// same size, as pytorch-fid's batches need.
+inline Images load_image_folder(const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) throw std::runtime_error("'" + dir + "' is not a folder");
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  Images im;
+  im.c = 3;
+  for (const fs::path& p : files) {
+    int w = 0, h = 0, comp = 0;
+    unsigned char* px = stbi_load(p.string().c_str(), &w, &h, &comp, 3);
+    if (!px) throw std::runtime_error("cannot read image '" + p.string() + "': " + stbi_failure_reason());
+    if (im.n == 0) {
+      im.h = h;
+      im.w = w;
+      im.pixels.reserve(files.size() * static_cast<size_t>(w) * static_cast<size_t>(h) * 3);
+    } else if (h != im.h || w != im.w) {
+      stbi_image_free(px);
+      throw std::runtime_error("image '" + p.string() + "' is " + std::to_string(w) + "x" + std::to_string(h) +
+                               ", the first image in '" + dir + "' is " + std::to_string(im.w) + "x" +
+                               std::to_string(im.h) + ": all images must have one size");
+    }
+    im.pixels.insert(im.pixels.end(), px, px + static_cast<size_t>(w) * static_cast<size_t>(h) * 3);
+    stbi_image_free(px);
+    ++im.n;
+  }
+  return im;
+}
+
+// A uint8 .npy of [N, C, H, W] or [N, H, W, C] (C = 1 or 3) or [N, H, W]. A
+// shape that reads both ways ([N, 3, H, 3] and the like) is taken as NCHW,
+// the layout train_mnist and PyTorch write.
+inline Images load_image_array(const std::string& path) {
+  const npy::Array a = npy::load(path);
+  if (a.descr != "|u1" && a.descr != "<u1")
+    throw std::runtime_error("'" + path + "': expected uint8 images, got dtype '" + a.descr + "'");
+  const Shape& s = a.shape;
+  Images im;
+  bool nchw = false;
+  if (s.size() == 3) {
+    im = Images{{}, s[0], s[1], s[2], 1};
+  } else if (s.size() == 4 && (s[1] == 1 || s[1] == 3)) {
+    im = Images{{}, s[0], s[2], s[3], s[1]};
+    nchw = true;
+  } else if (s.size() == 4 && (s[3] == 1 || s[3] == 3)) {
+    im = Images{{}, s[0], s[1], s[2], s[3]};
+  } else {
+    throw std::runtime_error("'" + path + "': expected images [N, C, H, W] or [N, H, W, C] with C = 1 or 3, got " +
+                             shape_str(s));
+  }
+  const std::vector<uint8_t> v = a.as<uint8_t>();
+  if (!nchw || im.c == 1) {
+    im.pixels = v;
+  } else {
+    im.pixels.resize(v.size());
+    const int64_t hw = im.h * im.w;
+    for (int64_t i = 0; i < im.n; ++i)
+      for (int64_t ch = 0; ch < im.c; ++ch)
+        for (int64_t p = 0; p < hw; ++p) im.pixels[(i * hw + p) * im.c + ch] = v[(i * im.c + ch) * hw + p];
+  }
+  return im;
+}
+
+}  // namespace diffuse

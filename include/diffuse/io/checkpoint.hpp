@@ -1,0 +1,117 @@
+// Training checkpoints in safetensors: model weights under their PyTorch names
+// and layouts (so the file loads into the reference with load_state_dict), plus
+// "ema.<name>", "optim.exp_avg.<name>", "optim.exp_avg_sq.<name>", and the step,
+// optimiser step, EMA count and RNG state in the metadata. Restoring all of it
+// makes a resumed run continue bit for bit. The file is the same whatever device
+// trained the model: tensors are copied to the host and into PyTorch's layout to
+// save (nn/module.hpp's ParamLayout), and back onto each parameter's device to load.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+
+#include <diffuse/nn/module.hpp>
+#include <diffuse/optim/adam.hpp>
+#include <diffuse/optim/ema.hpp>
+#include <diffuse/io/safetensors.hpp>
+
+namespace diffuse {
+
+inline constexpr const char* kCheckpointFormat = "diffuse.checkpoint.v1";
+
+struct TrainState {
+  int64_t step = 0;
+  Generator rng;
+  safetensors::Metadata metadata;  // everything in the file's metadata, including the caller's extras
+};
+
+template <class T>
+inline void save_checkpoint(const std::string& path, const Module<T>& model, Adam<T>* opt, EMA<T>* ema,
+                            int64_t step, const Generator& rng, const safetensors::Metadata& extra = {}) {
+  safetensors::Writer w;
+  const auto params = model.named_parameters();
+  auto torch = [&](size_t k, const Tensor<T>& t) { return to_torch_layout(t, params[k].second.layout()); };
+  for (const auto& [name, t] : model.state_dict()) w.add(name, t);
+  if (ema)
+    for (size_t k = 0; k < params.size(); ++k) w.add("ema." + params[k].first, torch(k, ema->shadow()[k]));
+  if (opt)
+    for (size_t k = 0; k < params.size(); ++k) {
+      w.add("optim.exp_avg." + params[k].first, torch(k, opt->first_moments()[k]));
+      w.add("optim.exp_avg_sq." + params[k].first, torch(k, opt->second_moments()[k]));
+    }
+  w.metadata = extra;
+  w.metadata["format"] = kCheckpointFormat;
+  w.metadata["step"] = std::to_string(step);
+  w.metadata["rng.seed"] = std::to_string(rng.seed);
+  w.metadata["rng.offset"] = std::to_string(rng.offset);
+  if (opt) w.metadata["optim.step"] = std::to_string(opt->steps());
+  if (ema) w.metadata["ema.updates"] = std::to_string(ema->updates());
+  w.write(path);
+}
+
+namespace detail {
+inline int64_t meta_int(const safetensors::File& f, const std::string& key) {
+  auto it = f.metadata().find(key);
+  if (it == f.metadata().end())
+    throw std::runtime_error("diffuse: checkpoint '" + f.path() + "' has no metadata '" + key + "'");
+  return std::stoll(it->second);
+}
+}  // namespace detail
+
+// Loads model weights (strict: every parameter and buffer present with its shape). Other
+// tensors in the file are ignored only if they belong to the ema./optim. groups.
+template <class T>
+inline void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
+  std::set<std::string> expected;
+  for (auto& [name, p] : model.named_state()) {
+    const std::string key = prefix + name;
+    expected.insert(key);
+    if (!f.contains(key)) throw std::runtime_error("diffuse: '" + f.path() + "' is missing tensor '" + key + "'");
+    const safetensors::View& v = f.at(key);
+    const Shape want = torch_shape(p.value().shape(), p.layout());
+    if (v.shape != want)
+      throw std::runtime_error("diffuse: '" + f.path() + "': tensor '" + key + "' has shape " + shape_str(v.shape) +
+                               ", the model expects " + shape_str(want));
+    Tensor<T> host(want);
+    f.copy_converted(v, key, host.data());
+    p.node()->value.copy_from(from_torch_layout(host, p.layout()));
+  }
+  if (prefix.empty())
+    for (const auto& n : f.names())
+      if (!expected.count(n) && n.rfind("ema.", 0) != 0 && n.rfind("optim.", 0) != 0)
+        throw std::runtime_error("diffuse: '" + f.path() + "' has tensor '" + n + "' that the model does not have");
+}
+
+template <class T>
+inline TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* opt, EMA<T>* ema) {
+  const safetensors::File f = safetensors::File::read(path);
+  load_weights(f, model);
+  const auto params = model.named_parameters();
+  // A tensor of parameter k's PyTorch shape from the file, in its layout, on its device.
+  auto state = [&](size_t k, const std::string& key) {
+    const Var<T>& p = params[k].second;
+    const Shape want = torch_shape(p.value().shape(), p.layout());
+    return from_torch_layout(f.tensor<T>(key, &want), p.layout()).to(p.device());
+  };
+  if (ema) {
+    for (size_t k = 0; k < params.size(); ++k) ema->shadow()[k] = state(k, "ema." + params[k].first);
+    ema->set_updates(detail::meta_int(f, "ema.updates"));
+  }
+  if (opt) {
+    for (size_t k = 0; k < params.size(); ++k) {
+      opt->first_moments()[k] = state(k, "optim.exp_avg." + params[k].first);
+      opt->second_moments()[k] = state(k, "optim.exp_avg_sq." + params[k].first);
+    }
+    opt->set_steps(detail::meta_int(f, "optim.step"));
+  }
+  TrainState st;
+  st.step = detail::meta_int(f, "step");
+  st.rng = Generator(static_cast<uint64_t>(std::stoull(f.metadata().at("rng.seed"))),
+                     static_cast<uint64_t>(std::stoull(f.metadata().at("rng.offset"))));
+  st.metadata = f.metadata();
+  return st;
+}
+
+}  // namespace diffuse

@@ -1,0 +1,237 @@
+// The safetensors format: an 8-byte little-endian header length N, N bytes of
+// JSON ({"name": {"dtype", "shape", "data_offsets": [begin, end]}, ...,
+// "__metadata__": {string: string}}), then the raw little-endian tensor bytes.
+// Files are written to a temporary name and renamed, so a crash mid-write
+// never leaves a truncated file under the real name.
+#pragma once
+
+#include <bit>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include <diffuse/core/tensor.hpp>
+
+namespace diffuse::safetensors {
+
+static_assert(std::endian::native == std::endian::little, "diffuse: safetensors I/O assumes a little-endian host");
+
+enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F64: return "F64";
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+    case DType::I64: return "I64";
+    case DType::I32: return "I32";
+    case DType::I16: return "I16";
+    case DType::I8: return "I8";
+    case DType::U8: return "U8";
+    case DType::BOOL: return "BOOL";
+  }
+  return "?";
+}
+inline size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::F64: case DType::I64: return 8;
+    case DType::F32: case DType::I32: return 4;
+    case DType::F16: case DType::BF16: case DType::I16: return 2;
+    default: return 1;
+  }
+}
+inline bool parse_dtype(const std::string& s, DType& out) {
+  for (DType d : {DType::F64, DType::F32, DType::F16, DType::BF16, DType::I64, DType::I32, DType::I16, DType::I8,
+                  DType::U8, DType::BOOL})
+    if (s == dtype_name(d)) { out = d; return true; }
+  return false;
+}
+template <class T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::F32; }
+template <> constexpr DType dtype_of<double>() { return DType::F64; }
+template <> constexpr DType dtype_of<int64_t>() { return DType::I64; }
+template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
+template <> constexpr DType dtype_of<uint8_t>() { return DType::U8; }
+
+struct View {
+  DType dtype;
+  Shape shape;
+  const uint8_t* data;
+  size_t nbytes;
+};
+
+using Metadata = std::map<std::string, std::string>;
+
+// A whole file read into memory; views point into it.
+class File {
+ public:
+  static File read(const std::string& path) {
+    std::ifstream f(path, std::ios::binary | std::ios::ate);
+    if (!f) throw std::runtime_error("diffuse: cannot open '" + path + "': " + std::strerror(errno));
+    const auto size = static_cast<uint64_t>(f.tellg());
+    f.seekg(0);
+    File r;
+    r.path_ = path;
+    r.buf_.resize(size);
+    if (size && !f.read(reinterpret_cast<char*>(r.buf_.data()), static_cast<std::streamsize>(size)))
+      throw std::runtime_error("diffuse: cannot read '" + path + "'");
+    r.parse();
+    return r;
+  }
+
+  const std::string& path() const { return path_; }
+  const Metadata& metadata() const { return meta_; }
+  std::vector<std::string> names() const {
+    std::vector<std::string> n;
+    for (auto& [k, v] : views_) n.push_back(k);
+    return n;
+  }
+  bool contains(const std::string& name) const { return views_.count(name) != 0; }
+  const View& at(const std::string& name) const {
+    auto it = views_.find(name);
+    if (it == views_.end()) throw std::runtime_error("diffuse: '" + path_ + "' has no tensor '" + name + "'");
+    return it->second;
+  }
+  // The tensor converted to T (from F32 or F64); checks the shape when one is given.
+  template <class T>
+  Tensor<T> tensor(const std::string& name, const Shape* expect = nullptr) const {
+    const View& v = at(name);
+    if (expect && v.shape != *expect)
+      throw std::runtime_error("diffuse: '" + path_ + "': tensor '" + name + "' has shape " + shape_str(v.shape) +
+                               ", expected " + shape_str(*expect));
+    Tensor<T> t(v.shape);
+    copy_converted(v, name, t.data());
+    return t;
+  }
+  template <class T>
+  void copy_converted(const View& v, const std::string& name, T* out) const {
+    const size_t n = static_cast<size_t>(shape_numel(v.shape));
+    if (v.dtype == dtype_of<T>()) {
+      std::memcpy(out, v.data, n * sizeof(T));
+    } else if (v.dtype == DType::F32) {
+      for (size_t i = 0; i < n; ++i) { float x; std::memcpy(&x, v.data + 4 * i, 4); out[i] = static_cast<T>(x); }
+    } else if (v.dtype == DType::F64) {
+      for (size_t i = 0; i < n; ++i) { double x; std::memcpy(&x, v.data + 8 * i, 8); out[i] = static_cast<T>(x); }
+    } else {
+      throw std::runtime_error("diffuse: '" + path_ + "': tensor '" + name + "' has dtype " + dtype_name(v.dtype) +
+                               ", expected F32 or F64");
+    }
+  }
+
+ private:
+  [[noreturn]] void bad(const std::string& why) const {
+    throw std::runtime_error("diffuse: '" + path_ + "' is not a valid safetensors file: " + why);
+  }
+  void parse() {
+    if (buf_.size() < 8) bad("shorter than its 8-byte header length");
+    uint64_t hlen;
+    std::memcpy(&hlen, buf_.data(), 8);
+    if (hlen > buf_.size() - 8) bad("header length " + std::to_string(hlen) + " exceeds the file size");
+    nlohmann::json h;
+    try {
+      h = nlohmann::json::parse(buf_.begin() + 8, buf_.begin() + 8 + static_cast<std::ptrdiff_t>(hlen));
+    } catch (const std::exception& e) {
+      bad(std::string("header JSON: ") + e.what());
+    }
+    if (!h.is_object()) bad("header is not a JSON object");
+    const uint8_t* base = buf_.data() + 8 + hlen;
+    const uint64_t avail = buf_.size() - 8 - hlen;
+    for (auto it = h.begin(); it != h.end(); ++it) {
+      if (it.key() == "__metadata__") {
+        if (!it->is_object()) bad("__metadata__ is not an object");
+        for (auto m = it->begin(); m != it->end(); ++m) {
+          if (!m->is_string()) bad("metadata value '" + m.key() + "' is not a string");
+          meta_[m.key()] = m->get<std::string>();
+        }
+        continue;
+      }
+      const auto& e = *it;
+      View v{};
+      try {
+        if (!parse_dtype(e.at("dtype").get<std::string>(), v.dtype)) bad("tensor '" + it.key() + "': unknown dtype");
+        for (const auto& d : e.at("shape")) v.shape.push_back(d.get<int64_t>());
+        const uint64_t b = e.at("data_offsets").at(0).get<uint64_t>(), en = e.at("data_offsets").at(1).get<uint64_t>();
+        if (b > en || en > avail) bad("tensor '" + it.key() + "': data offsets outside the file");
+        for (int64_t d : v.shape)
+          if (d < 0) bad("tensor '" + it.key() + "': negative dimension");
+        if (en - b != static_cast<uint64_t>(shape_numel(v.shape)) * dtype_size(v.dtype))
+          bad("tensor '" + it.key() + "': " + std::to_string(en - b) + " bytes for shape " + shape_str(v.shape));
+        v.data = base + b;
+        v.nbytes = en - b;
+      } catch (const nlohmann::json::exception& ex) {
+        bad("tensor '" + it.key() + "': " + ex.what());
+      }
+      views_[it.key()] = v;
+    }
+  }
+  std::string path_;
+  std::vector<uint8_t> buf_;
+  std::map<std::string, View> views_;
+  Metadata meta_;
+};
+
+class Writer {
+ public:
+  template <class T>
+  void add(const std::string& name, const Tensor<T>& t) {
+    add_raw(name, dtype_of<T>(), t.shape(), t.data(), t.size() * sizeof(T));
+    keep_.push_back(std::make_shared<Tensor<T>>(t));  // hold the storage until written
+  }
+  // `data` must stay valid until write().
+  void add_raw(const std::string& name, DType d, const Shape& shape, const void* data, size_t nbytes) {
+    if (name == "__metadata__" || index_.count(name)) throw std::invalid_argument("diffuse: duplicate tensor name '" + name + "'");
+    index_[name] = entries_.size();
+    entries_.push_back({name, d, shape, static_cast<const uint8_t*>(data), nbytes});
+  }
+  Metadata metadata;
+
+  void write(const std::string& path) const {
+    nlohmann::json h = nlohmann::json::object();
+    uint64_t off = 0;
+    for (const auto& e : entries_) {
+      h[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + e.nbytes}}};
+      off += e.nbytes;
+    }
+    if (!metadata.empty()) h["__metadata__"] = metadata;
+    std::string hs = h.dump();
+    while ((8 + hs.size()) % 8) hs.push_back(' ');
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) throw std::runtime_error("diffuse: cannot write '" + tmp + "': " + std::strerror(errno));
+    const uint64_t hl = hs.size();
+    bool ok = std::fwrite(&hl, 8, 1, f) == 1 && std::fwrite(hs.data(), 1, hs.size(), f) == hs.size();
+    for (const auto& e : entries_) ok = ok && (e.nbytes == 0 || std::fwrite(e.data, 1, e.nbytes, f) == e.nbytes);
+    ok = ok && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+    ok = (std::fclose(f) == 0) && ok;
+    if (!ok) {
+      const std::string err = std::strerror(errno);
+      std::remove(tmp.c_str());
+      throw std::runtime_error("diffuse: writing '" + tmp + "' failed: " + err);
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0)
+      throw std::runtime_error("diffuse: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    Shape shape;
+    const uint8_t* data;
+    size_t nbytes;
+  };
+  std::vector<Entry> entries_;
+  std::map<std::string, size_t> index_;
+  std::vector<std::shared_ptr<void>> keep_;
+};
+
+}  // namespace diffuse::safetensors

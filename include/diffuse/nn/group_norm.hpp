@@ -1,0 +1,29 @@
+// GroupNorm: torch.nn.GroupNorm(groups, C, eps) on NHWC activations ("weight" = 1, "bias" = 0 at
+// first), with the SiLU after it fused when asked.
+#pragma once
+
+#include <diffuse/nn/module.hpp>
+#include <diffuse/ops/group_norm.hpp>
+
+namespace diffuse {
+
+template <class T>
+class GroupNorm : public Module<T> {
+ public:
+  GroupNorm(int64_t groups, int64_t channels, double eps = 1e-5) : groups_(groups), eps_(eps) {
+    weight = this->register_parameter("weight", Tensor<T>::full({channels}, T(1)));
+    bias = this->register_parameter("bias", Tensor<T>::full({channels}, T(0)));
+  }
+  // silu = true: SiLU(GroupNorm(x)) in one op, as the U-Net uses it.
+  Var<T> operator()(const Var<T>& x, bool silu = false) const {
+    return group_norm(x, weight, bias, groups_, eps_, silu);
+  }
+
+  Var<T> weight, bias;
+
+ private:
+  int64_t groups_;
+  double eps_;
+};
+
+}  // namespace diffuse
