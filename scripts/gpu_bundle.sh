@@ -48,6 +48,8 @@ if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh m
 fi
 lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 [[ -n $lib ]] && cp "$lib" "$OUT"/
+lib=$(ldd "$OUT"/fid | awk '/libminizip/ {print $3}')  # .npz files; the GPU machine may lack it
+[[ -n $lib ]] && cp "$lib" "$OUT"/
 for f in torch_gpu_reference.py torch_reference.py; do
   [[ -f ../shared/reference/$f ]] && cp "../shared/reference/$f" "$OUT"/
 done

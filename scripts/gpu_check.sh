@@ -149,6 +149,8 @@ find_package(Catch2 2 QUIET)
 find_package(benchmark QUIET)
 find_package(CLI11 QUIET CONFIG)
 find_path(PROBE_STB stb_image_write.h PATH_SUFFIXES stb NO_CACHE)
+find_path(PROBE_MINIZIP_INC minizip/unzip.h NO_CACHE)
+find_library(PROBE_MINIZIP_LIB minizip NO_CACHE)
 foreach(p Eigen3 nlohmann_json ZLIB OpenMP Catch2 benchmark CLI11)
   if(${p}_FOUND)
     message(STATUS "PROBE ${p}=1")
@@ -161,13 +163,18 @@ if(PROBE_STB)
 else()
   message(STATUS "PROBE stb=0")
 endif()
+if(PROBE_MINIZIP_INC AND PROBE_MINIZIP_LIB)
+  message(STATUS "PROBE minizip=1")
+else()
+  message(STATUS "PROBE minizip=0")
+endif()
 CMAKE
 PROBE_OUT=$(cmake -S "$PROBE/src" -B "$PROBE/build" 2>&1)
 have() { grep -q "PROBE $1=1" <<<"$PROBE_OUT"; }
 declare -A DEBIAN=([Eigen3]=libeigen3-dev [nlohmann_json]=nlohmann-json3-dev [ZLIB]=zlib1g-dev [OpenMP]="a compiler with OpenMP"
-                   [stb]=libstb-dev [Catch2]=catch2 [benchmark]=libbenchmark-dev [CLI11]=libcli11-dev)
+                   [stb]=libstb-dev [minizip]=libminizip-dev [Catch2]=catch2 [benchmark]=libbenchmark-dev [CLI11]=libcli11-dev)
 MISSING=()
-for p in Eigen3 nlohmann_json ZLIB OpenMP stb; do
+for p in Eigen3 nlohmann_json ZLIB OpenMP stb minizip; do
   have "$p" || MISSING+=("$p (${DEBIAN[$p]})")
 done
 if [[ ${#MISSING[@]} -gt 0 ]]; then
@@ -182,7 +189,7 @@ have CLI11 || { EXAMPLES=OFF; MISSING+=("CLI11 (libcli11-dev): no examples and t
 if [[ ${#MISSING[@]} -gt 0 ]]; then
   printf 'not found, going on without: %s\n' "${MISSING[@]}"
 else
-  echo "all found: Eigen3, nlohmann_json, zlib, OpenMP, stb, Catch2, Google Benchmark, CLI11"
+  echo "all found: Eigen3, nlohmann_json, zlib, OpenMP, stb, minizip, Catch2, Google Benchmark, CLI11"
 fi
 
 # ---------------------------------------------------------------- 1. configure

@@ -1,10 +1,12 @@
 // Tests for the 2-D toy datasets, the energy distance and the PNG plotter.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -312,6 +314,35 @@ TEST_CASE("scatter panels write a readable PNG with the points drawn", "[plot]")
   std::remove(path.c_str());
 
   REQUIRE_THROWS_WITH(plot::scatter_panels(panels, px, "/nonexistent_dir/x.png"), Contains("/nonexistent_dir/x.png"));
+}
+
+TEST_CASE("captions draw inside the box text_width and text_height give", "[plot]") {
+  const auto seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  for (int k = 0; k < 50; ++k) {
+    std::string s(1 + rng() % 20, ' ');
+    for (char& ch : s) ch = static_cast<char>(33 + rng() % 94);  // printable, no space
+    if (k % 5 == 0) s[rng() % s.size()] = static_cast<char>(1 + rng() % 31);  // shown as '?'
+    const int scale = 1 + static_cast<int>(rng() % 3), x0 = 3, y0 = 2;
+    INFO("'" << s << "' at scale " << scale);
+    const int w = plot::text_width(s, scale), h = plot::text_height(scale);
+    plot::Canvas c(w + 2 * x0, h + 2 * y0);
+    c.text(x0, y0, s, plot::kBlack, scale);
+    int inked = 0, outside = 0, ink_x1 = 0;
+    for (int y = 0; y < c.height(); ++y)
+      for (int x = 0; x < c.width(); ++x)
+        if (c.get(x, y).r == 0) {
+          ++inked;
+          ink_x1 = std::max(ink_x1, x + 1);
+          outside += x < x0 || y < y0 || x >= x0 + w || y >= y0 + h;
+        }
+    CHECK(inked > 0);
+    CHECK(outside == 0);
+    CHECK(ink_x1 > x0 + w - 4 * scale);  // the width is the ink's, not a wider estimate
+  }
+  CHECK(plot::text_width("\x01\n", 2) == plot::text_width("??", 2));
+  CHECK(plot::text_width("") == 0);
 }
 
 TEST_CASE("robust bounds ignore a few outliers", "[plot]") {

@@ -6,14 +6,17 @@
 // that python cannot import numpy.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <unistd.h>
@@ -360,4 +363,93 @@ TEST_CASE("npy malformed files give one-line errors naming the file") {
     write_bytes(d / "crc.npz", s);
     CHECK_THAT(error_of([&] { npy::load_npz(d / "crc.npz"); }), Contains("crc.npz member 'v.npy': CRC-32 mismatch"));
   }
+}
+
+TEST_CASE("npz truncated, corrupt, or claiming more than it holds: one-line errors naming the file") {
+  TempDir d("npy", "npz_bad");
+  const auto seed = std::random_device{}();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const std::vector<float> a = random_values<float>(rng, 300);
+  const std::vector<int32_t> b = random_values<int32_t>(rng, 50);
+  const std::map<std::string, npy::Array> arrays = {{"a", npy::array(a.data(), {3, 100})},
+                                                     {"b", npy::array(b.data(), {50})}};
+  const std::string good = d / "good.npz";
+  npy::save_npz(good, arrays);
+  CHECK_FALSE(fs::exists(good + ".tmp"));
+  REQUIRE(npy::load_npz(good).at("a").as<float>() == a);
+  const Bytes z = read_bytes(good);
+  // The error of loading these bytes ("" if they load), and the file's name.
+  auto load_err = [&](const std::string& name, const Bytes& bytes, std::map<std::string, npy::Array>* got = nullptr) {
+    const std::string p = d / name;
+    write_bytes(p, bytes);
+    try {
+      auto m = npy::load_npz(p);
+      if (got) *got = std::move(m);
+      return std::pair<std::string, std::string>{p, ""};
+    } catch (const std::runtime_error& e) {
+      return std::pair<std::string, std::string>{p, e.what()};
+    }
+  };
+  // Every truncation fails (the end of central directory record is the file's last 22 bytes).
+  for (size_t cut = 0; cut < z.size(); cut += 1 + rng() % 5) {
+    INFO("cut at " << cut << " of " << z.size());
+    const auto [p, e] = load_err("cut.npz", Bytes(z.begin(), z.begin() + std::ptrdiff_t(cut)));
+    CHECK_THAT(e, Contains(p + ": ") || Contains(p + " member '"));
+    CHECK(e.find('\n') == std::string::npos);
+  }
+  // One changed byte anywhere fails the same way, or (a date, attributes, a name) loads
+  // the same arrays, under the names the central directory gives.
+  for (int k = 0; k < 400; ++k) {
+    Bytes c = z;
+    const size_t at = rng() % c.size();
+    c[at] ^= uint8_t(1 + rng() % 255);
+    INFO("byte " << at << " of " << z.size() << " changed to " << int(c[at]));
+    std::map<std::string, npy::Array> got;
+    const auto [p, e] = load_err("flip.npz", c, &got);
+    if (e.empty()) {  // the same arrays, whatever their names
+      auto contents = [](const std::map<std::string, npy::Array>& m) {
+        std::vector<std::tuple<std::string, std::vector<int64_t>, std::vector<uint8_t>>> v;
+        for (const auto& [key, arr] : m) v.emplace_back(arr.descr, arr.shape, arr.bytes);
+        std::sort(v.begin(), v.end());
+        return v;
+      };
+      CHECK(contents(got) == contents(arrays));
+    } else {
+      CHECK_THAT(e, Contains(p + ": ") || Contains(p + " member '"));
+      CHECK(e.find('\n') == std::string::npos);
+    }
+  }
+  // Sizes in the directory that the file cannot hold are refused before anything is allocated.
+  auto put32 = [](Bytes& f, size_t at, uint32_t v) {
+    for (int i = 0; i < 4; ++i) f[at + size_t(i)] = uint8_t(v >> (8 * i));
+  };
+  size_t cd = 0;  // a.npy's central directory entry: the first "PK\1\2"
+  while (cd + 4 <= z.size() && !(z[cd] == 'P' && z[cd + 1] == 'K' && z[cd + 2] == 1 && z[cd + 3] == 2)) ++cd;
+  REQUIRE(cd + 46 < z.size());
+  {
+    Bytes bomb = z;  // 4 GiB from about a kilobyte
+    put32(bomb, cd + 24, 0xFFFFFFF0u);
+    put32(bomb, 22, 0xFFFFFFF0u);
+    const auto [p, e] = load_err("bomb.npz", bomb);
+    CHECK_THAT(e, Contains(p + " member 'a.npy'") && Contains("more than deflate expands"));
+  }
+  {
+    Bytes longer = z;  // compressed data running past the end of the file
+    put32(longer, cd + 20, 0x7FFFFFF0u);
+    put32(longer, 18, 0x7FFFFFF0u);
+    const auto [p, e] = load_err("outside.npz", longer);
+    CHECK_THAT(e, Contains(p + " member 'a.npy'") && Contains("outside the file"));
+  }
+  // A failed write names the file and leaves nothing behind.
+  const std::string nowhere = d / "no/such/dir/x.npz";
+  CHECK_THAT(error_of([&] { npy::save_npz(nowhere, arrays); }), Contains(nowhere + ": cannot write"));
+  CHECK_FALSE(fs::exists(nowhere + ".tmp"));
+  const float x = 1;
+  npy::Array bad = npy::array(&x, {1});
+  bad.descr = "<c8";
+  CHECK_THAT(error_of([&] { npy::save_npz(d / "bad.npz", {{"a", arrays.at("a")}, {"z", bad}}); }),
+             Contains("bad.npz member 'z.npy'") && Contains("cannot write dtype '<c8'"));
+  CHECK_FALSE(fs::exists(d / "bad.npz"));
+  CHECK_FALSE(fs::exists(d / "bad.npz.tmp"));
 }

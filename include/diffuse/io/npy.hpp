@@ -7,7 +7,7 @@
 //   npy::load(path) -> Array          dtype string, shape and raw little-endian bytes;
 //                                     Array::as<T>() converts the elements to T
 //   npy::load_npz(path)               member name (without ".npy") -> Array; stored or deflated
-//   npy::save_npz(path, arrays)       a deflated zip that numpy.load reads
+//   npy::save_npz(path, arrays)       a deflated zip that numpy.load reads (minizip)
 //   npy::array(data, shape)           an Array holding a copy of data (for save_npz)
 //
 // Reading is strict, since these files carry samples and statistics between
@@ -19,8 +19,6 @@
 // Also read: '|i1', '|b1' (bool as 0/1) and '<u1'; big-endian data is refused.
 #pragma once
 
-#include <zlib.h>
-
 #include <bit>
 #include <cstdint>
 #include <cstdio>
@@ -29,10 +27,15 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include <minizip/unzip.h>  // after the standard headers: ioapi.h defines large-file macros
+#include <minizip/zip.h>
+#include <zlib.h>
 
 namespace diffuse::npy {
 
@@ -369,81 +372,54 @@ inline Array load(const std::string& path) {
 }
 
 // ---------------------------------------------------------------- npz
+// The zip container is minizip's (Debian libminizip-dev); here: the checks
+// that keep a corrupt or hostile file from allocating more than it can hold.
 namespace detail {
 
-inline uint32_t crc32_of(const uint8_t* p, size_t n) {
-  uLong c = ::crc32(0L, Z_NULL, 0);
-  while (n > 0) {  // zlib takes uInt lengths
-    const uInt k = static_cast<uInt>(std::min<size_t>(n, 1u << 30));
-    c = ::crc32(c, p, k);
-    p += k;
-    n -= k;
+// Deflate expands at most 1032:1 (zlib's bound for a stream of maximal
+// matches): a member that claims more from its compressed size is corrupt.
+inline constexpr uint64_t kMaxDeflateRatio = 1032;
+
+struct UnzClose {
+  void operator()(void* z) const { unzClose(static_cast<unzFile>(z)); }
+};
+
+inline std::string unz_error(int rc) {
+  switch (rc) {
+    case UNZ_ERRNO: return "read error (truncated zip?)";
+    case UNZ_BADZIPFILE: return "corrupt zip entry (local header does not match the central directory)";
+    case UNZ_CRCERROR: return "CRC-32 mismatch (corrupt data)";
+    case Z_DATA_ERROR: return "corrupt deflate data";
+    case Z_MEM_ERROR: return "out of memory while inflating";
+    default: return "corrupt zip member (minizip error " + std::to_string(rc) + ")";
   }
-  return static_cast<uint32_t>(c);
 }
 
-// Raw inflate (zip's method 8: no zlib/gzip wrapper) of exactly `usize` output bytes.
-inline std::vector<uint8_t> inflate_raw(const uint8_t* p, size_t n, size_t usize, const std::string& where) {
-  std::vector<uint8_t> out(usize);
-  z_stream zs{};
-  if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) fail(where, "zlib inflateInit2 failed");
-  size_t in_done = 0, out_done = 0;
-  uint8_t spare;  // one byte past usize: inflating into it means the data is longer than the directory says
-  int rc;
-  do {  // zlib counts in uInt: feed and drain in chunks below 4 GiB
-    const bool full = out_done == usize;
-    zs.next_in = const_cast<Bytef*>(p + in_done);
-    zs.avail_in = static_cast<uInt>(std::min<size_t>(n - in_done, 1u << 30));
-    zs.next_out = full ? &spare : out.data() + out_done;
-    zs.avail_out = full ? 1u : static_cast<uInt>(std::min<size_t>(usize - out_done, 1u << 30));
-    const uInt ai = zs.avail_in, ao = zs.avail_out;
-    rc = inflate(&zs, Z_NO_FLUSH);
-    const size_t used = ai - zs.avail_in, made = ao - zs.avail_out;
-    in_done += used;
-    if (full && made) {
-      inflateEnd(&zs);
-      fail(where, "inflates to more than the " + std::to_string(usize) + " bytes the zip directory gives");
-    }
-    out_done += made;
-    if (rc == Z_BUF_ERROR && (used || made)) rc = Z_OK;  // progress: go on
-  } while (rc == Z_OK);
-  const std::string msg = zs.msg ? zs.msg : std::to_string(rc);
-  inflateEnd(&zs);
-  if (rc == Z_BUF_ERROR) fail(where, "truncated deflate data");
-  if (rc != Z_STREAM_END) fail(where, "corrupt deflate data (zlib: " + msg + ")");
-  if (out_done != usize)
-    fail(where, "inflates to " + std::to_string(out_done) + " bytes, the zip directory says " + std::to_string(usize));
-  return out;
-}
-
-// Raw deflate (zip's method 8) at zlib's default level.
-inline std::vector<uint8_t> deflate_raw(const std::vector<uint8_t>& in, const std::string& where) {
-  z_stream zs{};
-  if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK)
-    fail(where, "zlib deflateInit2 failed");
-  std::vector<uint8_t> out;
-  std::vector<uint8_t> buf(1 << 16);
-  size_t off = 0;
-  int rc = Z_OK;
-  do {
-    const uInt k = static_cast<uInt>(std::min<size_t>(in.size() - off, 1u << 30));
-    zs.next_in = const_cast<Bytef*>(in.data() + off);
-    zs.avail_in = k;
-    off += k;
-    const int flush = off == in.size() ? Z_FINISH : Z_NO_FLUSH;
-    do {
-      zs.next_out = buf.data();
-      zs.avail_out = static_cast<uInt>(buf.size());
-      rc = deflate(&zs, flush);
-      if (rc == Z_STREAM_ERROR) {
-        deflateEnd(&zs);
-        fail(where, "zlib deflate failed");
-      }
-      out.insert(out.end(), buf.data(), buf.data() + (buf.size() - zs.avail_out));
-    } while (zs.avail_out == 0);
-  } while (rc != Z_STREAM_END);
-  deflateEnd(&zs);
-  return out;
+// The current member of z, after its sizes were checked against the file's.
+inline std::vector<uint8_t> read_member(unzFile z, const unz_file_info64& fi, uint64_t file_size,
+                                        const std::string& where) {
+  const uint64_t csize = fi.compressed_size, usize = fi.uncompressed_size;
+  if (fi.compression_method == 0 && csize != usize) fail(where, "stored member with different sizes");
+  if ((usize - std::min<uint64_t>(usize, 64)) / kMaxDeflateRatio > csize || usize > std::numeric_limits<size_t>::max())
+    fail(where, "the zip directory claims " + std::to_string(usize) + " bytes from " + std::to_string(csize) +
+                    " compressed, more than deflate expands (corrupt zip)");
+  if (const int rc = unzOpenCurrentFile(z); rc != UNZ_OK) fail(where, unz_error(rc));
+  const uint64_t data = unzGetCurrentFileZStreamPos64(z);
+  if (data > file_size || csize > file_size - data) fail(where, "truncated zip (member data outside the file)");
+  std::vector<uint8_t> raw(static_cast<size_t>(usize));
+  size_t got = 0;
+  while (got < raw.size()) {  // minizip reads in unsigned counts: chunks below 4 GiB
+    const unsigned k = static_cast<unsigned>(std::min<size_t>(raw.size() - got, 1u << 30));
+    const int r = unzReadCurrentFile(z, raw.data() + got, k);
+    if (r < 0) fail(where, unz_error(r));
+    if (r == 0) break;
+    got += static_cast<size_t>(r);
+  }
+  if (got != raw.size())
+    fail(where, (fi.compression_method == 0 ? "truncated: " : "inflates to ") + std::to_string(got) +
+                    " bytes, the zip directory says " + std::to_string(usize));
+  if (const int rc = unzCloseCurrentFile(z); rc != UNZ_OK) fail(where, unz_error(rc));  // checks the CRC-32
+  return raw;
 }
 
 }  // namespace detail
@@ -454,142 +430,108 @@ inline std::vector<uint8_t> deflate_raw(const std::vector<uint8_t>& in, const st
 // and size are checked. Members not ending in ".npy" are an error.
 inline std::map<std::string, Array> load_npz(const std::string& path) {
   using detail::fail;
-  using detail::get_le;
-  const std::vector<uint8_t> f = detail::read_file(path);
-  const uint8_t* p = f.data();
-  const size_t n = f.size();
-  if (n >= 6 && std::memcmp(p, "\x93NUMPY", 6) == 0) fail(path, "is a .npy file, not an .npz (use npy::load)");
-  if (n < 22 || get_le<uint32_t>(p) != 0x04034b50u) fail(path, "not an .npz file (no zip local header at the start)");
-  // End of central directory: 22 bytes plus a comment of up to 65535, at the end.
-  size_t eocd = std::string::npos;
-  for (size_t i = n - 22 + 1; i-- > 0 && n - i <= 22 + 65535;)
-    if (get_le<uint32_t>(p + i) == 0x06054b50u) {
-      eocd = i;
-      break;
-    }
-  if (eocd == std::string::npos) fail(path, "truncated zip (no end of central directory record)");
-  uint64_t count = get_le<uint16_t>(p + eocd + 10), cd_size = get_le<uint32_t>(p + eocd + 12),
-           cd_off = get_le<uint32_t>(p + eocd + 16);
-  if (count == 0xFFFF || cd_size == 0xFFFFFFFFu || cd_off == 0xFFFFFFFFu) {  // zip64
-    if (eocd < 20 || get_le<uint32_t>(p + eocd - 20) != 0x07064b50u) fail(path, "zip64 locator missing");
-    const uint64_t z = get_le<uint64_t>(p + eocd - 20 + 8);
-    if (z + 56 > n || get_le<uint32_t>(p + z) != 0x06064b50u) fail(path, "zip64 end of central directory missing");
-    count = get_le<uint64_t>(p + z + 32);
-    cd_size = get_le<uint64_t>(p + z + 40);
-    cd_off = get_le<uint64_t>(p + z + 48);
-  }
-  if (cd_off > n || cd_size > n - cd_off) fail(path, "truncated zip (central directory outside the file)");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(path, std::filesystem::exists(path) ? "cannot open for reading" : "no such file");
+  uint8_t head[6] = {};
+  f.read(reinterpret_cast<char*>(head), sizeof head);
+  const std::streamsize got = f.gcount();
+  if (got == 6 && std::memcmp(head, "\x93NUMPY", 6) == 0) fail(path, "is a .npy file, not an .npz (use npy::load)");
+  if (got < 4 || detail::get_le<uint32_t>(head) != 0x04034b50u)
+    fail(path, "not an .npz file (no zip local header at the start)");
+  std::error_code ec;
+  const uint64_t file_size = std::filesystem::file_size(path, ec);
+  if (ec) fail(path, "cannot read its size (" + ec.message() + ")");
+  const std::unique_ptr<void, detail::UnzClose> zip(unzOpen64(path.c_str()));
+  if (!zip) fail(path, "truncated zip or corrupt central directory (no readable end of central directory record)");
+  const unzFile z = static_cast<unzFile>(zip.get());
+  // minizip takes bytes read past the end of the file for zeros: the end of
+  // central directory record (22 bytes and the comment) must end the file.
+  unz_global_info64 gi{};
+  if (unzGetGlobalInfo64(z, &gi) != UNZ_OK) fail(path, "corrupt zip central directory");
+  uint8_t eocd[4] = {};
+  f.clear();
+  f.seekg(static_cast<std::streamoff>(file_size - std::min<uint64_t>(file_size, 22 + gi.size_comment)));
+  f.read(reinterpret_cast<char*>(eocd), sizeof eocd);
+  if (!f || detail::get_le<uint32_t>(eocd) != 0x06054b50u)
+    fail(path, "truncated zip (the end of central directory record does not end the file)");
   std::map<std::string, Array> out;
-  size_t q = static_cast<size_t>(cd_off);
-  const size_t cd_end = static_cast<size_t>(cd_off + cd_size);
-  for (uint64_t e = 0; e < count; ++e) {
-    if (q + 46 > cd_end || get_le<uint32_t>(p + q) != 0x02014b50u) fail(path, "corrupt zip central directory");
-    const uint16_t flags = get_le<uint16_t>(p + q + 8), method = get_le<uint16_t>(p + q + 10);
-    const uint32_t crc = get_le<uint32_t>(p + q + 16);
-    uint64_t csize = get_le<uint32_t>(p + q + 20), usize = get_le<uint32_t>(p + q + 24);
-    const size_t nlen = get_le<uint16_t>(p + q + 28), xlen = get_le<uint16_t>(p + q + 30),
-                 clen = get_le<uint16_t>(p + q + 32);
-    uint64_t loff = get_le<uint32_t>(p + q + 42);
-    if (q + 46 + nlen + xlen + clen > cd_end) fail(path, "corrupt zip central directory");
-    const std::string name(reinterpret_cast<const char*>(p + q + 46), nlen);
-    // zip64 extra field (id 1): the 8-byte values of the fields that read 0xFFFFFFFF, in order.
-    for (size_t x = q + 46 + nlen; x + 4 <= q + 46 + nlen + xlen;) {
-      const uint16_t id = get_le<uint16_t>(p + x), len = get_le<uint16_t>(p + x + 2);
-      if (x + 4 + len > q + 46 + nlen + xlen) fail(path, "corrupt zip extra field of '" + name + "'");
-      if (id == 1) {
-        size_t y = x + 4;
-        auto take = [&](uint64_t& v) {
-          if (v != 0xFFFFFFFFu) return;
-          if (y + 8 > x + 4 + len) fail(path, "corrupt zip64 field of '" + name + "'");
-          v = get_le<uint64_t>(p + y);
-          y += 8;
-        };
-        take(usize);
-        take(csize);
-        take(loff);
-      }
-      x += 4 + len;
-    }
-    q += 46 + nlen + xlen + clen;
-    const std::string where = path + " member '" + name + "'";
-    if (flags & 1) fail(where, "encrypted zip members are not supported");
+  int rc = unzGoToFirstFile(z);
+  for (; rc == UNZ_OK; rc = unzGoToNextFile(z)) {
+    unz_file_info64 fi{};
+    if (unzGetCurrentFileInfo64(z, &fi, nullptr, 0, nullptr, 0, nullptr, 0) != UNZ_OK)
+      fail(path, "corrupt zip central directory");
+    std::string name(fi.size_filename, '\0');  // at most 65535: a 2-byte field
+    if (!name.empty() && unzGetCurrentFileInfo64(z, nullptr, name.data(), static_cast<uLong>(name.size()), nullptr, 0,
+                                                 nullptr, 0) != UNZ_OK)
+      fail(path, "corrupt zip central directory");
+    std::string shown = name;  // a corrupt name must not break the one-line error
+    for (char& ch : shown)
+      if (static_cast<unsigned char>(ch) < 32 || ch == 127) ch = '?';
+    const std::string where = path + " member '" + shown + "'";
+    if (fi.flag & 1) fail(where, "encrypted zip members are not supported");
     if (name.size() < 4 || name.compare(name.size() - 4, 4, ".npy") != 0) fail(where, "not a .npy member");
-    if (loff + 30 > n || get_le<uint32_t>(p + loff) != 0x04034b50u) fail(where, "local header missing");
-    const size_t data = static_cast<size_t>(loff) + 30 + get_le<uint16_t>(p + loff + 26) + get_le<uint16_t>(p + loff + 28);
-    if (data > n || csize > n - data) fail(where, "truncated zip (member data outside the file)");
-    std::vector<uint8_t> raw;
-    if (method == 0) {
-      if (csize != usize) fail(where, "stored member with different sizes");
-      raw.assign(p + data, p + data + csize);
-    } else if (method == 8) {
-      raw = detail::inflate_raw(p + data, static_cast<size_t>(csize), static_cast<size_t>(usize), where);
-    } else {
-      fail(where, "unsupported zip compression method " + std::to_string(method) + " (stored and deflate are read)");
-    }
-    if (detail::crc32_of(raw.data(), raw.size()) != crc) fail(where, "CRC-32 mismatch (corrupt data)");
+    if (fi.compression_method != 0 && fi.compression_method != Z_DEFLATED)
+      fail(where, "unsupported zip compression method " + std::to_string(fi.compression_method) +
+                      " (stored and deflate are read)");
+    const std::vector<uint8_t> raw = detail::read_member(z, fi, file_size, where);
     const std::string key = name.substr(0, name.size() - 4);
     if (out.count(key)) fail(where, "duplicate member");
     out.emplace(key, detail::parse(raw.data(), raw.size(), where));
   }
+  if (rc != UNZ_END_OF_LIST_OF_FILE) fail(path, "corrupt zip central directory");
   return out;
 }
 
 // Writes arrays as "<name>.npy" members, deflated, as numpy.savez_compressed
-// does (numpy.load and zipfile read it). Without zip64: each member and the
-// whole file must stay below 4 GiB.
+// does (numpy.load and zipfile read it); zip64 records where a member or the
+// file pass 4 GiB.
 inline void save_npz(const std::string& path, const std::map<std::string, Array>& arrays) {
-  using detail::put_le;
-  std::vector<uint8_t> f, cd;
-  const uint16_t dos_time = 0, dos_date = (0 << 9) | (1 << 5) | 1;  // 1980-01-01: reproducible files
-  for (const auto& [key, a] : arrays) {
-    const std::string name = key + ".npy";
-    const std::string where = path + " member '" + name + "'";
-    if (key.empty() || name.size() > 65535) detail::fail(where, "bad member name");
-    const std::vector<uint8_t> raw = detail::encode(a, where);
-    const std::vector<uint8_t> z = detail::deflate_raw(raw, where);
-    const uint32_t crc = detail::crc32_of(raw.data(), raw.size());
-    if (raw.size() >= 0xFFFFFFFFu || z.size() >= 0xFFFFFFFFu || f.size() >= 0xFFFFFFFFu)
-      detail::fail(where, "too large for a zip without zip64 (4 GiB)");
-    const uint32_t off = static_cast<uint32_t>(f.size());
-    auto common = [&](std::vector<uint8_t>& o) {  // from "version needed" to "extra length"
-      put_le<uint16_t>(o, 20);
-      put_le<uint16_t>(o, 0);  // flags
-      put_le<uint16_t>(o, 8);  // deflate
-      put_le<uint16_t>(o, dos_time);
-      put_le<uint16_t>(o, dos_date);
-      put_le<uint32_t>(o, crc);
-      put_le<uint32_t>(o, static_cast<uint32_t>(z.size()));
-      put_le<uint32_t>(o, static_cast<uint32_t>(raw.size()));
-      put_le<uint16_t>(o, static_cast<uint16_t>(name.size()));
-      put_le<uint16_t>(o, 0);
-    };
-    put_le<uint32_t>(f, 0x04034b50u);
-    common(f);
-    f.insert(f.end(), name.begin(), name.end());
-    f.insert(f.end(), z.begin(), z.end());
-    put_le<uint32_t>(cd, 0x02014b50u);
-    put_le<uint16_t>(cd, 0x0314);  // made by: Unix, zip spec 2.0
-    common(cd);
-    put_le<uint16_t>(cd, 0);  // comment length
-    put_le<uint16_t>(cd, 0);  // disk number
-    put_le<uint16_t>(cd, 0);  // internal attributes
-    put_le<uint32_t>(cd, 0644u << 16);  // external attributes: a regular file, rw-r--r--
-    put_le<uint32_t>(cd, off);
-    cd.insert(cd.end(), name.begin(), name.end());
+  using detail::fail;
+  const std::string tmp = path + ".tmp";
+  zipFile z = zipOpen64(tmp.c_str(), APPEND_STATUS_CREATE);
+  if (!z) fail(path, std::string("cannot write (") + std::strerror(errno) + ")");
+  auto why = [](int rc) {
+    return rc == ZIP_ERRNO ? std::string(std::strerror(errno)) : "minizip error " + std::to_string(rc);
+  };
+  auto check = [&](int rc, const std::string& where) {
+    if (rc != ZIP_OK) fail(where, "cannot write (" + why(rc) + ")");
+  };
+  try {
+    zip_fileinfo zi{};
+    zi.tmz_date.tm_mday = 1;  // 1980-01-01 00:00: reproducible files
+    zi.tmz_date.tm_year = 1980;
+    zi.external_fa = 0644u << 16;  // a regular file, rw-r--r--
+    for (const auto& [key, a] : arrays) {
+      const std::string name = key + ".npy";
+      const std::string where = path + " member '" + name + "'";
+      if (key.empty() || name.size() > 65535 || name.find('\0') != std::string::npos) fail(where, "bad member name");
+      const std::vector<uint8_t> raw = detail::encode(a, where);
+      const int zip64 = raw.size() >= 0xF0000000u;  // deflate may grow the data a little past 4 GiB
+      check(zipOpenNewFileInZip4_64(z, name.c_str(), &zi, nullptr, 0, nullptr, 0, nullptr, Z_DEFLATED,
+                                    Z_DEFAULT_COMPRESSION, 0, -MAX_WBITS, DEF_MEM_LEVEL, Z_DEFAULT_STRATEGY, nullptr,
+                                    0, 0x0314 /* made by Unix, zip 2.0 */, 0, zip64),
+            where);
+      for (size_t off = 0; off < raw.size();) {
+        const unsigned k = static_cast<unsigned>(std::min<size_t>(raw.size() - off, 1u << 30));
+        check(zipWriteInFileInZip(z, raw.data() + off, k), where);
+        off += k;
+      }
+      check(zipCloseFileInZip(z), where);
+    }
+  } catch (...) {
+    zipClose(z, nullptr);
+    std::error_code ec;
+    std::filesystem::remove(tmp, ec);
+    throw;
   }
-  if (arrays.size() >= 0xFFFF || f.size() + cd.size() >= 0xFFFFFFFFu)
-    detail::fail(path, "too large for a zip without zip64");
-  const uint32_t cd_off = static_cast<uint32_t>(f.size());
-  f.insert(f.end(), cd.begin(), cd.end());
-  put_le<uint32_t>(f, 0x06054b50u);
-  put_le<uint16_t>(f, 0);
-  put_le<uint16_t>(f, 0);
-  put_le<uint16_t>(f, static_cast<uint16_t>(arrays.size()));
-  put_le<uint16_t>(f, static_cast<uint16_t>(arrays.size()));
-  put_le<uint32_t>(f, static_cast<uint32_t>(cd.size()));
-  put_le<uint32_t>(f, cd_off);
-  put_le<uint16_t>(f, 0);
-  detail::write_file(path, f);
+  const int rc = zipClose(z, nullptr);
+  std::error_code ec;
+  if (rc == ZIP_OK) std::filesystem::rename(tmp, path, ec);
+  if (rc != ZIP_OK || ec) {
+    const std::string reason = rc != ZIP_OK ? why(rc) : ec.message();
+    std::filesystem::remove(tmp, ec);
+    fail(path, "cannot write (" + reason + ")");
+  }
 }
 
 }  // namespace diffuse::npy
