@@ -4,6 +4,9 @@
 //   gw    C = G W     1024x128x128  (input gradient)
 //   gTx   C = G^T X   128x128, k = 1024 (weight gradient)
 //   nn1024 C = A B    1024^3
+// BM_Ours runs on detail::gemm_path(), shown as each row's label: the best
+// path this CPU has in any build (-march=native or not); DIFFUSE_GEMM=portable
+// (Eigen) or DIFFUSE_GEMM=avx2 forces one.
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -63,6 +66,7 @@ void BM_Ours(benchmark::State& st, Case cs) {
   const int threads = static_cast<int>(st.range(0));
   set_threads(threads);
   Operands o(cs);
+  st.SetLabel(detail::gemm_path_name(detail::gemm_path()));
   for (auto _ : st) {
     if (threads == 1)
       detail::gemm<float>(cs.ta, cs.tb, cs.m, cs.n, cs.k, 1.0f, o.a.data(), o.lda, o.b.data(), o.ldb, 0.0f,

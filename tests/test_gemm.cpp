@@ -1,14 +1,22 @@
 // detail::gemm and detail::gemm_parallel against a naive double-accumulated
 // reference, on fresh random inputs, for edge and cache-block-crossing shapes,
-// all transpose combinations, padded leading dimensions and alpha/beta.
+// all transpose combinations, padded leading dimensions and alpha/beta; on
+// the path gemm_path() picks (DIFFUSE_GEMM overrides it) and, in one case, on
+// every path this CPU runs.
+//
+// test_gemm "[.gemm_bits]" prints a hash of many products' bits: the same
+// hash from a build with -march=native and one without (DIFFUSE_NATIVE=ON /
+// OFF) shows that both ran the same kernel.
 #include <catch2/catch.hpp>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <diffuse/backend/cpu/gemm.hpp>
 #include <diffuse/core/rng.hpp>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -16,6 +24,7 @@
 using namespace diffuse;
 using diffuse::detail::gemm;
 using diffuse::detail::gemm_parallel;
+using diffuse::detail::GemmPath;
 
 namespace {
 
@@ -228,4 +237,133 @@ TEST_CASE("GemmB prepacked products equal gemm") {
       for (int64_t p = 0; p < k; ++p) ref += Ad[p] * (tb ? Bd[p] : Bd[p * n]);
       CHECK(Cd[0] == Approx(ref).epsilon(1e-12));
     }
+}
+
+namespace {
+
+constexpr GemmPath kAllPaths[] = {GemmPath::portable, GemmPath::avx2};
+
+// Puts back the path that was current when the test case began.
+struct RestorePath {
+  GemmPath saved = diffuse::detail::gemm_path();
+  ~RestorePath() { diffuse::detail::set_gemm_path(saved); }
+};
+
+// C = op(A) op(B) + 0.5 C through gemm, gemm_parallel and GemmB on operands
+// from seed 5, folded into one FNV-1a hash of the outputs' bits. Only the
+// avx2 path's hash is the same across builds (the portable path is Eigen,
+// which -march=native compiles differently).
+uint64_t gemm_bits_hash() {
+  uint64_t h = 1469598103934665603ull;
+  auto fold = [&h](const std::vector<float>& v) {
+    for (float x : v) {
+      uint32_t u;
+      std::memcpy(&u, &x, sizeof u);
+      for (int b = 0; b < 4; ++b) h = (h ^ ((u >> (8 * b)) & 0xFF)) * 1099511628211ull;
+    }
+  };
+  Generator g(5);
+  for (Shape3 s : {Shape3{7, 17, 5}, Shape3{65, 63, 67}, Shape3{1024, 128, 128}, Shape3{128, 128, 1024},
+                   Shape3{300, 700, 500}, Shape3{20, 3100, 20}})
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      const int64_t lda = ta ? s.m : s.k, ldb = tb ? s.k : s.n;
+      const std::vector<float> A = random_matrix<float>(g, ta ? s.k : s.m, lda, lda);
+      const std::vector<float> B = random_matrix<float>(g, tb ? s.n : s.k, ldb, ldb);
+      std::vector<float> C = random_matrix<float>(g, s.m, s.n, s.n), C2 = C, C3 = C;
+      gemm<float>(ta, tb, s.m, s.n, s.k, 1.0f, A.data(), lda, B.data(), ldb, 0.5f, C.data(), s.n);
+      gemm_parallel<float>(ta, tb, s.m, s.n, s.k, -1.0f, A.data(), lda, B.data(), ldb, 0.5f, C2.data(), s.n);
+      if (!ta) {
+        diffuse::detail::GemmB<float> pb;
+        pb.pack(tb, s.k, s.n, B.data(), ldb);
+        pb.multiply(s.m, 1.0f, A.data(), lda, 0.5f, C3.data(), s.n);
+      }
+      fold(C);
+      fold(C2);
+      fold(C3);
+    }
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("every GEMM path this CPU runs matches the reference", "[gemm]") {
+  using namespace diffuse::detail;
+  RestorePath restore;
+  INFO("gemm_path() at start: " << gemm_path_name(restore.saved));
+  int ran = 0;
+  for (GemmPath path : kAllPaths) {
+    if (!gemm_path_supported(path)) {
+      WARN("skipped the " << gemm_path_name(path) << " GEMM path: this CPU (or build) cannot run it");
+      continue;
+    }
+    ++ran;
+    set_gemm_path(path);
+    REQUIRE(gemm_path() == path);
+    INFO("path " << gemm_path_name(path));
+    Generator g(300 + static_cast<uint64_t>(path));
+    for (const Shape3& s : kSmallShapes)
+      for (int t = 0; t < 4; ++t)
+        check_case<float>(g, t & 1, t & 2, s, t == 3 ? 1.5f : 1.0f, t == 2 ? 0.0f : 0.5f, t, false, kTolF);
+    for (const Shape3& s : kLargeShapes)
+      for (int t = 0; t < 4; ++t) {
+        check_case<float>(g, t & 1, t & 2, s, -0.75f, t == 0 ? 0.0f : 1.0f, t == 3 ? 5 : 0, false, kTolF);
+        check_case<float>(g, t & 1, t & 2, s, 1.25f, t == 2 ? 0.5f : 0.0f, t == 1 ? 7 : 0, true, kTolF);
+      }
+    // A GemmB multiplies on the path it was packed for, even after a switch.
+    for (bool tb : {false, true}) {
+      const int64_t m = 37, n = 700, k = 390, ldb = tb ? k : n;
+      std::vector<float> A(static_cast<size_t>(m * k)), B(static_cast<size_t>(k * n));
+      g.normal(A.data(), A.size());
+      g.normal(B.data(), B.size());
+      std::vector<float> C1(static_cast<size_t>(m * n)), C2(C1.size());
+      GemmB<float> pb;
+      pb.pack(tb, k, n, B.data(), ldb);
+      for (GemmPath other : kAllPaths)
+        if (other != path && gemm_path_supported(other)) set_gemm_path(other);
+      pb.multiply(m, 1.0f, A.data(), k, 0.0f, C1.data(), n);
+      set_gemm_path(path);
+      gemm<float>(false, tb, m, n, k, 1.0f, A.data(), k, B.data(), ldb, 0.0f, C2.data(), n);
+      double worst = 0, scale = 0;
+      for (size_t i = 0; i < C1.size(); ++i) {
+        worst = std::max(worst, std::abs(double(C1[i]) - C2[i]));
+        scale = std::max(scale, std::abs(double(C2[i])));
+      }
+      INFO("trans_b " << tb << " worst " << worst << " of " << scale);
+      CHECK(worst < 1e-5 * scale);
+    }
+  }
+  CHECK(ran >= 1);
+#if defined(__AVX2__) && defined(__FMA__)
+  // Compiled for AVX2 + FMA (e.g. -march=native): the CPU has both.
+  CHECK(gemm_path_supported(GemmPath::avx2));
+#endif
+}
+
+TEST_CASE("DIFFUSE_GEMM values", "[gemm]") {
+  using namespace diffuse::detail;
+  CHECK(gemm_path_from_string(nullptr) == gemm_best_path());
+  CHECK(gemm_path_from_string("") == gemm_best_path());
+  CHECK(gemm_path_from_string("auto") == gemm_best_path());
+  CHECK(gemm_path_from_string("portable") == GemmPath::portable);
+  if (gemm_path_supported(GemmPath::avx2))
+    CHECK(gemm_path_from_string("avx2") == GemmPath::avx2);
+  else
+    CHECK_THROWS_WITH(gemm_path_from_string("avx2"), Catch::Contains("gemm.hpp") && Catch::Contains("cannot run"));
+  CHECK_THROWS_WITH(gemm_path_from_string("avx9"), Catch::Contains("gemm.hpp") && Catch::Contains("avx9"));
+  CHECK_THROWS_AS(gemm_path_from_string("AVX2"), std::runtime_error);
+}
+
+TEST_CASE("gemm bits hash, per path (compare builds with and without -march=native)", "[.gemm_bits]") {
+  using namespace diffuse::detail;
+  RestorePath restore;
+  for (GemmPath path : kAllPaths) {
+    if (!gemm_path_supported(path)) continue;
+    set_gemm_path(path);
+    std::ostringstream os;
+    os << "gemm bits " << gemm_path_name(path) << (path == restore.saved ? " (default)" : "") << ": " << std::hex
+       << gemm_bits_hash();
+    WARN(os.str());
+  }
+  SUCCEED();
 }

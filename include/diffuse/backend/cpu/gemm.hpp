@@ -1,32 +1,41 @@
 // Dense matrix products: C = alpha * op(A) * op(B) + beta * C on row-major
 // storage with explicit leading dimensions.
 //
-// float on AVX2 + FMA goes through a GEMM in the style of GotoBLAS/BLIS:
-// op(B) is packed into KC x NR panels, op(A) into MR x KC panels (or read in
-// place when n is small), and a 6x16 register-blocked micro-kernel (12 ymm
-// accumulators) runs over them. Everything else (double, or a build without
-// AVX2/FMA) falls back to Eigen's GEMM.
+// float on a CPU with AVX2 + FMA goes through a GEMM in the style of
+// GotoBLAS/BLIS: op(B) is packed into KC x NR panels, op(A) into MR x KC panels
+// (or read in place when n is small), and a 6x16 register-blocked micro-kernel
+// (12 ymm accumulators) runs over them. That code is compiled for AVX2 + FMA
+// by per-function target attributes, so it exists in every x86 build
+// (-march=native or not), and is chosen at run time from the CPU's features
+// (gemm_path(); DIFFUSE_GEMM=portable|avx2|auto overrides it). Everything else
+// (double, a CPU without AVX2/FMA, other architectures) falls back to Eigen's GEMM.
 #pragma once
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include <diffuse/backend/cpu/cpu_features.hpp>
 #include <diffuse/backend/cpu/host_cache.hpp>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+// Included in every x86 build: GCC (since 4.9) and Clang declare all the
+// intrinsics whatever the command line, usable in functions whose target
+// attribute enables them.
+#ifdef DIFFUSE_X86_TARGETS
 #include <immintrin.h>
-#define DIFFUSE_GEMM_AVX2 1
 #endif
 
 namespace diffuse::detail {
@@ -69,6 +78,63 @@ inline void gemm_eigen(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t
   else run(a.transpose(), b.transpose());
 }
 
+// ---------------------------------------------------------------- which implementation runs
+
+// The float GEMM's implementations. portable: Eigen (double always goes
+// there). avx2: the packed kernel below, compiled for AVX2 + FMA whatever
+// the build's flags. The kernel only needs 256-bit registers; on an AVX-512
+// CPU it runs as it is (a -march=native build compiles the same intrinsics
+// into the same FMA sequence, so both give the same bits).
+enum class GemmPath { portable, avx2 };
+
+inline const char* gemm_path_name(GemmPath p) { return p == GemmPath::avx2 ? "avx2" : "portable"; }
+
+// Whether this CPU (and this build: x86, GCC or Clang) can run path p.
+inline bool gemm_path_supported(GemmPath p) {
+  if (p == GemmPath::portable) return true;
+#ifdef DIFFUSE_X86_TARGETS
+  const CpuFeatures& f = cpu_features();
+  return f.avx2 && f.fma;
+#else
+  return false;
+#endif
+}
+
+inline GemmPath gemm_best_path() {
+  return gemm_path_supported(GemmPath::avx2) ? GemmPath::avx2 : GemmPath::portable;
+}
+
+// The path a DIFFUSE_GEMM value asks for: null, "" or "auto" is the best one
+// this CPU runs; "portable" or "avx2" is that path, which must run here.
+inline GemmPath gemm_path_from_string(const char* value) {
+  const std::string v = value ? value : "";
+  if (v.empty() || v == "auto") return gemm_best_path();
+  for (GemmPath p : {GemmPath::portable, GemmPath::avx2})
+    if (v == gemm_path_name(p)) {
+      if (!gemm_path_supported(p))
+        throw std::runtime_error("gemm.hpp: DIFFUSE_GEMM=" + v + " but this CPU cannot run that path");
+      return p;
+    }
+  throw std::runtime_error("gemm.hpp: DIFFUSE_GEMM=" + v + " is not one of auto, portable, avx2");
+}
+
+// Chosen once, at the first product, from DIFFUSE_GEMM and the CPU.
+inline std::atomic<GemmPath>& gemm_path_slot() {
+  static std::atomic<GemmPath> path{gemm_path_from_string(std::getenv("DIFFUSE_GEMM"))};
+  return path;
+}
+
+inline GemmPath gemm_path() { return gemm_path_slot().load(std::memory_order_relaxed); }
+
+// For tests and benchmarks: the products started after this call use p (a
+// GemmB keeps the path it was packed for).
+inline void set_gemm_path(GemmPath p) {
+  if (!gemm_path_supported(p))
+    throw std::runtime_error(std::string("gemm.hpp: set_gemm_path: this CPU cannot run the ") + gemm_path_name(p) +
+                             " path");
+  gemm_path_slot().store(p, std::memory_order_relaxed);
+}
+
 // ---------------------------------------------------------------- tiles and cache blocks
 
 // Micro-tile MR x NR: 12 accumulators + 2 B vectors + 1 broadcast = 15 of the
@@ -86,9 +152,15 @@ inline constexpr int64_t kGemmNC = 3072;
 // place (measured: packing costs ~5% at n = 128 and gains ~5% at n = 1024).
 inline constexpr int64_t kGemmPackAMinN = 512;
 
-#ifdef DIFFUSE_GEMM_AVX2
+#ifdef DIFFUSE_X86_TARGETS
 
-// ---------------------------------------------------------------- packed float GEMM
+// ---------------------------------------------------------------- packed float GEMM (AVX2 + FMA)
+
+// Every function below that touches a vector register carries
+// [[gnu::target("avx2,fma")]]: each is compiled for that target in any build
+// and is only called when gemm_path() is avx2. A helper that uses intrinsics
+// needs the attribute too (else GCC: "inlining failed ...: target specific
+// option mismatch"); a lambda cannot carry it portably, so there are none.
 
 // A 64-byte aligned float buffer that only grows, from the HostCache: a
 // packed operand made per call (GemmB) reuses the block the last call freed,
@@ -122,6 +194,7 @@ inline GemmBuffer& gemm_buffer_b() {
   return buf;
 }
 
+[[gnu::target("avx2,fma")]]
 inline void gemm_transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
                             __m256& r7) {
   const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
@@ -145,6 +218,7 @@ inline void gemm_transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m2
 // Pack op(B)[0:kc, 0:nc] (b points at element (0,0) of the block) into
 // NR-column panels: dst[(j / NR) * kc * NR + p * NR + j % NR], zero-padded to
 // a multiple of NR columns.
+[[gnu::target("avx2,fma")]]
 inline void gemm_pack_b(bool trans_b, int64_t kc, int64_t nc, const float* b, int64_t ldb, float* dst) {
   constexpr int64_t NR = kGemmNR;
   for (int64_t j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
@@ -197,6 +271,7 @@ inline void gemm_pack_b(bool trans_b, int64_t kc, int64_t nc, const float* b, in
 // MR-row panels: dst[(i / MR) * kc * MR + p * MR + i % MR], zero-padded to a
 // multiple of MR rows. May write up to 2 floats past the packed size (the
 // buffer is allocated with that slack).
+[[gnu::target("avx2,fma")]]
 inline void gemm_pack_a(bool trans_a, int64_t mc, int64_t kc, const float* a, int64_t lda, float* dst) {
   constexpr int64_t MR = kGemmMR;
   static_assert(MR == 6, "the transposing pack below is written for MR == 6");
@@ -271,9 +346,9 @@ enum class GemmA {
 // nr < NR serve the edge tiles without wasted rows or a bounce buffer: B
 // panels are zero-padded, and columns past nr are masked off.
 template <GemmA Mode, int R>
-[[gnu::noinline]] inline void gemm_kernel(int64_t kc, const float* __restrict a, int64_t lda,
-                                          const float* __restrict b, float* c, int64_t ldc, float alpha, float beta,
-                                          int64_t nr) {
+[[gnu::noinline, gnu::target("avx2,fma")]]
+inline void gemm_kernel(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b, float* c,
+                        int64_t ldc, float alpha, float beta, int64_t nr) {
   __m256 acc0[R], acc1[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
@@ -332,6 +407,7 @@ template <GemmA Mode, int R>
 }
 
 template <GemmA Mode>
+[[gnu::target("avx2,fma")]]
 inline void gemm_kernel_dispatch(int64_t mr, int64_t kc, const float* a, int64_t lda, const float* b, float* c,
                                  int64_t ldc, float alpha, float beta, int64_t nr) {
   switch (mr) {
@@ -352,6 +428,7 @@ inline int64_t gemm_even_block(int64_t len, int64_t blk, int64_t unit) {
   return (per + unit - 1) / unit * unit;
 }
 
+[[gnu::target("avx2,fma")]]
 inline void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
                      int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   constexpr int64_t MR = kGemmMR, NR = kGemmNR;
@@ -426,6 +503,7 @@ struct GemmPackedF32 {
 
 // C[m, n] = alpha * A[m, k] * op(B) + beta * C with op(B) from a GemmPackedF32.
 // A is read in place (rows of lda floats).
+[[gnu::target("avx2,fma")]]
 inline void gemm_f32_prepacked(int64_t m, float alpha, const float* A, int64_t lda, const GemmPackedF32& pb,
                                float beta, float* C, int64_t ldc) {
   constexpr int64_t MR = kGemmMR, NR = kGemmNR;
@@ -453,7 +531,7 @@ inline void gemm_f32_prepacked(int64_t m, float alpha, const float* A, int64_t l
   }
 }
 
-#endif  // DIFFUSE_GEMM_AVX2
+#endif  // DIFFUSE_X86_TARGETS
 
 // ---------------------------------------------------------------- public entry points
 
@@ -461,16 +539,16 @@ inline void gemm_f32_prepacked(int64_t m, float alpha, const float* A, int64_t l
 // leading dimensions (row strides) lda, ldb, ldc. op(A) = A (m x k,
 // A[i*lda + p]) or, with trans_a, A^T (A stored k x m, A[p*lda + i]); the
 // same for B. beta == 0: C is not read (it may hold NaN). Single-threaded
-// (except that the Eigen fallback may use Eigen's own threads).
+// (except that the Eigen fallback may use Eigen's own threads). float runs
+// on gemm_path().
 template <class T>
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
                  const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0 || alpha == T(0)) return gemm_scale_c(m, n, beta, C, ldc);
-#ifdef DIFFUSE_GEMM_AVX2
+#ifdef DIFFUSE_X86_TARGETS
   if constexpr (std::is_same_v<T, float>) {
-    gemm_f32(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
+    if (gemm_path() == GemmPath::avx2) return gemm_f32(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 #endif
   gemm_eigen<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -485,6 +563,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
 template <class T>
 inline void gemm_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
                           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  // Chosen here, on the calling thread: a bad DIFFUSE_GEMM throws where it can be caught.
+  if constexpr (std::is_same_v<T, float>) (void)gemm_path();
 #ifdef _OPENMP
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int threads = omp_get_max_threads();
@@ -517,18 +597,23 @@ inline void gemm_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 }
 
 // op(B) [k, n] prepared once for many products C = alpha * A op(B) + beta * C
-// with different A (row-major, lda): packed panels for float with AVX2, a
-// plain row-major copy of op(B) for the Eigen fallback.
+// with different A (row-major, lda): packed panels for float on the avx2
+// path, a plain row-major copy of op(B) for the Eigen fallback. The path is
+// the one gemm_path() gave when pack() ran.
 template <class T>
 class GemmB {
  public:
   void pack(bool trans_b, int64_t k, int64_t n, const T* B, int64_t ldb) {
     k_ = k;
     n_ = n;
-#ifdef DIFFUSE_GEMM_AVX2
+#ifdef DIFFUSE_X86_TARGETS
+    avx2_ = std::is_same_v<T, float> && gemm_path() == GemmPath::avx2;
     if constexpr (std::is_same_v<T, float>) {
-      packed_.pack(trans_b, k, n, B, ldb);
-      return;
+      if (avx2_) {
+        packed_.pack(trans_b, k, n, B, ldb);
+        plain_.clear();
+        return;
+      }
     }
 #endif
     plain_.resize(static_cast<size_t>(k * n));
@@ -543,10 +628,9 @@ class GemmB {
   void multiply(int64_t m, T alpha, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
     if (m <= 0 || n_ <= 0) return;
     if (k_ <= 0 || alpha == T(0)) return gemm_scale_c(m, n_, beta, C, ldc);
-#ifdef DIFFUSE_GEMM_AVX2
+#ifdef DIFFUSE_X86_TARGETS
     if constexpr (std::is_same_v<T, float>) {
-      gemm_f32_prepacked(m, alpha, A, lda, packed_, beta, C, ldc);
-      return;
+      if (avx2_) return gemm_f32_prepacked(m, alpha, A, lda, packed_, beta, C, ldc);
     }
 #endif
     gemm_eigen<T>(false, false, m, n_, k_, alpha, A, lda, plain_.data(), n_, beta, C, ldc);
@@ -554,7 +638,8 @@ class GemmB {
 
  private:
   int64_t k_ = 0, n_ = 0;
-#ifdef DIFFUSE_GEMM_AVX2
+#ifdef DIFFUSE_X86_TARGETS
+  bool avx2_ = false;
   GemmPackedF32 packed_;
 #endif
   std::vector<T> plain_;
