@@ -17,7 +17,19 @@
 # diffuse::cudnn; hint: -DCUDNN_ROOT=<prefix>). One STATUS line says which of
 # cuBLAS and cuDNN were found; diffuse::cuda links those that were.
 
-set(DIFFUSE_CUDA AUTO CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
+# As a subproject (add_subdirectory), diffuse follows the parent's choice: CUDA only when the
+# parent has enabled the CUDA language (then AUTO), unless DIFFUSE_CUDA is set. A plain C++
+# project thus never gets nvcc probed, CUDA enabled or CUDA architectures in its cache.
+set(_diffuse_cuda_default AUTO)
+if(NOT PROJECT_IS_TOP_LEVEL AND NOT DEFINED CACHE{DIFFUSE_CUDA})
+  get_property(_diffuse_parent_langs GLOBAL PROPERTY ENABLED_LANGUAGES)
+  if(NOT "CUDA" IN_LIST _diffuse_parent_langs)
+    set(_diffuse_cuda_default OFF)
+    message(STATUS "diffuse: CUDA off, as in the parent project (enable_language(CUDA) there, or "
+                   "-DDIFFUSE_CUDA=ON, for diffuse::cuda)")
+  endif()
+endif()
+set(DIFFUSE_CUDA ${_diffuse_cuda_default} CACHE STRING "Build the CUDA backend: AUTO, ON or OFF")
 set_property(CACHE DIFFUSE_CUDA PROPERTY STRINGS AUTO ON OFF)
 string(TOUPPER "${DIFFUSE_CUDA}" _diffuse_cuda_mode)
 if(_diffuse_cuda_mode MATCHES "^(1|TRUE|YES|Y)$")

@@ -155,18 +155,12 @@ inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& inf
   return out;
 }
 
-// DIR/grid.png (one row per digit for a class-conditional model), DIR/process.png,
-// DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy (int64 [N]).
-inline void write_sample_files(const std::filesystem::path& dir, const SampleResult& s, int64_t num_classes,
-                               int64_t grid_cols = 10) {
-  namespace fs = std::filesystem;
-  fs::create_directories(dir);
+// A grid of samples as a PNG: one row per digit for a class-conditional model (the first
+// grid_cols samples of each), else the first grid_cols^2 samples.
+inline void write_grid_png(const std::filesystem::path& path, const SampleResult& s, int64_t num_classes,
+                           int64_t grid_cols = 10) {
+  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
   const int64_t n = s.images.size(0), R = s.images.size(1);
-  std::vector<uint8_t> bytes(s.images.size());
-  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = plot::to_byte(s.images[i]);
-  npy::save<uint8_t>((dir / "samples.npy").string(), bytes.data(), {n, 1, R, R});
-  std::vector<int64_t> lab(s.labels.begin(), s.labels.end());
-  npy::save<int64_t>((dir / "labels.npy").string(), lab.data(), {n});
   plot::GridOptions go;
   std::vector<float> grid;
   int64_t cols = grid_cols, shown = 0;
@@ -189,7 +183,21 @@ inline void write_sample_files(const std::filesystem::path& dir, const SampleRes
     shown = std::min<int64_t>(n, grid_cols * grid_cols);
     grid.assign(s.images.data(), s.images.data() + shown * R * R);
   }
-  plot::image_grid(grid.data(), shown, R, R, 1, cols, go).write_png((dir / "grid.png").string());
+  plot::image_grid(grid.data(), shown, R, R, 1, cols, go).write_png(path.string());
+}
+
+// DIR/grid.png, DIR/process.png, DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy (int64 [N]).
+inline void write_sample_files(const std::filesystem::path& dir, const SampleResult& s, int64_t num_classes,
+                               int64_t grid_cols = 10) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir);
+  const int64_t n = s.images.size(0), R = s.images.size(1);
+  std::vector<uint8_t> bytes(s.images.size());
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = plot::to_byte(s.images[i]);
+  npy::save<uint8_t>((dir / "samples.npy").string(), bytes.data(), {n, 1, R, R});
+  std::vector<int64_t> lab(s.labels.begin(), s.labels.end());
+  npy::save<int64_t>((dir / "labels.npy").string(), lab.data(), {n});
+  write_grid_png(dir / "grid.png", s, num_classes, grid_cols);
   plot::GridOptions gp;
   if (num_classes > 0)
     for (int64_t r = 0; r < s.process_rows; ++r) gp.row_labels.push_back(std::to_string(s.labels[static_cast<size_t>(r)]));

@@ -6,15 +6,17 @@
 // and prints the energy distance of the samples to held-out data next to the
 // floor (two independent data draws) and to N(0, I) noise. --device cuda trains and samples on
 // the GPU (the same model, moved there); checkpoints are the same files on either device.
+// The loop is the library's (train/trainer.hpp): this file is flags, data, model and callbacks.
 #include <CLI/CLI.hpp>
 #include <diffuse/data/points2d.hpp>
-#include <diffuse/diffuse.hpp>
+#include <diffuse/diffusion/samplers.hpp>
+#include <diffuse/models/toy_mlp.hpp>
+#include <diffuse/train/trainer.hpp>
 #include <diffuse/eval/metrics2d.hpp>
 #include <diffuse/viz/plot.hpp>
 
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -33,18 +35,39 @@ struct Args {
   bool tf32 = false;
   std::string dataset = "six", data, image, schedule = "linear", sampler = "ddpm", variance = "large", out = "out/2d";
   std::string resume, lr_decay = "constant", device;
-  int64_t steps = 10000, batch = 512, warmup = 100, save_every = 0, log_every = 500;
+  int64_t steps = 10000, batch = 512, warmup = 100, save_every = 0, log_every = 500, keep = 1, eval_every = 0,
+          plot_every = 0;
   int T = 200, ddim_steps = 50, hidden = 128, layers = 3;
   double lr = 3e-3, ema = 0.995, clip = 1.0, eta = 0.0;
   uint64_t seed = 0;
   int n_samples = 2000;
 };
 
-volatile std::sig_atomic_t g_stop = 0;
-
 std::string config_json(const Args& a) {
   nlohmann::json j = {{"hidden", a.hidden}, {"layers", a.layers}, {"T", a.T}, {"schedule", a.schedule}};
   return j.dump();
+}
+
+// Energy distance of samples s (n points, model space) to held-out data, averaged over `sets`
+// held-out draws, with the floor (data vs data) and N(0, I) noise beside it.
+struct Energy {
+  double samples = 0, floor = 0, noise = 0;
+  std::vector<float> shown;  // the first held-out draw, for the plot
+};
+Energy energy(data2d::Dataset2D& data, const float* s, size_t n, int sets, uint64_t seed) {
+  Generator erng(seed ^ 0x5eedULL, uint64_t(3) << 40);
+  std::vector<float> held(2 * n), other(2 * n), noise(2 * n);
+  erng.normal(noise.data(), noise.size());
+  Energy e;
+  for (int k = 0; k < sets; ++k) {
+    data.sample(erng, n, held.data());
+    data.sample(erng, n, other.data());
+    e.samples += metrics::energy_distance(s, n, held.data(), n) / sets;
+    e.floor += metrics::energy_distance(other.data(), n, held.data(), n) / sets;
+    e.noise += metrics::energy_distance(noise.data(), n, held.data(), n) / sets;
+    if (k == 0) e.shown = other;
+  }
+  return e;
 }
 
 }  // namespace
@@ -75,9 +98,17 @@ int main(int argc, char** argv) {
   app.add_option("--layers", a.layers, "MLP hidden layers")->capture_default_str();
   app.add_option("--samples", a.n_samples, "number of points to generate")->capture_default_str();
   app.add_option("--seed", a.seed, "random seed")->capture_default_str();
-  app.add_option("--out", a.out, "output directory")->capture_default_str();
-  app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end)");
-  app.add_option("--log-every", a.log_every, "progress line every N steps")->capture_default_str();
+  app.add_option("--out", a.out, "output directory (checkpoint, train_log.csv, samples, plots)")->capture_default_str();
+  app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end and on Ctrl-C)");
+  app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")->capture_default_str();
+  app.add_option("--eval-every", a.eval_every,
+                 "every N steps: sample --samples points with the EMA weights and log their energy distance (0 = off)")
+      ->capture_default_str();
+  app.add_option("--plot-every", a.plot_every, "every N steps: DIR/progress/samples-<step>.png with the EMA weights (0 = off)")
+      ->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
@@ -103,7 +134,6 @@ int main(int argc, char** argv) {
     so.variance = parse_variance(a.variance);
     so.steps = a.ddim_steps;
     so.eta = a.eta;
-    so.device = dev;
     fs::create_directories(a.out);
 
     Generator init(a.seed);
@@ -112,111 +142,87 @@ int main(int argc, char** argv) {
     cfg.layers = a.layers;
     ToyMLP<float> model(cfg, init);
     model.to(dev);  // the optimiser's state is made beside the weights
-    AdamOptions ao;
-    ao.lr = a.lr;
-    Adam<float> opt(model.named_parameters(), ao);
-    EMA<float> ema(model.named_parameters(), a.ema > 0 ? a.ema : 0.0);
-    Generator rng(a.seed, uint64_t(1) << 40);  // training stream, apart from the init stream
-    int64_t step = 0;
-    const std::string ckpt = (fs::path(a.out) / "checkpoint.safetensors").string();
-    const safetensors::Metadata meta = {{"config", config_json(a)}, {"dataset", data->name()}};
-    if (!a.resume.empty()) {
-      TrainState st = load_checkpoint<float>(a.resume, model, &opt, &ema);
-      if (st.metadata.count("config") && st.metadata.at("config") != config_json(a))
-        throw std::runtime_error("'" + a.resume + "' was trained with " + st.metadata.at("config") +
-                                 ", this run asks for " + config_json(a));
-      step = st.step;
-      rng = st.rng;
-      std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
-    }
-    auto save = [&](int64_t at) { save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng, meta); };
+
+    // Fresh points from the distribution at every step, from the training stream.
+    GeneratedSource<float> source(
+        {2}, [&](Generator& g, int64_t B, Batch<float>& b) { data->sample(g, static_cast<size_t>(B), b.x0.data()); },
+        data->name());
+    TrainOptions o;
+    o.name = "train_2d";
+    o.steps = a.steps;
+    o.batch = a.batch;
+    o.lr = a.lr;
+    o.warmup = a.warmup;
+    o.lr_decay = a.lr_decay == "cosine" ? LrDecay::cosine : LrDecay::constant;
+    o.clip = a.clip;
+    o.ema = a.ema;
+    o.seed = a.seed;
+    o.log_every = a.log_every;
+    o.save_every = a.save_every;
+    o.keep = static_cast<int>(a.keep);
+    o.out = a.out;
+    o.resume = a.resume;
+    o.identity = {{"config", config_json(a)}};
+    o.metadata = {{"dataset", data->name()}};
+    Trainer<float, ToyMLP<float>> trainer(model, sched, source, o);
     std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps, on %s\n", data->name().c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(),
-                static_cast<long long>(a.batch), static_cast<long long>(a.steps),
-                device_description(dev).c_str());
-    std::signal(SIGINT, [](int) { g_stop = 1; });
+                static_cast<long long>(a.batch), static_cast<long long>(a.steps), device_description(dev).c_str());
+    std::fflush(stdout);
 
-    auto eps_model = [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t); };
-    Tensor<float> x0({a.batch, 2});
-    const auto t0 = std::chrono::steady_clock::now();
-    const int64_t start = step;
-    double loss_acc = 0;
-    int64_t loss_n = 0;
-    for (; step < a.steps && !g_stop; ++step) {
-      data->sample(rng, static_cast<size_t>(a.batch), x0.data());
-      auto nb = make_noised_batch(sched, x0.to(dev), rng);
-      const double lr = a.lr_decay == "cosine" ? warmup_cosine_lr(a.lr, step, a.warmup, a.steps)
-                                               : warmup_lr(a.lr, step, a.warmup);
-      opt.zero_grad();
-      Var<float> loss = epsilon_loss<float>(eps_model, nb);
-      backward(loss);
-      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-      // Read after the backward is queued (on a GPU the read waits for it); a non-finite loss
-      // stops the run before the update.
-      const float lv = loss.value().cpu()[0];
-      if (!std::isfinite(lv))
-        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                 "; try a lower --lr (last good checkpoint: " + ckpt + ")");
-      opt.set_lr(lr);
-      if (a.ema > 0) opt.step(ema);
-      else opt.step();
-      loss_acc += lv;
-      ++loss_n;
-      if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
-        const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double sps = static_cast<double>(step + 1 - start) / el;
-        std::printf("step %7lld/%lld  loss %.4f  %.0f steps/s  ETA %.0f s\n", static_cast<long long>(step + 1),
-                    static_cast<long long>(a.steps), loss_acc / loss_n, sps, (a.steps - step - 1) / sps);
-        std::fflush(stdout);
-        loss_acc = 0;
-        loss_n = 0;
-      }
-      if (a.save_every > 0 && (step + 1) % a.save_every == 0) save(step + 1);
-    }
-    save(step);
-    if (g_stop) {
-      std::printf("interrupted: checkpoint saved at step %lld in %s\n", static_cast<long long>(step), ckpt.c_str());
-      return 130;
-    }
-
-    // Sample with the EMA weights, on the training device.
-    if (a.ema > 0) ema.swap_into_model();
-    Generator srng(a.seed, uint64_t(2) << 40);
-    EpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t) {
-      NoGrad ng;
-      return model(Var<float>(x), t).value();
+    // Sampling, with the weights the model holds now, from a stream of its own.
+    const int total = a.sampler == "ddpm" ? a.T : a.ddim_steps;
+    auto sample = [&](Generator& srng, const SampleObserver<float>& obs = {}) {
+      const Shape shape{a.n_samples, 2};
+      return (a.sampler == "ddpm" ? ddpm_sample<float>(sched, model, shape, srng, so, obs)
+                                  : ddim_sample<float>(sched, model, shape, srng, so, obs))
+          .cpu();
     };
+    const size_t n = static_cast<size_t>(a.n_samples);
+    if (a.eval_every > 0)
+      trainer.evaluate_every(a.eval_every, {"energy_distance", "energy_floor"}, [&](auto& t) {
+        Tensor<float> s;
+        Generator srng(a.seed, uint64_t(2) << 40);
+        t.with_ema_weights([&] { s = sample(srng); });
+        const Energy e = energy(*data, s.data(), n, 2, a.seed);
+        return std::map<std::string, double>{{"energy_distance", e.samples}, {"energy_floor", e.floor}};
+      });
+    if (a.plot_every > 0)
+      trainer.every(a.plot_every, [&](auto& t) {
+        Tensor<float> s;
+        Generator srng(a.seed, uint64_t(2) << 40);
+        t.with_ema_weights([&] { s = sample(srng); });
+        std::vector<float> pts(s.begin(), s.end());
+        data->to_data_space(pts.data(), n);
+        const fs::path dir = fs::path(a.out) / "progress";
+        fs::create_directories(dir);
+        char name[64];
+        std::snprintf(name, sizeof name, "samples-%08lld.png", static_cast<long long>(t.step()));
+        plot::scatter_panels({{"step " + std::to_string(t.step()), pts.data(), n, plot::kOrange}}, 360,
+                             (dir / name).string());
+      });
+
+    const TrainResult r = trainer.run();
+    if (r.status == TrainStatus::interrupted) return 130;
+
+    // Sample with the EMA weights, on the training device; frames of the process for the plot.
     const int nframes = 6;
     std::vector<std::pair<int, Tensor<float>>> frames;
-    const int total = a.sampler == "ddpm" ? a.T : a.ddim_steps;
     SampleObserver<float> obs = [&](int remaining, const Tensor<float>& x) {
       for (int k = 0; k < nframes; ++k)
         if (remaining == total - (total * k) / (nframes - 1)) frames.emplace_back(remaining, x.to(Device::CPU));
     };
-    const Shape shape{a.n_samples, 2};
-    const Tensor<float> s = (a.sampler == "ddpm" ? ddpm_sample<float>(sched, f, shape, srng, so, obs)
-                                                 : ddim_sample<float>(sched, f, shape, srng, so, obs))
-                                .cpu();
-    if (a.ema > 0) ema.swap_into_model();
+    Tensor<float> s;
+    Generator srng(a.seed, uint64_t(2) << 40);
+    trainer.with_ema_weights([&] { s = sample(srng, obs); });
 
     // Quality: energy distance in the model's (normalised) space, averaged
     // over kEvalSets held-out sets. One draw is too noisy to judge by: two
     // independent 2,000-point draws of the swiss roll can be 3.4x apart from
     // a third (docs/results.md); with 8 sets the worst seen was 2.3x.
     constexpr int kEvalSets = 8;
-    Generator erng(a.seed ^ 0x5eedULL, uint64_t(3) << 40);
-    const size_t n = static_cast<size_t>(a.n_samples);
-    std::vector<float> held(2 * n), other(2 * n), shown, noise(2 * n);
-    erng.normal(noise.data(), noise.size());
-    double ed = 0, floor = 0, ed_noise = 0;
-    for (int k = 0; k < kEvalSets; ++k) {
-      data->sample(erng, n, held.data());
-      data->sample(erng, n, other.data());
-      ed += metrics::energy_distance(s.data(), n, held.data(), n) / kEvalSets;
-      floor += metrics::energy_distance(other.data(), n, held.data(), n) / kEvalSets;
-      ed_noise += metrics::energy_distance(noise.data(), n, held.data(), n) / kEvalSets;
-      if (k == 0) shown = other;
-    }
+    const Energy e = energy(*data, s.data(), n, kEvalSets, a.seed);
+    std::vector<float> shown = e.shown;
 
     // Outputs, in the data's own coordinates.
     std::vector<float> out(s.begin(), s.end());
@@ -239,11 +245,12 @@ int main(int argc, char** argv) {
     }
     plot::scatter_panels(panels, 220, (fs::path(a.out) / "process.png").string(),
                          plot::robust_bounds({panels.back()}, 0.005, 0.995, 0.6));
-    std::printf("wrote %s/{samples.csv, samples.png, process.png, checkpoint.safetensors}\n", a.out.c_str());
+    std::printf("wrote %s/{samples.csv, samples.png, process.png, checkpoint.safetensors, train_log.csv}\n",
+                a.out.c_str());
     std::printf("energy distance to held-out data (V-statistic; %zu points vs %d held-out sets of %zu, mean):\n", n,
                 kEvalSets, n);
-    std::printf("  samples %.5f   floor (data vs data) %.5f   N(0,I) noise %.5f   samples/floor %.2f\n", ed, floor,
-                ed_noise, ed / floor);
+    std::printf("  samples %.5f   floor (data vs data) %.5f   N(0,I) noise %.5f   samples/floor %.2f\n", e.samples,
+                e.floor, e.noise, e.samples / e.floor);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_2d: error: %s\n", e.what());

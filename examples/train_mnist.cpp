@@ -5,17 +5,20 @@
 // classifier-free guidance), or one digit with --digit D (unconditional).
 // Writes DIR/grid.png, DIR/process.png, DIR/samples.npy, DIR/labels.npy and
 // DIR/checkpoint.safetensors; with a LeNet classifier (mnist_classifier train)
-// it also prints the samples' accuracy and FD-LeNet.
+// it also prints the samples' accuracy and FD-LeNet. The loop is the library's
+// (train/trainer.hpp): this file is flags, data, model and callbacks (sample grids and LeNet
+// scores during training with --grid-every / --eval-every).
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/eval/lenet_score.hpp>
+#include <diffuse/train/trainer.hpp>
 
 #include <cmath>
-#include <csignal>
 #include <memory>
+#include <optional>
 #include <cstdio>
 
 using namespace diffuse;
@@ -25,13 +28,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-volatile std::sig_atomic_t g_stop = 0;
-
 struct Args {
   bool tf32 = false;
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
-  std::string sampler = "ddpm", variance = "large", classifier, device;
-  int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50;
+  std::string sampler = "ddpm", variance = "large", classifier, device, order = "replacement";
+  int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50, keep = 1;
+  int64_t grid_every = 0, eval_every = 0, eval_samples = 200;
   int64_t ch = 32, samples = -1, sample_batch = 100;
   int T = 200, ddim_steps = 50;
   double lr = 1e-3, ema = 0.999, clip = 1.0, label_dropout = 0.1, guidance = 0.3, eta = 0.0;
@@ -83,7 +85,21 @@ int main(int argc, char** argv) {
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
       ->capture_default_str();
-  app.add_option("--log-every", a.log_every, "progress line every N steps")->capture_default_str();
+  app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")->capture_default_str();
+  app.add_option("--data-order", a.order, "batches: replacement (uniform draws) or epochs (a seeded shuffle, each image "
+                                          "once per epoch)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"replacement", "epochs"}));
+  app.add_option("--grid-every", a.grid_every, "every N steps: DIR/progress/grid-<step>.png sampled with the EMA weights "
+                                               "(0 = off)")
+      ->capture_default_str();
+  app.add_option("--eval-every", a.eval_every, "every N steps: sample --eval-samples images with the EMA weights and log "
+                                               "their LeNet accuracy and FD-LeNet (needs the classifier; 0 = off)")
+      ->capture_default_str();
+  app.add_option("--eval-samples", a.eval_samples, "images per evaluation during training")->capture_default_str();
   app.add_option("--samples", a.samples, "images to sample at the end (default: 500 for all digits, 200 with --digit; 0: none)");
   app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str();
   app.add_option("--sampler", a.sampler, "sampler: ddpm, ddim")
@@ -130,34 +146,35 @@ int main(int argc, char** argv) {
     Generator init(a.seed);
     UNet<float> model(info.unet, init);
     model.to(dev);  // the optimiser's state is made beside the weights
-    AdamOptions ao;
-    ao.lr = a.lr;
-    Adam<float> opt(model.named_parameters(), ao);
-    EMA<float> ema(model.named_parameters(), a.ema > 0 ? a.ema : 0.0);
-    Generator rng(a.seed, uint64_t(1) << 40);  // training stream, apart from the init stream
-    Generator drop_rng(a.seed, uint64_t(3) << 40);
-    int64_t step = 0;
-    fs::create_directories(a.out);
-    const std::string ckpt = (fs::path(a.out) / "checkpoint.safetensors").string();
-    if (!a.resume.empty()) {
-      {  // The model first, so that a mismatch names both models rather than one tensor.
-        const safetensors::Metadata m = safetensors::File::read(a.resume).metadata();
-        if (!m.count("model") || m.at("model") != info.json())
-          throw std::runtime_error("'" + a.resume + "' was trained with " +
-                                   (m.count("model") ? m.at("model") : std::string("(no model metadata)")) +
-                                   ", this run asks for " + info.json());
-      }
-      TrainState st = load_checkpoint<float>(a.resume, model, &opt, &ema);
-      step = st.step;
-      rng = st.rng;
-      if (st.metadata.count("dropout_rng.offset"))
-        drop_rng = Generator(a.seed, std::stoull(st.metadata.at("dropout_rng.offset")));
-      std::printf("resumed from %s at step %lld\n", a.resume.c_str(), static_cast<long long>(step));
+
+    // The kept images (and their labels for the class-conditional model).
+    Tensor<float> images({N, S, S, 1});
+    std::vector<int32_t> labels;
+    for (int64_t k = 0; k < N; ++k) {
+      const int64_t i = keep[static_cast<size_t>(k)];
+      std::copy(all.data() + i * S * S, all.data() + (i + 1) * S * S, images.data() + k * S * S);
+      if (a.digit < 0) labels.push_back(train.labels.labels[static_cast<size_t>(i)]);
     }
-    auto save = [&](int64_t at) {
-      save_checkpoint<float>(ckpt, model, &opt, &ema, at, rng,
-                             {{"model", info.json()}, {"dropout_rng.offset", std::to_string(drop_rng.offset)}});
-    };
+    TensorDataset<float> source(std::move(images), std::move(labels),
+                                a.order == "epochs" ? DataOrder::epochs : DataOrder::with_replacement, a.seed);
+    TrainOptions o;
+    o.name = "train_mnist";
+    o.steps = a.steps;
+    o.batch = a.batch;
+    o.lr = a.lr;
+    o.warmup = a.warmup;
+    o.clip = a.clip;
+    o.ema = a.ema;
+    o.label_dropout = a.digit < 0 ? a.label_dropout : 0.0;
+    o.null_class = 10;
+    o.seed = a.seed;
+    o.log_every = a.log_every;
+    o.save_every = a.save_every;
+    o.keep = static_cast<int>(a.keep);
+    o.out = a.out;
+    o.resume = a.resume;
+    o.identity = {{"model", info.json()}};
+    Trainer<float, UNet<float>> trainer(model, sched, source, o);
     std::printf("train_mnist: %s, %lld images of %s at %lldx%lld (%s), U-Net %lld parameters, T=%d %s, batch %lld, "
                 "%lld steps, on %s\n",
                 a.data.c_str(), static_cast<long long>(N), a.digit < 0 ? "all digits" : ("digit " + std::to_string(a.digit)).c_str(),
@@ -165,78 +182,70 @@ int main(int argc, char** argv) {
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(), static_cast<long long>(a.batch),
                 static_cast<long long>(a.steps), device_description(dev).c_str());
     std::fflush(stdout);
-    std::signal(SIGINT, [](int) { g_stop = 1; });
 
-    Tensor<float> x0({a.batch, S, S, 1});
-    std::vector<uint32_t> idx(static_cast<size_t>(a.batch));
-    std::vector<int32_t> y(static_cast<size_t>(a.batch));
-    const auto t0 = std::chrono::steady_clock::now();
-    const int64_t start = step;
-    double loss_acc = 0;
-    int64_t loss_n = 0;
-    for (; step < a.steps && !g_stop; ++step) {
-      rng.randint(idx.data(), idx.size(), static_cast<uint32_t>(N));
-      for (int64_t b = 0; b < a.batch; ++b) {
-        const int64_t i = keep[idx[static_cast<size_t>(b)]];
-        std::copy(all.data() + i * S * S, all.data() + (i + 1) * S * S, x0.data() + b * S * S);
-        y[static_cast<size_t>(b)] = train.labels.labels[static_cast<size_t>(i)];
-      }
-      const std::vector<int32_t> yd = a.digit < 0 ? drop_labels(y, a.label_dropout, 10, drop_rng) : y;
-      auto nb = make_noised_batch(sched, x0.to(dev), rng);
-      opt.zero_grad();
-      Var<float> loss = epsilon_loss<float>(
-          [&](const Var<float>& x, const std::vector<int32_t>& t) { return model(x, t, a.digit < 0 ? &yd : nullptr); },
-          nb);
-      backward(loss);
-      if (a.clip > 0) clip_grad_norm(opt.params(), a.clip);
-      // Read after the backward is queued (on a GPU the read waits for it); a non-finite loss
-      // stops the run before the update.
-      const float lv = loss.value().cpu()[0];
-      if (!std::isfinite(lv))
-        throw std::runtime_error("loss is " + std::to_string(lv) + " at step " + std::to_string(step) +
-                                 "; try a lower --lr (last checkpoint: " + ckpt + ")");
-      opt.set_lr(warmup_lr(a.lr, step, a.warmup));
-      if (a.ema > 0) opt.step(ema);
-      else opt.step();
-      loss_acc += lv;
-      ++loss_n;
-      if ((step + 1) % a.log_every == 0 || step + 1 == a.steps) {
-        const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double sps = static_cast<double>(step + 1 - start) / el;
-        std::printf("step %6lld/%lld  loss %.4f  %.0f images/s  elapsed %.0f s  ETA %.0f s\n",
-                    static_cast<long long>(step + 1), static_cast<long long>(a.steps), loss_acc / loss_n,
-                    sps * static_cast<double>(a.batch), el, static_cast<double>(a.steps - step - 1) / sps);
-        std::fflush(stdout);
-        loss_acc = 0;
-        loss_n = 0;
-      }
-      if (a.save_every > 0 && (step + 1) % a.save_every == 0) save(step + 1);
-    }
-    save(step);
-    if (g_stop) {
-      std::printf("interrupted: checkpoint saved at step %lld in %s (continue with --resume %s)\n",
-                  static_cast<long long>(step), ckpt.c_str(), ckpt.c_str());
-      return 130;
-    }
-    const double train_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("trained %lld steps in %.0f s; checkpoint %s\n", static_cast<long long>(step - start), train_s,
-                ckpt.c_str());
-    if (a.samples <= 0) return 0;
-
-    // Sample with the EMA weights, from a stream of its own, on the training device.
-    if (a.ema > 0) ema.swap_into_model();
-    Generator srng(a.seed, uint64_t(2) << 40);
     SampleRequest req;
-    req.n = a.samples;
     req.guidance = a.digit < 0 ? a.guidance : 0.0;
     req.sampler = a.sampler;
     req.steps = a.sampler == "ddim" ? a.ddim_steps : 0;
     req.eta = a.eta;
     req.variance = a.variance;
     req.batch = a.sample_batch;
+
+    // The classifier for scores, during training (--eval-every) and at the end.
+    std::string clf = a.classifier;
+    const fs::path def = fs::path(a.data) / ("lenet" + std::to_string(S) + ".safetensors");
+    if (clf.empty() && fs::exists(def)) clf = def.string();
+    std::optional<LeNetFile> lenet;
+    std::optional<MnistSplit> test;
+    auto score = [&](const SampleResult& res) {
+      if (!lenet) lenet = load_lenet(clf), test = load_mnist(a.data, "test");
+      std::vector<uint8_t> bytes(res.images.size());
+      for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = plot::to_byte(res.images[i]);
+      const std::vector<int64_t> lab(res.labels.begin(), res.labels.end());
+      ScoreOptions sco;
+      sco.resize = lenet->resize;
+      return score_samples(*lenet->net, bytes.data(), res.images.size(0), S, lab.data(), train, *test, sco);
+    };
+    if (a.eval_every > 0) {
+      if (clf.empty())
+        throw std::runtime_error("--eval-every needs a LeNet classifier: none at " + def.string() +
+                                 " (`mnist_classifier train --data " + a.data + " --size " + std::to_string(S) +
+                                 "` makes one, or give --classifier)");
+      trainer.evaluate_every(a.eval_every, {"accuracy", "fd_lenet"}, [&](auto& t) {
+        SampleRequest r = req;
+        r.n = a.eval_samples;
+        Generator srng(a.seed, uint64_t(2) << 40);
+        SampleResult res;
+        t.with_ema_weights([&] { res = sample_images(model, info, r, srng, false); });
+        const SampleScore sc = score(res);
+        return std::map<std::string, double>{{"accuracy", sc.cond_accuracy}, {"fd_lenet", sc.fd}};
+      });
+    }
+    if (a.grid_every > 0)
+      trainer.every(a.grid_every, [&](auto& t) {
+        SampleRequest r = req;
+        r.n = info.unet.num_classes > 0 ? 100 : 64;
+        r.batch = std::min<int64_t>(r.n, a.sample_batch);
+        Generator srng(a.seed, uint64_t(2) << 40);
+        SampleResult res;
+        t.with_ema_weights([&] { res = sample_images(model, info, r, srng, false); });
+        char name[64];
+        std::snprintf(name, sizeof name, "grid-%08lld.png", static_cast<long long>(t.step()));
+        write_grid_png(fs::path(a.out) / "progress" / name, res, info.unet.num_classes);
+      });
+
+    const TrainResult tr = trainer.run();
+    if (tr.status == TrainStatus::interrupted) return 130;
+    std::printf("trained %lld steps in %.0f s; checkpoint %s\n", static_cast<long long>(tr.step - tr.start_step),
+                tr.seconds, tr.checkpoint.c_str());
+    if (a.samples <= 0) return 0;
+
+    // Sample with the EMA weights, from a stream of its own, on the training device.
+    Generator srng(a.seed, uint64_t(2) << 40);
+    req.n = a.samples;
     const auto ts = std::chrono::steady_clock::now();
-    const SampleResult res = sample_images(model, info, req, srng);
-    if (a.ema > 0) ema.swap_into_model();
+    SampleResult res;
+    trainer.with_ema_weights([&] { res = sample_images(model, info, req, srng); });
     write_sample_files(a.out, res, info.unet.num_classes);
     std::printf("sampled %lld images on %s in %.0f s (%s, guidance %.2f); wrote %s/{grid.png, process.png, samples.npy, "
                 "labels.npy}\n",
@@ -245,23 +254,14 @@ int main(int argc, char** argv) {
                 req.guidance, a.out.c_str());
 
     // Score with the LeNet classifier when there is one.
-    std::string clf = a.classifier;
-    const fs::path def = fs::path(a.data) / ("lenet" + std::to_string(S) + ".safetensors");
-    if (clf.empty() && fs::exists(def)) clf = def.string();
     if (clf.empty()) {
       std::printf("no classifier at %s: `mnist_classifier train --data %s --size %lld` makes one to score samples\n",
                   def.string().c_str(), a.data.c_str(), static_cast<long long>(S));
       std::printf("total time %.0f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
       return 0;
     }
-    const LeNetFile lf = load_lenet(clf);
-    const MnistSplit test = load_mnist(a.data, "test");
-    std::vector<uint8_t> bytes(res.images.size());
-    for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = plot::to_byte(res.images[i]);
-    const std::vector<int64_t> lab(res.labels.begin(), res.labels.end());
-    ScoreOptions sco;
-    sco.resize = lf.resize;
-    const SampleScore r = score_samples(*lf.net, bytes.data(), a.samples, S, lab.data(), train, test, sco);
+    const SampleScore r = score(res);
+    const LeNetFile& lf = *lenet;
     std::printf("classifier %s (test accuracy %.4f)\n", clf.c_str(), lf.test_accuracy);
     std::printf("conditional accuracy: %.4f (fraction of samples classified as their %s)\n", r.cond_accuracy,
                 a.digit < 0 ? "label" : "digit");

@@ -73,12 +73,12 @@ UNetConfig small_unet() {
   return c;
 }
 
-struct Batch {
+struct StepBatch {
   Tensor<float> x, eps;
   std::vector<int32_t> t, y;
 };
-Batch random_batch(const UNetConfig& c, int64_t B, Generator& g) {
-  Batch b;
+StepBatch random_batch(const UNetConfig& c, int64_t B, Generator& g) {
+  StepBatch b;
   b.x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g);
   b.eps = Tensor<float>::randn(b.x.shape(), g);
   std::vector<uint32_t> u(static_cast<size_t>(2 * B));
@@ -151,7 +151,7 @@ struct TrainRun {
   std::map<std::string, Tensor<float>> weights, ema;
 };
 template <class M, class Forward>
-TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<Batch>& batches, double clip) {
+TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<StepBatch>& batches, double clip) {
   m.to(dev);
   AdamOptions ao;
   ao.lr = 2e-3;
@@ -160,7 +160,7 @@ TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<Batch>& ba
   Adam<float> opt(m.named_parameters(), ao);
   EMA<float> ema(m.named_parameters(), 0.99);
   TrainRun r;
-  for (const Batch& b : batches) {
+  for (const StepBatch& b : batches) {
     opt.zero_grad();
     const Var<float> loss = mse(fwd(Var<float>(b.x.to(dev)), b), Var<float>(b.eps.to(dev)));
     backward(loss);
@@ -220,7 +220,7 @@ TEST_CASE("backend models: the U-Net's forward, loss and every gradient match on
   dev.to(Device::CUDA);
   CHECK(dev.device() == Device::CUDA);
   Generator gb(seed, 99);
-  const Batch b = random_batch(c, 3, gb);
+  const StepBatch b = random_batch(c, 3, gb);
   // Dropout from generators in the same state: the same masks, drawn at the same offsets.
   Generator dc(seed ^ 0x5eedu), dd(seed ^ 0x5eedu);
   const Var<float> out_cpu = cpu(Var<float>(b.x), b.t, &b.y, &dc);
@@ -261,11 +261,11 @@ TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the sam
   randomise(cpu, seed);
   randomise(dev, seed);
   const auto w0 = values_of(cpu);
-  std::vector<Batch> batches;
+  std::vector<StepBatch> batches;
   for (int s = 0; s < 3; ++s) batches.push_back(random_batch(c, 2, gb));
   Generator dc(seed + 1), dd(seed + 1);
   auto fwd = [](UNet<float>& m, Generator& d) {
-    return [&m, &d](const Var<float>& x, const Batch& b) { return m(x, b.t, &b.y, &d); };
+    return [&m, &d](const Var<float>& x, const StepBatch& b) { return m(x, b.t, &b.y, &d); };
   };
   const TrainRun rc = train_steps(cpu, Device::CPU, fwd(cpu, dc), batches, 0.5);
   const TrainRun rd = train_steps(dev, Device::CUDA, fwd(dev, dd), batches, 0.5);
@@ -329,7 +329,7 @@ TEST_CASE("backend models: a checkpoint written on one device loads on the other
   Adam<float> opt(a.named_parameters(), ao);
   EMA<float> ema(a.named_parameters(), 0.9);
   Generator gb(seed, 3), d(seed);
-  const Batch batch = random_batch(c, 2, gb);
+  const StepBatch batch = random_batch(c, 2, gb);
   for (int s = 0; s < 2; ++s) {
     opt.zero_grad();
     backward(mse(a(Var<float>(batch.x.to(Device::CUDA)), batch.t, &batch.y, &d), Var<float>(batch.eps.to(Device::CUDA))));
@@ -372,16 +372,16 @@ TEST_CASE("backend models: the toy MLP and LeNet train the same on both devices"
     Generator g0(seed), g1(seed), gb(seed, 5);
     ToyMLP<float> cpu(tc, g0), dev(tc, g1);
     const auto w0 = values_of(cpu);
-    std::vector<Batch> batches;
+    std::vector<StepBatch> batches;
     for (int s = 0; s < 3; ++s) {
-      Batch b;
+      StepBatch b;
       b.x = Tensor<float>::randn({37, 2}, gb);
       b.eps = Tensor<float>::randn({37, 2}, gb);
       b.t.resize(37);
       for (size_t i = 0; i < b.t.size(); ++i) b.t[i] = static_cast<int32_t>((i * 7 + s) % 20);  // repeats: the split path
       batches.push_back(b);
     }
-    auto fwd = [](ToyMLP<float>& m) { return [&m](const Var<float>& x, const Batch& b) { return m(x, b.t); }; };
+    auto fwd = [](ToyMLP<float>& m) { return [&m](const Var<float>& x, const StepBatch& b) { return m(x, b.t); }; };
     check_training(train_steps(cpu, Device::CPU, fwd(cpu), batches, 1.0),
                    train_steps(dev, Device::CUDA, fwd(dev), batches, 1.0), w0);
   }
@@ -420,7 +420,7 @@ TEST_CASE("backend models: the FID Inception's blocks evaluate the same on both 
   INFO("seed " << seed);
   Generator g0(seed), g1(seed);
   FidInceptionV3<float> cpu(g0), dev(g1);
-  // Batch norm statistics away from their initial state, so that the buffers matter.
+  // StepBatch norm statistics away from their initial state, so that the buffers matter.
   NamedTensors<float> st = cpu.state_dict();
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<float> u(0.5f, 1.5f);
@@ -461,15 +461,15 @@ TEST_CASE("backend models: a model written in the test (FiLM, layer norm, attent
   randomise(cpu, seed);
   randomise(dev, seed);
   const auto w0 = values_of(cpu);
-  std::vector<Batch> batches;
+  std::vector<StepBatch> batches;
   for (int s = 0; s < 3; ++s) {
-    Batch b;
+    StepBatch b;
     b.x = Tensor<float>::randn({2, 5, 4, 3}, gb);
     b.eps = Tensor<float>::randn(b.x.shape(), gb);
     b.t = {static_cast<int32_t>(10 * s + 3), static_cast<int32_t>(500 - s)};
     batches.push_back(b);
   }
-  auto fwd = [](FilmNet& m) { return [&m](const Var<float>& x, const Batch& b) { return m(x, b.t); }; };
+  auto fwd = [](FilmNet& m) { return [&m](const Var<float>& x, const StepBatch& b) { return m(x, b.t); }; };
   const TrainRun rc = train_steps(cpu, Device::CPU, fwd(cpu), batches, 0.0);
   const TrainRun rd = train_steps(dev, Device::CUDA, fwd(dev), batches, 0.0);
   check_training(rc, rd, w0);

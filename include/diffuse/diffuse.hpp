@@ -52,11 +52,18 @@
 #include <diffuse/optim/params.hpp>
 
 // diffusion: schedules, the forward process, objectives, samplers, guidance
+#include <diffuse/diffusion/denoiser.hpp>
 #include <diffuse/diffusion/guidance.hpp>
 #include <diffuse/diffusion/objectives.hpp>
 #include <diffuse/diffusion/q_sample.hpp>
 #include <diffuse/diffusion/samplers.hpp>
 #include <diffuse/diffusion/schedule.hpp>
+
+// train: the training loop (progress, CSV log, checkpoints, resume, callbacks)
+#include <diffuse/train/csv_log.hpp>
+#include <diffuse/train/progress.hpp>
+#include <diffuse/train/stop_signals.hpp>
+#include <diffuse/train/trainer.hpp>
 
 // io: file formats
 #include <diffuse/io/checkpoint.hpp>
@@ -65,6 +72,7 @@
 #include <diffuse/io/safetensors.hpp>
 
 // data
+#include <diffuse/data/dataset.hpp>
 #include <diffuse/data/points2d.hpp>
 #include <diffuse/data/resize.hpp>
 

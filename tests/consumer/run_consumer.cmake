@@ -58,13 +58,31 @@ if(MAKE_PROGRAM)
   set(make_program_arg "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}")
 endif()
 
+# The package is this build's (CUDA as it was built); as a subproject diffuse decides alone.
+set(cuda_arg "")
+if(MODE STREQUAL "package")
+  set(cuda_arg -DDIFFUSE_CUDA=OFF)
+endif()
 message(STATUS "consumer: configuring (${MODE})")
 execute_process(
   COMMAND "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK_DIR}/build"
           -G "${GENERATOR}" ${make_program_arg}
           "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" ${build_type_arg}
-          "-DDIFFUSE_MODE=${MODE}" -DDIFFUSE_CUDA=OFF ${mode_args}
+          "-DDIFFUSE_MODE=${MODE}" ${cuda_arg} ${mode_args}
+  OUTPUT_VARIABLE configure_out
   COMMAND_ERROR_IS_FATAL ANY)
+message("${configure_out}")
+if(MODE STREQUAL "subdirectory")
+  # A C++-only consumer that says nothing about CUDA: diffuse follows it (no CUDA probed, even
+  # with nvcc on the machine).
+  if(NOT configure_out MATCHES "diffuse: CUDA off, as in the parent project")
+    message(FATAL_ERROR "consumer: add_subdirectory(diffuse) did not follow the C++-only parent's CUDA choice")
+  endif()
+  file(STRINGS "${WORK_DIR}/build/CMakeCache.txt" cuda_cache REGEX "^CMAKE_CUDA_(COMPILER|ARCHITECTURES)")
+  if(cuda_cache)
+    message(FATAL_ERROR "consumer: CUDA settings in a C++-only consumer's cache: ${cuda_cache}")
+  endif()
+endif()
 
 message(STATUS "consumer: building")
 execute_process(

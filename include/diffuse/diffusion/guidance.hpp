@@ -84,4 +84,11 @@ inline EpsModel<T> guided_eps_model(ClassEpsModel<T> f, std::vector<int32_t> y, 
   };
 }
 
+// The same from the model itself (a denoiser taking labels): guided_eps_model<float>(unet, y, 10, 0.3).
+template <class T, class M>
+  requires takes_labels_v<M, T> || takes_dropout_rng_v<M, T>
+inline EpsModel<T> guided_eps_model(const M& model, std::vector<int32_t> y, int32_t null_class, double w) {
+  return guided_eps_model<T>(ClassEpsModel<T>(class_eps_model<T>(model)), std::move(y), null_class, w);
+}
+
 }  // namespace diffuse

@@ -1,5 +1,7 @@
 // The reverse process: ancestral DDPM sampling (fixed small or large variance, optional x0
-// clipping) and DDIM (any step count, eta). Models are callables eps(x_t, t) -> predicted noise;
+// clipping) and DDIM (any step count, eta). Models are the model itself (a denoiser:
+// diffusion/denoiser.hpp; sampled on its own device, without a tape) or callables
+// eps(x_t, t) -> predicted noise (EpsModel, e.g. guided_eps_model);
 // `observe(remaining, x)` sees x_T first (remaining = number of steps) and the state after every
 // step (remaining = 0 is the sample), for plots of the process. Everything runs on
 // SampleOptions::device: on CUDA x_T and every step's noise are drawn on the device from the CPU's
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include <diffuse/core/autograd.hpp>
+#include <diffuse/diffusion/denoiser.hpp>
 #include <diffuse/diffusion/schedule.hpp>
 
 namespace diffuse {
@@ -177,5 +180,30 @@ inline Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, c
   return x;
 }
 
+namespace detail {
+// The model's device, where sampling runs, for a model that knows it (a Module).
+template <class M>
+inline Device sample_device(const M& model, Device fallback) {
+  if constexpr (requires { model.device(); }) return model.device();
+  else return fallback;
+}
+}  // namespace detail
+
+// The samplers on the model itself: ddpm_sample<float>(schedule, model, {n, 2}, g), on the
+// model's device, without a tape.
+template <class T, class M>
+  requires is_denoiser_v<M, T>
+inline Tensor<T> ddpm_sample(const NoiseSchedule& s, const M& model, const Shape& shape, Generator& g,
+                             SampleOptions o = {}, const SampleObserver<T>& observe = {}) {
+  o.device = detail::sample_device(model, o.device);
+  return ddpm_sample<T>(s, EpsModel<T>(eps_model<T>(model)), shape, g, o, observe);
+}
+template <class T, class M>
+  requires is_denoiser_v<M, T>
+inline Tensor<T> ddim_sample(const NoiseSchedule& s, const M& model, const Shape& shape, Generator& g,
+                             SampleOptions o = {}, const SampleObserver<T>& observe = {}) {
+  o.device = detail::sample_device(model, o.device);
+  return ddim_sample<T>(s, EpsModel<T>(eps_model<T>(model)), shape, g, o, observe);
+}
 
 }  // namespace diffuse

@@ -56,7 +56,7 @@ template <class T>
 class Block : public Module<T> {
  protected:
   BasicConv2d<T>& add(const std::string& name, std::unique_ptr<BasicConv2d<T>> c) {
-    this->register_module(name, *c);
+    this->register_module(name, c);
     convs_.push_back(std::move(c));
     return *convs_.back();
   }

@@ -62,12 +62,12 @@ class LeNet : public Module<T> {
     conv4_ = std::make_unique<Conv2d<T>>(c.c2, c.c2, 3, g, 1, 1);
     fc1_ = std::make_unique<Linear<T>>(q * q * c.c2, c.hidden, g);
     fc2_ = std::make_unique<Linear<T>>(c.hidden, c.classes, g);
-    this->register_module("conv1", *conv1_);
-    this->register_module("conv2", *conv2_);
-    this->register_module("conv3", *conv3_);
-    this->register_module("conv4", *conv4_);
-    this->register_module("fc1", *fc1_);
-    this->register_module("fc2", *fc2_);
+    this->register_module("conv1", conv1_);
+    this->register_module("conv2", conv2_);
+    this->register_module("conv3", conv3_);
+    this->register_module("conv4", conv4_);
+    this->register_module("fc1", fc1_);
+    this->register_module("fc2", fc2_);
   }
   // LeNet for size x size images with the default widths.
   LeNet(int64_t size, Generator& g) : LeNet(LeNetConfig{size}, g) {}

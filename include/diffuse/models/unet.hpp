@@ -84,7 +84,7 @@ class ResBlock : public Module<T> {
     this->register_module("conv2", conv2);
     if (cin != cout) {
       skip = std::make_unique<Conv2d<T>>(cin, cout, 1, g);
-      this->register_module("skip", *skip);
+      this->register_module("skip", skip);
     }
   }
   // temb_act = SiLU(temb), shared by all blocks. rng: dropout on when given.
@@ -146,10 +146,10 @@ class UNet : public Module<T> {
                                   std::to_string(L - 1));
     temb0_ = std::make_unique<Linear<T>>(ch, tdim, g);
     temb2_ = std::make_unique<Linear<T>>(tdim, tdim, g);
-    this->register_module("temb.0", *temb0_);
-    this->register_module("temb.2", *temb2_);
+    this->register_module("temb.0", temb0_);
+    this->register_module("temb.2", temb2_);
     conv_in_ = std::make_unique<Conv2d<T>>(c.in_ch, ch, 3, g, 1, 1);
-    this->register_module("conv_in", *conv_in_);
+    this->register_module("conv_in", conv_in_);
     if (c.num_classes > 0) {
       // Embedding rows are N(0, 1), as nn.Embedding; the last row is the null class.
       class_emb_ = this->register_parameter("class_emb.weight", Tensor<T>::randn({c.num_classes + 1, tdim}, g));
@@ -160,7 +160,7 @@ class UNet : public Module<T> {
       if (!attn_res.count(r) || budget <= 0) return nullptr;
       --budget;
       auto a = std::make_unique<AttnBlock<T>>(cc, c.groups, c.attn_heads, g);
-      this->register_module(name, *a);
+      this->register_module(name, a);
       return a;
     };
     std::vector<int64_t> hs{ch};
@@ -169,47 +169,47 @@ class UNet : public Module<T> {
       for (int64_t j = 0; j < c.num_res_blocks; ++j) {
         const std::string name = "down." + std::to_string(down_.size());
         down_.push_back(std::make_unique<ResBlock<T>>(cur, ch * c.ch_mult[i], tdim, c.groups, c.dropout, g));
-        this->register_module(name + ".0", *down_.back());
+        this->register_module(name + ".0", down_.back());
         cur = ch * c.ch_mult[i];
         down_attn_.push_back(maybe_attn(cur, r, name + ".1"));
         hs.push_back(cur);
       }
       if (i != L - 1) {
         downsample_.push_back(std::make_unique<Conv2d<T>>(cur, cur, 3, g, 2, 1));
-        this->register_module("downsample." + std::to_string(i) + ".conv", *downsample_.back());
+        this->register_module("downsample." + std::to_string(i) + ".conv", downsample_.back());
         hs.push_back(cur);
         r /= 2;
       }
     }
     mid1_ = std::make_unique<ResBlock<T>>(cur, cur, tdim, c.groups, c.dropout, g);
-    this->register_module("mid1", *mid1_);
+    this->register_module("mid1", mid1_);
     if (c.mid_attn) {
       mid_attn_ = std::make_unique<AttnBlock<T>>(cur, c.groups, c.attn_heads, g);
-      this->register_module("mid_attn", *mid_attn_);
+      this->register_module("mid_attn", mid_attn_);
     }
     mid2_ = std::make_unique<ResBlock<T>>(cur, cur, tdim, c.groups, c.dropout, g);
-    this->register_module("mid2", *mid2_);
+    this->register_module("mid2", mid2_);
     for (int64_t i = L - 1; i >= 0; --i) {
       for (int64_t j = 0; j < c.num_res_blocks + 1; ++j) {
         const std::string name = "up." + std::to_string(up_.size());
         const int64_t cin = cur + hs.back();
         hs.pop_back();
         up_.push_back(std::make_unique<ResBlock<T>>(cin, ch * c.ch_mult[i], tdim, c.groups, c.dropout, g));
-        this->register_module(name + ".0", *up_.back());
+        this->register_module(name + ".0", up_.back());
         cur = ch * c.ch_mult[i];
         up_attn_.push_back(maybe_attn(cur, r, name + ".1"));
       }
       if (i != 0) {
         upsample_.push_back(std::make_unique<Conv2d<T>>(cur, cur, 3, g, 1, 1));
-        this->register_module("upsample." + std::to_string(upsample_.size() - 1) + ".conv", *upsample_.back());
+        this->register_module("upsample." + std::to_string(upsample_.size() - 1) + ".conv", upsample_.back());
         r *= 2;
       }
     }
     norm_out_ = std::make_unique<GroupNorm<T>>(c.groups, cur, 1e-6);
     conv_out_ = std::make_unique<Conv2d<T>>(cur, c.out_ch, 3, g, 1, 1);
     conv_out_->zero_();
-    this->register_module("norm_out", *norm_out_);
-    this->register_module("conv_out", *conv_out_);
+    this->register_module("norm_out", norm_out_);
+    this->register_module("conv_out", conv_out_);
   }
 
   // x: NHWC [B, res, res, in_ch]; t: B timesteps; y: B class labels (0 ..

@@ -26,7 +26,7 @@ class MLP : public Module<T> {
     if (widths.size() < 2) throw std::invalid_argument("diffuse: MLP needs at least an input and output width");
     for (size_t i = 0; i + 1 < widths.size(); ++i) {
       layers_.push_back(std::make_unique<Linear<T>>(widths[i], widths[i + 1], g));
-      this->register_module(std::to_string(2 * i), *layers_.back());
+      this->register_module(std::to_string(2 * i), layers_.back());
     }
   }
   Var<T> operator()(Var<T> h) const { return forward_from(std::move(h), 0); }

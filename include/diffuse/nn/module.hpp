@@ -5,8 +5,19 @@
 // the reference models and checkpoints. Buffers (batch norm's running
 // statistics) are state that is saved and loaded but not trained: they are in
 // `named_state()` (parameters, then buffers) and not in `parameters()`, so
-// optimisers never see them. Modules own their children as members
-// and are neither copied nor moved (children are referenced by address).
+// optimisers never see them.
+//
+// Children: a module owns its children, either as members (register_module(name, member)) or
+// on the heap through a std::unique_ptr (register_module(name, ptr), also for children in a
+// vector or made in a helper). Modules can be moved (a model returned from a factory, kept in
+// a vector): members are found again at the same offset in the moved object, heap children
+// stay where they are. Copying is not offered: a layer's Var members are handles to its
+// parameters, so a copy would share them; to duplicate a model, construct a second one with
+// the same config and load_state_dict(model.state_dict()).
+//
+// train()/eval() set a flag on the module and all its children (is_training()), which the
+// Dropout module reads; the library's own models take dropout's generator instead (given
+// while training, not while sampling).
 //
 // Devices: `to(Device::CUDA)` moves every parameter and buffer in place (the
 // Vars that optimisers hold see the move), so the same object trains or
@@ -16,7 +27,9 @@
 // names and layouts whatever the device.
 #pragma once
 
+#include <cstddef>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -69,6 +82,27 @@ class Module {
   virtual ~Module() = default;
   Module(const Module&) = delete;
   Module& operator=(const Module&) = delete;
+  Module(Module&& o) noexcept { take(o); }
+  Module& operator=(Module&& o) noexcept {
+    if (this != &o) take(o);
+    return *this;
+  }
+
+  // Training mode (the default) or evaluation mode, for this module and all its children.
+  Module& train(bool on = true) {
+    training_ = on;
+    for (const auto& c : children_) child(c).train(on);
+    return *this;
+  }
+  Module& eval() { return train(false); }
+  bool is_training() const { return training_; }
+
+  // The direct children, in registration order, with their names.
+  std::vector<std::pair<std::string, const Module*>> named_children() const {
+    std::vector<std::pair<std::string, const Module*>> out;
+    for (const auto& c : children_) out.emplace_back(c.name, &child(c));
+    return out;
+  }
 
   std::vector<std::pair<std::string, Var<T>>> named_parameters() const {
     std::vector<std::pair<std::string, Var<T>>> out;
@@ -156,7 +190,19 @@ class Module {
     buffers_.emplace_back(name, v);
     return v;
   }
-  void register_module(const std::string& name, Module& child) { children_.emplace_back(name, &child); }
+  // A child that is a member of this module (found at the same offset after a move).
+  void register_module(const std::string& name, Module& member) {
+    const std::ptrdiff_t off = reinterpret_cast<const char*>(&member) - reinterpret_cast<const char*>(this);
+    if (off <= 0)
+      throw std::logic_error("diffuse: register_module('" + name + "'): not a member; register a heap child by its unique_ptr");
+    children_.push_back({name, off, nullptr});
+  }
+  // A child on the heap, owned by this module through `owner` (a member, or an element of a member vector).
+  template <class M>
+  void register_module(const std::string& name, const std::unique_ptr<M>& owner) {
+    if (!owner) throw std::logic_error("diffuse: register_module('" + name + "'): null module");
+    children_.push_back({name, 0, static_cast<Module*>(owner.get())});
+  }
 
  private:
   void collect(const std::string& prefix, std::vector<std::pair<std::string, Var<T>>>& out) const {
@@ -165,7 +211,7 @@ class Module {
       p.set_name(prefix + n);
       out.emplace_back(prefix + n, p);
     }
-    for (const auto& [n, c] : children_) c->collect(prefix + n + ".", out);
+    for (const auto& c : children_) child(c).collect(prefix + c.name + ".", out);
   }
   void collect_buffers(const std::string& prefix, std::vector<std::pair<std::string, Var<T>>>& out) const {
     for (const auto& [n, v] : buffers_) {
@@ -173,10 +219,27 @@ class Module {
       b.set_name(prefix + n);
       out.emplace_back(prefix + n, b);
     }
-    for (const auto& [n, c] : children_) c->collect_buffers(prefix + n + ".", out);
+    for (const auto& c : children_) child(c).collect_buffers(prefix + c.name + ".", out);
+  }
+  struct Child {
+    std::string name;
+    std::ptrdiff_t offset;  // a member: its offset from this module
+    Module* heap;           // a heap child (offset unused)
+  };
+  Module& child(const Child& c) const {
+    if (c.heap) return *c.heap;
+    return *reinterpret_cast<Module*>(const_cast<char*>(reinterpret_cast<const char*>(this)) + c.offset);
+  }
+  void take(Module& o) {
+    params_ = std::move(o.params_);
+    buffers_ = std::move(o.buffers_);
+    children_ = std::move(o.children_);
+    training_ = o.training_;
+    o.params_.clear(), o.buffers_.clear(), o.children_.clear();
   }
   std::vector<std::pair<std::string, Var<T>>> params_, buffers_;
-  std::vector<std::pair<std::string, Module*>> children_;
+  std::vector<Child> children_;
+  bool training_ = true;
 };
 
 }  // namespace diffuse
