@@ -4,6 +4,7 @@
 // scipy.linalg.sqrtm (tests/torch/frechet_ref.py) on random, nearly singular
 // and n < d statistics, plus the covariance against numpy.cov. The scipy half
 // is skipped with a warning when DIFFUSE_TORCH_PYTHON cannot import scipy.
+#include <Eigen/QR>  // random orthogonal matrices
 #include <catch2/catch.hpp>
 
 #include <cmath>

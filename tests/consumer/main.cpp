@@ -1,7 +1,8 @@
 // An outside project's program: a model that is not in diffuse (a timestep-conditioned MLP with a
 // FiLM layer and a layer-norm block), written from the public layers and ops, trained for a few
 // steps on the device named on the command line. Built against diffuse through add_subdirectory()
-// and find_package(); linked with diffuse::cuda as well where diffuse has CUDA.
+// and find_package() (installed, also header-only through diffuse::headers); linked with
+// diffuse::cuda as well where diffuse has CUDA.
 //
 //   diffuse_consumer [cpu|cuda]     prints the losses; "cuda" without a usable device fails in one line
 #include <diffuse/diffuse.hpp>

@@ -112,55 +112,61 @@ class Tape {
   void clear() { entries_.clear(); }
 
   // Seeds d(loss)/d(loss) = 1 (or `seed` for a non-scalar root) and runs the tape backwards.
-  void backward(const Var<T>& root, const Tensor<T>* seed = nullptr) {
-    Node<T>& r = *root.node();
-    if (!r.requires_grad) throw std::logic_error("diffuse: backward() on a value that does not require grad");
-    if (seed && (seed->shape() != r.value.shape() || seed->device() != r.value.device()))
-      throw std::invalid_argument("diffuse: backward: the seed must have the root's shape " + shape_str(r.value.shape()) +
-                                  " and device");
-    GradSink<T> s = grad_sink(r);
-    const size_t n = r.value.size();
-    const T* sd = seed ? seed->data() : nullptr;
-    if (r.value.device() == Device::CUDA) {
-      if constexpr (std::is_same_v<T, float>) {
-        backend::CudaBackend& be = backend::require_cuda("backward");
-        const int64_t ne = static_cast<int64_t>(n);
-        if (sd) {
-          be.copy(sd, s.data, ne, s.accumulate);
-        } else if (s.accumulate) {
-          const Tensor<T> ones = Tensor<T>::ones(r.value.shape(), Device::CUDA);
-          be.copy(ones.data(), s.data, ne, true);
-        } else {
-          be.fill(s.data, ne, T(1));
-        }
-      } else {
-        throw std::invalid_argument("diffuse: backward: CUDA tensors must be float");
-      }
-    } else if (s.accumulate) {
-      for (size_t i = 0; i < n; ++i) s.data[i] += sd ? sd[i] : T(1);
-    } else if (sd) {
-      std::copy(sd, sd + n, s.data);
-    } else {
-      std::fill(s.data, s.data + n, T(1));
-    }
-    // Each entry is released as soon as it has run: its closure (and the
-    // activations it saved) and the gradient of its output, which no later
-    // entry reads. So memory falls during the backward instead of holding
-    // every activation and every intermediate gradient to the end (as PyTorch
-    // frees non-leaf gradients). Leaves keep their gradients.
-    for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
-      if (it->out->has_grad) it->fn(it->out->grad);
-      it->fn = nullptr;
-      it->out->grad = Tensor<T>();
-      it->out->has_grad = false;
-      it->out.reset();
-    }
-    clear();
-  }
+  void backward(const Var<T>& root, const Tensor<T>* seed = nullptr);
 
  private:
   std::vector<Entry> entries_;
 };
+
+template <class T>
+void Tape<T>::backward(const Var<T>& root, const Tensor<T>* seed) {
+  Node<T>& r = *root.node();
+  if (!r.requires_grad) throw std::logic_error("diffuse: backward() on a value that does not require grad");
+  if (seed && (seed->shape() != r.value.shape() || seed->device() != r.value.device()))
+    throw std::invalid_argument("diffuse: backward: the seed must have the root's shape " + shape_str(r.value.shape()) +
+                                " and device");
+  GradSink<T> s = grad_sink(r);
+  const size_t n = r.value.size();
+  const T* sd = seed ? seed->data() : nullptr;
+  if (r.value.device() == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      backend::CudaBackend& be = backend::require_cuda("backward");
+      const int64_t ne = static_cast<int64_t>(n);
+      if (sd) {
+        be.copy(sd, s.data, ne, s.accumulate);
+      } else if (s.accumulate) {
+        const Tensor<T> ones = Tensor<T>::ones(r.value.shape(), Device::CUDA);
+        be.copy(ones.data(), s.data, ne, true);
+      } else {
+        be.fill(s.data, ne, T(1));
+      }
+    } else {
+      throw std::invalid_argument("diffuse: backward: CUDA tensors must be float");
+    }
+  } else if (s.accumulate) {
+    for (size_t i = 0; i < n; ++i) s.data[i] += sd ? sd[i] : T(1);
+  } else if (sd) {
+    std::copy(sd, sd + n, s.data);
+  } else {
+    std::fill(s.data, s.data + n, T(1));
+  }
+  // Each entry is released as soon as it has run: its closure (and the
+  // activations it saved) and the gradient of its output, which no later
+  // entry reads. So memory falls during the backward instead of holding
+  // every activation and every intermediate gradient to the end (as PyTorch
+  // frees non-leaf gradients). Leaves keep their gradients.
+  for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
+    if (it->out->has_grad) it->fn(it->out->grad);
+    it->fn = nullptr;
+    it->out->grad = Tensor<T>();
+    it->out->has_grad = false;
+    it->out.reset();
+  }
+  clear();
+}
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(class Tape<float>)
 
 // Disables recording (and so gradient tracking) in its scope, for sampling and evaluation.
 class NoGrad {

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include <diffuse/backend/cuda.hpp>
+#include <diffuse/core/config.hpp>
 #include <diffuse/backend/cpu/host_cache.hpp>
 #include <diffuse/core/rng.hpp>
 

@@ -63,7 +63,7 @@ inline void guide_combine(Tensor<T>& cond, const Tensor<T>& uncond, double w) {
 // forward pass over the doubled batch [x; x] with labels [y; null], which keeps
 // the GEMMs large, then guide_combine.
 template <class T>
-inline EpsModel<T> guided_eps_model(ClassEpsModel<T> f, std::vector<int32_t> y, int32_t null_class, double w) {
+EpsModel<T> guided_eps_model(ClassEpsModel<T> f, std::vector<int32_t> y, int32_t null_class, double w) {
   return [f = std::move(f), y = std::move(y), null_class, w](const Tensor<T>& x, const std::vector<int32_t>& t) {
     const int64_t B = x.size(0);
     if (static_cast<int64_t>(y.size()) != B || static_cast<int64_t>(t.size()) != B)
@@ -90,5 +90,9 @@ template <class T, class M>
 inline EpsModel<T> guided_eps_model(const M& model, std::vector<int32_t> y, int32_t null_class, double w) {
   return guided_eps_model<T>(ClassEpsModel<T>(class_eps_model<T>(model)), std::move(y), null_class, w);
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(EpsModel<float> guided_eps_model<float>(ClassEpsModel<float> f, std::vector<int32_t> y,
+    int32_t null_class, double w))
 
 }  // namespace diffuse

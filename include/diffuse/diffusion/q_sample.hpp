@@ -18,8 +18,8 @@ namespace diffuse {
 
 // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per batch row (dimension 0).
 template <class T>
-inline Tensor<T> q_sample(const NoiseSchedule& s, const Tensor<T>& x0, const std::vector<int32_t>& t,
-                          const Tensor<T>& eps) {
+Tensor<T> q_sample(const NoiseSchedule& s, const Tensor<T>& x0, const std::vector<int32_t>& t,
+                   const Tensor<T>& eps) {
   if (x0.shape() != eps.shape() || x0.dim() < 1 || x0.size(0) != static_cast<int64_t>(t.size()))
     throw std::invalid_argument("diffuse: q_sample shapes " + shape_str(x0.shape()) + ", " + shape_str(eps.shape()) +
                                 " with " + std::to_string(t.size()) + " timesteps");
@@ -65,7 +65,7 @@ struct NoisedBatch {
 };
 
 template <class T>
-inline NoisedBatch<T> make_noised_batch(const NoiseSchedule& s, const Tensor<T>& x0, Generator& g) {
+NoisedBatch<T> make_noised_batch(const NoiseSchedule& s, const Tensor<T>& x0, Generator& g) {
   NoisedBatch<T> nb;
   nb.t.resize(static_cast<size_t>(x0.size(0)));
   g.randint(nb.t.data(), nb.t.size(), static_cast<uint32_t>(s.T()));
@@ -73,5 +73,11 @@ inline NoisedBatch<T> make_noised_batch(const NoiseSchedule& s, const Tensor<T>&
   nb.x_t = q_sample(s, x0, nb.t, nb.eps);
   return nb;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> q_sample<float>(const NoiseSchedule& s, const Tensor<float>& x0,
+    const std::vector<int32_t>& t, const Tensor<float>& eps))
+DIFFUSE_FLOAT_INSTANCE(NoisedBatch<float> make_noised_batch<float>(const NoiseSchedule& s, const Tensor<float>& x0,
+    Generator& g))
 
 }  // namespace diffuse

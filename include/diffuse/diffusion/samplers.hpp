@@ -62,8 +62,8 @@ inline void sampler_step_cuda(const backend::SamplerStep& st, Tensor<float>& x, 
 //   no clipping: x = (x - beta / sqrt(1 - abar) eps) / sqrt(alpha) + sigma z
 //   clipping:    x0 = clip((x - sqrt(1 - abar) eps) / sqrt(abar)), x = c1 x0 + c2 x + sigma z
 template <class T>
-inline void ddpm_step(const NoiseSchedule& s, int t, Tensor<T>& x, const Tensor<T>& eps, Generator& g,
-                      const SampleOptions& o) {
+void ddpm_step(const NoiseSchedule& s, int t, Tensor<T>& x, const Tensor<T>& eps, Generator& g,
+               const SampleOptions& o) {
   const size_t n = x.size();
   double var = o.variance == Variance::FixedSmall ? s.posterior_variance[t] : s.beta[t];
   if (o.variance == Variance::FixedLarge && t == 0 && s.T() > 1) var = s.posterior_variance[1];
@@ -107,8 +107,8 @@ inline void ddpm_step(const NoiseSchedule& s, int t, Tensor<T>& x, const Tensor<
 
 // Ancestral sampling from x_T ~ N(0, I) over all T steps.
 template <class T>
-inline Tensor<T> ddpm_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
-                             const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
+Tensor<T> ddpm_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
+                      const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
   Tensor<T> x = Tensor<T>::randn(shape, g, o.device);
   if (observe) observe(s.T(), x);
   std::vector<int32_t> tt(static_cast<size_t>(shape.at(0)));
@@ -136,8 +136,8 @@ inline std::vector<int> ddim_timesteps(int T, int steps) {
 //   sigma = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p),
 //   x = sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
 template <class T>
-inline Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
-                             const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
+Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
+                      const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
   const std::vector<int> ts = ddim_timesteps(s.T(), o.steps > 0 ? o.steps : s.T());
   Tensor<T> x = Tensor<T>::randn(shape, g, o.device);
   const int S = static_cast<int>(ts.size());
@@ -205,5 +205,13 @@ inline Tensor<T> ddim_sample(const NoiseSchedule& s, const M& model, const Shape
   o.device = detail::sample_device(model, o.device);
   return ddim_sample<T>(s, EpsModel<T>(eps_model<T>(model)), shape, g, o, observe);
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(void ddpm_step<float>(const NoiseSchedule& s, int t, Tensor<float>& x,
+    const Tensor<float>& eps, Generator& g, const SampleOptions& o))
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> ddpm_sample<float>(const NoiseSchedule& s, const EpsModel<float>& model,
+    const Shape& shape, Generator& g, const SampleOptions& o, const SampleObserver<float>& observe))
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> ddim_sample<float>(const NoiseSchedule& s, const EpsModel<float>& model,
+    const Shape& shape, Generator& g, const SampleOptions& o, const SampleObserver<float>& observe))
 
 }  // namespace diffuse

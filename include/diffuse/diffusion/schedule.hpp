@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/core/config.hpp>
+
 namespace diffuse {
 
 class NoiseSchedule {
@@ -62,30 +64,35 @@ class NoiseSchedule {
   static void check_T(int T) {
     if (T < 1) throw std::invalid_argument("diffuse: the number of diffusion steps T must be >= 1");
   }
-  NoiseSchedule(std::string name, std::vector<double> b) : beta(std::move(b)), name_(std::move(name)) {
-    const size_t n = beta.size();
-    alpha.resize(n);
-    abar.resize(n);
-    abar_prev.resize(n);
-    sqrt_abar.resize(n);
-    sqrt_one_minus_abar.resize(n);
-    posterior_variance.resize(n);
-    posterior_coef1.resize(n);
-    posterior_coef2.resize(n);
-    double prod = 1.0;
-    for (size_t t = 0; t < n; ++t) {
-      alpha[t] = 1.0 - beta[t];
-      abar_prev[t] = prod;
-      prod *= alpha[t];
-      abar[t] = prod;
-      sqrt_abar[t] = std::sqrt(abar[t]);
-      sqrt_one_minus_abar[t] = std::sqrt(1.0 - abar[t]);
-      posterior_variance[t] = beta[t] * (1.0 - abar_prev[t]) / (1.0 - abar[t]);
-      posterior_coef1[t] = beta[t] * std::sqrt(abar_prev[t]) / (1.0 - abar[t]);
-      posterior_coef2[t] = (1.0 - abar_prev[t]) * std::sqrt(alpha[t]) / (1.0 - abar[t]);
-    }
-  }
+  NoiseSchedule(std::string name, std::vector<double> b);
   std::string name_;
 };
+
+#if DIFFUSE_DEFINE_IMPL
+DIFFUSE_IMPL_INLINE NoiseSchedule::NoiseSchedule(std::string name, std::vector<double> b)
+    : beta(std::move(b)), name_(std::move(name)) {
+  const size_t n = beta.size();
+  alpha.resize(n);
+  abar.resize(n);
+  abar_prev.resize(n);
+  sqrt_abar.resize(n);
+  sqrt_one_minus_abar.resize(n);
+  posterior_variance.resize(n);
+  posterior_coef1.resize(n);
+  posterior_coef2.resize(n);
+  double prod = 1.0;
+  for (size_t t = 0; t < n; ++t) {
+    alpha[t] = 1.0 - beta[t];
+    abar_prev[t] = prod;
+    prod *= alpha[t];
+    abar[t] = prod;
+    sqrt_abar[t] = std::sqrt(abar[t]);
+    sqrt_one_minus_abar[t] = std::sqrt(1.0 - abar[t]);
+    posterior_variance[t] = beta[t] * (1.0 - abar_prev[t]) / (1.0 - abar[t]);
+    posterior_coef1[t] = beta[t] * std::sqrt(abar_prev[t]) / (1.0 - abar[t]);
+    posterior_coef2[t] = (1.0 - abar_prev[t]) * std::sqrt(alpha[t]) / (1.0 - abar[t]);
+  }
+}
+#endif  // DIFFUSE_DEFINE_IMPL
 
 }  // namespace diffuse

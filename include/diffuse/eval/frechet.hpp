@@ -35,7 +35,6 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <Eigen/Eigenvalues>
 
 #include <algorithm>
 #include <cmath>
@@ -46,7 +45,12 @@
 #include <string>
 #include <type_traits>
 
+#include <diffuse/core/config.hpp>
 #include <diffuse/io/npy.hpp>
+
+#if DIFFUSE_DEFINE_IMPL
+#include <Eigen/Eigenvalues>  // only where the distance is compiled (seconds of compile time)
+#endif
 
 namespace diffuse {
 
@@ -58,7 +62,7 @@ struct GaussianStats {
 // Mean and unbiased covariance of n rows of d features (row-major), in double
 // whatever T is (float statistics give wrong FIDs). Needs n >= 2.
 template <class T>
-inline GaussianStats gaussian_stats(const T* features, int64_t n, int64_t d) {
+GaussianStats gaussian_stats(const T* features, int64_t n, int64_t d) {
   static_assert(std::is_floating_point_v<T>, "gaussian_stats: features must be float or double");
   if (n < 2 || d < 1)
     throw std::invalid_argument("gaussian_stats: need at least 2 samples of at least 1 feature, got " +
@@ -75,10 +79,20 @@ inline GaussianStats gaussian_stats(const T* features, int64_t n, int64_t d) {
   return s;
 }
 
+// Frechet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma); see the top of this file.
+DIFFUSE_IMPL_INLINE double frechet_distance(const GaussianStats& a, const GaussianStats& b);
+// Statistics files as pytorch-fid writes them (np.savez_compressed(path, mu=..., sigma=...)).
+DIFFUSE_IMPL_INLINE void save_gaussian_stats(const std::string& path, const GaussianStats& s);
+DIFFUSE_IMPL_INLINE GaussianStats load_gaussian_stats(const std::string& path);
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(GaussianStats gaussian_stats<float>(const float* features, int64_t n, int64_t d))
+
+#if DIFFUSE_DEFINE_IMPL
 namespace detail {
 
 // sum_i sqrt(lambda_i(S1^1/2 S2 S1^1/2)) = tr sqrtm(S1 S2) for symmetric PSD S1, S2.
-inline double trace_sqrt_product(const Eigen::MatrixXd& s1, const Eigen::MatrixXd& s2) {
+DIFFUSE_IMPL_INLINE double trace_sqrt_product(const Eigen::MatrixXd& s1, const Eigen::MatrixXd& s2) {
   auto imaginary_check = [](const Eigen::VectorXd& ev, const char* what) {
     const double lmin = ev.minCoeff(), lmax = std::max(ev.maxCoeff(), 0.0);
     if (lmin < 0 && std::sqrt(-lmin) > 1e-3 * std::max(1.0, std::sqrt(lmax)))
@@ -102,8 +116,7 @@ inline double trace_sqrt_product(const Eigen::MatrixXd& s1, const Eigen::MatrixX
 
 }  // namespace detail
 
-// Frechet distance between N(a.mu, a.sigma) and N(b.mu, b.sigma); see the top of this file.
-inline double frechet_distance(const GaussianStats& a, const GaussianStats& b) {
+DIFFUSE_IMPL_INLINE double frechet_distance(const GaussianStats& a, const GaussianStats& b) {
   const int64_t d = a.mu.size();
   if (d == 0 || a.sigma.rows() != d || a.sigma.cols() != d || b.mu.size() != d || b.sigma.rows() != d ||
       b.sigma.cols() != d)
@@ -124,8 +137,7 @@ inline double frechet_distance(const GaussianStats& a, const GaussianStats& b) {
   return fd;
 }
 
-// Statistics files as pytorch-fid writes them (np.savez_compressed(path, mu=..., sigma=...)).
-inline void save_gaussian_stats(const std::string& path, const GaussianStats& s) {
+DIFFUSE_IMPL_INLINE void save_gaussian_stats(const std::string& path, const GaussianStats& s) {
   const int64_t d = s.mu.size();
   if (s.sigma.rows() != d || s.sigma.cols() != d)
     throw std::invalid_argument("save_gaussian_stats: " + path + ": mu and sigma sizes differ");
@@ -133,7 +145,7 @@ inline void save_gaussian_stats(const std::string& path, const GaussianStats& s)
   npy::save_npz(path, {{"mu", npy::array(s.mu.data(), {d})}, {"sigma", npy::array(sr.data(), {d, d})}});
 }
 
-inline GaussianStats load_gaussian_stats(const std::string& path) {
+DIFFUSE_IMPL_INLINE GaussianStats load_gaussian_stats(const std::string& path) {
   const auto m = npy::load_npz(path);
   if (!m.count("mu") || !m.count("sigma"))
     throw std::runtime_error("load_gaussian_stats: " + path + ": needs arrays 'mu' and 'sigma'");
@@ -147,5 +159,7 @@ inline GaussianStats load_gaussian_stats(const std::string& path) {
   s.sigma = Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(sv.data(), d, d);
   return s;
 }
+
+#endif  // DIFFUSE_DEFINE_IMPL
 
 }  // namespace diffuse

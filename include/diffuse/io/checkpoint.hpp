@@ -28,8 +28,8 @@ struct TrainState {
 };
 
 template <class T>
-inline void save_checkpoint(const std::string& path, const Module<T>& model, Adam<T>* opt, EMA<T>* ema,
-                            int64_t step, const Generator& rng, const safetensors::Metadata& extra = {}) {
+void save_checkpoint(const std::string& path, const Module<T>& model, Adam<T>* opt, EMA<T>* ema,
+                     int64_t step, const Generator& rng, const safetensors::Metadata& extra = {}) {
   safetensors::Writer w;
   const auto params = model.named_parameters();
   auto torch = [&](size_t k, const Tensor<T>& t) { return to_torch_layout(t, params[k].second.layout()); };
@@ -63,7 +63,7 @@ inline int64_t meta_int(const safetensors::File& f, const std::string& key) {
 // Loads model weights (strict: every parameter and buffer present with its shape). Other
 // tensors in the file are ignored only if they belong to the ema./optim. groups.
 template <class T>
-inline void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
+void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
   std::set<std::string> expected;
   for (auto& [name, p] : model.named_state()) {
     const std::string key = prefix + name;
@@ -85,7 +85,7 @@ inline void load_weights(const safetensors::File& f, Module<T>& model, const std
 }
 
 template <class T>
-inline TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* opt, EMA<T>* ema) {
+TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* opt, EMA<T>* ema) {
   const safetensors::File f = safetensors::File::read(path);
   load_weights(f, model);
   const auto params = model.named_parameters();
@@ -113,5 +113,13 @@ inline TrainState load_checkpoint(const std::string& path, Module<T>& model, Ada
   st.metadata = f.metadata();
   return st;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(void save_checkpoint<float>(const std::string& path, const Module<float>& model,
+    Adam<float>* opt, EMA<float>* ema, int64_t step, const Generator& rng, const safetensors::Metadata& extra))
+DIFFUSE_FLOAT_INSTANCE(void load_weights<float>(const safetensors::File& f, Module<float>& model,
+    const std::string& prefix))
+DIFFUSE_FLOAT_INSTANCE(TrainState load_checkpoint<float>(const std::string& path, Module<float>& model,
+    Adam<float>* opt, EMA<float>* ema))
 
 }  // namespace diffuse

@@ -12,13 +12,16 @@
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <unistd.h>
 #include <vector>
 
 #include <diffuse/core/tensor.hpp>
+
+#if DIFFUSE_DEFINE_IMPL
+#include <nlohmann/json.hpp>  // the header's JSON, only where the parser and writer are compiled
+#endif
 
 namespace diffuse::safetensors {
 
@@ -131,53 +134,57 @@ class File {
   [[noreturn]] void bad(const std::string& why) const {
     throw std::runtime_error("diffuse: '" + path_ + "' is not a valid safetensors file: " + why);
   }
-  void parse() {
-    if (buf_.size() < 8) bad("shorter than its 8-byte header length");
-    uint64_t hlen;
-    std::memcpy(&hlen, buf_.data(), 8);
-    if (hlen > buf_.size() - 8) bad("header length " + std::to_string(hlen) + " exceeds the file size");
-    nlohmann::json h;
-    try {
-      h = nlohmann::json::parse(buf_.begin() + 8, buf_.begin() + 8 + static_cast<std::ptrdiff_t>(hlen));
-    } catch (const std::exception& e) {
-      bad(std::string("header JSON: ") + e.what());
-    }
-    if (!h.is_object()) bad("header is not a JSON object");
-    const uint8_t* base = buf_.data() + 8 + hlen;
-    const uint64_t avail = buf_.size() - 8 - hlen;
-    for (auto it = h.begin(); it != h.end(); ++it) {
-      if (it.key() == "__metadata__") {
-        if (!it->is_object()) bad("__metadata__ is not an object");
-        for (auto m = it->begin(); m != it->end(); ++m) {
-          if (!m->is_string()) bad("metadata value '" + m.key() + "' is not a string");
-          meta_[m.key()] = m->get<std::string>();
-        }
-        continue;
-      }
-      const auto& e = *it;
-      View v{};
-      try {
-        if (!parse_dtype(e.at("dtype").get<std::string>(), v.dtype)) bad("tensor '" + it.key() + "': unknown dtype");
-        for (const auto& d : e.at("shape")) v.shape.push_back(d.get<int64_t>());
-        const uint64_t b = e.at("data_offsets").at(0).get<uint64_t>(), en = e.at("data_offsets").at(1).get<uint64_t>();
-        if (b > en || en > avail) bad("tensor '" + it.key() + "': data offsets outside the file");
-        for (int64_t d : v.shape)
-          if (d < 0) bad("tensor '" + it.key() + "': negative dimension");
-        if (en - b != static_cast<uint64_t>(shape_numel(v.shape)) * dtype_size(v.dtype))
-          bad("tensor '" + it.key() + "': " + std::to_string(en - b) + " bytes for shape " + shape_str(v.shape));
-        v.data = base + b;
-        v.nbytes = en - b;
-      } catch (const nlohmann::json::exception& ex) {
-        bad("tensor '" + it.key() + "': " + ex.what());
-      }
-      views_[it.key()] = v;
-    }
-  }
+  void parse();
   std::string path_;
   std::vector<uint8_t> buf_;
   std::map<std::string, View> views_;
   Metadata meta_;
 };
+
+#if DIFFUSE_DEFINE_IMPL
+DIFFUSE_IMPL_INLINE void File::parse() {
+  if (buf_.size() < 8) bad("shorter than its 8-byte header length");
+  uint64_t hlen;
+  std::memcpy(&hlen, buf_.data(), 8);
+  if (hlen > buf_.size() - 8) bad("header length " + std::to_string(hlen) + " exceeds the file size");
+  nlohmann::json h;
+  try {
+    h = nlohmann::json::parse(buf_.begin() + 8, buf_.begin() + 8 + static_cast<std::ptrdiff_t>(hlen));
+  } catch (const std::exception& e) {
+    bad(std::string("header JSON: ") + e.what());
+  }
+  if (!h.is_object()) bad("header is not a JSON object");
+  const uint8_t* base = buf_.data() + 8 + hlen;
+  const uint64_t avail = buf_.size() - 8 - hlen;
+  for (auto it = h.begin(); it != h.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      if (!it->is_object()) bad("__metadata__ is not an object");
+      for (auto m = it->begin(); m != it->end(); ++m) {
+        if (!m->is_string()) bad("metadata value '" + m.key() + "' is not a string");
+        meta_[m.key()] = m->get<std::string>();
+      }
+      continue;
+    }
+    const auto& e = *it;
+    View v{};
+    try {
+      if (!parse_dtype(e.at("dtype").get<std::string>(), v.dtype)) bad("tensor '" + it.key() + "': unknown dtype");
+      for (const auto& d : e.at("shape")) v.shape.push_back(d.get<int64_t>());
+      const uint64_t b = e.at("data_offsets").at(0).get<uint64_t>(), en = e.at("data_offsets").at(1).get<uint64_t>();
+      if (b > en || en > avail) bad("tensor '" + it.key() + "': data offsets outside the file");
+      for (int64_t d : v.shape)
+        if (d < 0) bad("tensor '" + it.key() + "': negative dimension");
+      if (en - b != static_cast<uint64_t>(shape_numel(v.shape)) * dtype_size(v.dtype))
+        bad("tensor '" + it.key() + "': " + std::to_string(en - b) + " bytes for shape " + shape_str(v.shape));
+      v.data = base + b;
+      v.nbytes = en - b;
+    } catch (const nlohmann::json::exception& ex) {
+      bad("tensor '" + it.key() + "': " + ex.what());
+    }
+    views_[it.key()] = v;
+  }
+}
+#endif  // DIFFUSE_DEFINE_IMPL
 
 class Writer {
  public:
@@ -194,32 +201,7 @@ class Writer {
   }
   Metadata metadata;
 
-  void write(const std::string& path) const {
-    nlohmann::json h = nlohmann::json::object();
-    uint64_t off = 0;
-    for (const auto& e : entries_) {
-      h[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + e.nbytes}}};
-      off += e.nbytes;
-    }
-    if (!metadata.empty()) h["__metadata__"] = metadata;
-    std::string hs = h.dump();
-    while ((8 + hs.size()) % 8) hs.push_back(' ');
-    const std::string tmp = path + ".tmp";
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) throw std::runtime_error("diffuse: cannot write '" + tmp + "': " + std::strerror(errno));
-    const uint64_t hl = hs.size();
-    bool ok = std::fwrite(&hl, 8, 1, f) == 1 && std::fwrite(hs.data(), 1, hs.size(), f) == hs.size();
-    for (const auto& e : entries_) ok = ok && (e.nbytes == 0 || std::fwrite(e.data, 1, e.nbytes, f) == e.nbytes);
-    ok = ok && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok) {
-      const std::string err = std::strerror(errno);
-      std::remove(tmp.c_str());
-      throw std::runtime_error("diffuse: writing '" + tmp + "' failed: " + err);
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0)
-      throw std::runtime_error("diffuse: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
-  }
+  void write(const std::string& path) const;
 
  private:
   struct Entry {
@@ -233,5 +215,34 @@ class Writer {
   std::map<std::string, size_t> index_;
   std::vector<std::shared_ptr<void>> keep_;
 };
+
+#if DIFFUSE_DEFINE_IMPL
+DIFFUSE_IMPL_INLINE void Writer::write(const std::string& path) const {
+  nlohmann::json h = nlohmann::json::object();
+  uint64_t off = 0;
+  for (const auto& e : entries_) {
+    h[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + e.nbytes}}};
+    off += e.nbytes;
+  }
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  std::string hs = h.dump();
+  while ((8 + hs.size()) % 8) hs.push_back(' ');
+  const std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw std::runtime_error("diffuse: cannot write '" + tmp + "': " + std::strerror(errno));
+  const uint64_t hl = hs.size();
+  bool ok = std::fwrite(&hl, 8, 1, f) == 1 && std::fwrite(hs.data(), 1, hs.size(), f) == hs.size();
+  for (const auto& e : entries_) ok = ok && (e.nbytes == 0 || std::fwrite(e.data, 1, e.nbytes, f) == e.nbytes);
+  ok = ok && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok) {
+    const std::string err = std::strerror(errno);
+    std::remove(tmp.c_str());
+    throw std::runtime_error("diffuse: writing '" + tmp + "' failed: " + err);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw std::runtime_error("diffuse: cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(errno));
+}
+#endif  // DIFFUSE_DEFINE_IMPL
 
 }  // namespace diffuse::safetensors

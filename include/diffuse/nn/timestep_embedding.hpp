@@ -15,7 +15,7 @@ namespace diffuse {
 
 // On `dev`: a CUDA embedding is computed on the device from the uploaded timesteps (float).
 template <class T>
-inline Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim, Device dev = Device::CPU) {
+Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim, Device dev = Device::CPU) {
   if (dim < 4 || dim % 2) throw std::invalid_argument("diffuse: timestep embedding needs an even dim >= 4");
   const int64_t half = dim / 2, n = static_cast<int64_t>(t.size());
   if (dev == Device::CUDA) {
@@ -43,5 +43,8 @@ inline Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim, 
   }
   return e;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> timestep_embedding<float>(const std::vector<int32_t>& t, int64_t dim, Device dev))
 
 }  // namespace diffuse

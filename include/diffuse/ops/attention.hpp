@@ -207,7 +207,7 @@ inline Var<float> attention_cuda(const Var<float>& q, const Var<float>& k, const
 // heads=1; 32 MiB at L=1024), and the backward overwrites them with dS. Besides
 // that, one block of rows x L scores per thread (at most ~100 x L).
 template <class T>
-inline Var<T> attention(const Var<T>& q, const Var<T>& k, const Var<T>& v, int heads = 1) {
+Var<T> attention(const Var<T>& q, const Var<T>& k, const Var<T>& v, int heads = 1) {
   if (!q.defined() || !k.defined() || !v.defined())
     throw std::invalid_argument("diffuse: attention: q, k and v must be defined");
   if (q.value().dim() != 3)
@@ -247,5 +247,9 @@ inline Var<T> attention(const Var<T>& q, const Var<T>& k, const Var<T>& v, int h
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> attention<float>(const Var<float>& q, const Var<float>& k, const Var<float>& v,
+    int heads))
 
 }  // namespace diffuse

@@ -45,8 +45,8 @@ inline Var<float> batch_norm_inference_cuda(const Var<float>& x, const Var<float
 }  // namespace detail
 
 template <class T>
-inline Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const Var<T>& bias,
-                                   const Tensor<T>& running_mean, const Tensor<T>& running_var, double eps) {
+Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const Var<T>& bias,
+                            const Tensor<T>& running_mean, const Tensor<T>& running_var, double eps) {
   detail::require_nhwc("batch_norm_inference", x.shape());
   const int64_t C = x.size(3), P = x.value().numel() / std::max<int64_t>(C, 1);
   for (const Shape* s : {&weight.shape(), &bias.shape(), &running_mean.shape(), &running_var.shape()})
@@ -108,5 +108,9 @@ inline Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const 
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> batch_norm_inference<float>(const Var<float>& x, const Var<float>& weight,
+    const Var<float>& bias, const Tensor<float>& running_mean, const Tensor<float>& running_var, double eps))
 
 }  // namespace diffuse

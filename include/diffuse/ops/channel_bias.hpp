@@ -38,7 +38,7 @@ inline Var<float> add_channel_bias_cuda(const Var<float>& x, const Var<float>& b
 // x NHWC [N, H, W, C] plus b [N, C] broadcast over H and W: the ResBlock's
 // h + temb_proj(emb)[:, :, None, None]. Backward: dx = g, db[n, c] = sum over pixels.
 template <class T>
-inline Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
+Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
   detail::require_nhwc("add_channel_bias", x.shape());
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   if (b.value().dim() != 2 || b.size(0) != N || b.size(1) != C)
@@ -86,5 +86,7 @@ inline Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
   });
 }
 
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> add_channel_bias<float>(const Var<float>& x, const Var<float>& b))
 
 }  // namespace diffuse

@@ -237,7 +237,7 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
 
 // y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, kh, kw, C] (OHWI), b [O] (or undefined).
 template <class T>
-inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
+Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
   if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(3) != x.size(3))
     throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,kh,kw,C] (OHWI); got x " +
                                 shape_str(x.shape()) + ", weight " + shape_str(w.shape()));
@@ -282,8 +282,14 @@ inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Co
 }
 
 template <class T>
-inline Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, int64_t stride = 1, int64_t padding = 0) {
+Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, int64_t stride = 1, int64_t padding = 0) {
   return conv2d(x, w, b, Conv2dOptions{stride, stride, padding, padding});
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> conv2d<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b,
+    const Conv2dOptions& opt))
+DIFFUSE_FLOAT_INSTANCE(Var<float> conv2d<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b,
+    int64_t stride, int64_t padding))
 
 }  // namespace diffuse

@@ -51,7 +51,7 @@ inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, uin
 // blocks); the backward regenerates it from the same (seed, offset) instead of
 // storing it. Not training, or p == 0: returns x itself and draws nothing.
 template <class T>
-inline Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
+Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
   if (!(p >= 0.0 && p <= 1.0))
     throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(p));
   if (!training || p == 0.0) return x;
@@ -75,5 +75,7 @@ inline Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) 
   });
 }
 
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> dropout<float>(const Var<float>& x, double p, Generator& gen, bool training))
 
 }  // namespace diffuse

@@ -182,15 +182,15 @@ inline Var<T> binary(const Var<T>& a, const Var<T>& b, BinOp op, const char* nam
 
 // Elementwise with NumPy broadcasting.
 template <class T>
-inline Var<T> add(const Var<T>& a, const Var<T>& b) {
+Var<T> add(const Var<T>& a, const Var<T>& b) {
   return detail::binary(a, b, detail::BinOp::Add, "add");
 }
 template <class T>
-inline Var<T> sub(const Var<T>& a, const Var<T>& b) {
+Var<T> sub(const Var<T>& a, const Var<T>& b) {
   return detail::binary(a, b, detail::BinOp::Sub, "sub");
 }
 template <class T>
-inline Var<T> mul(const Var<T>& a, const Var<T>& b) {
+Var<T> mul(const Var<T>& a, const Var<T>& b) {
   return detail::binary(a, b, detail::BinOp::Mul, "mul");
 }
 template <class T>
@@ -216,7 +216,7 @@ inline Var<float> scale_cuda(const Var<float>& a, float s) {
 
 // a * s for a constant s.
 template <class T>
-inline Var<T> scale(const Var<T>& a, T s) {
+Var<T> scale(const Var<T>& a, T s) {
   if (a.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::scale_cuda(a, s);
     else detail::cuda_float_only("scale");
@@ -280,7 +280,7 @@ inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
 // The standalone op; after a linear layer use linear_act, which fuses bias and
 // SiLU into the GEMM's row blocks and keeps sigmoid(z) for the backward.
 template <class T>
-inline Var<T> silu(const Var<T>& a) {
+Var<T> silu(const Var<T>& a) {
   if (a.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::SiLU, "silu");
     else detail::cuda_float_only("silu");
@@ -304,7 +304,7 @@ inline Var<T> silu(const Var<T>& a) {
   });
 }
 template <class T>
-inline Var<T> relu(const Var<T>& a) {
+Var<T> relu(const Var<T>& a) {
   if (a.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::ReLU, "relu");
     else detail::cuda_float_only("relu");
@@ -324,7 +324,7 @@ inline T gelu_grad(T x) {
   return cdf + x * pdf;
 }
 template <class T>
-inline Var<T> gelu(const Var<T>& a) {
+Var<T> gelu(const Var<T>& a) {
   if (a.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::activation_cuda(a, Activation::GELU, "gelu");
     else detail::cuda_float_only("gelu");
@@ -334,7 +334,7 @@ inline Var<T> gelu(const Var<T>& a) {
 
 // f(x) for an Activation (None: x itself).
 template <class T>
-inline Var<T> activate(const Var<T>& x, Activation a) {
+Var<T> activate(const Var<T>& x, Activation a) {
   switch (a) {
     case Activation::SiLU: return silu(x);
     case Activation::ReLU: return relu(x);
@@ -343,5 +343,15 @@ inline Var<T> activate(const Var<T>& x, Activation a) {
   }
   return x;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> add<float>(const Var<float>& a, const Var<float>& b))
+DIFFUSE_FLOAT_INSTANCE(Var<float> sub<float>(const Var<float>& a, const Var<float>& b))
+DIFFUSE_FLOAT_INSTANCE(Var<float> mul<float>(const Var<float>& a, const Var<float>& b))
+DIFFUSE_FLOAT_INSTANCE(Var<float> scale<float>(const Var<float>& a, float s))
+DIFFUSE_FLOAT_INSTANCE(Var<float> silu<float>(const Var<float>& a))
+DIFFUSE_FLOAT_INSTANCE(Var<float> relu<float>(const Var<float>& a))
+DIFFUSE_FLOAT_INSTANCE(Var<float> gelu<float>(const Var<float>& a))
+DIFFUSE_FLOAT_INSTANCE(Var<float> activate<float>(const Var<float>& x, Activation a))
 
 }  // namespace diffuse

@@ -90,8 +90,8 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
 // H * W * (C / groups) values, accumulated in double. With silu = true it
 // returns SiLU(group_norm(x)) as one op (the U-Net's norm + activation).
 template <class T>
-inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
-                         bool silu = false) {
+Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
+                  bool silu = false) {
   detail::require_nhwc("group_norm", x.shape());
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   if (groups <= 0 || C % groups != 0)
@@ -273,5 +273,8 @@ inline Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
   });
 }
 
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> group_norm<float>(const Var<float>& x, const Var<float>& gamma,
+    const Var<float>& beta, int64_t groups, double eps, bool silu))
 
 }  // namespace diffuse

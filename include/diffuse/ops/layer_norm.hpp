@@ -40,7 +40,7 @@ inline Var<float> layer_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
 }  // namespace detail
 
 template <class T>
-inline Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, double eps = 1e-5) {
+Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, double eps = 1e-5) {
   if (x.value().dim() < 1) throw std::invalid_argument("diffuse: layer_norm of a scalar");
   const int64_t C = x.size(-1), rows = C ? x.value().numel() / C : 0;
   if (C == 0) throw std::invalid_argument("diffuse: layer_norm over an empty last dimension " + shape_str(x.shape()));
@@ -126,5 +126,9 @@ inline Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& bet
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> layer_norm<float>(const Var<float>& x, const Var<float>& gamma,
+    const Var<float>& beta, double eps))
 
 }  // namespace diffuse

@@ -41,7 +41,7 @@ inline Var<float> matmul_cuda(const Var<float>& a, const Var<float>& b, int64_t 
 
 // [m,k] x [k,n] -> [m,n].
 template <class T>
-inline Var<T> matmul(const Var<T>& a, const Var<T>& b) {
+Var<T> matmul(const Var<T>& a, const Var<T>& b) {
   if (a.value().dim() != 2 || b.value().dim() != 2 || a.size(1) != b.size(0))
     detail::shape_error("matmul", a.shape(), b.shape());
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
@@ -151,7 +151,7 @@ inline Var<float> linear_cuda(const Var<float>& x, const Var<float>& w, const Va
 
 // y = x W^T + b, as torch.nn.functional.linear: x [N,in], W [out,in], b [out] (may be undefined).
 template <class T>
-inline Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>()) {
+Var<T> linear(const Var<T>& x, const Var<T>& w, const Var<T>& b = Var<T>()) {
   if (x.value().dim() != 2 || w.value().dim() != 2 || x.size(1) != w.size(1))
     detail::shape_error("linear", x.shape(), w.shape());
   const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
@@ -217,8 +217,8 @@ inline Var<float> linear_act_cuda(const Var<float>& x, const Var<float>& w, cons
 // cache. For SiLU the forward keeps sigmoid(z), so the backward needs no exp:
 // silu'(z) = s + y (1 - s) with y = z s the output.
 template <class T>
-inline Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Var<T>* table,
-                              const std::vector<int32_t>* idx, Activation act, const char* name) {
+Var<T> linear_act_impl(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Var<T>* table,
+                       const std::vector<int32_t>* idx, Activation act, const char* name) {
   if (x.value().dim() != 2 || w.value().dim() != 2 || x.size(1) != w.size(1)) shape_error(name, x.shape(), w.shape());
   const int64_t N = x.size(0), in = x.size(1), out = w.size(0);
   if (!b.defined() || b.value().dim() != 1 || b.size(0) != out)
@@ -345,5 +345,11 @@ inline Var<T> linear_gather_act(const Var<T>& x, const Var<T>& w, const Var<T>& 
                                 const std::vector<int32_t>& idx, Activation act) {
   return detail::linear_act_impl<T>(x, w, b, &table, &idx, act, "linear_gather_act");
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> matmul<float>(const Var<float>& a, const Var<float>& b))
+DIFFUSE_FLOAT_INSTANCE(Var<float> linear<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b))
+DIFFUSE_FLOAT_INSTANCE(Var<float> detail::linear_act_impl<float>(const Var<float>& x, const Var<float>& w,
+    const Var<float>& b, const Var<float>* table, const std::vector<int32_t>* idx, Activation act, const char* name))
 
 }  // namespace diffuse

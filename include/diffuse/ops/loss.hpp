@@ -63,7 +63,7 @@ inline Var<float> cross_entropy_cuda(const Var<float>& logits, const std::vector
 // log softmax over the last dimension. Backward: dx = g - softmax * sum(g), with
 // softmax = exp(output), so the forward saves nothing but its output.
 template <class T>
-inline Var<T> log_softmax(const Var<T>& x) {
+Var<T> log_softmax(const Var<T>& x) {
   if (x.value().dim() < 1) throw std::invalid_argument("diffuse: log_softmax of a scalar");
   const int64_t K = x.size(-1), rows = K ? x.value().numel() / K : 0;
   if (x.device() == Device::CUDA) {
@@ -101,7 +101,7 @@ inline Var<T> log_softmax(const Var<T>& x) {
 // [0, K)), as F.cross_entropy with its defaults: a scalar. One fused op; its
 // backward is g * (softmax - onehot) / N, from the rows' log-sum-exp saved by the forward.
 template <class T>
-inline Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& labels) {
+Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& labels) {
   if (logits.value().dim() != 2)
     throw std::invalid_argument("diffuse: cross_entropy needs logits [N, K], got " + shape_str(logits.shape()));
   const int64_t N = logits.size(0), K = logits.size(1);
@@ -161,5 +161,9 @@ inline std::vector<int32_t> argmax_rows(const Tensor<T>& t) {
   }
   return out;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> log_softmax<float>(const Var<float>& x))
+DIFFUSE_FLOAT_INSTANCE(Var<float> cross_entropy<float>(const Var<float>& logits, const std::vector<int32_t>& labels))
 
 }  // namespace diffuse

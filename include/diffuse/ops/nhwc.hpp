@@ -16,7 +16,7 @@ namespace diffuse {
 
 // [N, C, H, W] -> [N, H, W, C] (a copy of a CPU tensor; not an autograd op: permute() is).
 template <class T>
-inline Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
+Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
   t.require_cpu("nchw_to_nhwc");
   if (t.dim() != 4)
     throw std::invalid_argument("diffuse: nchw_to_nhwc needs a 4-D tensor, got " + shape_str(t.shape()));
@@ -32,7 +32,7 @@ inline Tensor<T> nchw_to_nhwc(const Tensor<T>& t) {
 
 // [N, H, W, C] -> [N, C, H, W] (a copy of a CPU tensor; not an autograd op: permute() is).
 template <class T>
-inline Tensor<T> nhwc_to_nchw(const Tensor<T>& t) {
+Tensor<T> nhwc_to_nchw(const Tensor<T>& t) {
   t.require_cpu("nhwc_to_nchw");
   if (t.dim() != 4)
     throw std::invalid_argument("diffuse: nhwc_to_nchw needs a 4-D tensor, got " + shape_str(t.shape()));
@@ -54,5 +54,9 @@ inline void require_nhwc(const char* op, const Shape& s) {
                                 shape_str(s));
 }
 }  // namespace detail
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> nchw_to_nhwc<float>(const Tensor<float>& t))
+DIFFUSE_FLOAT_INSTANCE(Tensor<float> nhwc_to_nchw<float>(const Tensor<float>& t))
 
 }  // namespace diffuse

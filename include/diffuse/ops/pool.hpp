@@ -141,7 +141,7 @@ inline Var<float> global_avg_pool_cuda(const Var<float>& x, int64_t N, int64_t H
 // F.max_pool2d on NHWC x. The forward keeps, per output element, the index
 // (h * W + w) of its window's maximum for the backward (only when a gradient is needed).
 template <class T>
-inline Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
+Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
   const detail::PoolPlan pl = detail::pool_plan("max_pool2d", x.shape(), opt);
   if (x.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::max_pool2d_cuda(x, detail::pool_desc(pl, opt));
@@ -202,7 +202,7 @@ inline Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
 
 // F.avg_pool2d on NHWC x; the divisor of each window follows PyTorch (see the top of this file).
 template <class T>
-inline Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
+Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
   const detail::PoolPlan pl = detail::pool_plan("avg_pool2d", x.shape(), opt);
   if (x.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::avg_pool2d_cuda(x, detail::pool_desc(pl, opt));
@@ -266,21 +266,21 @@ inline Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
 
 // Square kernels, as F.max_pool2d(x, kernel, stride, padding, ceil_mode); stride 0 means the kernel size.
 template <class T>
-inline Var<T> max_pool2d(const Var<T>& x, int64_t kernel, int64_t stride = 0, int64_t padding = 0,
-                         bool ceil_mode = false) {
+Var<T> max_pool2d(const Var<T>& x, int64_t kernel, int64_t stride = 0, int64_t padding = 0,
+                  bool ceil_mode = false) {
   return max_pool2d(x, PoolOptions{kernel, kernel, stride, stride, padding, padding, ceil_mode, true});
 }
 
 // As F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad); stride 0 means the kernel size.
 template <class T>
-inline Var<T> avg_pool2d(const Var<T>& x, int64_t kernel, int64_t stride = 0, int64_t padding = 0,
-                         bool ceil_mode = false, bool count_include_pad = true) {
+Var<T> avg_pool2d(const Var<T>& x, int64_t kernel, int64_t stride = 0, int64_t padding = 0,
+                  bool ceil_mode = false, bool count_include_pad = true) {
   return avg_pool2d(x, PoolOptions{kernel, kernel, stride, stride, padding, padding, ceil_mode, count_include_pad});
 }
 
 // Mean over H and W: NHWC [N, H, W, C] -> [N, C] (a classifier's head), accumulated in double.
 template <class T>
-inline Var<T> global_avg_pool(const Var<T>& x) {
+Var<T> global_avg_pool(const Var<T>& x) {
   detail::require_nhwc("global_avg_pool", x.shape());
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   if (HW == 0) throw std::invalid_argument("diffuse: global_avg_pool of an empty image " + shape_str(x.shape()));
@@ -311,5 +311,14 @@ inline Var<T> global_avg_pool(const Var<T>& x) {
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> max_pool2d<float>(const Var<float>& x, PoolOptions opt))
+DIFFUSE_FLOAT_INSTANCE(Var<float> max_pool2d<float>(const Var<float>& x, int64_t kernel, int64_t stride,
+    int64_t padding, bool ceil_mode))
+DIFFUSE_FLOAT_INSTANCE(Var<float> avg_pool2d<float>(const Var<float>& x, PoolOptions opt))
+DIFFUSE_FLOAT_INSTANCE(Var<float> avg_pool2d<float>(const Var<float>& x, int64_t kernel, int64_t stride,
+    int64_t padding, bool ceil_mode, bool count_include_pad))
+DIFFUSE_FLOAT_INSTANCE(Var<float> global_avg_pool<float>(const Var<float>& x))
 
 }  // namespace diffuse

@@ -44,7 +44,7 @@ inline Var<float> mse_cuda(const Var<float>& a, const Var<float>& b) {
 
 // Sum / mean of all elements -> a scalar (shape []). Accumulated in double on the CPU.
 template <class T>
-inline Var<T> sum(const Var<T>& a) {
+Var<T> sum(const Var<T>& a) {
   if (a.device() == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::sum_cuda(a);
     else detail::cuda_float_only("sum");
@@ -68,13 +68,13 @@ inline Var<T> sum(const Var<T>& a) {
   });
 }
 template <class T>
-inline Var<T> mean(const Var<T>& a) {
+Var<T> mean(const Var<T>& a) {
   return scale(sum(a), T(1) / static_cast<T>(std::max<size_t>(1, a.value().size())));
 }
 
 // mean((a - b)^2), as torch.nn.functional.mse_loss; gradients flow to both inputs.
 template <class T>
-inline Var<T> mse(const Var<T>& a, const Var<T>& b) {
+Var<T> mse(const Var<T>& a, const Var<T>& b) {
   if (a.shape() != b.shape()) detail::shape_error("mse", a.shape(), b.shape());
   if (a.value().numel() == 0) throw std::invalid_argument("diffuse: mse of empty tensors");
   if (detail::op_device("mse", {&a, &b}) == Device::CUDA) {
@@ -105,5 +105,10 @@ inline Var<T> mse(const Var<T>& a, const Var<T>& b) {
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> sum<float>(const Var<float>& a))
+DIFFUSE_FLOAT_INSTANCE(Var<float> mean<float>(const Var<float>& a))
+DIFFUSE_FLOAT_INSTANCE(Var<float> mse<float>(const Var<float>& a, const Var<float>& b))
 
 }  // namespace diffuse

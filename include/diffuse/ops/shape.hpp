@@ -46,7 +46,7 @@ inline Var<float> concat_cuda(const std::vector<Var<float>>& xs, const Shape& os
 
 // Concatenation along `axis`.
 template <class T>
-inline Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
+Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
   if (xs.empty()) throw std::invalid_argument("diffuse: concat of nothing");
   const Shape& s0 = xs[0].shape();
   const int64_t nd = static_cast<int64_t>(s0.size());
@@ -120,7 +120,7 @@ inline Var<float> slice_cuda(const Var<float>& a, const Shape& os, int64_t outer
 
 // Elements [start, end) along `axis` (a copy).
 template <class T>
-inline Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
+Var<T> slice(const Var<T>& a, int64_t axis, int64_t start, int64_t end) {
   const Shape& s = a.shape();
   const int64_t nd = static_cast<int64_t>(s.size());
   if (axis < 0) axis += nd;
@@ -167,7 +167,7 @@ inline Var<float> gather_rows_cuda(const Var<float>& table, const std::vector<in
 
 // out[i, :] = table[idx[i], :]   (an embedding lookup; the backward scatters-adds).
 template <class T>
-inline Var<T> gather_rows(const Var<T>& table, const std::vector<int32_t>& idx) {
+Var<T> gather_rows(const Var<T>& table, const std::vector<int32_t>& idx) {
   if (table.value().dim() != 2) throw std::invalid_argument("diffuse: gather_rows needs a 2-D table");
   const int64_t V = table.size(0), D = table.size(1), N = static_cast<int64_t>(idx.size());
   for (int64_t i = 0; i < N; ++i)
@@ -264,7 +264,7 @@ inline Var<float> permute_cuda(const Var<float>& x, const std::vector<int>& perm
 
 // x.permute(perm) as a copy: dimension i of the result is dimension perm[i] of x.
 template <class T>
-inline Var<T> permute(const Var<T>& x, const std::vector<int>& perm) {
+Var<T> permute(const Var<T>& x, const std::vector<int>& perm) {
   Shape ys;
   std::vector<int64_t> src_stride;
   detail::permute_plan(x.shape(), perm, ys, src_stride);
@@ -285,7 +285,7 @@ inline Var<T> permute(const Var<T>& x, const std::vector<int>& perm) {
 
 // x with dimensions d0 and d1 exchanged (a copy), as x.transpose(d0, d1); negative counts from the end.
 template <class T>
-inline Var<T> transpose(const Var<T>& x, int d0, int d1) {
+Var<T> transpose(const Var<T>& x, int d0, int d1) {
   const int nd = static_cast<int>(x.shape().size());
   if (d0 < 0) d0 += nd;
   if (d1 < 0) d1 += nd;
@@ -301,7 +301,7 @@ inline Var<T> transpose(const Var<T>& x, int d0, int d1) {
 // in a's shape: as a view of g when it is a's first contribution (the tape drops g itself right
 // after this entry, so nothing else writes it), else added.
 template <class T>
-inline Var<T> reshape(const Var<T>& a, Shape s) {
+Var<T> reshape(const Var<T>& a, Shape s) {
   Tensor<T> out = a.value().reshape(std::move(s));
   return make_result<T>(std::move(out), {&a}, [a]() {
     return [a](const Tensor<T>& g) {
@@ -321,5 +321,13 @@ inline Var<T> reshape(const Var<T>& a, Shape s) {
     };
   });
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> concat<float>(const std::vector<Var<float>>& xs, int64_t axis))
+DIFFUSE_FLOAT_INSTANCE(Var<float> slice<float>(const Var<float>& a, int64_t axis, int64_t start, int64_t end))
+DIFFUSE_FLOAT_INSTANCE(Var<float> gather_rows<float>(const Var<float>& table, const std::vector<int32_t>& idx))
+DIFFUSE_FLOAT_INSTANCE(Var<float> permute<float>(const Var<float>& x, const std::vector<int>& perm))
+DIFFUSE_FLOAT_INSTANCE(Var<float> transpose<float>(const Var<float>& x, int d0, int d1))
+DIFFUSE_FLOAT_INSTANCE(Var<float> reshape<float>(const Var<float>& a, Shape s))
 
 }  // namespace diffuse

@@ -30,7 +30,7 @@ inline Var<float> upsample_nearest2x_cuda(const Var<float>& x, int64_t N, int64_
 }  // namespace detail
 
 template <class T>
-inline Var<T> upsample_nearest2x(const Var<T>& x) {
+Var<T> upsample_nearest2x(const Var<T>& x) {
   detail::require_nhwc("upsample_nearest2x", x.shape());
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   if (x.device() == Device::CUDA) {
@@ -70,5 +70,7 @@ inline Var<T> upsample_nearest2x(const Var<T>& x) {
   });
 }
 
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> upsample_nearest2x<float>(const Var<float>& x))
 
 }  // namespace diffuse

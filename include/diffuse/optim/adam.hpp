@@ -59,40 +59,7 @@ class Adam {
   void step_impl(EMA<T>* ema);
 
  public:
-  void step_cpu() {
-    ++t_;
-    const double bc1 = 1.0 - std::pow(opt_.beta1, static_cast<double>(t_));
-    const double bc2 = 1.0 - std::pow(opt_.beta2, static_cast<double>(t_));
-    const T step_size = static_cast<T>(opt_.lr / bc1);
-    const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
-    const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2), eps = static_cast<T>(opt_.eps);
-    const T wd = static_cast<T>(opt_.weight_decay), lr = static_cast<T>(opt_.lr);
-    for (size_t k = 0; k < params_.size(); ++k) {
-      Var<T>& p = params_[k].second;
-      if (!p.has_grad()) continue;
-      T* w = p.value().data();
-      const T* g = p.node()->grad.data();
-      T* m = m_[k].data();
-      T* v = v_[k].data();
-      // Eigen arrays so that sqrt and the divisions vectorise (a plain loop
-      // with std::sqrt does not without -fno-math-errno). Same formula and
-      // order of operations as torch.optim.Adam(W).
-      using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
-      const Eigen::Index n = static_cast<Eigen::Index>(p.value().size());
-      Eigen::Map<Arr> W(w, n), M(m, n), V(v, n);
-      Eigen::Map<const Arr> G(g, n);
-      if (wd != T(0) && opt_.decoupled) W *= T(1) - lr * wd;
-      if (wd != T(0) && !opt_.decoupled) {
-        const Arr gi = G + wd * W;
-        M = b1 * M + (T(1) - b1) * gi;
-        V = b2 * V + (T(1) - b2) * (gi * gi);
-      } else {
-        M = b1 * M + (T(1) - b1) * G;
-        V = b2 * V + (T(1) - b2) * (G * G);
-      }
-      W -= step_size * M / (V.sqrt() / bc2_sqrt + eps);
-    }
-  }
+  void step_cpu();
 
   void zero_grad() {
     for (auto& [n, p] : params_) p.zero_grad();
@@ -117,7 +84,43 @@ class Adam {
 };
 
 template <class T>
-inline void Adam<T>::step_impl(EMA<T>* ema) {
+void Adam<T>::step_cpu() {
+  ++t_;
+  const double bc1 = 1.0 - std::pow(opt_.beta1, static_cast<double>(t_));
+  const double bc2 = 1.0 - std::pow(opt_.beta2, static_cast<double>(t_));
+  const T step_size = static_cast<T>(opt_.lr / bc1);
+  const T bc2_sqrt = static_cast<T>(std::sqrt(bc2));
+  const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2), eps = static_cast<T>(opt_.eps);
+  const T wd = static_cast<T>(opt_.weight_decay), lr = static_cast<T>(opt_.lr);
+  for (size_t k = 0; k < params_.size(); ++k) {
+    Var<T>& p = params_[k].second;
+    if (!p.has_grad()) continue;
+    T* w = p.value().data();
+    const T* g = p.node()->grad.data();
+    T* m = m_[k].data();
+    T* v = v_[k].data();
+    // Eigen arrays so that sqrt and the divisions vectorise (a plain loop
+    // with std::sqrt does not without -fno-math-errno). Same formula and
+    // order of operations as torch.optim.Adam(W).
+    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+    const Eigen::Index n = static_cast<Eigen::Index>(p.value().size());
+    Eigen::Map<Arr> W(w, n), M(m, n), V(v, n);
+    Eigen::Map<const Arr> G(g, n);
+    if (wd != T(0) && opt_.decoupled) W *= T(1) - lr * wd;
+    if (wd != T(0) && !opt_.decoupled) {
+      const Arr gi = G + wd * W;
+      M = b1 * M + (T(1) - b1) * gi;
+      V = b2 * V + (T(1) - b2) * (gi * gi);
+    } else {
+      M = b1 * M + (T(1) - b1) * G;
+      V = b2 * V + (T(1) - b2) * (G * G);
+    }
+    W -= step_size * M / (V.sqrt() / bc2_sqrt + eps);
+  }
+}
+
+template <class T>
+void Adam<T>::step_impl(EMA<T>* ema) {
   const Device d = device();
   check_state_device(d);
   if (d == Device::CPU) {
@@ -149,5 +152,8 @@ inline void Adam<T>::step_impl(EMA<T>* ema) {
     detail::cuda_float_only("Adam");
   }
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(class Adam<float>)
 
 }  // namespace diffuse

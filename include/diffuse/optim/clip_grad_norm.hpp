@@ -17,7 +17,7 @@ namespace diffuse {
 // (torch.nn.utils.clip_grad_norm_: factor max_norm / (norm + 1e-6) when above).
 // Returns the norm before clipping.
 template <class T>
-inline double clip_grad_norm(const NamedParams<T>& params, double max_norm) {
+double clip_grad_norm(const NamedParams<T>& params, double max_norm) {
   if (detail::params_device(params, "clip_grad_norm") == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) {
       // The norm comes back to the host (one wait for the device): it decides the scale.
@@ -48,5 +48,8 @@ inline double clip_grad_norm(const NamedParams<T>& params, double max_norm) {
   }
   return norm;
 }
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(double clip_grad_norm<float>(const NamedParams<float>& params, double max_norm))
 
 }  // namespace diffuse

@@ -28,38 +28,10 @@ class EMA {
   double current_decay() const {
     return warmup_ ? std::min(decay_, (1.0 + updates_) / (10.0 + updates_)) : decay_;
   }
-  void update() {
-    if (detail::params_device(params_, "EMA") == Device::CUDA) {
-      if constexpr (std::is_same_v<T, float>) {
-        std::vector<backend::ParamSlot> slots;
-        for (size_t k = 0; k < params_.size(); ++k) {
-          check_device(k);
-          slots.push_back({params_[k].second.node()->value.data(), nullptr, nullptr, nullptr, shadow_[k].data(),
-                           shadow_[k].numel()});
-        }
-        backend::require_cuda("EMA").ema_update(slots, static_cast<float>(current_decay()));
-        ++updates_;
-        return;
-      } else {
-        detail::cuda_float_only("EMA");
-      }
-    }
-    const T d = static_cast<T>(current_decay());
-    for (size_t k = 0; k < params_.size(); ++k) {
-      const T* w = params_[k].second.value().data();
-      T* s = shadow_[k].data();
-      for (size_t i = 0; i < shadow_[k].size(); ++i) s[i] = d * s[i] + (T(1) - d) * w[i];
-    }
-    ++updates_;
-  }
+  void update();
   // Exchanges the live weights and the averages (call twice to restore): the tensors' handles,
   // so nothing is copied on either device.
-  void swap_into_model() {
-    for (size_t k = 0; k < params_.size(); ++k) {
-      check_device(k);
-      std::swap(params_[k].second.node()->value, shadow_[k]);
-    }
-  }
+  void swap_into_model();
   // Throws unless the average of parameter k lies beside it (create the EMA after model.to(device)).
   void check_device(size_t k) const {
     if (shadow_[k].device() != params_[k].second.device() || shadow_[k].shape() != params_[k].second.shape())
@@ -81,5 +53,42 @@ class EMA {
   bool warmup_;
   int64_t updates_ = 0;
 };
+
+template <class T>
+void EMA<T>::update() {
+  if (detail::params_device(params_, "EMA") == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::vector<backend::ParamSlot> slots;
+      for (size_t k = 0; k < params_.size(); ++k) {
+        check_device(k);
+        slots.push_back({params_[k].second.node()->value.data(), nullptr, nullptr, nullptr, shadow_[k].data(),
+                         shadow_[k].numel()});
+      }
+      backend::require_cuda("EMA").ema_update(slots, static_cast<float>(current_decay()));
+      ++updates_;
+      return;
+    } else {
+      detail::cuda_float_only("EMA");
+    }
+  }
+  const T d = static_cast<T>(current_decay());
+  for (size_t k = 0; k < params_.size(); ++k) {
+    const T* w = params_[k].second.value().data();
+    T* s = shadow_[k].data();
+    for (size_t i = 0; i < shadow_[k].size(); ++i) s[i] = d * s[i] + (T(1) - d) * w[i];
+  }
+  ++updates_;
+}
+
+template <class T>
+void EMA<T>::swap_into_model() {
+  for (size_t k = 0; k < params_.size(); ++k) {
+    check_device(k);
+    std::swap(params_[k].second.node()->value, shadow_[k]);
+  }
+}
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(class EMA<float>)
 
 }  // namespace diffuse

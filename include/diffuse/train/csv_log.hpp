@@ -13,47 +13,15 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/core/config.hpp>
+
 namespace diffuse {
 
 class CsvLog {
  public:
   CsvLog() = default;
   // columns: after "step". resume_step < 0: a fresh log (an old file is replaced).
-  CsvLog(std::string path, std::vector<std::string> columns, int64_t resume_step) : path_(std::move(path)) {
-    columns_.push_back("step");
-    columns_.insert(columns_.end(), columns.begin(), columns.end());
-    std::string header;
-    for (size_t i = 0; i < columns_.size(); ++i) header += (i ? "," : "") + columns_[i];
-    std::vector<std::string> kept{header};
-    namespace fs = std::filesystem;
-    if (resume_step >= 0 && fs::exists(path_)) {
-      std::ifstream in(path_);
-      std::string first, l;
-      std::getline(in, first);
-      if (first == header) {
-        while (std::getline(in, l)) {
-          if (l.empty()) continue;
-          int64_t s = 0;
-          try { s = std::stoll(l.substr(0, l.find(','))); } catch (...) { continue; }
-          if (s <= resume_step) kept.push_back(l);
-        }
-      } else {
-        // Other columns (other evaluations): keep the old log beside the new one.
-        const std::string old = path_ + ".old";
-        fs::rename(path_, old);
-        std::fprintf(stderr, "diffuse: %s had other columns; kept as %s\n", path_.c_str(), old.c_str());
-      }
-    }
-    const std::string tmp = path_ + ".tmp";
-    {
-      std::ofstream o(tmp, std::ios::trunc);
-      for (const auto& l : kept) o << l << '\n';
-      if (!o) throw std::runtime_error("diffuse: cannot write '" + tmp + "'");
-    }
-    fs::rename(tmp, path_);
-    f_ = std::fopen(path_.c_str(), "a");
-    if (!f_) throw std::runtime_error("diffuse: cannot append to '" + path_ + "'");
-  }
+  CsvLog(std::string path, std::vector<std::string> columns, int64_t resume_step);
   CsvLog(const CsvLog&) = delete;
   CsvLog& operator=(const CsvLog&) = delete;
   CsvLog(CsvLog&& o) noexcept { *this = std::move(o); }
@@ -67,28 +35,69 @@ class CsvLog {
 
   const std::string& path() const { return path_; }
   // One row; values by column name (unknown names are an error: a typo would lose a figure).
-  void row(int64_t step, const std::map<std::string, double>& values) {
-    if (!f_) return;
-    size_t used = 0;
-    std::string line = std::to_string(step);
-    for (size_t i = 1; i < columns_.size(); ++i) {
-      line += ',';
-      auto it = values.find(columns_[i]);
-      if (it == values.end()) continue;
-      ++used;
-      char b[32];
-      std::snprintf(b, sizeof b, "%.9g", it->second);
-      line += b;
-    }
-    if (used != values.size()) throw std::invalid_argument("diffuse: a log row has a figure that is not a column of " + path_);
-    std::fprintf(f_, "%s\n", line.c_str());
-    std::fflush(f_);
-  }
+  void row(int64_t step, const std::map<std::string, double>& values);
 
  private:
   std::string path_;
   std::vector<std::string> columns_;
   FILE* f_ = nullptr;
 };
+
+#if DIFFUSE_DEFINE_IMPL
+DIFFUSE_IMPL_INLINE CsvLog::CsvLog(std::string path, std::vector<std::string> columns, int64_t resume_step)
+    : path_(std::move(path)) {
+  columns_.push_back("step");
+  columns_.insert(columns_.end(), columns.begin(), columns.end());
+  std::string header;
+  for (size_t i = 0; i < columns_.size(); ++i) header += (i ? "," : "") + columns_[i];
+  std::vector<std::string> kept{header};
+  namespace fs = std::filesystem;
+  if (resume_step >= 0 && fs::exists(path_)) {
+    std::ifstream in(path_);
+    std::string first, l;
+    std::getline(in, first);
+    if (first == header) {
+      while (std::getline(in, l)) {
+        if (l.empty()) continue;
+        int64_t s = 0;
+        try { s = std::stoll(l.substr(0, l.find(','))); } catch (...) { continue; }
+        if (s <= resume_step) kept.push_back(l);
+      }
+    } else {
+      // Other columns (other evaluations): keep the old log beside the new one.
+      const std::string old = path_ + ".old";
+      fs::rename(path_, old);
+      std::fprintf(stderr, "diffuse: %s had other columns; kept as %s\n", path_.c_str(), old.c_str());
+    }
+  }
+  const std::string tmp = path_ + ".tmp";
+  {
+    std::ofstream o(tmp, std::ios::trunc);
+    for (const auto& l : kept) o << l << '\n';
+    if (!o) throw std::runtime_error("diffuse: cannot write '" + tmp + "'");
+  }
+  fs::rename(tmp, path_);
+  f_ = std::fopen(path_.c_str(), "a");
+  if (!f_) throw std::runtime_error("diffuse: cannot append to '" + path_ + "'");
+}
+
+DIFFUSE_IMPL_INLINE void CsvLog::row(int64_t step, const std::map<std::string, double>& values) {
+  if (!f_) return;
+  size_t used = 0;
+  std::string line = std::to_string(step);
+  for (size_t i = 1; i < columns_.size(); ++i) {
+    line += ',';
+    auto it = values.find(columns_[i]);
+    if (it == values.end()) continue;
+    ++used;
+    char b[32];
+    std::snprintf(b, sizeof b, "%.9g", it->second);
+    line += b;
+  }
+  if (used != values.size()) throw std::invalid_argument("diffuse: a log row has a figure that is not a column of " + path_);
+  std::fprintf(f_, "%s\n", line.c_str());
+  std::fflush(f_);
+}
+#endif  // DIFFUSE_DEFINE_IMPL
 
 }  // namespace diffuse

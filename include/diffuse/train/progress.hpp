@@ -12,6 +12,8 @@
 
 #include <unistd.h>
 
+#include <diffuse/core/config.hpp>
+
 namespace diffuse {
 
 enum class ProgressBar { automatic, on, off };  // automatic: on when the stream is a terminal
@@ -54,22 +56,7 @@ class Progress {
     std::fflush(out_);
   }
   // Redraws the bar (at most ~10 times a second).
-  void bar(int64_t step, double loss, double eta_s) {
-    if (!bar_) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (drawn_ && now - last_ < std::chrono::milliseconds(100) && step < total_) return;
-    last_ = now;
-    constexpr int W = 30;
-    const double f = std::clamp(static_cast<double>(step) / static_cast<double>(total_), 0.0, 1.0);
-    const int fill = static_cast<int>(f * W);
-    std::string b(static_cast<size_t>(fill), '=');
-    if (fill < W) b += '>';
-    b.resize(W, ' ');
-    std::fprintf(out_, "\r[%s] %3.0f%%  %lld/%lld  loss %.4f  ETA %s\033[K", b.c_str(), 100 * f,
-                 static_cast<long long>(step), static_cast<long long>(total_), loss, format_duration(eta_s).c_str());
-    std::fflush(out_);
-    drawn_ = true;
-  }
+  void bar(int64_t step, double loss, double eta_s);
   void finish() { clear_bar(); }
 
  private:
@@ -84,5 +71,24 @@ class Progress {
   bool bar_, drawn_ = false;
   std::chrono::steady_clock::time_point last_{};
 };
+
+#if DIFFUSE_DEFINE_IMPL
+DIFFUSE_IMPL_INLINE void Progress::bar(int64_t step, double loss, double eta_s) {
+  if (!bar_) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (drawn_ && now - last_ < std::chrono::milliseconds(100) && step < total_) return;
+  last_ = now;
+  constexpr int W = 30;
+  const double f = std::clamp(static_cast<double>(step) / static_cast<double>(total_), 0.0, 1.0);
+  const int fill = static_cast<int>(f * W);
+  std::string b(static_cast<size_t>(fill), '=');
+  if (fill < W) b += '>';
+  b.resize(W, ' ');
+  std::fprintf(out_, "\r[%s] %3.0f%%  %lld/%lld  loss %.4f  ETA %s\033[K", b.c_str(), 100 * f,
+               static_cast<long long>(step), static_cast<long long>(total_), loss, format_duration(eta_s).c_str());
+  std::fflush(out_);
+  drawn_ = true;
+}
+#endif  // DIFFUSE_DEFINE_IMPL
 
 }  // namespace diffuse

@@ -88,45 +88,21 @@ struct TrainResult {
   int signal = 0;                    // the signal that interrupted the run
 };
 
-template <class T, class Model>
-class Trainer {
+// The loop itself, for any model derived from Module<T>: everything but the loss, which
+// Trainer<T, Model> computes from its model (so that this part is compiled once for float).
+template <class T>
+class TrainerCore {
  public:
-  using Callback = std::function<void(Trainer&)>;
-  using Evaluation = std::function<std::map<std::string, double>(Trainer&)>;
+  TrainerCore(const TrainerCore&) = delete;
+  TrainerCore& operator=(const TrainerCore&) = delete;
+  virtual ~TrainerCore() = default;
 
-  // The model stays where it is (move it to its device first): the optimiser's state and the EMA
-  // are made beside the weights. With options.resume the checkpoint is loaded here.
-  Trainer(Model& model, NoiseSchedule schedule, BatchSource<T>& data, TrainOptions o)
-      : model_(model), sched_(std::move(schedule)), data_(data), o_(std::move(o)),
-        opt_(model.named_parameters(), adam_options()), ema_(model.named_parameters(), o_.ema > 0 ? o_.ema : 0.0),
-        rng_(o_.seed, uint64_t(1) << 40), label_rng_(o_.seed, uint64_t(3) << 40), dropout_rng_(o_.seed, uint64_t(4) << 40) {
-    if (o_.steps < 0 || o_.batch < 1 || o_.log_every < 1 || o_.save_every < 0 || o_.keep < 1)
-      throw std::invalid_argument(o_.name + ": steps >= 0, batch >= 1, log_every >= 1, save_every >= 0 and keep >= 1");
-    if (o_.label_dropout > 0 && (!data_.has_labels() || o_.null_class < 0))
-      throw std::invalid_argument(o_.name + ": label dropout needs labelled data and a null class");
-    if (!o_.out.empty()) std::filesystem::create_directories(o_.out);
-    if (!o_.resume.empty()) resume_from(o_.resume);
-  }
-
-  // fn(trainer) after every n-th step, e.g. a sample grid with with_ema_weights().
-  void every(int64_t n, Callback fn) {
-    if (n < 1) throw std::invalid_argument(o_.name + ": a callback needs a period >= 1");
-    callbacks_.push_back({n, std::move(fn)});
-  }
-  // An evaluation after every n-th step: its figures (named by `columns`) are printed and logged.
-  void evaluate_every(int64_t n, std::vector<std::string> columns, Evaluation fn) {
-    if (n < 1) throw std::invalid_argument(o_.name + ": an evaluation needs a period >= 1");
-    if (log_) throw std::logic_error(o_.name + ": evaluations are added before run()");
-    for (auto& c : columns) eval_columns_.push_back(c);
-    evals_.push_back({n, std::move(fn)});
-  }
   // fn(info) after every step (loss curves, tests).
   void on_step(std::function<void(const StepInfo&)> fn) { step_hooks_.push_back(std::move(fn)); }
 
   // Ends the run after the current step, with a checkpoint, as a signal does (from a callback).
   void request_stop() { stop_requested_ = true; }
 
-  Model& model() { return model_; }
   Adam<T>& optimizer() { return opt_; }
   EMA<T>& ema() { return ema_; }
   const NoiseSchedule& schedule() const { return sched_; }
@@ -140,7 +116,7 @@ class Trainer {
   template <class F>
   void with_ema_weights(F&& fn) {
     struct Back {
-      Trainer& t;
+      TrainerCore& t;
       bool swapped, training;
       ~Back() {
         if (swapped) t.ema_.swap_into_model();
@@ -153,130 +129,37 @@ class Trainer {
   }
 
   // Writes the checkpoint for the current step now (the loop does this on its own).
-  std::string save() {
-    if (o_.out.empty()) return {};
-    namespace fs = std::filesystem;
-    const std::string path = checkpoint_path();
-    if (o_.keep > 1 && saved_step_ >= 0 && saved_step_ != step_ && fs::exists(path)) {
-      fs::rename(path, numbered(saved_step_));
-      prune();
-    }
-    safetensors::Metadata meta = o_.metadata;
-    for (const auto& [k, v] : o_.identity) meta[k] = v;
-    for (const auto& [k, v] : data_.state()) meta[k] = v;
-    meta["label_dropout_rng.offset"] = std::to_string(label_rng_.offset);
-    meta["model_dropout_rng.offset"] = std::to_string(dropout_rng_.offset);
-    save_checkpoint<T>(path, model_, &opt_, &ema_, step_, rng_, meta);
-    saved_step_ = step_;
-    return path;
+  std::string save();
+
+  TrainResult run();
+
+ protected:
+  // See Trainer's constructor.
+  TrainerCore(Module<T>& model, NoiseSchedule schedule, BatchSource<T>& data, TrainOptions o)
+      : model_(model), sched_(std::move(schedule)), data_(data), o_(std::move(o)),
+        opt_(model.named_parameters(), adam_options()), ema_(model.named_parameters(), o_.ema > 0 ? o_.ema : 0.0),
+        rng_(o_.seed, uint64_t(1) << 40), label_rng_(o_.seed, uint64_t(3) << 40), dropout_rng_(o_.seed, uint64_t(4) << 40) {
+    if (o_.steps < 0 || o_.batch < 1 || o_.log_every < 1 || o_.save_every < 0 || o_.keep < 1)
+      throw std::invalid_argument(o_.name + ": steps >= 0, batch >= 1, log_every >= 1, save_every >= 0 and keep >= 1");
+    if (o_.label_dropout > 0 && (!data_.has_labels() || o_.null_class < 0))
+      throw std::invalid_argument(o_.name + ": label dropout needs labelled data and a null class");
+    if (!o_.out.empty()) std::filesystem::create_directories(o_.out);
+    if (!o_.resume.empty()) resume_from(o_.resume);
   }
 
-  TrainResult run() {
-    namespace fs = std::filesystem;
-    using clock = std::chrono::steady_clock;
-    Progress progress(o_.log, o_.steps, o_.bar);
-    if (!o_.out.empty()) {
-      std::vector<std::string> cols{"loss", "lr", "grad_norm", "images_per_s", "elapsed_s"};
-      cols.insert(cols.end(), eval_columns_.begin(), eval_columns_.end());
-      log_ = std::make_unique<CsvLog>((fs::path(o_.out) / "train_log.csv").string(), cols, resumed_ ? step_ : -1);
-    }
-    StopSignals signals(o_.handle_signals);
-    model_.train();
-    TrainResult res;
-    res.start_step = step_;
-    const Device dev = model_.device();
-    Batch<T> batch;
-    const auto t_run = clock::now();
-    auto t_window = t_run;
-    double paused = 0, paused_window = 0;  // seconds in callbacks, not counted as training
-    double loss_sum = 0, norm_sum = 0;
-    int64_t window = 0;
-    auto trained_s = [&] { return std::chrono::duration<double>(clock::now() - t_run).count() - paused; };
-    auto eta = [&] {
-      const double done = static_cast<double>(step_ - res.start_step);
-      return done > 0 ? trained_s() / done * static_cast<double>(o_.steps - step_) : NAN;
-    };
-
-    while (step_ < o_.steps && !signals.requested() && !stop_requested_) {
-      data_.next(o_.batch, rng_, batch);
-      std::vector<int32_t> labels =
-          o_.label_dropout > 0 ? drop_labels(batch.labels, o_.label_dropout, o_.null_class, label_rng_) : batch.labels;
-      const Labels* y = labels.empty() ? nullptr : &labels;
-      const NoisedBatch<T> nb = make_noised_batch(sched_, batch.x0.to(dev), rng_);
-      opt_.zero_grad();
-      Var<T> loss = epsilon_loss<T>(
-          [&](const Var<T>& x, const std::vector<int32_t>& t) { return denoise<T>(model_, x, t, y, &dropout_rng_); }, nb);
-      backward(loss);
-      const double norm = clip_grad_norm(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity());
-      const double lv = static_cast<double>(loss.value().cpu()[0]);
-      if (!std::isfinite(lv) || !std::isfinite(norm)) {
-        progress.finish();
-        throw std::runtime_error(o_.name + ": " + (std::isfinite(lv) ? "gradient norm" : "loss") + " is " +
-                                 std::to_string(std::isfinite(lv) ? norm : lv) + " at step " +
-                                 std::to_string(step_ + 1) + "; stopped before the update (" + last_good() +
-                                 "); try a lower learning rate or clipping");
-      }
-      const double lr = o_.lr_decay == LrDecay::cosine ? warmup_cosine_lr(o_.lr, step_, o_.warmup, o_.steps)
-                                                       : warmup_lr(o_.lr, step_, o_.warmup);
-      opt_.set_lr(lr);
-      if (o_.ema > 0) opt_.step(ema_);
-      else opt_.step();
-      ++step_;
-      loss_sum += lv, norm_sum += norm, ++window;
-      const StepInfo info{step_, lv, lr, norm};
-      for (auto& h : step_hooks_) h(info);
-
-      // Evaluations and callbacks (their time is not training time).
-      std::map<std::string, double> figures;
-      const auto t_cb = clock::now();
-      for (auto& [n, fn] : evals_)
-        if (step_ % n == 0) {
-          const auto r = fn(*this);
-          std::string msg = "eval at step " + std::to_string(step_) + ":";
-          for (const auto& [k, v] : r) {
-            figures[k] = v;
-            char b[64];
-            std::snprintf(b, sizeof b, "  %s %.5g", k.c_str(), v);
-            msg += b;
-          }
-          progress.message(msg);
-        }
-      for (auto& [n, fn] : callbacks_)
-        if (step_ % n == 0) fn(*this);
-      const double cb = std::chrono::duration<double>(clock::now() - t_cb).count();
-      paused += cb, paused_window += cb;
-
-      const bool log_now = step_ % o_.log_every == 0 || step_ == o_.steps;
-      if (log_now) {
-        const double w = std::chrono::duration<double>(clock::now() - t_window).count() - paused_window;
-        const double ips = static_cast<double>(window * o_.batch) / std::max(w, 1e-9);
-        const double el = trained_s();
-        progress.line(step_, loss_sum / window, lr, norm_sum / window, ips, el, eta());
-        figures["loss"] = loss_sum / window, figures["lr"] = lr, figures["grad_norm"] = norm_sum / window;
-        figures["images_per_s"] = ips, figures["elapsed_s"] = el;
-        loss_sum = norm_sum = 0, window = 0, paused_window = 0;
-        t_window = clock::now();
-      }
-      if (log_ && !figures.empty()) log_->row(step_, figures);
-      if (o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps) {
-        res.checkpoint = save();
-      }
-      progress.bar(step_, lv, eta());
-    }
-    progress.finish();
-    res.step = step_;
-    res.seconds = trained_s();
-    res.checkpoint = save();
-    if (signals.requested() || stop_requested_) {
-      res.status = TrainStatus::interrupted;
-      res.signal = signals.requested();
-      const std::string at = " at step " + std::to_string(step_);
-      progress.message(o_.name + (signals.requested() ? ": interrupted: " : ": stopped: ") +
-                       (res.checkpoint.empty() ? "no checkpoint (no out folder)" + at
-                                               : "checkpoint saved" + at + " in " + res.checkpoint +
-                                                     " (continue with --resume " + res.checkpoint + ")"));
-    }
-    return res;
+  // The objective's loss of one noised batch (labels, when the data has them, after dropout).
+  virtual Var<T> compute_loss(const NoisedBatch<T>& nb, const Labels* y) = 0;
+  // Model dropout's random stream (part of the checkpoint).
+  Generator& dropout_rng() { return dropout_rng_; }
+  void add_callback(int64_t n, std::function<void()> fn) {
+    if (n < 1) throw std::invalid_argument(o_.name + ": a callback needs a period >= 1");
+    callbacks_.push_back({n, std::move(fn)});
+  }
+  void add_evaluation(int64_t n, std::vector<std::string> columns, std::function<std::map<std::string, double>()> fn) {
+    if (n < 1) throw std::invalid_argument(o_.name + ": an evaluation needs a period >= 1");
+    if (log_) throw std::logic_error(o_.name + ": evaluations are added before run()");
+    for (auto& c : columns) eval_columns_.push_back(c);
+    evals_.push_back({n, std::move(fn)});
   }
 
  private:
@@ -291,56 +174,15 @@ class Trainer {
     return (std::filesystem::path(o_.out) / b).string();
   }
   // Keeps the newest keep-1 numbered checkpoints.
-  void prune() const {
-    namespace fs = std::filesystem;
-    std::vector<fs::path> old;
-    for (const auto& e : fs::directory_iterator(o_.out)) {
-      const std::string n = e.path().filename().string();
-      if (n.rfind("checkpoint-", 0) == 0 && e.path().extension() == ".safetensors") old.push_back(e.path());
-    }
-    std::sort(old.begin(), old.end());  // zero-padded steps sort by name
-    const size_t allowed = static_cast<size_t>(o_.keep - 1);
-    for (size_t i = 0; i + allowed < old.size(); ++i) fs::remove(old[i]);
-  }
+  void prune() const;
   std::string last_good() const {
     if (o_.out.empty()) return "no checkpoints are written";
     if (saved_step_ < 0) return "no checkpoint was written yet";
     return "last good checkpoint: " + checkpoint_path() + " at step " + std::to_string(saved_step_);
   }
-  void resume_from(const std::string& path) {
-    {  // The identity first, so that a different model is named as such rather than by one tensor.
-      const safetensors::Metadata m = safetensors::File::read(path).metadata();
-      for (const auto& [k, v] : o_.identity) {
-        auto it = m.find(k);
-        if (it != m.end() && it->second != v)
-          throw std::runtime_error(o_.name + ": '" + path + "' was trained with " + k + " " + it->second +
-                                   ", this run asks for " + v);
-      }
-    }
-    TrainState st = load_checkpoint<T>(path, model_, &opt_, &ema_);
-    step_ = st.step;
-    rng_ = st.rng;
-    auto offset = [&](std::initializer_list<const char*> keys, Generator& g) {
-      for (const char* k : keys)
-        if (auto it = st.metadata.find(k); it != st.metadata.end()) {
-          g = Generator(o_.seed, std::stoull(it->second));
-          return;
-        }
-    };
-    offset({"label_dropout_rng.offset", "dropout_rng.offset"}, label_rng_);
-    offset({"model_dropout_rng.offset"}, dropout_rng_);
-    SourceState ds;
-    for (const auto& [k, v] : st.metadata)
-      if (k.rfind("data.", 0) == 0) ds[k] = v;
-    data_.set_state(ds);
-    resumed_ = true;
-    saved_step_ = step_;
-    if (o_.log)
-      std::fprintf(o_.log, "%s: resumed from %s at step %lld\n", o_.name.c_str(), path.c_str(),
-                   static_cast<long long>(step_));
-  }
+  void resume_from(const std::string& path);
 
-  Model& model_;
+  Module<T>& model_;
   NoiseSchedule sched_;
   BatchSource<T>& data_;
   TrainOptions o_;
@@ -349,11 +191,221 @@ class Trainer {
   Generator rng_, label_rng_, dropout_rng_;
   int64_t step_ = 0, saved_step_ = -1;
   bool resumed_ = false, stop_requested_ = false;
-  std::vector<std::pair<int64_t, Callback>> callbacks_;
-  std::vector<std::pair<int64_t, Evaluation>> evals_;
+  std::vector<std::pair<int64_t, std::function<void()>>> callbacks_;
+  std::vector<std::pair<int64_t, std::function<std::map<std::string, double>()>>> evals_;
   std::vector<std::string> eval_columns_;
   std::vector<std::function<void(const StepInfo&)>> step_hooks_;
   std::unique_ptr<CsvLog> log_;
+};
+
+template <class T>
+std::string TrainerCore<T>::save() {
+  if (o_.out.empty()) return {};
+  namespace fs = std::filesystem;
+  const std::string path = checkpoint_path();
+  if (o_.keep > 1 && saved_step_ >= 0 && saved_step_ != step_ && fs::exists(path)) {
+    fs::rename(path, numbered(saved_step_));
+    prune();
+  }
+  safetensors::Metadata meta = o_.metadata;
+  for (const auto& [k, v] : o_.identity) meta[k] = v;
+  for (const auto& [k, v] : data_.state()) meta[k] = v;
+  meta["label_dropout_rng.offset"] = std::to_string(label_rng_.offset);
+  meta["model_dropout_rng.offset"] = std::to_string(dropout_rng_.offset);
+  save_checkpoint<T>(path, model_, &opt_, &ema_, step_, rng_, meta);
+  saved_step_ = step_;
+  return path;
+}
+
+template <class T>
+TrainResult TrainerCore<T>::run() {
+  namespace fs = std::filesystem;
+  using clock = std::chrono::steady_clock;
+  Progress progress(o_.log, o_.steps, o_.bar);
+  if (!o_.out.empty()) {
+    std::vector<std::string> cols{"loss", "lr", "grad_norm", "images_per_s", "elapsed_s"};
+    cols.insert(cols.end(), eval_columns_.begin(), eval_columns_.end());
+    log_ = std::make_unique<CsvLog>((fs::path(o_.out) / "train_log.csv").string(), cols, resumed_ ? step_ : -1);
+  }
+  StopSignals signals(o_.handle_signals);
+  model_.train();
+  TrainResult res;
+  res.start_step = step_;
+  const Device dev = model_.device();
+  Batch<T> batch;
+  const auto t_run = clock::now();
+  auto t_window = t_run;
+  double paused = 0, paused_window = 0;  // seconds in callbacks, not counted as training
+  double loss_sum = 0, norm_sum = 0;
+  int64_t window = 0;
+  auto trained_s = [&] { return std::chrono::duration<double>(clock::now() - t_run).count() - paused; };
+  auto eta = [&] {
+    const double done = static_cast<double>(step_ - res.start_step);
+    return done > 0 ? trained_s() / done * static_cast<double>(o_.steps - step_) : NAN;
+  };
+
+  while (step_ < o_.steps && !signals.requested() && !stop_requested_) {
+    data_.next(o_.batch, rng_, batch);
+    std::vector<int32_t> labels =
+        o_.label_dropout > 0 ? drop_labels(batch.labels, o_.label_dropout, o_.null_class, label_rng_) : batch.labels;
+    const Labels* y = labels.empty() ? nullptr : &labels;
+    const NoisedBatch<T> nb = make_noised_batch(sched_, batch.x0.to(dev), rng_);
+    opt_.zero_grad();
+    Var<T> loss = compute_loss(nb, y);
+    backward(loss);
+    const double norm = clip_grad_norm(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity());
+    const double lv = static_cast<double>(loss.value().cpu()[0]);
+    if (!std::isfinite(lv) || !std::isfinite(norm)) {
+      progress.finish();
+      throw std::runtime_error(o_.name + ": " + (std::isfinite(lv) ? "gradient norm" : "loss") + " is " +
+                               std::to_string(std::isfinite(lv) ? norm : lv) + " at step " +
+                               std::to_string(step_ + 1) + "; stopped before the update (" + last_good() +
+                               "); try a lower learning rate or clipping");
+    }
+    const double lr = o_.lr_decay == LrDecay::cosine ? warmup_cosine_lr(o_.lr, step_, o_.warmup, o_.steps)
+                                                     : warmup_lr(o_.lr, step_, o_.warmup);
+    opt_.set_lr(lr);
+    if (o_.ema > 0) opt_.step(ema_);
+    else opt_.step();
+    ++step_;
+    loss_sum += lv, norm_sum += norm, ++window;
+    const StepInfo info{step_, lv, lr, norm};
+    for (auto& h : step_hooks_) h(info);
+
+    // Evaluations and callbacks (their time is not training time).
+    std::map<std::string, double> figures;
+    const auto t_cb = clock::now();
+    for (auto& [n, fn] : evals_)
+      if (step_ % n == 0) {
+        const auto r = fn();
+        std::string msg = "eval at step " + std::to_string(step_) + ":";
+        for (const auto& [k, v] : r) {
+          figures[k] = v;
+          char b[64];
+          std::snprintf(b, sizeof b, "  %s %.5g", k.c_str(), v);
+          msg += b;
+        }
+        progress.message(msg);
+      }
+    for (auto& [n, fn] : callbacks_)
+      if (step_ % n == 0) fn();
+    const double cb = std::chrono::duration<double>(clock::now() - t_cb).count();
+    paused += cb, paused_window += cb;
+
+    const bool log_now = step_ % o_.log_every == 0 || step_ == o_.steps;
+    if (log_now) {
+      const double w = std::chrono::duration<double>(clock::now() - t_window).count() - paused_window;
+      const double ips = static_cast<double>(window * o_.batch) / std::max(w, 1e-9);
+      const double el = trained_s();
+      progress.line(step_, loss_sum / window, lr, norm_sum / window, ips, el, eta());
+      figures["loss"] = loss_sum / window, figures["lr"] = lr, figures["grad_norm"] = norm_sum / window;
+      figures["images_per_s"] = ips, figures["elapsed_s"] = el;
+      loss_sum = norm_sum = 0, window = 0, paused_window = 0;
+      t_window = clock::now();
+    }
+    if (log_ && !figures.empty()) log_->row(step_, figures);
+    if (o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps) {
+      res.checkpoint = save();
+    }
+    progress.bar(step_, lv, eta());
+  }
+  progress.finish();
+  res.step = step_;
+  res.seconds = trained_s();
+  res.checkpoint = save();
+  if (signals.requested() || stop_requested_) {
+    res.status = TrainStatus::interrupted;
+    res.signal = signals.requested();
+    const std::string at = " at step " + std::to_string(step_);
+    progress.message(o_.name + (signals.requested() ? ": interrupted: " : ": stopped: ") +
+                     (res.checkpoint.empty() ? "no checkpoint (no out folder)" + at
+                                             : "checkpoint saved" + at + " in " + res.checkpoint +
+                                                   " (continue with --resume " + res.checkpoint + ")"));
+  }
+  return res;
+}
+
+template <class T>
+void TrainerCore<T>::prune() const {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> old;
+  for (const auto& e : fs::directory_iterator(o_.out)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("checkpoint-", 0) == 0 && e.path().extension() == ".safetensors") old.push_back(e.path());
+  }
+  std::sort(old.begin(), old.end());  // zero-padded steps sort by name
+  const size_t allowed = static_cast<size_t>(o_.keep - 1);
+  for (size_t i = 0; i + allowed < old.size(); ++i) fs::remove(old[i]);
+}
+
+template <class T>
+void TrainerCore<T>::resume_from(const std::string& path) {
+  {  // The identity first, so that a different model is named as such rather than by one tensor.
+    const safetensors::Metadata m = safetensors::File::read(path).metadata();
+    for (const auto& [k, v] : o_.identity) {
+      auto it = m.find(k);
+      if (it != m.end() && it->second != v)
+        throw std::runtime_error(o_.name + ": '" + path + "' was trained with " + k + " " + it->second +
+                                 ", this run asks for " + v);
+    }
+  }
+  TrainState st = load_checkpoint<T>(path, model_, &opt_, &ema_);
+  step_ = st.step;
+  rng_ = st.rng;
+  auto offset = [&](std::initializer_list<const char*> keys, Generator& g) {
+    for (const char* k : keys)
+      if (auto it = st.metadata.find(k); it != st.metadata.end()) {
+        g = Generator(o_.seed, std::stoull(it->second));
+        return;
+      }
+  };
+  offset({"label_dropout_rng.offset", "dropout_rng.offset"}, label_rng_);
+  offset({"model_dropout_rng.offset"}, dropout_rng_);
+  SourceState ds;
+  for (const auto& [k, v] : st.metadata)
+    if (k.rfind("data.", 0) == 0) ds[k] = v;
+  data_.set_state(ds);
+  resumed_ = true;
+  saved_step_ = step_;
+  if (o_.log)
+    std::fprintf(o_.log, "%s: resumed from %s at step %lld\n", o_.name.c_str(), path.c_str(),
+                 static_cast<long long>(step_));
+}
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(class TrainerCore<float>)
+
+// The training loop for one model (any type derived from Module<T> that denoise() can call: with
+// or without labels and a dropout generator).
+template <class T, class Model>
+class Trainer : public TrainerCore<T> {
+ public:
+  using Callback = std::function<void(Trainer&)>;
+  using Evaluation = std::function<std::map<std::string, double>(Trainer&)>;
+
+  // The model stays where it is (move it to its device first): the optimiser's state and the EMA
+  // are made beside the weights. With options.resume the checkpoint is loaded here.
+  Trainer(Model& model, NoiseSchedule schedule, BatchSource<T>& data, TrainOptions o)
+      : TrainerCore<T>(model, std::move(schedule), data, std::move(o)), model_(model) {}
+
+  // fn(trainer) after every n-th step, e.g. a sample grid with with_ema_weights().
+  void every(int64_t n, Callback fn) {
+    this->add_callback(n, [this, fn = std::move(fn)] { fn(*this); });
+  }
+  // An evaluation after every n-th step: its figures (named by `columns`) are printed and logged.
+  void evaluate_every(int64_t n, std::vector<std::string> columns, Evaluation fn) {
+    this->add_evaluation(n, std::move(columns), [this, fn = std::move(fn)] { return fn(*this); });
+  }
+  Model& model() { return model_; }
+
+ private:
+  Var<T> compute_loss(const NoisedBatch<T>& nb, const Labels* y) override {
+    return epsilon_loss<T>(
+        [&](const Var<T>& x, const std::vector<int32_t>& t) { return denoise<T>(model_, x, t, y, &this->dropout_rng()); },
+        nb);
+  }
+
+  Model& model_;
 };
 
 }  // namespace diffuse
