@@ -72,7 +72,9 @@
 #include <diffuse/io/safetensors.hpp>
 
 // data
+#include <diffuse/data/augment.hpp>
 #include <diffuse/data/dataset.hpp>
+#include <diffuse/data/image_set.hpp>
 #include <diffuse/data/points2d.hpp>
 #include <diffuse/data/resize.hpp>
 
