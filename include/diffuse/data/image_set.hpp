@@ -117,26 +117,29 @@ inline ImageSet load_cifar10(const std::string& dir, bool train = true) {
   return load_cifar10_bin(files);
 }
 
-// uint8 images from a .npy array [N, H, W, C] or [N, C, H, W] (C = 1 or 3; read as [N, C, H, W]
-// when dimension 1 is 1 or 3 and the last is not), with labels from an optional .npy of N integers
-// (any integer dtype) in [0, classes); classes = 0 takes the largest label + 1.
+// uint8 images from a .npy array [N, C, H, W], [N, H, W, C] (C = 1 or 3) or [N, H, W] (grey), with
+// labels from an optional .npy of N integers (any integer dtype) in [0, classes); classes = 0
+// takes the largest label + 1. A shape that reads both ways ([N, 3, H, 3]) is NCHW, the layout
+// PyTorch and train_mnist write (as the fid tool reads arrays).
 inline ImageSet load_image_npy(const std::string& images, const std::string& labels = "", int32_t classes = 0) {
   const npy::Array a = npy::load(images);
   if (a.descr != "|u1") detail::image_set_error(images, "images must be uint8 (|u1), not " + a.descr);
-  if (a.shape.size() != 4)
-    detail::image_set_error(images, "images must be [N, H, W, C] or [N, C, H, W], not " +
+  if (a.shape.size() != 4 && a.shape.size() != 3)
+    detail::image_set_error(images, "images must be [N, C, H, W], [N, H, W, C] or [N, H, W], not " +
                                         std::to_string(a.shape.size()) + "-dimensional");
+  std::vector<int64_t> sh = a.shape;
+  if (sh.size() == 3) sh.push_back(1);  // [N, H, W] grey
   const auto ok_c = [](int64_t c) { return c == 1 || c == 3; };
-  const bool nchw = !ok_c(a.shape[3]) && ok_c(a.shape[1]);
+  const bool nchw = a.shape.size() == 4 && ok_c(sh[1]);
   ImageSet s;
-  s.n = a.shape[0];
-  s.channels = nchw ? a.shape[1] : a.shape[3];
-  s.height = nchw ? a.shape[2] : a.shape[1];
-  s.width = nchw ? a.shape[3] : a.shape[2];
+  s.n = sh[0];
+  s.channels = nchw ? sh[1] : sh[3];
+  s.height = nchw ? sh[2] : sh[1];
+  s.width = nchw ? sh[3] : sh[2];
   if (!ok_c(s.channels))
     detail::image_set_error(images, "images need 1 or 3 channels (first or last after N), shape [" +
-                                        std::to_string(a.shape[0]) + ", " + std::to_string(a.shape[1]) + ", " +
-                                        std::to_string(a.shape[2]) + ", " + std::to_string(a.shape[3]) + "]");
+                                        std::to_string(sh[0]) + ", " + std::to_string(sh[1]) + ", " +
+                                        std::to_string(sh[2]) + ", " + std::to_string(sh[3]) + "]");
   if (s.n < 1 || s.height < 1 || s.width < 1) detail::image_set_error(images, "no images");
   if (!nchw) {
     s.pixels = a.bytes;
