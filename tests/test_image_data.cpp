@@ -152,7 +152,7 @@ TEST_CASE("uint8 .npy images load from NHWC and NCHW alike, with labels", "[imag
   CHECK_THROWS_WITH(load_image_npy(d / "flat.npy"), Contains("flat.npy") && Contains("2-dimensional"));
   CHECK_THROWS_WITH(load_image_npy(d / "grey.npy", d / "y.npy", 5), Contains("y.npy"));
   npy::save<uint8_t>(d / "c4.npy", nhwc.data(), {N, 2, 9, 4});
-  CHECK_THROWS_WITH(load_image_npy(d / "c4.npy"), Contains("c4.npy") && Contains("1 or 3 channels"));
+  CHECK_THROWS_WITH(load_image_npy(d / "c4.npy"), Contains("c4.npy") && Contains("C = 1 or 3"));
   npy::save<int64_t>(d / "short.npy", y.data(), {N - 1});
   CHECK_THROWS_WITH(load_image_npy(d / "nhwc.npy", d / "short.npy"), Contains("short.npy") && Contains("one label per image"));
   CHECK_THROWS_WITH(load_image_npy(d / "nhwc.npy", d / "y.npy", 5), Contains("y.npy") && Contains("label 6 outside [0, 5)"));

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -28,19 +27,6 @@ struct ImageSet {
   std::vector<int32_t> labels;  // n class labels in [0, classes), or empty
   int32_t classes = 0;          // 0 without labels
 
-  // Appends another set of the same image size (and both labelled or both not).
-  void append(const ImageSet& o) {
-    if (n == 0 && pixels.empty()) {
-      *this = o;
-      return;
-    }
-    if (o.height != height || o.width != width || o.channels != channels || o.labels.empty() != labels.empty())
-      throw std::invalid_argument("diffuse: cannot join image sets of different image sizes or labelling");
-    pixels.insert(pixels.end(), o.pixels.begin(), o.pixels.end());
-    labels.insert(labels.end(), o.labels.begin(), o.labels.end());
-    n += o.n;
-    classes = std::max(classes, o.classes);
-  }
 };
 
 // pixel / 255 * 2 - 1 as a [n, height, width, channels] float tensor on the CPU.
@@ -123,7 +109,7 @@ inline ImageSet load_cifar10(const std::string& dir, bool train = true) {
 // PyTorch and train_mnist write (as the fid tool reads arrays).
 inline ImageSet load_image_npy(const std::string& images, const std::string& labels = "", int32_t classes = 0) {
   const npy::Array a = npy::load(images);
-  if (a.descr != "|u1") detail::image_set_error(images, "images must be uint8 (|u1), not " + a.descr);
+  if (a.descr != "|u1" && a.descr != "<u1") detail::image_set_error(images, "images must be uint8 (|u1), not " + a.descr);
   if (a.shape.size() != 4 && a.shape.size() != 3)
     detail::image_set_error(images, "images must be [N, C, H, W], [N, H, W, C] or [N, H, W], not " +
                                         std::to_string(a.shape.size()) + "-dimensional");
@@ -137,7 +123,7 @@ inline ImageSet load_image_npy(const std::string& images, const std::string& lab
   s.height = nchw ? sh[2] : sh[1];
   s.width = nchw ? sh[3] : sh[2];
   if (!ok_c(s.channels))
-    detail::image_set_error(images, "images need 1 or 3 channels (first or last after N), shape [" +
+    detail::image_set_error(images, "images must be [N, C, H, W] or [N, H, W, C] with C = 1 or 3, shape [" +
                                         std::to_string(sh[0]) + ", " + std::to_string(sh[1]) + ", " +
                                         std::to_string(sh[2]) + ", " + std::to_string(sh[3]) + "]");
   if (s.n < 1 || s.height < 1 || s.width < 1) detail::image_set_error(images, "no images");

@@ -34,6 +34,7 @@
 #include <diffuse/io/stb.hpp>
 #include <diffuse/eval/frechet.hpp>
 #include <diffuse/models/inception_fid.hpp>
+#include <diffuse/data/image_set.hpp>
 #include <diffuse/io/npy.hpp>
 #include <diffuse/data/resize.hpp>
 #include <diffuse/io/safetensors.hpp>
@@ -166,38 +167,11 @@ inline Images load_image_folder(const std::string& dir) {
   return im;
 }
 
-// A uint8 .npy of [N, C, H, W] or [N, H, W, C] (C = 1 or 3) or [N, H, W]. A
-// shape that reads both ways ([N, 3, H, 3] and the like) is taken as NCHW,
-// the layout train_mnist and PyTorch write.
+// A uint8 .npy of [N, C, H, W] or [N, H, W, C] (C = 1 or 3) or [N, H, W]; a shape that reads both
+// ways is NCHW (data/image_set.hpp's load_image_npy, which the trainers read too).
 inline Images load_image_array(const std::string& path) {
-  const npy::Array a = npy::load(path);
-  if (a.descr != "|u1" && a.descr != "<u1")
-    throw std::runtime_error("'" + path + "': expected uint8 images, got dtype '" + a.descr + "'");
-  const Shape& s = a.shape;
-  Images im;
-  bool nchw = false;
-  if (s.size() == 3) {
-    im = Images{{}, s[0], s[1], s[2], 1};
-  } else if (s.size() == 4 && (s[1] == 1 || s[1] == 3)) {
-    im = Images{{}, s[0], s[2], s[3], s[1]};
-    nchw = true;
-  } else if (s.size() == 4 && (s[3] == 1 || s[3] == 3)) {
-    im = Images{{}, s[0], s[1], s[2], s[3]};
-  } else {
-    throw std::runtime_error("'" + path + "': expected images [N, C, H, W] or [N, H, W, C] with C = 1 or 3, got " +
-                             shape_str(s));
-  }
-  const std::vector<uint8_t> v = a.as<uint8_t>();
-  if (!nchw || im.c == 1) {
-    im.pixels = v;
-  } else {
-    im.pixels.resize(v.size());
-    const int64_t hw = im.h * im.w;
-    for (int64_t i = 0; i < im.n; ++i)
-      for (int64_t ch = 0; ch < im.c; ++ch)
-        for (int64_t p = 0; p < hw; ++p) im.pixels[(i * hw + p) * im.c + ch] = v[(i * im.c + ch) * hw + p];
-  }
-  return im;
+  ImageSet s = load_image_npy(path);
+  return Images{std::move(s.pixels), s.n, s.height, s.width, s.channels};
 }
 
 }  // namespace diffuse
