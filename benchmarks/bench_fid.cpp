@@ -12,7 +12,7 @@ static void BM_FidInception_Features(benchmark::State& st) {
   const int64_t B = st.range(0);
   Generator g(0);
   FidInceptionV3<float> net(g);
-  Images im{std::vector<uint8_t>(static_cast<size_t>(B * 32 * 32 * 3)), B, 32, 32, 3};
+  ImageSet im{B, 32, 32, 3, std::vector<uint8_t>(static_cast<size_t>(B * 32 * 32 * 3)), {}, 0, {}};
   Generator gi(1);
   const Tensor<float> u = Tensor<float>::rand({B * 32 * 32 * 3}, gi);
   for (size_t i = 0; i < im.pixels.size(); ++i) im.pixels[i] = static_cast<uint8_t>(255.0f * u[i]);

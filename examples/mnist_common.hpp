@@ -1,27 +1,18 @@
-// Shared by the image examples (train_mnist, sample): MNIST as model input,
-// the model's description in checkpoint metadata, and sampling a labelled
-// batch of images with classifier-free guidance, with its output files.
+// train_mnist's MNIST as model input; the rest of what the image examples share is in
+// image_common.hpp.
 #pragma once
 
-#include <diffuse/diffuse.hpp>
-#include <diffuse/diffusion/guidance.hpp>
-#include <diffuse/io/idx.hpp>
-#include <diffuse/viz/image_grid.hpp>
-#include <diffuse/models/unet.hpp>
-#include <diffuse/io/npy.hpp>
-#include <diffuse/data/resize.hpp>
+#include "image_common.hpp"
 
-#include <chrono>
-#include <cstdio>
-#include <filesystem>
-#include <functional>
-#include <nlohmann/json.hpp>
+#include <diffuse/data/resize.hpp>
+#include <diffuse/io/idx.hpp>
+
 #include <string>
-#include <vector>
 
 namespace mnist_example {
 
 using namespace diffuse;
+using namespace diffuse::examples;
 
 // uint8 [N, 28, 28] -> float NHWC [N, size, size, 1] in [-1, 1] (x / 127.5 - 1),
 // downsampled by area averaging or bilinear (PyTorch's F.interpolate rules).
@@ -33,178 +24,6 @@ inline Tensor<float> to_model_images(const IdxImages& im, int64_t size, const st
   if (resize == "area") return resize_area(x, size, size);
   if (resize == "bilinear") return resize_bilinear(x, size, size);
   throw std::invalid_argument("unknown --resize '" + resize + "' (area, bilinear)");
-}
-
-// What a checkpoint must record to be sampled from without the trainer's flags.
-struct ModelInfo {
-  UNetConfig unet;
-  int T = 200;
-  std::string schedule = "linear";
-  int64_t digit = -1;  // >= 0: trained on this digit only (unconditional model)
-  std::string resize = "area";
-
-  std::string json() const {
-    return nlohmann::json{{"unet", unet_config_to_json(unet)}, {"T", T}, {"schedule", schedule},
-                          {"digit", digit}, {"resize", resize}}
-        .dump();
-  }
-  static ModelInfo from_json(const std::string& s) {
-    const nlohmann::json j = nlohmann::json::parse(s);
-    ModelInfo m;
-    m.unet = unet_config_from_json(j.at("unet"));
-    m.T = j.at("T").get<int>();
-    m.schedule = j.at("schedule").get<std::string>();
-    m.digit = j.at("digit").get<int64_t>();
-    m.resize = j.at("resize").get<std::string>();
-    return m;
-  }
-  static ModelInfo from_checkpoint(const safetensors::File& f) {
-    auto it = f.metadata().find("model");
-    if (it == f.metadata().end())
-      throw std::runtime_error("'" + f.path() + "' has no 'model' metadata: not a train_mnist checkpoint");
-    return from_json(it->second);
-  }
-};
-
-struct SampleRequest {
-  int64_t n = 100;         // images
-  double guidance = 0.0;   // classifier-free guidance weight w (class-conditional models)
-  std::string sampler = "ddpm";
-  std::string variance = "large";  // DDPM: large (beta_t) or small (posterior)
-  int steps = 0;           // DDIM steps (0: T)
-  double eta = 0.0;
-  int64_t batch = 100;     // images per sampling batch (a guided batch runs 2x this through the net)
-  int process_frames = 8;  // columns of process.png
-};
-
-struct SampleResult {
-  Tensor<float> images;          // [n, H, W, 1] in [-1, 1]
-  std::vector<int32_t> labels;   // n labels (the digit for a single-digit model)
-  Tensor<float> process;         // [rows * frames, H, W, 1]: row r = image r of the first batch
-  std::vector<int> process_t;    // the timestep of each column
-  int64_t process_rows = 0;
-};
-
-// Samples req.n images with the model as it is (swap in the EMA weights before calling), on the
-// model's device: the images stay there until a batch is done. Class-conditional models get
-// labels 0,1,..,9,0,1,.. so that every batch holds every digit; the first batch's first 10 images
-// are traced through the process.
-inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& info, const SampleRequest& req,
-                                  Generator& g, bool progress = true) {
-  auto net = [&model](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
-    NoGrad ng;
-    return model(Var<float>(x), t, y).value();
-  };
-  const NoiseSchedule sched = NoiseSchedule::by_name(info.schedule, info.T);
-  const int64_t R = info.unet.resolution, K = info.unet.num_classes;
-  SampleOptions so;
-  so.device = model.device();
-  so.clip_x0 = true;
-  so.variance = parse_variance(req.variance);
-  so.steps = req.steps;
-  so.eta = req.eta;
-  SampleResult out;
-  out.images = Tensor<float>({req.n, R, R, 1});
-  out.labels.resize(static_cast<size_t>(req.n));
-  for (int64_t i = 0; i < req.n; ++i)
-    out.labels[static_cast<size_t>(i)] = K > 0 ? static_cast<int32_t>(i % K) : static_cast<int32_t>(std::max<int64_t>(info.digit, 0));
-  const int total = req.sampler == "ddpm" ? info.T : (req.steps > 0 ? req.steps : info.T);
-  const int F = std::max(2, req.process_frames);
-  out.process_rows = std::min<int64_t>(K > 0 ? K : 8, std::min(req.batch, req.n));
-  std::vector<Tensor<float>> frames;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t b0 = 0; b0 < req.n; b0 += req.batch) {
-    const int64_t B = std::min(req.batch, req.n - b0);
-    std::vector<int32_t> y(out.labels.begin() + b0, out.labels.begin() + b0 + B);
-    EpsModel<float> eps;
-    if (K > 0) {
-      ClassEpsModel<float> f = [&](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>& yy) {
-        return net(x, t, &yy);
-      };
-      eps = guided_eps_model<float>(f, y, static_cast<int32_t>(K), req.guidance);
-    } else {
-      eps = [&](const Tensor<float>& x, const std::vector<int32_t>& t) { return net(x, t, nullptr); };
-    }
-    SampleObserver<float> obs;
-    if (b0 == 0)
-      obs = [&](int remaining, const Tensor<float>& x) {
-        for (int k = 0; k < F; ++k)
-          if (remaining == total - (total * k) / (F - 1)) {
-            frames.push_back(x.to(Device::CPU));
-            out.process_t.push_back(remaining);
-          }
-      };
-    const Tensor<float> s = (req.sampler == "ddpm" ? ddpm_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs)
-                                                   : ddim_sample<float>(sched, eps, {B, R, R, 1}, g, so, obs))
-                                .cpu();
-    std::copy(s.data(), s.data() + s.size(), out.images.data() + b0 * R * R);
-    if (progress) {
-      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double ips = static_cast<double>(b0 + B) / el;
-      std::printf("sampled %lld/%lld images  %.1f images/s  ETA %.0f s\n", static_cast<long long>(b0 + B),
-                  static_cast<long long>(req.n), ips, static_cast<double>(req.n - b0 - B) / ips);
-      std::fflush(stdout);
-    }
-  }
-  const int64_t rows = out.process_rows, nf = static_cast<int64_t>(frames.size());
-  out.process = Tensor<float>({rows * nf, R, R, 1});
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < nf; ++k)
-      std::copy(frames[k].data() + r * R * R, frames[k].data() + (r + 1) * R * R,
-                out.process.data() + (r * nf + k) * R * R);
-  return out;
-}
-
-// A grid of samples as a PNG: one row per digit for a class-conditional model (the first
-// grid_cols samples of each), else the first grid_cols^2 samples.
-inline void write_grid_png(const std::filesystem::path& path, const SampleResult& s, int64_t num_classes,
-                           int64_t grid_cols = 10) {
-  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
-  const int64_t n = s.images.size(0), R = s.images.size(1);
-  plot::GridOptions go;
-  std::vector<float> grid;
-  int64_t cols = grid_cols, shown = 0;
-  if (num_classes > 0) {
-    // Row d: the first grid_cols samples of digit d.
-    cols = std::min(grid_cols, n / num_classes);
-    if (cols < 1) cols = 1;
-    for (int64_t d = 0; d < num_classes; ++d) {
-      go.row_labels.push_back(std::to_string(d));
-      int64_t got = 0;
-      for (int64_t i = 0; i < n && got < cols; ++i)
-        if (s.labels[static_cast<size_t>(i)] == d) {
-          grid.insert(grid.end(), s.images.data() + i * R * R, s.images.data() + (i + 1) * R * R);
-          ++got;
-        }
-      for (; got < cols; ++got) grid.insert(grid.end(), static_cast<size_t>(R * R), -1.0f);  // blank
-    }
-    shown = num_classes * cols;
-  } else {
-    shown = std::min<int64_t>(n, grid_cols * grid_cols);
-    grid.assign(s.images.data(), s.images.data() + shown * R * R);
-  }
-  plot::image_grid(grid.data(), shown, R, R, 1, cols, go).write_png(path.string());
-}
-
-// DIR/grid.png, DIR/process.png, DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy (int64 [N]).
-inline void write_sample_files(const std::filesystem::path& dir, const SampleResult& s, int64_t num_classes,
-                               int64_t grid_cols = 10) {
-  namespace fs = std::filesystem;
-  fs::create_directories(dir);
-  const int64_t n = s.images.size(0), R = s.images.size(1);
-  std::vector<uint8_t> bytes(s.images.size());
-  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = plot::to_byte(s.images[i]);
-  npy::save<uint8_t>((dir / "samples.npy").string(), bytes.data(), {n, 1, R, R});
-  std::vector<int64_t> lab(s.labels.begin(), s.labels.end());
-  npy::save<int64_t>((dir / "labels.npy").string(), lab.data(), {n});
-  write_grid_png(dir / "grid.png", s, num_classes, grid_cols);
-  plot::GridOptions gp;
-  if (num_classes > 0)
-    for (int64_t r = 0; r < s.process_rows; ++r) gp.row_labels.push_back(std::to_string(s.labels[static_cast<size_t>(r)]));
-  for (int t : s.process_t) gp.col_labels.push_back("t=" + std::to_string(t));
-  const int64_t nf = static_cast<int64_t>(s.process_t.size());
-  if (nf > 0)
-    plot::image_grid(s.process.data(), s.process.size(0), R, R, 1, nf, gp).write_png((dir / "process.png").string());
 }
 
 }  // namespace mnist_example

@@ -1,16 +1,15 @@
-// sample: images from a train_mnist checkpoint, with the DDPM or DDIM sampler,
-// any number of steps and classifier-free guidance. Writes DIR/grid.png,
-// DIR/process.png, DIR/samples.npy (uint8 [N, 1, H, W]) and DIR/labels.npy
-// (int64 [N]), the files train_mnist writes, so mnist_classifier scores either.
+// sample: images from a train_mnist or train_cifar10 checkpoint, with the DDPM or DDIM sampler,
+// any number of steps and classifier-free guidance. Writes DIR/grid.png, DIR/process.png,
+// DIR/samples.npy (uint8 [N, C, H, W]) and DIR/labels.npy (int64 [N]), the files the trainers
+// write, so mnist_classifier and fid score either.
 // --device cuda samples on the GPU (the model moved there; the sampler's draws are the CPU's
 // Philox streams, so a seed gives the same images on either device, up to float rounding).
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
-#include "mnist_common.hpp"
+#include "image_common.hpp"
 
 using namespace diffuse;
-using namespace mnist_example;
 using namespace diffuse::examples;
 namespace fs = std::filesystem;
 
@@ -21,9 +20,9 @@ int main(int argc, char** argv) {
   double guidance = 0.3, eta = 0.0;
   uint64_t seed = 0;
   bool raw = false;
-  CLI::App app{"Sample images from a train_mnist checkpoint."};
-  app.add_option("checkpoint", checkpoint, "checkpoint.safetensors written by train_mnist")->required();
-  app.add_option("-n,--n", n, "number of images (class-conditional: digits 0..9 in turn)")
+  CLI::App app{"Sample images from a train_mnist or train_cifar10 checkpoint."};
+  app.add_option("checkpoint", checkpoint, "checkpoint.safetensors written by train_mnist or train_cifar10")->required();
+  app.add_option("-n,--n", n, "number of images (class-conditional: the classes in turn)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--guidance", guidance, "guidance weight w: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
@@ -54,6 +53,7 @@ int main(int argc, char** argv) {
     if (!raw && !has_ema) std::printf("note: %s has no EMA weights; using the raw ones\n", checkpoint.c_str());
     load_weights(f, model, raw || !has_ema ? "" : "ema.");
     model.to(dev);
+    model.eval();  // no dropout while sampling
     if (sampler == "ddim" && steps > info.T)
       throw std::invalid_argument("--steps " + std::to_string(steps) + " is more than the model's T = " +
                                   std::to_string(info.T));
@@ -66,7 +66,8 @@ int main(int argc, char** argv) {
     req.variance = variance;
     req.batch = batch;
     std::printf("sample: %s (%s, %lldx%lld, T=%d %s), %lld images, %s%s, guidance %.2f, on %s\n", checkpoint.c_str(),
-                info.unet.num_classes > 0 ? "class-conditional" : ("digit " + std::to_string(info.digit)).c_str(),
+                info.unet.num_classes > 0 ? "class-conditional"
+                : info.data == "mnist" ? ("digit " + std::to_string(info.digit)).c_str() : "unconditional",
                 static_cast<long long>(info.unet.resolution), static_cast<long long>(info.unet.resolution), info.T,
                 info.schedule.c_str(), static_cast<long long>(n), sampler.c_str(),
                 sampler == "ddim" ? (" " + std::to_string(steps) + " steps").c_str() : "", req.guidance,
@@ -74,7 +75,7 @@ int main(int argc, char** argv) {
     Generator g(seed, uint64_t(2) << 40);
     const auto t0 = std::chrono::steady_clock::now();
     const SampleResult res = sample_images(model, info, req, g);
-    write_sample_files(out, res, info.unet.num_classes);
+    write_sample_files(out, res, info);
     std::printf("sampled %lld images in %.1f s; wrote %s/{grid.png, process.png, samples.npy, labels.npy}\n",
                 static_cast<long long>(n), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                 out.c_str());

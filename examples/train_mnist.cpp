@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
         t.with_ema_weights([&] { res = sample_images(model, info, r, srng, false); });
         char name[64];
         std::snprintf(name, sizeof name, "grid-%08lld.png", static_cast<long long>(t.step()));
-        write_grid_png(fs::path(a.out) / "progress" / name, res, info.unet.num_classes);
+        write_grid_png(fs::path(a.out) / "progress" / name, res, info);
       });
 
     const TrainResult tr = trainer.run();
@@ -246,7 +246,7 @@ int main(int argc, char** argv) {
     const auto ts = std::chrono::steady_clock::now();
     SampleResult res;
     trainer.with_ema_weights([&] { res = sample_images(model, info, req, srng); });
-    write_sample_files(a.out, res, info.unet.num_classes);
+    write_sample_files(a.out, res, info);
     std::printf("sampled %lld images on %s in %.0f s (%s, guidance %.2f); wrote %s/{grid.png, process.png, samples.npy, "
                 "labels.npy}\n",
                 static_cast<long long>(a.samples), device_name(dev),

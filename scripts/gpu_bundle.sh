@@ -34,22 +34,24 @@ while [[ $# -gt 0 ]]; do
 done
 BUILD=build-gpu-sm$ARCH
 TARGETS=(test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda bench_kernels_cuda bench_unet_cuda
-         train_mnist sample train_2d fid)
+         train_mnist sample train_2d fid train_cifar10)
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 cp "$BUILD"/tests/test_kernels_cuda "$BUILD"/tests/test_cuda_memory "$BUILD"/tests/test_backend_ops_cuda \
    "$BUILD"/tests/test_backend_models_cuda "$OUT"/
-cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$BUILD"/examples/sample "$BUILD"/examples/train_2d "$BUILD"/examples/fid "$OUT"/
+cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$BUILD"/examples/train_mnist "$BUILD"/examples/sample "$BUILD"/examples/train_2d "$BUILD"/examples/fid "$BUILD"/examples/train_cifar10 "$OUT"/
 if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh made them: train_mnist cpu vs cuda
   mkdir -p "$OUT"/mnist
   cp data/mnist/*-ubyte.gz "$OUT"/mnist/
 fi
 lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 [[ -n $lib ]] && cp "$lib" "$OUT"/
-lib=$(ldd "$OUT"/fid | awk '/libminizip/ {print $3}')  # .npz files; the GPU machine may lack it
-[[ -n $lib ]] && cp "$lib" "$OUT"/
+for l in libminizip libarchive; do  # .npz files, .tar.gz archives: the GPU machine may lack them
+  lib=$(ldd "$OUT"/fid | awk -v l="$l" '$0 ~ l {print $3}')
+  [[ -n $lib ]] && cp "$lib" "$OUT"/
+done
 for f in torch_gpu_reference.py torch_reference.py; do
   [[ -f ../shared/reference/$f ]] && cp "../shared/reference/$f" "$OUT"/
 done
@@ -108,6 +110,16 @@ for d in cpu cuda; do
     --resume "$LOG"/t2d_cuda/checkpoint.safetensors --out "$LOG"/t2d_resume_$d
 done
 grep -h "^step   \+2500\|samples/floor" "$LOG"/train_2d_resume_cpu.log "$LOG"/train_2d_resume_cuda.log | tee -a "$LOG"/summary.txt
+# train_cifar10's presets on the GPU (images/s in the progress lines), on random 32x32 images:
+# no CIFAR-10 on the machine.
+if python3 -c "import numpy" 2>/dev/null; then
+  python3 -c "import numpy as np; np.save('$LOG/rand32.npy', np.random.default_rng(0).integers(0, 256, (2048, 32, 32, 3), dtype=np.uint8))"
+  c10=(--data "$LOG"/rand32.npy --samples 0 --save-every 0 --log-every 20 --device cuda)
+  step cifar10_paper_fp32 ./train_cifar10 --preset paper --steps 60 "${c10[@]}" --out "$LOG"/c10_paper
+  step cifar10_paper_tf32 ./train_cifar10 --preset paper --steps 100 --tf32 "${c10[@]}" --out "$LOG"/c10_paper_tf32
+  step cifar10_small_tf32 ./train_cifar10 --preset small --steps 200 --tf32 "${c10[@]}" --out "$LOG"/c10_small_tf32
+  grep -h "^step" "$LOG"/cifar10_*.log | tee -a "$LOG"/summary.txt
+fi
 if [[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null; then
   step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32 --iters 10
   step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32 --iters 5

@@ -34,8 +34,9 @@ bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 
 // Random uint8 images [n, h, w, c] that look like small pictures: a smooth
 // random field (a coarse grid upsampled) plus pixel noise, clipped.
-Images random_images(int64_t n, int64_t h, int64_t w, int64_t c, Generator& g) {
-  Images im{{}, n, h, w, c};
+ImageSet random_images(int64_t n, int64_t h, int64_t w, int64_t c, Generator& g) {
+  ImageSet im;
+  im.n = n, im.height = h, im.width = w, im.channels = c;
   const Tensor<float> coarse = Tensor<float>::rand({n, 4, 4, c}, g);
   const Tensor<float> smooth = resize_bilinear(coarse, h, w);
   const Tensor<float> noise = Tensor<float>::randn({n, h, w, c}, g);
@@ -139,7 +140,7 @@ TEST_CASE("fid_preprocess replicates grey, resizes as F.interpolate and scales t
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  const Images grey = random_images(2, 9, 7, 1, g);
+  const ImageSet grey = random_images(2, 9, 7, 1, g);
   const Tensor<float> y = fid_preprocess(grey.pixels.data(), 2, 9, 7, 1);
   REQUIRE(y.shape() == Shape{2, 299, 299, 3});
   Tensor<float> x({2, 9, 7, 1});
@@ -162,7 +163,7 @@ TEST_CASE("FID Inception features match pytorch-fid's network in PyTorch (random
   Generator g(seed);
   TempDir dir("fid", "parity");
   // Colour 32x32 (CIFAR's size) and grey 28x28 (MNIST's) inputs, written as NHWC uint8.
-  const Images rgb = random_images(3, 32, 32, 3, g), grey = random_images(2, 28, 28, 1, g);
+  const ImageSet rgb = random_images(3, 32, 32, 3, g), grey = random_images(2, 28, 28, 1, g);
   npy::save<uint8_t>(dir / "rgb.npy", rgb.pixels.data(), {3, 32, 32, 3});
   npy::save<uint8_t>(dir / "grey.npy", grey.pixels.data(), {2, 28, 28, 1});
   const std::string py = shell_quote(DIFFUSE_TORCH_PYTHON), src = DIFFUSE_SOURCE_DIR;
@@ -182,7 +183,7 @@ TEST_CASE("FID Inception features match pytorch-fid's network in PyTorch (random
   Generator gi(0);
   FidInceptionV3<float> net(gi);
   load_fid_weights(dir / "w.safetensors", net);
-  for (const auto& [name, im] : {std::pair<std::string, const Images*>{"rgb", &rgb}, {"grey", &grey}}) {
+  for (const auto& [name, im] : {std::pair<std::string, const ImageSet*>{"rgb", &rgb}, {"grey", &grey}}) {
     INFO(name);
     const std::vector<float> ours = fid_features(net, *im, 2);
     const npy::Array theirs = npy::load(dir / (name + "_f.npy"));
@@ -253,7 +254,7 @@ TEST_CASE("image inputs: .npy in both layouts and folders of images") {
   INFO("seed " << seed);
   Generator g(seed);
   TempDir dir("fid", "inputs");
-  const Images im = random_images(3, 5, 4, 3, g);
+  const ImageSet im = random_images(3, 5, 4, 3, g);
   // NCHW copy of the same images.
   std::vector<uint8_t> nchw(im.pixels.size());
   for (int64_t n = 0; n < 3; ++n)
@@ -263,17 +264,17 @@ TEST_CASE("image inputs: .npy in both layouts and folders of images") {
   npy::save<uint8_t>(dir / "nchw.npy", nchw.data(), {3, 3, 5, 4});
   for (const char* f : {"nhwc.npy", "nchw.npy"}) {
     INFO(f);
-    const Images r = load_image_array(dir / f);
-    CHECK((r.n == 3 && r.h == 5 && r.w == 4 && r.c == 3));
+    const ImageSet r = load_image_npy(dir / f);
+    CHECK((r.n == 3 && r.height == 5 && r.width == 4 && r.channels == 3));
     CHECK(r.pixels == im.pixels);
   }
   npy::save<uint8_t>(dir / "grey.npy", std::vector<uint8_t>(im.pixels.begin(), im.pixels.begin() + 40).data(), {2, 5, 4});
-  const Images grey = load_image_array(dir / "grey.npy");
-  CHECK((grey.n == 2 && grey.c == 1));
+  const ImageSet grey = load_image_npy(dir / "grey.npy");
+  CHECK((grey.n == 2 && grey.channels == 1));
   npy::save<float>(dir / "float.npy", std::vector<float>(6, 0.5f).data(), {1, 2, 3});
-  CHECK_THROWS_WITH(load_image_array(dir / "float.npy"), Catch::Contains("uint8"));
+  CHECK_THROWS_WITH(load_image_npy(dir / "float.npy"), Catch::Contains("uint8"));
   npy::save<uint8_t>(dir / "c4.npy", std::vector<uint8_t>(4 * 25 * 2).data(), {2, 5, 5, 4});
-  CHECK_THROWS_WITH(load_image_array(dir / "c4.npy"), Catch::Contains("C = 1 or 3"));
+  CHECK_THROWS_WITH(load_image_npy(dir / "c4.npy"), Catch::Contains("C = 1 or 3"));
 
   // A folder: PNGs in name order (grey ones become RGB), other files skipped.
   fs::create_directories(dir / "pngs");
@@ -285,12 +286,12 @@ TEST_CASE("image inputs: .npy in both layouts and folders of images") {
   for (int i = 0; i < 20; ++i) g1[i] = static_cast<uint8_t>(i * 12);
   REQUIRE(stbi_write_png((dir / "pngs/img3.png").c_str(), 4, 5, 1, g1.data(), 4) != 0);
   diffuse::testing::write_bytes(dir / "pngs/notes.txt", {'h', 'i'});
-  const Images f = load_image_folder(dir / "pngs");
-  REQUIRE((f.n == 4 && f.h == 5 && f.w == 4 && f.c == 3));
+  const ImageSet f = load_image_folder(dir / "pngs", 3);
+  REQUIRE((f.n == 4 && f.height == 5 && f.width == 4 && f.channels == 3));
   CHECK(std::equal(im.pixels.begin(), im.pixels.end(), f.pixels.begin()));
   for (int i = 0; i < 20; ++i)
     for (int c = 0; c < 3; ++c) REQUIRE(f.pixels[size_t(180 + i * 3 + c)] == g1[i]);
   REQUIRE(stbi_write_png((dir / "pngs/img4.png").c_str(), 5, 5, 1, std::vector<uint8_t>(25, 9).data(), 5) != 0);
-  CHECK_THROWS_WITH(load_image_folder(dir / "pngs"), Catch::Contains("all images must have one size"));
-  CHECK_THROWS_WITH(load_image_folder(dir / "nosuch"), Catch::Contains("not a folder"));
+  CHECK_THROWS_WITH(load_image_folder(dir / "pngs", 3), Catch::Contains("all images must have one size"));
+  CHECK_THROWS_WITH(load_image_folder(dir / "nosuch", 3), Catch::Contains("not a folder"));
 }

@@ -8,6 +8,7 @@
 #include "run_command.hpp"
 
 #include <diffuse/eval/fid.hpp>
+#include <diffuse/io/stb.hpp>
 #include <diffuse/io/npy.hpp>
 
 #include <cmath>

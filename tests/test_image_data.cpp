@@ -1,14 +1,24 @@
-// Image data sets: CIFAR-10's binary batches and uint8 .npy arrays (written here with random
-// pixels and labels), every error on a bad file, the [-1, 1] conversion, and the random
-// horizontal flip (an exact mirror, about half the images, the same choices on resume).
+// Image data sets: CIFAR-10's binary batches (as files and inside a .tar.gz written here with
+// libarchive), uint8 .npy arrays, folders of PNG (every colour type, 8 and 16 bits, written here
+// byte by byte with zlib) and JPEG images, all with random pixels and labels; every error on a
+// bad file, the [-1, 1] conversion, and the random horizontal flip (an exact mirror, about half
+// the images, the same choices on resume).
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <utility>
 #include <random>
 #include <string>
 #include <vector>
 
+#include <archive.h>
+#include <archive_entry.h>
+#include <zlib.h>
+
 #include <diffuse/data/augment.hpp>
+#include <diffuse/data/image_folder.hpp>
 #include <diffuse/data/image_set.hpp>
 
 #include "temp_files.hpp"
@@ -43,7 +53,256 @@ Bytes cifar_records(int m, std::vector<int32_t>& labels, std::vector<uint8_t>& n
   return b;
 }
 
+// A tar.gz (or other libarchive format) of the given members, written with libarchive.
+void write_archive(const std::string& path, const std::vector<std::pair<std::string, Bytes>>& members,
+                   bool gzip = true) {
+  archive* a = archive_write_new();
+  if (gzip) archive_write_add_filter_gzip(a);
+  archive_write_set_format_pax_restricted(a);
+  REQUIRE(archive_write_open_filename(a, path.c_str()) == ARCHIVE_OK);
+  for (const auto& [name, bytes] : members) {
+    archive_entry* e = archive_entry_new();
+    archive_entry_set_pathname(e, name.c_str());
+    archive_entry_set_size(e, static_cast<la_int64_t>(bytes.size()));
+    archive_entry_set_filetype(e, AE_IFREG);
+    archive_entry_set_perm(e, 0644);
+    REQUIRE(archive_write_header(a, e) == ARCHIVE_OK);
+    REQUIRE(archive_write_data(a, bytes.data(), bytes.size()) == static_cast<la_ssize_t>(bytes.size()));
+    archive_entry_free(e);
+  }
+  archive_write_close(a);
+  archive_write_free(a);
+}
+
+// A PNG written chunk by chunk (zlib for IDAT and the CRCs), so that every colour type and bit
+// depth can be made: colour type 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA; `samples`
+// holds the row-major samples (palette indices for type 3), 16-bit ones big-endian as PNG stores them.
+Bytes png_file(int w, int h, int depth, int type, const Bytes& samples, const Bytes& palette = {}) {
+  Bytes out{0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  auto be32 = [](Bytes& b, uint32_t v) {
+    for (int k = 3; k >= 0; --k) b.push_back(static_cast<uint8_t>(v >> (8 * k)));
+  };
+  auto chunk = [&](const char* tag, const Bytes& data) {
+    be32(out, static_cast<uint32_t>(data.size()));
+    Bytes body(tag, tag + 4);
+    body.insert(body.end(), data.begin(), data.end());
+    out.insert(out.end(), body.begin(), body.end());
+    be32(out, static_cast<uint32_t>(crc32(0, body.data(), static_cast<uInt>(body.size()))));
+  };
+  Bytes ihdr;
+  be32(ihdr, static_cast<uint32_t>(w));
+  be32(ihdr, static_cast<uint32_t>(h));
+  ihdr.insert(ihdr.end(), {static_cast<uint8_t>(depth), static_cast<uint8_t>(type), 0, 0, 0});
+  chunk("IHDR", ihdr);
+  if (type == 3) chunk("PLTE", palette);
+  const int per_pixel = type == 0 || type == 3 ? 1 : type == 2 ? 3 : type == 4 ? 2 : 4;
+  const size_t row = static_cast<size_t>(w * per_pixel * depth / 8);
+  Bytes raw;  // each row: filter byte 0 (none), then the row
+  for (int y = 0; y < h; ++y) {
+    raw.push_back(0);
+    raw.insert(raw.end(), samples.begin() + static_cast<std::ptrdiff_t>(y * row),
+               samples.begin() + static_cast<std::ptrdiff_t>((y + 1) * row));
+  }
+  uLongf n = compressBound(static_cast<uLong>(raw.size()));
+  Bytes z(n);
+  REQUIRE(compress(z.data(), &n, raw.data(), static_cast<uLong>(raw.size())) == Z_OK);
+  z.resize(n);
+  chunk("IDAT", z);
+  chunk("IEND", {});
+  return out;
+}
+
+Bytes random_bytes(size_t n) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  Bytes b(n);
+  for (auto& v : b) v = static_cast<uint8_t>(byte(rng()));
+  return b;
+}
+
 }  // namespace
+
+TEST_CASE("CIFAR-10 loads straight from cifar-10-binary.tar.gz, the same as from the folder", "[image_data]") {
+  TempDir d("image_data", "cifar_archive");
+  std::vector<int32_t> labels, test_labels;
+  std::vector<uint8_t> pixels, test_pixels;
+  std::vector<std::pair<std::string, Bytes>> members{{"cifar-10-batches-bin/batches.meta.txt", {'c', 'a', 't'}}};
+  const int per[5] = {2, 1, 3, 1, 2};
+  // Stored out of order: the loader orders the batches by name, not by position in the archive.
+  for (int i : {4, 2, 0, 1, 3})
+    members.push_back({"cifar-10-batches-bin/data_batch_" + std::to_string(i + 1) + ".bin", {}});
+  std::vector<Bytes> batch(5);
+  for (int i = 0; i < 5; ++i) batch[static_cast<size_t>(i)] = cifar_records(per[i], labels, pixels);
+  for (auto& [name, bytes] : members)
+    for (int i = 0; i < 5; ++i)
+      if (name.find("data_batch_" + std::to_string(i + 1)) != std::string::npos) bytes = batch[static_cast<size_t>(i)];
+  members.push_back({"cifar-10-batches-bin/test_batch.bin", cifar_records(2, test_labels, test_pixels)});
+  std::filesystem::create_directories(d.path / "dl");
+  const std::string tgz = d / "dl/cifar-10-binary.tar.gz";
+  write_archive(tgz, members);
+
+  for (const std::string& src : {tgz, d / "dl"}) {  // the archive, or the folder it was downloaded to
+    INFO(src);
+    const ImageSet train = load_cifar10(src);
+    CHECK(train.n == 9);
+    CHECK(train.labels == labels);
+    CHECK(train.pixels == pixels);
+    CHECK(train.class_names.size() == 10);
+    const ImageSet test = load_cifar10(src, false);
+    CHECK(test.labels == test_labels);
+    CHECK(test.pixels == test_pixels);
+  }
+  // An uncompressed tar reads as well.
+  write_archive(d / "plain.tar", members, false);
+  CHECK(load_cifar10(d / "plain.tar").pixels == pixels);
+}
+
+TEST_CASE("CIFAR-10 archives: a missing batch, a bad member, a damaged or foreign file name the problem",
+          "[image_data]") {
+  TempDir d("image_data", "cifar_archive_bad");
+  std::vector<int32_t> l;
+  std::vector<uint8_t> p;
+  const Bytes good = cifar_records(1, l, p);
+  std::vector<std::pair<std::string, Bytes>> m;
+  for (int i = 1; i <= 5; ++i) m.push_back({"x/data_batch_" + std::to_string(i) + ".bin", good});
+  m.push_back({"x/test_batch.bin", good});
+
+  auto without3 = m;
+  without3.erase(without3.begin() + 2);
+  write_archive(d / "no3.tar.gz", without3);
+  CHECK_THROWS_WITH(load_cifar10(d / "no3.tar.gz"), Contains("no3.tar.gz") && Contains("no data_batch_3.bin"));
+  CHECK(load_cifar10(d / "no3.tar.gz", false).n == 1);  // the test split is all there
+
+  auto odd = m;
+  odd[1].second.pop_back();
+  write_archive(d / "odd.tar.gz", odd);
+  CHECK_THROWS_WITH(load_cifar10(d / "odd.tar.gz"),
+                    Contains("odd.tar.gz:x/data_batch_2.bin") && Contains("not a whole number"));
+
+  auto label = m;
+  label[4].second[0] = 11;
+  write_archive(d / "label.tar.gz", label);
+  CHECK_THROWS_WITH(load_cifar10(d / "label.tar.gz"), Contains("data_batch_5.bin") && Contains("label 11"));
+
+  // Cut in the middle of the compressed stream.
+  write_archive(d / "whole.tar.gz", m);
+  Bytes whole = diffuse::testing::read_bytes(d / "whole.tar.gz");
+  write_bytes(d / "cut.tar.gz", Bytes(whole.begin(), whole.begin() + static_cast<std::ptrdiff_t>(whole.size() / 2)));
+  CHECK_THROWS_WITH(load_cifar10(d / "cut.tar.gz"), Contains("cut.tar.gz"));
+
+  write_bytes(d / "noise.tar.gz", random_bytes(5000));
+  CHECK_THROWS_WITH(load_cifar10(d / "noise.tar.gz"), Contains("noise.tar.gz"));
+  CHECK_THROWS_WITH(load_cifar10(d / "nothing_here.tar.gz"), Contains("nothing_here.tar.gz"));
+}
+
+TEST_CASE("image folders: PNG of every colour type and depth, JPEG, class subfolders", "[image_data]") {
+  TempDir d("image_data", "folders");
+  namespace fs = std::filesystem;
+  const int W = 5, H = 4, P = W * H;
+  // Grey images: 8-bit, 16-bit (read as the high byte) and grey + alpha (the alpha dropped).
+  fs::create_directories(d.path / "grey");
+  const Bytes g8 = random_bytes(P), g16 = random_bytes(2 * P), ga = random_bytes(2 * P);
+  write_bytes(d / "grey/a.png", png_file(W, H, 8, 0, g8));
+  write_bytes(d / "grey/b.png", png_file(W, H, 16, 0, g16));
+  write_bytes(d / "grey/c.png", png_file(W, H, 8, 4, ga));
+  write_bytes(d / "grey/readme.txt", {'n', 'o'});
+  const ImageSet grey = load_image_folder(d / "grey");
+  REQUIRE((grey.n == 3 && grey.width == W && grey.height == H && grey.channels == 1));
+  CHECK(grey.labels.empty());
+  for (int i = 0; i < P; ++i) {
+    INFO("pixel " << i);
+    REQUIRE(grey.pixels[static_cast<size_t>(i)] == g8[static_cast<size_t>(i)]);
+    REQUIRE(grey.pixels[static_cast<size_t>(P + i)] == g16[static_cast<size_t>(2 * i)]);
+    REQUIRE(grey.pixels[static_cast<size_t>(2 * P + i)] == ga[static_cast<size_t>(2 * i)]);
+  }
+  // Asked for RGB: the grey values replicated.
+  const ImageSet grey3 = load_image_folder(d / "grey", 3);
+  REQUIRE(grey3.channels == 3);
+  for (int i = 0; i < 3 * P; ++i)
+    for (int c = 0; c < 3; ++c) REQUIRE(grey3.pixels[static_cast<size_t>(i * 3 + c)] == grey.pixels[static_cast<size_t>(i)]);
+
+  // Colour: RGB 8 and 16 bits, a palette, RGBA (alpha dropped), and a grey image among them.
+  fs::create_directories(d.path / "colour");
+  const Bytes rgb = random_bytes(3 * P), rgb16 = random_bytes(6 * P), rgba = random_bytes(4 * P), pal = random_bytes(3 * 7);
+  Bytes idx(P);
+  for (int i = 0; i < P; ++i) idx[static_cast<size_t>(i)] = static_cast<uint8_t>(rng()() % 7);
+  write_bytes(d / "colour/1.png", png_file(W, H, 8, 2, rgb));
+  write_bytes(d / "colour/2.png", png_file(W, H, 16, 2, rgb16));
+  write_bytes(d / "colour/3.png", png_file(W, H, 8, 3, idx, pal));
+  write_bytes(d / "colour/4.PNG", png_file(W, H, 8, 6, rgba));
+  write_bytes(d / "colour/5.png", png_file(W, H, 8, 0, g8));
+  const ImageSet col = load_image_folder(d / "colour");
+  REQUIRE((col.n == 5 && col.channels == 3));
+  auto px = [&](int img, int i, int c) { return col.pixels[static_cast<size_t>((img * P + i) * 3 + c)]; };
+  for (int i = 0; i < P; ++i)
+    for (int c = 0; c < 3; ++c) {
+      INFO("pixel " << i << " channel " << c);
+      REQUIRE(px(0, i, c) == rgb[static_cast<size_t>(i * 3 + c)]);
+      REQUIRE(px(1, i, c) == rgb16[static_cast<size_t>((i * 3 + c) * 2)]);
+      REQUIRE(px(2, i, c) == pal[static_cast<size_t>(idx[static_cast<size_t>(i)] * 3 + c)]);
+      REQUIRE(px(3, i, c) == rgba[static_cast<size_t>(i * 4 + c)]);
+      REQUIRE(px(4, i, c) == g8[static_cast<size_t>(i)]);
+    }
+  CHECK_THROWS_WITH(load_image_folder(d / "colour", 1), Contains("1.png") && Contains("colour image"));
+
+  // JPEG (lossy): a smooth image comes back close.
+  fs::create_directories(d.path / "jpeg");
+  Bytes smooth(static_cast<size_t>(16 * 16 * 3));
+  for (int y = 0; y < 16; ++y)
+    for (int x = 0; x < 16; ++x)
+      for (int c = 0; c < 3; ++c) smooth[static_cast<size_t>((y * 16 + x) * 3 + c)] = static_cast<uint8_t>(40 + 8 * x + 4 * y + 20 * c);
+  REQUIRE(stbi_write_jpg((d / "jpeg/a.jpg").c_str(), 16, 16, 3, smooth.data(), 100) != 0);
+  const ImageSet jpg = load_image_folder(d / "jpeg");
+  REQUIRE((jpg.n == 1 && jpg.width == 16 && jpg.channels == 3));
+  double err = 0;
+  for (size_t i = 0; i < smooth.size(); ++i) err += std::abs(double(jpg.pixels[i]) - smooth[i]);
+  CHECK(err / static_cast<double>(smooth.size()) < 3.0);
+
+  // Class subfolders (torchvision's ImageFolder): labels by folder name order.
+  for (const char* c : {"pets/dog", "pets/cat", "pets/empty"}) fs::create_directories(d.path / c);
+  write_bytes(d / "pets/dog/x.png", png_file(W, H, 8, 0, g8));
+  write_bytes(d / "pets/dog/y.png", png_file(W, H, 8, 0, g8));
+  write_bytes(d / "pets/cat/z.png", png_file(W, H, 8, 2, rgb));
+  const ImageSet pets = load_image_folder(d / "pets");
+  CHECK(pets.n == 3);
+  CHECK(pets.channels == 3);
+  CHECK(pets.labels == std::vector<int32_t>{0, 1, 1});
+  CHECK(pets.class_names == std::vector<std::string>{"cat", "dog"});
+  CHECK(pets.classes == 2);
+}
+
+TEST_CASE("image folders: mixed sizes, undecodable and damaged files, empty folders name the file", "[image_data]") {
+  TempDir d("image_data", "folders_bad");
+  namespace fs = std::filesystem;
+  fs::create_directories(d.path / "sizes");
+  write_bytes(d / "sizes/a.png", png_file(5, 4, 8, 0, random_bytes(20)));
+  write_bytes(d / "sizes/b.png", png_file(4, 4, 8, 0, random_bytes(16)));
+  CHECK_THROWS_WITH(load_image_folder(d / "sizes"), Contains("b.png") && Contains("all images must have one size"));
+
+  fs::create_directories(d.path / "garbage");
+  write_bytes(d / "garbage/a.png", png_file(5, 4, 8, 0, random_bytes(20)));
+  write_bytes(d / "garbage/b.jpg", random_bytes(300));
+  CHECK_THROWS_WITH(load_image_folder(d / "garbage"), Contains("b.jpg") && Contains("cannot read image"));
+
+  // A header that claims 20000 x 20000 pixels in a few bytes: refused before anything is allocated.
+  fs::create_directories(d.path / "huge");
+  Bytes huge = png_file(1, 1, 8, 0, random_bytes(1));
+  const uint8_t big[8] = {0, 0, 0x4E, 0x20, 0, 0, 0x4E, 0x20};
+  std::copy(big, big + 8, huge.begin() + 16);  // IHDR width and height (its CRC is not checked by the reader)
+  write_bytes(d / "huge/a.png", huge);
+  CHECK_THROWS_WITH(load_image_folder(d / "huge"), Contains("a.png") && Contains("damaged"));
+
+  // Pixel data that does not decode after a good header.
+  fs::create_directories(d.path / "truncated");
+  Bytes t = png_file(5, 4, 8, 2, random_bytes(60));
+  t.resize(t.size() - 30);
+  write_bytes(d / "truncated/a.png", t);
+  CHECK_THROWS_WITH(load_image_folder(d / "truncated"), Contains("a.png"));
+
+  fs::create_directories(d.path / "empty/sub");
+  CHECK_THROWS_WITH(load_image_folder(d / "empty"), Contains("empty") && Contains("no image files"));
+  CHECK_THROWS_WITH(load_image_folder(d / "nosuch"), Contains("nosuch") && Contains("not a folder"));
+  CHECK_THROWS_WITH(load_image_folder(d / "sizes", 2), Contains("channels"));
+}
 
 TEST_CASE("CIFAR-10 binary batches load as NHWC images with their labels", "[image_data]") {
   TempDir d("image_data", "cifar");

@@ -74,6 +74,7 @@
 // data
 #include <diffuse/data/augment.hpp>
 #include <diffuse/data/dataset.hpp>
+#include <diffuse/data/image_folder.hpp>
 #include <diffuse/data/image_set.hpp>
 #include <diffuse/data/points2d.hpp>
 #include <diffuse/data/resize.hpp>

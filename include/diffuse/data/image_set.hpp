@@ -4,6 +4,7 @@
 // into the [-1, 1] floats the models train on (the tensor a TensorDataset holds).
 //
 //   ImageSet train = load_cifar10("data/cifar-10-batches-bin");          // 50,000 x 32 x 32 x 3
+//   ImageSet test = load_cifar10("cifar-10-binary.tar.gz", false);       // the download, unopened
 //   ImageSet mine = load_image_npy("x.npy", "y.npy");                     // [N,H,W,C] or [N,C,H,W]
 //   TensorDataset<float> data(image_tensor(train), train.labels, DataOrder::epochs, seed);
 #pragma once
@@ -12,9 +13,14 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <archive.h>
+#include <archive_entry.h>
 
 #include <diffuse/core/tensor.hpp>
 #include <diffuse/io/npy.hpp>
@@ -26,7 +32,7 @@ struct ImageSet {
   std::vector<uint8_t> pixels;  // n * height * width * channels bytes, [n, height, width, channels]
   std::vector<int32_t> labels;  // n class labels in [0, classes), or empty
   int32_t classes = 0;          // 0 without labels
-
+  std::vector<std::string> class_names;  // the classes' names when the source has them, else empty
 };
 
 // pixel / 255 * 2 - 1 as a [n, height, width, channels] float tensor on the CPU.
@@ -47,59 +53,161 @@ namespace detail {
 
 // CIFAR-10's binary version (cifar-10-binary.tar.gz): every file holds records of one label byte
 // (0..9) and 3,072 pixel bytes, the 1,024 red, then green, then blue values of a 32x32 image,
-// rows top to bottom. The files' images in order, as NHWC.
-inline ImageSet load_cifar10_bin(const std::vector<std::string>& files) {
-  constexpr int64_t S = 32, plane = S * S, record = 1 + 3 * plane;
+// rows top to bottom.
+inline const std::vector<std::string>& cifar10_class_names() {
+  static const std::vector<std::string> names{"airplane", "automobile", "bird", "cat", "deer",
+                                              "dog", "frog", "horse", "ship", "truck"};
+  return names;
+}
+
+namespace detail {
+
+constexpr int64_t kCifarSide = 32, kCifarPlane = kCifarSide * kCifarSide, kCifarRecord = 1 + 3 * kCifarPlane;
+
+inline ImageSet empty_cifar10() {
   ImageSet out;
-  out.height = out.width = S;
+  out.height = out.width = kCifarSide;
   out.channels = 3;
   out.classes = 10;
+  out.class_names = cifar10_class_names();
+  return out;
+}
+
+inline void check_cifar10_size(const std::string& name, uint64_t bytes) {
+  if (bytes == 0 || bytes % kCifarRecord != 0)
+    image_set_error(name, std::to_string(bytes) + " bytes is not a whole number of CIFAR-10 records (" +
+                              std::to_string(kCifarRecord) + " bytes each: a label and a 32x32 RGB image)");
+}
+
+// Appends the records of one file's bytes (named `name` in errors) to `out`.
+inline void append_cifar10_records(const std::string& name, const std::vector<uint8_t>& raw, ImageSet& out) {
+  check_cifar10_size(name, raw.size());
+  const int64_t m = static_cast<int64_t>(raw.size()) / kCifarRecord, plane = kCifarPlane;
+  const size_t base = out.pixels.size();
+  out.pixels.resize(base + static_cast<size_t>(m * plane * 3));
+  out.labels.reserve(out.labels.size() + static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    const uint8_t* r = raw.data() + i * kCifarRecord;
+    if (r[0] > 9)
+      image_set_error(name, "record " + std::to_string(i) + " has label " + std::to_string(r[0]) +
+                                " (CIFAR-10 labels are 0..9)");
+    out.labels.push_back(r[0]);
+    uint8_t* px = out.pixels.data() + base + static_cast<size_t>(i * plane * 3);
+    for (int64_t p = 0; p < plane; ++p)
+      for (int64_t c = 0; c < 3; ++c) px[p * 3 + c] = r[1 + c * plane + p];
+  }
+  out.n += m;
+}
+
+inline std::vector<std::string> cifar10_split_files(bool train) {
+  std::vector<std::string> f;
+  if (train)
+    for (int i = 1; i <= 5; ++i) f.push_back("data_batch_" + std::to_string(i) + ".bin");
+  else
+    f.push_back("test_batch.bin");
+  return f;
+}
+
+}  // namespace detail
+
+// The files' images in order, as NHWC, with their labels.
+inline ImageSet load_cifar10_bin(const std::vector<std::string>& files) {
+  ImageSet out = detail::empty_cifar10();
   for (const std::string& path : files) {
     std::error_code ec;
     const auto bytes = std::filesystem::file_size(path, ec);
     if (ec) detail::image_set_error(path, "cannot read: " + ec.message());
-    if (bytes == 0 || bytes % record != 0)
-      detail::image_set_error(path, std::to_string(bytes) + " bytes is not a whole number of CIFAR-10 records (" +
-                                        std::to_string(record) + " bytes each: a label and a 32x32 RGB image)");
-    const int64_t m = static_cast<int64_t>(bytes) / record;
+    detail::check_cifar10_size(path, bytes);  // before allocating
     std::ifstream f(path, std::ios::binary);
     std::vector<uint8_t> raw(static_cast<size_t>(bytes));
     if (!f.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(bytes)))
       detail::image_set_error(path, "cannot read " + std::to_string(bytes) + " bytes");
-    const size_t base = out.pixels.size();
-    out.pixels.resize(base + static_cast<size_t>(m * plane * 3));
-    out.labels.reserve(out.labels.size() + static_cast<size_t>(m));
-    for (int64_t i = 0; i < m; ++i) {
-      const uint8_t* r = raw.data() + i * record;
-      if (r[0] > 9)
-        detail::image_set_error(path, "record " + std::to_string(i) + " has label " + std::to_string(r[0]) +
-                                          " (CIFAR-10 labels are 0..9)");
-      out.labels.push_back(r[0]);
-      uint8_t* px = out.pixels.data() + base + static_cast<size_t>(i * plane * 3);
-      for (int64_t p = 0; p < plane; ++p)
-        for (int64_t c = 0; c < 3; ++c) px[p * 3 + c] = r[1 + c * plane + p];
-    }
-    out.n += m;
+    detail::append_cifar10_records(path, raw, out);
   }
   return out;
 }
 
-// The training (data_batch_1..5.bin) or test (test_batch.bin) split from the folder that holds
-// them, or from its parent, where the archive unpacks to cifar-10-batches-bin/.
-inline ImageSet load_cifar10(const std::string& dir, bool train = true) {
+// The training (data_batch_1..5.bin) or test (test_batch.bin) split straight from an archive of
+// the binary batches, cifar-10-binary.tar.gz as downloaded (libarchive reads it: tar, gzip, and
+// whatever else it knows). Members are found by file name in any folder of the archive. A
+// member's size is checked before it is read, and must be one the archive could hold (gzip
+// compresses at most 1,032:1), so a damaged archive cannot make this allocate gigabytes.
+inline ImageSet load_cifar10_archive(const std::string& path, bool train = true) {
   namespace fs = std::filesystem;
-  fs::path d(dir);
-  if (!fs::exists(d / "test_batch.bin") && fs::exists(d / "cifar-10-batches-bin")) d /= "cifar-10-batches-bin";
+  std::error_code ec;
+  const auto archive_bytes = fs::file_size(path, ec);
+  if (ec) detail::image_set_error(path, "cannot read: " + ec.message());
+  std::unique_ptr<archive, int (*)(archive*)> a(archive_read_new(), archive_read_free);
+  if (!a) detail::image_set_error(path, "libarchive: out of memory");
+  archive_read_support_filter_all(a.get());
+  archive_read_support_format_all(a.get());
+  const auto fail = [&](const std::string& what) {
+    const char* why = archive_error_string(a.get());
+    detail::image_set_error(path, what + (why ? std::string(": ") + why : std::string()));
+  };
+  if (archive_read_open_filename(a.get(), path.c_str(), 1 << 16) != ARCHIVE_OK) fail("cannot open as an archive");
+  const std::vector<std::string> wanted = detail::cifar10_split_files(train);
+  std::map<std::string, std::vector<uint8_t>> found;
+  archive_entry* e = nullptr;
+  int r = ARCHIVE_OK;
+  while ((r = archive_read_next_header(a.get(), &e)) == ARCHIVE_OK || r == ARCHIVE_WARN) {
+    const char* pn = archive_entry_pathname(e);
+    const std::string member = pn ? pn : "";
+    const std::string base = fs::path(member).filename().string();
+    if (archive_entry_filetype(e) != AE_IFREG || std::find(wanted.begin(), wanted.end(), base) == wanted.end()) continue;
+    const std::string name = path + ":" + member;
+    if (found.count(base)) detail::image_set_error(name, "a second " + base + " in the archive");
+    if (!archive_entry_size_is_set(e)) detail::image_set_error(name, "the archive does not record the member's size");
+    const auto size = static_cast<uint64_t>(archive_entry_size(e));
+    detail::check_cifar10_size(name, size);
+    if (static_cast<double>(size) > 1032.0 * static_cast<double>(archive_bytes) + 65536.0)
+      detail::image_set_error(name, "claims " + std::to_string(size) + " bytes, more than an archive of " +
+                                        std::to_string(archive_bytes) + " bytes can hold");
+    std::vector<uint8_t> raw(static_cast<size_t>(size));
+    size_t got = 0;
+    while (got < raw.size()) {
+      const la_ssize_t n = archive_read_data(a.get(), raw.data() + got, raw.size() - got);
+      if (n < 0) fail(member + ": cannot read");
+      if (n == 0) break;
+      got += static_cast<size_t>(n);
+    }
+    if (got != raw.size())
+      detail::image_set_error(name, "ends after " + std::to_string(got) + " of " + std::to_string(size) + " bytes");
+    found.emplace(base, std::move(raw));
+  }
+  if (r != ARCHIVE_EOF) fail("damaged archive");
+  ImageSet out = detail::empty_cifar10();
+  for (const std::string& w : wanted) {
+    auto it = found.find(w);
+    if (it == found.end())
+      detail::image_set_error(path, "no " + w + " in the archive (expected CIFAR-10's binary version, " +
+                                        "cifar-10-binary.tar.gz)");
+    detail::append_cifar10_records(path + ":" + w, it->second, out);
+    std::vector<uint8_t>().swap(it->second);
+  }
+  return out;
+}
+
+// The training or test split from: the folder of the batches; its parent, where the archive
+// unpacks to cifar-10-batches-bin/; an archive (cifar-10-binary.tar.gz, not unpacked); or a folder
+// holding that archive.
+inline ImageSet load_cifar10(const std::string& path, bool train = true) {
+  namespace fs = std::filesystem;
+  if (fs::is_regular_file(path)) return load_cifar10_archive(path, train);
+  if (!fs::is_directory(path)) detail::image_set_error(path, "no such file or folder");
+  fs::path d(path);
+  const std::vector<std::string> names = detail::cifar10_split_files(train);
+  if (!fs::exists(d / names.front()) && fs::exists(d / "cifar-10-batches-bin" / names.front()))
+    d /= "cifar-10-batches-bin";
+  if (!fs::exists(d / names.front()) && fs::is_regular_file(d / "cifar-10-binary.tar.gz"))
+    return load_cifar10_archive((d / "cifar-10-binary.tar.gz").string(), train);
   std::vector<std::string> files;
-  if (train)
-    for (int i = 1; i <= 5; ++i) files.push_back((d / ("data_batch_" + std::to_string(i) + ".bin")).string());
-  else
-    files.push_back((d / "test_batch.bin").string());
-  for (const auto& f : files)
-    if (!fs::exists(f))
-      detail::image_set_error(dir, "no " + fs::path(f).filename().string() +
-                                       " (expected CIFAR-10's binary version: data_batch_1.bin .. data_batch_5.bin, "
-                                       "test_batch.bin)");
+  for (const auto& n : names) {
+    files.push_back((d / n).string());
+    if (!fs::exists(files.back()))
+      detail::image_set_error(path, "no " + n + " (expected CIFAR-10's binary version: data_batch_1.bin .. " +
+                                        "data_batch_5.bin, test_batch.bin, or cifar-10-binary.tar.gz)");
+  }
   return load_cifar10_bin(files);
 }
 

@@ -8,8 +8,10 @@
 //   fid_preprocess(images)           uint8 NHWC -> float [N, 299, 299, 3] in [-1, 1]
 //   fid_features(net, images, ...)   [N, 2048] pool features, in batches, with progress
 //   fid_statistics(features)         mean and N-1 covariance in double (gaussian_stats)
-//   load_image_folder / load_image_array
-//                                    the fid tool's inputs: a folder of images, a uint8 .npy
+//   fid_of(net, images, reference)   the FID of uint8 images against reference statistics
+//
+// Image sets are data/image_set.hpp's (uint8 NHWC, C = 1 or 3): load_image_folder
+// (data/image_folder.hpp) and load_image_npy read the fid tool's inputs.
 //
 // Preprocessing, as pytorch-fid's dataset and InceptionV3.forward: PIL's
 // convert("RGB") (grayscale replicated to three channels, alpha dropped),
@@ -31,21 +33,13 @@
 #include <vector>
 
 #include <diffuse/core/autograd.hpp>
-#include <diffuse/io/stb.hpp>
 #include <diffuse/eval/frechet.hpp>
 #include <diffuse/models/inception_fid.hpp>
 #include <diffuse/data/image_set.hpp>
-#include <diffuse/io/npy.hpp>
 #include <diffuse/data/resize.hpp>
 #include <diffuse/io/safetensors.hpp>
 
 namespace diffuse {
-
-// A batch of 8-bit images, NHWC, C = 1 or 3.
-struct Images {
-  std::vector<uint8_t> pixels;  // [n, h, w, c]
-  int64_t n = 0, h = 0, w = 0, c = 0;
-};
 
 // Loads pytorch-fid's weights into `net`. Every parameter and running
 // statistic must be present with its shape; the file's classifier ("fc.*",
@@ -101,17 +95,17 @@ using FidProgress = std::function<void(int64_t done, int64_t total, double secon
 
 // Inception pool features of all images, `batch` at a time, on the network's device (each batch
 // is preprocessed on the CPU, then moved there): [n, 2048] row-major floats.
-inline std::vector<float> fid_features(const FidInceptionV3<float>& net, const Images& im, int64_t batch,
+inline std::vector<float> fid_features(const FidInceptionV3<float>& net, const ImageSet& im, int64_t batch,
                                        const FidProgress& progress = {}) {
   if (batch < 1) throw std::invalid_argument("fid_features: batch must be positive");
   constexpr int64_t D = FidInceptionV3<float>::kFeatures;
   std::vector<float> out(static_cast<size_t>(im.n * D));
-  const int64_t per = im.h * im.w * im.c;
+  const int64_t per = im.height * im.width * im.channels;
   NoGrad ng;
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < im.n; i += batch) {
     const int64_t b = std::min(batch, im.n - i);
-    const Var<float> x(fid_preprocess(im.pixels.data() + i * per, b, im.h, im.w, im.c).to(net.device()));
+    const Var<float> x(fid_preprocess(im.pixels.data() + i * per, b, im.height, im.width, im.channels).to(net.device()));
     const Tensor<float> f = net.features(x).value().cpu();
     std::copy(f.data(), f.data() + b * D, out.data() + i * D);
     if (progress)
@@ -125,53 +119,16 @@ inline GaussianStats fid_statistics(const std::vector<float>& features) {
   return gaussian_stats(features.data(), static_cast<int64_t>(features.size()) / D, D);
 }
 
-// ------------------------------------------------------------------ inputs
-
-// The extensions pytorch-fid's folder dataset takes that stb_image reads.
-inline bool is_image_file(const std::filesystem::path& p) {
-  std::string e = p.extension().string();
-  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  return e == ".png" || e == ".jpg" || e == ".jpeg" || e == ".bmp" || e == ".pgm" || e == ".ppm";
-}
-
-// Every image file in `dir` (not recursive), sorted by name, as RGB (as PIL's
-// convert("RGB"): grayscale replicated, alpha dropped). All must have the
-// same size, as pytorch-fid's batches need.
-inline Images load_image_folder(const std::string& dir) {
-  namespace fs = std::filesystem;
-  if (!fs::is_directory(dir)) throw std::runtime_error("'" + dir + "' is not a folder");
-  std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
-  std::sort(files.begin(), files.end());
-  Images im;
-  im.c = 3;
-  for (const fs::path& p : files) {
-    int w = 0, h = 0, comp = 0;
-    unsigned char* px = stbi_load(p.string().c_str(), &w, &h, &comp, 3);
-    if (!px) throw std::runtime_error("cannot read image '" + p.string() + "': " + stbi_failure_reason());
-    if (im.n == 0) {
-      im.h = h;
-      im.w = w;
-      im.pixels.reserve(files.size() * static_cast<size_t>(w) * static_cast<size_t>(h) * 3);
-    } else if (h != im.h || w != im.w) {
-      stbi_image_free(px);
-      throw std::runtime_error("image '" + p.string() + "' is " + std::to_string(w) + "x" + std::to_string(h) +
-                               ", the first image in '" + dir + "' is " + std::to_string(im.w) + "x" +
-                               std::to_string(im.h) + ": all images must have one size");
-    }
-    im.pixels.insert(im.pixels.end(), px, px + static_cast<size_t>(w) * static_cast<size_t>(h) * 3);
-    stbi_image_free(px);
-    ++im.n;
-  }
-  return im;
-}
-
-// A uint8 .npy of [N, C, H, W] or [N, H, W, C] (C = 1 or 3) or [N, H, W]; a shape that reads both
-// ways is NCHW (data/image_set.hpp's load_image_npy, which the trainers read too).
-inline Images load_image_array(const std::string& path) {
-  ImageSet s = load_image_npy(path);
-  return Images{std::move(s.pixels), s.n, s.height, s.width, s.channels};
+// The FID of `images` (at least 2; 2,048 or more for a full-rank covariance) against reference
+// statistics of 2,048 features (a pytorch-fid .npz: load_gaussian_stats), the network on its device.
+inline double fid_of(const FidInceptionV3<float>& net, const ImageSet& images, const GaussianStats& reference,
+                     int64_t batch = 50) {
+  constexpr int64_t D = FidInceptionV3<float>::kFeatures;
+  if (images.n < 2) throw std::invalid_argument("fid_of: FID needs at least 2 images, got " + std::to_string(images.n));
+  if (static_cast<int64_t>(reference.mu.size()) != D)
+    throw std::invalid_argument("fid_of: the reference statistics have " + std::to_string(reference.mu.size()) +
+                                " features, FID uses 2048");
+  return frechet_distance(fid_statistics(fid_features(net, images, batch)), reference);
 }
 
 }  // namespace diffuse

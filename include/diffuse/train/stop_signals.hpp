@@ -1,17 +1,32 @@
 // SIGINT/SIGTERM while training: the first one asks the loop to stop after the current step
-// (it then writes a checkpoint); the handler is reset to the default, so a second one ends the
-// process at once. The previous handlers come back when the guard goes.
+// (it then writes a checkpoint); a second one ends the process at once, unless it comes within
+// half a second of the first: timeout(1) sends its signal to the program and again to its
+// process group, and that echo must not kill the checkpoint the first one asked for. The
+// previous handlers come back when the guard goes.
 #pragma once
 
+#include <atomic>
 #include <csignal>
+#include <cstdint>
+#include <ctime>
 
 namespace diffuse {
 
 namespace detail {
 inline volatile std::sig_atomic_t g_stop_signal = 0;
+inline std::atomic<int64_t> g_stop_signal_ms{0};  // lock-free: safe in a handler
 extern "C" inline void on_stop_signal(int sig) {
-  g_stop_signal = sig;
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // async-signal-safe
+  const int64_t now = static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+  if (g_stop_signal == 0) {
+    g_stop_signal = sig;
+    g_stop_signal_ms = now;
+    return;
+  }
+  if (now - g_stop_signal_ms < 500) return;  // the echo of the first
   std::signal(sig, SIG_DFL);
+  std::raise(sig);
 }
 }  // namespace detail
 

@@ -1,0 +1,125 @@
+// A folder of image files as an ImageSet (data/image_set.hpp), for any data set that is not
+// CIFAR-10 or a NumPy array, and for the fid tool's folder inputs.
+//
+//   ImageSet s = load_image_folder("faces");             // faces/*.png: unlabelled
+//   ImageSet s = load_image_folder("pets");              // pets/cat/*.jpg, pets/dog/*.jpg: labels 0, 1
+//   ImageSet s = load_image_folder("faces", 3);          // grey images replicated to RGB
+//
+// Files with the extensions below, sorted by name (not recursive). Subfolders of image files
+// instead of images make a labelled set, torchvision's ImageFolder convention: class k is the
+// k-th subfolder in name order (class_names). Decoding is stb_image's: PNG of any colour type
+// (palette expanded, 16 bits per sample reduced to the high byte), JPEG (baseline and
+// progressive), BMP, PGM/PPM. An alpha channel is dropped, not composited (PIL's convert("RGB"),
+// what pytorch-fid does). channels 0 keeps 1 when every image is grey, else 3 (grey ones
+// replicated); channels 1 refuses colour images (no colour-to-grey conversion). All images must
+// have one size.
+// Every header is read and checked before any pixel is decoded; an image that claims more pixels
+// than its file could encode (deflate and JPEG stay under 2,048:1) is refused before allocating.
+#pragma once
+
+#include <algorithm>
+#include <cctype>
+#include <cstdint>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <diffuse/data/image_set.hpp>
+#include <diffuse/io/stb.hpp>
+
+namespace diffuse {
+
+// The extensions read (case-insensitive).
+inline bool is_image_file(const std::filesystem::path& p) {
+  std::string e = p.extension().string();
+  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return e == ".png" || e == ".jpg" || e == ".jpeg" || e == ".bmp" || e == ".pgm" || e == ".ppm";
+}
+
+namespace detail {
+
+inline std::vector<std::filesystem::path> image_files_in(const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+}  // namespace detail
+
+inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) detail::image_set_error(dir, "not a folder");
+  if (channels != 0 && channels != 1 && channels != 3)
+    detail::image_set_error(dir, "channels must be 0 (as the images are), 1 or 3, not " + std::to_string(channels));
+  // The files, and their labels when the images are in class subfolders.
+  std::vector<fs::path> files = detail::image_files_in(dir);
+  std::vector<int32_t> labels;
+  ImageSet s;
+  if (files.empty()) {
+    std::vector<fs::path> sub;
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.is_directory()) sub.push_back(e.path());
+    std::sort(sub.begin(), sub.end());
+    for (const fs::path& d : sub) {
+      const std::vector<fs::path> f = detail::image_files_in(d);
+      if (f.empty()) continue;
+      files.insert(files.end(), f.begin(), f.end());
+      labels.insert(labels.end(), f.size(), static_cast<int32_t>(s.class_names.size()));
+      s.class_names.push_back(d.filename().string());
+    }
+  }
+  if (files.empty())
+    detail::image_set_error(dir, "no image files (png, jpg, jpeg, bmp, pgm, ppm), in it or in class subfolders");
+
+  // Headers first: one size, the channels, and a pixel count the file can justify.
+  bool colour = false;
+  for (const fs::path& p : files) {
+    int w = 0, h = 0, comp = 0;
+    if (!stbi_info(p.string().c_str(), &w, &h, &comp))
+      detail::image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
+    const auto bytes = fs::file_size(p);
+    if (static_cast<double>(w) * h * comp > 2048.0 * static_cast<double>(bytes) + 65536.0)
+      detail::image_set_error(p.string(), "claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels in " +
+                                              std::to_string(bytes) + " bytes: a damaged file");
+    if (s.n == 0) {
+      s.width = w;
+      s.height = h;
+    } else if (w != s.width || h != s.height) {
+      detail::image_set_error(p.string(), "is " + std::to_string(w) + "x" + std::to_string(h) + ", " +
+                                              files.front().string() + " is " + std::to_string(s.width) + "x" +
+                                              std::to_string(s.height) + ": all images must have one size");
+    }
+    if (comp >= 3) {
+      if (channels == 1)
+        detail::image_set_error(p.string(), "is a colour image; this set was asked for grey (1 channel)");
+      colour = true;
+    }
+    ++s.n;
+  }
+  s.channels = channels != 0 ? channels : (colour ? 3 : 1);
+
+  // Then the pixels.
+  const size_t per = static_cast<size_t>(s.width) * static_cast<size_t>(s.height) * static_cast<size_t>(s.channels);
+  s.pixels.resize(per * files.size());
+  for (size_t i = 0; i < files.size(); ++i) {
+    int w = 0, h = 0, comp = 0;
+    unsigned char* px = stbi_load(files[i].string().c_str(), &w, &h, &comp, static_cast<int>(s.channels));
+    if (!px) detail::image_set_error(files[i].string(), std::string("cannot decode image: ") + stbi_failure_reason());
+    if (w != s.width || h != s.height) {  // the header said otherwise: the file changed under us
+      stbi_image_free(px);
+      detail::image_set_error(files[i].string(), "changed size while being read");
+    }
+    std::copy(px, px + per, s.pixels.begin() + static_cast<std::ptrdiff_t>(i * per));
+    stbi_image_free(px);
+  }
+  if (!labels.empty()) {
+    s.labels = std::move(labels);
+    s.classes = static_cast<int32_t>(s.class_names.size());
+  }
+  return s;
+}
+
+}  // namespace diffuse
