@@ -13,6 +13,7 @@
 
 #include "kernels/adam.cuh"
 #include "kernels/elementwise.cuh"
+#include "kernels/flash_attention.cuh"
 #include "kernels/group_norm.cuh"
 #include "kernels/reduce_sum.cuh"
 #include "kernels/silu.cuh"
@@ -130,6 +131,26 @@ void BM_attention(benchmark::State& state) {
                                                 benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_attention)->Args({128, 256, 256, 1})->Args({16, 1024, 128, 1})->UseManualTime();
+
+// The fused kernels (kernels/flash_attention.cuh) on the same shapes: forward + backward,
+// FLOP/s counted as the full-matrix path's 12 N L^2 C (the backward's recomputed scores are
+// not counted), so the two rates compare as times.
+void BM_flash_attention(benchmark::State& state) {
+  const std::int64_t N = state.range(0), L = state.range(1), C = state.range(2), H = state.range(3);
+  const auto n = static_cast<std::size_t>(N * L * C);
+  const auto rows = static_cast<std::size_t>(diffuse::kernels::flash_attention_rows(N, L, H));
+  Stream s;
+  DeviceBuffer<float> q = filled(n), k = filled(n, 0.3f), v = filled(n, 0.7f), out(n), g = filled(n, 0.1f), dq(n), dk(n),
+                      dv(n), lse(rows), delta(rows);
+  time_cold(state, s, [&] {
+    diffuse::kernels::flash_attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), N, L, C, H, s);
+    diffuse::kernels::flash_attention_backward(q.data(), k.data(), v.data(), out.data(), lse.data(), g.data(), dq.data(),
+                                               dk.data(), dv.data(), delta.data(), N, L, C, H, s);
+  });
+  state.counters["FLOP/s"] = benchmark::Counter(12.0 * N * L * L * C * static_cast<double>(state.iterations()),
+                                                benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_flash_attention)->Args({128, 256, 256, 1})->Args({16, 1024, 128, 1})->UseManualTime();
 
 // Adam + EMA over a CIFAR-10-sized model (35.7 M floats) cut into 250 tensors, one launch.
 void BM_adam_ema(benchmark::State& state) {

@@ -1,6 +1,7 @@
 // The attention family against exact references: diffuse::cuda::gemm / gemm_strided_batched
 // (include/diffuse/backend/cuda/blas.hpp) against a double loop here, the softmax kernels
-// (kernels/softmax.cuh) and diffuse::cuda::attention_forward / _backward
+// (kernels/softmax.cuh), diffuse::cuda::attention_forward / _backward and the fused
+// kernels::flash_attention_forward / _backward (kernels/flash_attention.cuh)
 // (include/diffuse/backend/cuda/attention.hpp) against the CPU backend run in double
 // (kernel_reference_attention.cpp). Included by test_emu_attention.cpp (CPU emulation: the GEMMs
 // are the host fallback) and cuda_attention.cu (nvcc: cuBLAS and the kernels on the GPU).
@@ -20,6 +21,7 @@
 #include <diffuse/backend/cuda/attention.hpp>
 #include <diffuse/backend/cuda/blas.hpp>
 
+#include "kernels/flash_attention.cuh"
 #include "kernels/softmax.cuh"
 
 #include <algorithm>
@@ -604,4 +606,115 @@ TEST_CASE("kernel attention: attention edge cases and argument checks") {
                   std::invalid_argument);
   CHECK_NOTHROW(diffuse::cuda::attention_forward(blas, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 4, 2));
   CHECK(diffuse::cuda::attention_workspace_bytes(2, 3, 4) == 2 * 4 * 3 * 3 * sizeof(float));
+}
+
+// ================================================================ fused (flash) attention
+
+// The fused kernels against the same double references. Their roundings differ from the
+// full-matrix path's in three places: the online softmax multiplies the accumulators and the
+// row sum by exp(m_old - m_new) once per 16-key tile (ceil(L/16) more roundings of 4u each on
+// out's terms), P is recomputed in the backward as exp(s - lse) (lse's error, below, enters P
+// relatively), and the products run in another order (covered by the any-order dot bounds).
+// Each extra term is at most as large as the full-matrix bound's terms it sits beside (L >= 16
+// tiles' worth of u, and lse's error is at most the score error E plus (L + 4 ceil(L/16) + 8) u),
+// so kFlashFactor = 4 times attention_bounds covers them. Observed (emulation, 3 seeds): the worst
+// error is about 1% of this tolerance.
+TEST_CASE("kernel attention: flash attention forward and backward match diffuse::attention with autograd") {
+  using namespace attn_test;
+  constexpr double kFlashFactor = 4.0;
+  const std::uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  // Tiles of 16 rows with and without remainders, several heads, and d = 256 (the DDPM U-Net's).
+  for (AttentionCase c : {AttentionCase{1, 1, 8, 1}, AttentionCase{2, 5, 12, 3}, AttentionCase{1, 16, 32, 2},
+                          AttentionCase{2, 37, 24, 2}, AttentionCase{1, 20, 256, 1}, AttentionCase{3, 17, 48, 4}}) {
+    const std::int64_t N = c.N, L = c.L, C = c.C, H = c.heads, d = C / H;
+    INFO("N " << N << " L " << L << " C " << C << " heads " << H);
+    const std::size_t nx = static_cast<std::size_t>(N * L * C);
+    std::vector<float> q(nx), k(nx), v(nx), g(nx);
+    for (float& x : q) x = 2.0f * normal(gen);
+    for (float& x : k) x = normal(gen);
+    for (float& x : v) x = normal(gen);
+    for (float& x : g) x = normal(gen);
+    const diffuse::testing::AttentionRef ref = diffuse::testing::cpu_attention(q, k, v, g, N, L, C, H);
+    AttentionBounds b = attention_bounds(c, q, k, v, g, ref.P, {}, {}, {});
+    for (auto* vec : {&b.out, &b.dq, &b.dk, &b.dv})
+      for (double& x : *vec) x *= kFlashFactor;
+
+    const std::size_t rows = static_cast<std::size_t>(diffuse::kernels::flash_attention_rows(N, L, H));
+    DeviceBuffer<float> dq_in(q), dk_in(k), dv_in(v), dg(g), dout(nx), dlse(rows), delta(rows);
+    TestStream stream;
+    stream.ready();
+    diffuse::kernels::flash_attention_forward(dq_in.get(), dk_in.get(), dv_in.get(), dout.get(), dlse.get(), N, L, C, H,
+                                              stream.s);
+    stream.ready();
+    CHECK(count_bad("flash out", dout.to_host(), ref.out, b.out) == 0);
+
+    // lse against log sum_j exp(s_ij) in double, within the score error plus the sum's roundings.
+    const std::vector<float> lse = dlse.to_host();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d)), u = kU;
+    std::size_t bad_lse = 0;
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t i = 0; i < L; ++i) {
+          std::vector<double> sc(static_cast<std::size_t>(L));
+          double mx = -INFINITY, E = 0;
+          for (std::int64_t j = 0; j < L; ++j) {
+            double s = 0, a = 0;
+            for (std::int64_t ch = 0; ch < d; ++ch) {
+              const double x = q[static_cast<std::size_t>((n * L + i) * C + h * d + ch)],
+                           y = k[static_cast<std::size_t>((n * L + j) * C + h * d + ch)];
+              s += x * y;
+              a += std::fabs(x * y);
+            }
+            sc[static_cast<std::size_t>(j)] = scale * s;
+            mx = std::max(mx, scale * s);
+            E = std::max(E, (static_cast<double>(d) + 3) * u * scale * a);
+          }
+          double sum = 0;
+          for (double s : sc) sum += std::exp(s - mx);
+          const double want = mx + std::log(sum);
+          const double tol =
+              kMargin * (E + u * (std::fabs(mx) + std::log(sum) + static_cast<double>(L + 4 * ((L + 15) / 16) + 8)));
+          if (!(std::fabs(double(lse[static_cast<std::size_t>((n * H + h) * L + i)]) - want) <= tol)) ++bad_lse;
+        }
+    CHECK(bad_lse == 0);
+
+    // All three gradients written (their buffers start as NaN), then added to.
+    DeviceBuffer<float> gq(nx), gk(nx), gv(nx);
+    stream.ready();
+    diffuse::kernels::flash_attention_backward(dq_in.get(), dk_in.get(), dv_in.get(), dout.get(), dlse.get(), dg.get(),
+                                               gq.get(), gk.get(), gv.get(), delta.get(), N, L, C, H, stream.s);
+    stream.ready();
+    CHECK(count_bad("flash dq", gq.to_host(), ref.dq, b.dq) == 0);
+    CHECK(count_bad("flash dk", gk.to_host(), ref.dk, b.dk) == 0);
+    CHECK(count_bad("flash dv", gv.to_host(), ref.dv, b.dv) == 0);
+    std::vector<float> oq(nx), ok(nx);
+    for (float& x : oq) x = normal(gen);
+    for (float& x : ok) x = normal(gen);
+    AttentionBounds ba = attention_bounds(c, q, k, v, g, ref.P, oq, ok, {});
+    for (auto* vec : {&ba.dq, &ba.dk}) for (double& x : *vec) x *= kFlashFactor;
+    DeviceBuffer<float> aq(oq), ak(ok);
+    stream.ready();
+    diffuse::kernels::flash_attention_backward(dq_in.get(), dk_in.get(), dv_in.get(), dout.get(), dlse.get(), dg.get(),
+                                               aq.get(), ak.get(), nullptr, delta.get(), N, L, C, H, stream.s,
+                                               /*add_dq=*/true, /*add_dk=*/true);
+    stream.ready();
+    CHECK(count_bad("flash dq accumulated", aq.to_host(), ref.dq, ba.dq, oq) == 0);
+    CHECK(count_bad("flash dk accumulated", ak.to_host(), ref.dk, ba.dk, ok) == 0);
+  }
+}
+
+TEST_CASE("kernel attention: flash attention refuses head dimensions over 256 and bad shapes") {
+  using namespace attn_test;
+  DeviceBuffer<float> x(1024), lse(64);
+  float* a = x.get();
+  CHECK_THROWS_AS(diffuse::kernels::flash_attention_forward(a, a, a, a, lse.get(), 1, 1, 512, 1), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::flash_attention_forward(a, a, a, a, lse.get(), 1, 2, 6, 4), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::flash_attention_forward(a, a, a, a, nullptr, 1, 2, 4, 1), std::invalid_argument);
+  CHECK_THROWS_AS(diffuse::kernels::flash_attention_backward(a, a, a, a, lse.get(), a, a, nullptr, nullptr, nullptr, 1,
+                                                             2, 4, 1),
+                  std::invalid_argument);  // the delta workspace
+  CHECK_NOTHROW(diffuse::kernels::flash_attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 4, 2));
 }

@@ -47,8 +47,10 @@ std::string q(const std::string& p) {
 std::string q(const fs::path& p) { return q(p.string()); }
 std::string q(const char* p) { return q(std::string(p)); }
 
+// Each case logs into its own folder (ctest runs the two cases in parallel processes).
+fs::path g_log_dir = kWork;
 int run(const std::string& cmd, std::string* out = nullptr) {
-  return diffuse::testing::run_command(cmd, kWork / "last_command.log", out);
+  return diffuse::testing::run_command(cmd, g_log_dir / "last_command.log", out);
 }
 
 std::string slurp(const fs::path& p) {
@@ -200,9 +202,10 @@ TEST_CASE("train_cifar10: tiny learns, writes its files, resumes exactly from th
 }
 
 TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CUDA backend, agree") {
-  const fs::path work = kWork / "fid";
+  const fs::path work = kWork.parent_path() / "train_cifar10_fid";  // apart: ctest runs the cases in parallel
   fs::remove_all(work);
   fs::create_directories(work);
+  g_log_dir = work;
   write_cifar(work / "data", 2, std::random_device{}());
   // Random Inception weights with healthy activations (tests/torch/inception_ref.py: He-scaled,
   // BatchNorm calibrated; PyTorch's default init makes the features vanish), converted as the
