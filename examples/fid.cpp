@@ -56,13 +56,6 @@ struct Network {
   }
 };
 
-bool is_cifar10(const std::string& path) {
-  const fs::path d(path);
-  return ends_with(path, ".tar.gz") || ends_with(path, ".tgz") || ends_with(path, ".tar") ||
-         (fs::is_directory(d) && (fs::exists(d / "data_batch_1.bin") || fs::exists(d / "test_batch.bin") ||
-                                  fs::exists(d / "cifar-10-batches-bin") || fs::exists(d / "cifar-10-binary.tar.gz")));
-}
-
 GaussianStats statistics_of(const std::string& path, Network& network, int64_t batch, const std::string& split) {
   if (ends_with(path, ".npz")) {
     GaussianStats s = load_gaussian_stats(path);
@@ -73,7 +66,7 @@ GaussianStats statistics_of(const std::string& path, Network& network, int64_t b
     return s;
   }
   ImageSet im;
-  if (is_cifar10(path)) {
+  if (is_cifar10_source(path)) {
     im = load_cifar10(path, split == "train");
     std::printf("%s: CIFAR-10 %s split\n", path.c_str(), split.c_str());
   } else if (fs::is_directory(path))

@@ -94,13 +94,11 @@ ImageSet load_training_set(const std::string& path, const std::string& labels, s
     return load_image_npy(path, labels);
   }
   if (!labels.empty()) throw std::invalid_argument("--labels is for a .npy --data; CIFAR-10 and folders have their own");
-  const fs::path d(path);
-  if (fs::is_regular_file(d) || fs::exists(d / "data_batch_1.bin") || fs::exists(d / "cifar-10-batches-bin") ||
-      fs::exists(d / "cifar-10-binary.tar.gz")) {
+  if (is_cifar10_source(path)) {
     kind = "cifar10";
     return load_cifar10(path, true);
   }
-  if (!fs::exists(d))
+  if (!fs::exists(path))
     throw std::runtime_error("--data " + path +
                              ": no such file or folder (CIFAR-10: download cifar-10-binary.tar.gz from "
                              "https://www.cs.toronto.edu/~kriz/cifar.html into it; see docs/cifar10.md)");

@@ -26,7 +26,7 @@
 // The kernels are templates on the element type of the [N, L, C] tensors (float here; bf16
 // later) with float arithmetic, lse and delta. CUDA-core FP32 (no tensor cores): the reference
 // and fallback for a cuDNN fused attention and a
-// bf16 variant (issue 18). ptxas for sm_90 (nvcc 13): 188 (forward), 241 (dK/dV) and 210 (dQ)
+// bf16 variant (issue 18). ptxas for sm_90 (nvcc 13): 188 (forward), 242 (dK/dV) and 211 (dQ)
 // registers a thread, no spills, 32 KB of shared memory a block: 2 blocks (8 warps) an SM.
 // Compiled by nvcc; tested through the emulation against the CPU op; never run on a GPU yet.
 #pragma once
@@ -89,6 +89,30 @@ __device__ __forceinline__ void flash_load_tile(const T* __restrict__ src, float
   }
 }
 
+// This thread's channels (t, t+8, ...) of one row into registers; zeros past d or for a dead row.
+template <class T>
+__device__ __forceinline__ void flash_load_row(const T* __restrict__ src, std::int64_t base, bool live, int t,
+                                               std::int64_t d, float (&r)[kFlashChannelsPerThread]) {
+  DIFFUSE_FLASH_UNROLL
+  for (int i = 0; i < kFlashChannelsPerThread; ++i) {
+    const std::int64_t c = t + i * kFlashThreadsPerRow;
+    r[i] = live && c < d ? static_cast<float>(src[base + c]) : 0.0f;
+  }
+}
+
+// This thread's part of the dot product of its registers with a row of a shared tile (sum it
+// over the row's threads with flash_row_sum).
+__device__ __forceinline__ float flash_partial_dot(const float (&r)[kFlashChannelsPerThread], const float* row, int t,
+                                                   std::int64_t d) {
+  float p = 0.0f;
+  DIFFUSE_FLASH_UNROLL
+  for (int i = 0; i < kFlashChannelsPerThread; ++i) {
+    const std::int64_t c = t + i * kFlashThreadsPerRow;
+    if (c < d) p = fmaf(r[i], row[c], p);
+  }
+  return p;
+}
+
 }  // namespace detail
 
 // ---------------------------------------------------------------- forward
@@ -107,12 +131,9 @@ __global__ void flash_attention_forward_kernel(const T* __restrict__ q, const T*
   const bool live = row < L;
   float qr[kFlashChannelsPerThread], acc[kFlashChannelsPerThread];
   const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, row) : 0;
+  detail::flash_load_row(q, base, live, t, d, qr);
 DIFFUSE_FLASH_UNROLL
-  for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-    const std::int64_t c = t + i * kFlashThreadsPerRow;
-    qr[i] = live && c < d ? static_cast<float>(q[base + c]) : 0.0f;
-    acc[i] = 0.0f;
-  }
+  for (int i = 0; i < kFlashChannelsPerThread; ++i) acc[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
   for (std::int64_t j0 = 0; j0 < L; j0 += kFlashRows) {
     __syncthreads();  // the previous tile is no longer read
@@ -124,13 +145,7 @@ DIFFUSE_FLASH_UNROLL
     float tile_max = -INFINITY;
 DIFFUSE_FLASH_UNROLL
     for (int j = 0; j < kFlashRows; ++j) {
-      float p = 0.0f;
-DIFFUSE_FLASH_UNROLL
-      for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-        const std::int64_t c = t + i * kFlashThreadsPerRow;
-        if (c < d) p = fmaf(qr[i], ks[j * d + c], p);
-      }
-      s[j] = flash_row_sum(p) * scale;
+      s[j] = flash_row_sum(detail::flash_partial_dot(qr, ks + j * d, t, d)) * scale;
       if (j < nj) tile_max = fmaxf(tile_max, s[j]);
     }
     const float m_new = fmaxf(m, tile_max);
@@ -197,13 +212,10 @@ __global__ void flash_attention_dkdv_kernel(const T* __restrict__ q, const T* __
   const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, key) : 0;
   float kr[kFlashChannelsPerThread], vr[kFlashChannelsPerThread], dkr[kFlashChannelsPerThread],
       dvr[kFlashChannelsPerThread];
+  detail::flash_load_row(k, base, live, t, d, kr);
+  detail::flash_load_row(v, base, live, t, d, vr);
 DIFFUSE_FLASH_UNROLL
-  for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-    const std::int64_t c = t + i * kFlashThreadsPerRow;
-    kr[i] = live && c < d ? static_cast<float>(k[base + c]) : 0.0f;
-    vr[i] = live && c < d ? static_cast<float>(v[base + c]) : 0.0f;
-    dkr[i] = dvr[i] = 0.0f;
-  }
+  for (int i = 0; i < kFlashChannelsPerThread; ++i) dkr[i] = dvr[i] = 0.0f;
   for (std::int64_t i0 = 0; i0 < L; i0 += kFlashRows) {
     __syncthreads();
     detail::flash_load_tile(q, qs, nh, heads, L, C, d, i0);
@@ -216,16 +228,8 @@ DIFFUSE_FLASH_UNROLL
     __syncthreads();
     const int ni = static_cast<int>(L - i0 < kFlashRows ? L - i0 : kFlashRows);
     for (int ii = 0; ii < ni; ++ii) {
-      float sp = 0.0f, dpp = 0.0f;
-DIFFUSE_FLASH_UNROLL
-      for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-        const std::int64_t c = t + i * kFlashThreadsPerRow;
-        if (c < d) {
-          sp = fmaf(qs[ii * d + c], kr[i], sp);
-          dpp = fmaf(gs[ii * d + c], vr[i], dpp);
-        }
-      }
-      const float s = flash_row_sum(sp) * scale, dp = flash_row_sum(dpp);
+      const float s = flash_row_sum(detail::flash_partial_dot(kr, qs + ii * d, t, d)) * scale;
+      const float dp = flash_row_sum(detail::flash_partial_dot(vr, gs + ii * d, t, d));
       const float p = expf(s - lses[ii]);
       const float ds = p * (dp - deltas[ii]);
 DIFFUSE_FLASH_UNROLL
@@ -264,13 +268,10 @@ __global__ void flash_attention_dq_kernel(const T* __restrict__ q, const T* __re
   const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, row) : 0;
   const float lse_i = live ? lse[nh * L + row] : 0.0f, delta_i = live ? delta[nh * L + row] : 0.0f;
   float qr[kFlashChannelsPerThread], gr[kFlashChannelsPerThread], dqr[kFlashChannelsPerThread];
+  detail::flash_load_row(q, base, live, t, d, qr);
+  detail::flash_load_row(g, base, live, t, d, gr);
 DIFFUSE_FLASH_UNROLL
-  for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-    const std::int64_t c = t + i * kFlashThreadsPerRow;
-    qr[i] = live && c < d ? static_cast<float>(q[base + c]) : 0.0f;
-    gr[i] = live && c < d ? static_cast<float>(g[base + c]) : 0.0f;
-    dqr[i] = 0.0f;
-  }
+  for (int i = 0; i < kFlashChannelsPerThread; ++i) dqr[i] = 0.0f;
   for (std::int64_t j0 = 0; j0 < L; j0 += kFlashRows) {
     __syncthreads();
     detail::flash_load_tile(k, ks, nh, heads, L, C, d, j0);
@@ -278,16 +279,8 @@ DIFFUSE_FLASH_UNROLL
     __syncthreads();
     const int nj = static_cast<int>(L - j0 < kFlashRows ? L - j0 : kFlashRows);
     for (int j = 0; j < nj; ++j) {
-      float sp = 0.0f, dpp = 0.0f;
-DIFFUSE_FLASH_UNROLL
-      for (int i = 0; i < kFlashChannelsPerThread; ++i) {
-        const std::int64_t c = t + i * kFlashThreadsPerRow;
-        if (c < d) {
-          sp = fmaf(qr[i], ks[j * d + c], sp);
-          dpp = fmaf(gr[i], vs[j * d + c], dpp);
-        }
-      }
-      const float s = flash_row_sum(sp) * scale, dp = flash_row_sum(dpp);
+      const float s = flash_row_sum(detail::flash_partial_dot(qr, ks + j * d, t, d)) * scale;
+      const float dp = flash_row_sum(detail::flash_partial_dot(gr, vs + j * d, t, d));
       const float ds = expf(s - lse_i) * (dp - delta_i);
 DIFFUSE_FLASH_UNROLL
       for (int i = 0; i < kFlashChannelsPerThread; ++i) {

@@ -13,19 +13,19 @@
 #include <string>
 #include <vector>
 
-#include <archive.h>
-#include <archive_entry.h>
 #include <zlib.h>
 
 #include <diffuse/data/augment.hpp>
 #include <diffuse/data/image_folder.hpp>
 #include <diffuse/data/image_set.hpp>
 
+#include "archive_writer.hpp"
 #include "temp_files.hpp"
 
 using namespace diffuse;
 using Catch::Matchers::Contains;
 using diffuse::testing::Bytes;
+using diffuse::testing::write_archive;
 using diffuse::testing::TempDir;
 using diffuse::testing::write_bytes;
 
@@ -51,27 +51,6 @@ Bytes cifar_records(int m, std::vector<int32_t>& labels, std::vector<uint8_t>& n
       for (int c = 0; c < 3; ++c) nhwc.push_back(planes[static_cast<size_t>(c * 1024 + p)]);
   }
   return b;
-}
-
-// A tar.gz (or other libarchive format) of the given members, written with libarchive.
-void write_archive(const std::string& path, const std::vector<std::pair<std::string, Bytes>>& members,
-                   bool gzip = true) {
-  archive* a = archive_write_new();
-  if (gzip) archive_write_add_filter_gzip(a);
-  archive_write_set_format_pax_restricted(a);
-  REQUIRE(archive_write_open_filename(a, path.c_str()) == ARCHIVE_OK);
-  for (const auto& [name, bytes] : members) {
-    archive_entry* e = archive_entry_new();
-    archive_entry_set_pathname(e, name.c_str());
-    archive_entry_set_size(e, static_cast<la_int64_t>(bytes.size()));
-    archive_entry_set_filetype(e, AE_IFREG);
-    archive_entry_set_perm(e, 0644);
-    REQUIRE(archive_write_header(a, e) == ARCHIVE_OK);
-    REQUIRE(archive_write_data(a, bytes.data(), bytes.size()) == static_cast<la_ssize_t>(bytes.size()));
-    archive_entry_free(e);
-  }
-  archive_write_close(a);
-  archive_write_free(a);
 }
 
 // A PNG written chunk by chunk (zlib for IDAT and the CRCs), so that every colour type and bit

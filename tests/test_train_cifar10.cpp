@@ -7,10 +7,9 @@
 // which must agree.
 #include <catch2/catch.hpp>
 
+#include "archive_writer.hpp"
 #include "run_command.hpp"
-
-#include <archive.h>
-#include <archive_entry.h>
+#include "temp_files.hpp"
 
 #include <diffuse/diffuse.hpp>
 #include <diffuse/eval/fid.hpp>
@@ -51,13 +50,6 @@ std::string q(const char* p) { return q(std::string(p)); }
 fs::path g_log_dir = kWork;
 int run(const std::string& cmd, std::string* out = nullptr) {
   return diffuse::testing::run_command(cmd, g_log_dir / "last_command.log", out);
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
 }
 
 // Column `name` of a CSV file with a header row, as numbers (empty cells skipped).
@@ -103,31 +95,20 @@ std::vector<uint8_t> records(int n, std::mt19937& rng) {
   return b;
 }
 
-// DIR/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin and the same as DIR/cifar-10-binary.tar.gz.
+// DIR/folder/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin, and the same files as
+// DIR/archive/cifar-10-binary.tar.gz.
 void write_cifar(const fs::path& dir, int per_batch, uint32_t seed) {
   std::mt19937 rng(seed);
   const fs::path bin = dir / "folder" / "cifar-10-batches-bin";
   fs::create_directories(bin);
   fs::create_directories(dir / "archive");
-  archive* a = archive_write_new();
-  archive_write_add_filter_gzip(a);
-  archive_write_set_format_pax_restricted(a);
-  REQUIRE(archive_write_open_filename(a, (dir / "archive" / "cifar-10-binary.tar.gz").c_str()) == ARCHIVE_OK);
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> members;
   for (int i = 0; i <= 5; ++i) {
     const std::string name = i < 5 ? "data_batch_" + std::to_string(i + 1) + ".bin" : "test_batch.bin";
-    const std::vector<uint8_t> b = records(per_batch, rng);
-    std::ofstream(bin / name, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
-    archive_entry* e = archive_entry_new();
-    archive_entry_set_pathname(e, ("cifar-10-batches-bin/" + name).c_str());
-    archive_entry_set_size(e, static_cast<la_int64_t>(b.size()));
-    archive_entry_set_filetype(e, AE_IFREG);
-    archive_entry_set_perm(e, 0644);
-    REQUIRE(archive_write_header(a, e) == ARCHIVE_OK);
-    REQUIRE(archive_write_data(a, b.data(), b.size()) == static_cast<la_ssize_t>(b.size()));
-    archive_entry_free(e);
+    members.push_back({"cifar-10-batches-bin/" + name, records(per_batch, rng)});
+    diffuse::testing::write_bytes((bin / name).string(), members.back().second);
   }
-  archive_write_close(a);
-  archive_write_free(a);
+  diffuse::testing::write_archive((dir / "archive" / "cifar-10-binary.tar.gz").string(), members);
 }
 
 const std::string kTiny = " --preset tiny --batch 8 --sampler ddim --ddim-steps 4 --sample-batch 8 --seed 5";
@@ -171,7 +152,8 @@ TEST_CASE("train_cifar10: tiny learns, writes its files, resumes exactly from th
                   q(split / "checkpoint.safetensors"),
               &out) == 0);
   CHECK(out.find("resumed from") != std::string::npos);
-  CHECK(slurp(kWork / "straight" / "samples.npy") == slurp(split / "samples.npy"));
+  CHECK(diffuse::testing::read_bytes((kWork / "straight" / "samples.npy").string()) ==
+        diffuse::testing::read_bytes((split / "samples.npy").string()));
   // sample reads the checkpoint (3 channels, no classes).
   REQUIRE(run(kSample + " " + q(split / "checkpoint.safetensors") + " -n 3 --sampler ddim --steps 3 --out " +
                   q(kWork / "sampled"),

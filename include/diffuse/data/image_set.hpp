@@ -188,6 +188,21 @@ inline ImageSet load_cifar10_archive(const std::string& path, bool train = true)
   return out;
 }
 
+// Whether load_cifar10 takes `path`: an archive file (.tar.gz, .tgz, .tar), or a folder holding
+// the batches, cifar-10-batches-bin/ or cifar-10-binary.tar.gz. (The tools use it to tell
+// CIFAR-10 from a folder of images.)
+inline bool is_cifar10_source(const std::string& path) {
+  namespace fs = std::filesystem;
+  const auto ends = [&](const char* s) {
+    const std::string e(s);
+    return path.size() >= e.size() && path.compare(path.size() - e.size(), e.size(), e) == 0;
+  };
+  if (fs::is_regular_file(path)) return ends(".tar.gz") || ends(".tgz") || ends(".tar");
+  const fs::path d(path);
+  return fs::is_directory(d) && (fs::exists(d / "data_batch_1.bin") || fs::exists(d / "test_batch.bin") ||
+                                 fs::exists(d / "cifar-10-batches-bin") || fs::exists(d / "cifar-10-binary.tar.gz"));
+}
+
 // The training or test split from: the folder of the batches; its parent, where the archive
 // unpacks to cifar-10-batches-bin/; an archive (cifar-10-binary.tar.gz, not unpacked); or a folder
 // holding that archive.
