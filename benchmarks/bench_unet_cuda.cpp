@@ -7,7 +7,8 @@
 // ours takes x_t and eps ready on the device.
 //   Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32), convolution
 //   algorithms (0 = cuDNN's heuristics, plain sums of products only: the default; 1 = timed by
-//   cuDNN, plain sums; 2 = timed, FFT and Winograd allowed).
+//   cuDNN, plain sums; 2 = timed, FFT and Winograd allowed), attention (0 = full-matrix kernels,
+//   1 = the fused flash kernels).
 //   bench_unet_cuda --profile   instead: where a step's device time goes, by backend entry, for
 //                               each configuration.
 // Without a GPU it says so and exits 0.
@@ -28,9 +29,11 @@ using namespace diffuse;
 
 // The model, its optimiser and one batch on the device, warmed up (plans, caches, allocator).
 struct Setup {
-  Setup(bool cifar, std::int64_t B, bool tf32, int conv) : c(cifar ? UNetConfig::cifar10() : UNetConfig::mnist16()) {
+  Setup(bool cifar, std::int64_t B, bool tf32, int conv, bool flash = false)
+      : c(cifar ? UNetConfig::cifar10() : UNetConfig::mnist16()) {
     backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
     be.set_math_mode(tf32 ? MathMode::TF32 : MathMode::FP32);
+    be.set_attention_kernel(flash ? AttentionKernel::Flash : AttentionKernel::Full);
     be.set_conv_search(conv > 0, conv == 2);
     Generator g(1234);
     net = std::make_unique<UNet<float>>(c, g);
@@ -65,7 +68,8 @@ void BM_unet_train_step(benchmark::State& state) {
   const std::int64_t B = state.range(1);
   const bool tf32 = state.range(2) == 1;
   const int conv = static_cast<int>(state.range(3));
-  Setup su(cifar, B, tf32, conv);
+  const bool flash = state.range(4) == 1;
+  Setup su(cifar, B, tf32, conv, flash);
   for (auto _ : state) {
     const auto s = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(su.step());
@@ -74,17 +78,19 @@ void BM_unet_train_step(benchmark::State& state) {
   state.counters["img_per_s"] = benchmark::Counter(static_cast<double>(B * state.iterations()), benchmark::Counter::kIsRate);
   static const char* conv_name[] = {" conv heuristic", " conv timed", " conv timed+fft/winograd"};
   state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + (tf32 ? " tf32" : " fp32") + conv_name[conv] +
-                 " params " + std::to_string(su.net->num_parameters()));
+                 (flash ? " flash attention" : "") + " params " + std::to_string(su.net->num_parameters()));
 }
 BENCHMARK(BM_unet_train_step)
-    ->Args({0, 128, 0, 0})
-    ->Args({0, 128, 1, 0})
-    ->Args({1, 128, 0, 0})
-    ->Args({1, 128, 1, 0})
-    ->Args({0, 128, 0, 1})
-    ->Args({0, 128, 1, 1})
-    ->Args({1, 128, 0, 1})
-    ->Args({1, 128, 1, 1})
+    ->Args({0, 128, 0, 0, 0})
+    ->Args({0, 128, 1, 0, 0})
+    ->Args({1, 128, 0, 0, 0})
+    ->Args({1, 128, 1, 0, 0})
+    ->Args({0, 128, 0, 1, 0})
+    ->Args({0, 128, 1, 1, 0})
+    ->Args({1, 128, 0, 1, 0})
+    ->Args({1, 128, 1, 1, 0})
+    ->Args({0, 128, 1, 1, 1})
+    ->Args({1, 128, 1, 1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
@@ -95,8 +101,9 @@ void profile(std::int64_t B) {
   backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
   for (const bool cifar : {true, false}) {
     for (const bool tf32 : {false, true}) {
-      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2); ++conv) {
-        Setup su(cifar, B, tf32, conv);
+      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2) + (tf32 ? 1 : 0); ++conv) {
+        const bool flash = tf32 && conv == 2;  // TF32, timed convolutions, the fused attention
+        Setup su(cifar, B, tf32, flash ? 1 : conv, flash);
         be.set_profiling(true);
         su.step();
         be.profile_table(1);  // the first profiled step creates the events
@@ -104,9 +111,9 @@ void profile(std::int64_t B) {
         const auto s = std::chrono::steady_clock::now();
         for (int i = 0; i < steps; ++i) su.step();
         const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count();
-        std::printf("\n== %s %s %s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
-                    cifar ? "cifar10" : "mnist16", tf32 ? "tf32" : "fp32", conv_name[conv], static_cast<long long>(B),
-                    wall / steps);
+        std::printf("\n== %s %s %s%s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
+                    cifar ? "cifar10" : "mnist16", tf32 ? "tf32" : "fp32", conv_name[flash ? 1 : conv],
+                    flash ? " flash attention" : "", static_cast<long long>(B), wall / steps);
         std::fputs(be.profile_table(steps).c_str(), stdout);
         be.set_profiling(false);
       }

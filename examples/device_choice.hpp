@@ -31,4 +31,13 @@ inline void apply_tf32(bool tf32, Device d) {
   set_cuda_math_mode(MathMode::TF32);
 }
 
+// --attention full|flash: the device kernels of attention (AttentionKernel); flash is refused
+// on the CPU, whose op never keeps more than a block of scores per thread anyway.
+inline void apply_attention_kernel(const std::string& flag, Device d) {
+  if (flag == "full") return;
+  if (flag != "flash") throw std::invalid_argument("--attention must be full or flash, got '" + flag + "'");
+  if (d != Device::CUDA) throw std::invalid_argument("--attention flash needs --device cuda");
+  set_cuda_attention_kernel(AttentionKernel::Flash);
+}
+
 }  // namespace diffuse::examples

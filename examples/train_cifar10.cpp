@@ -115,6 +115,7 @@ struct Args {
   int64_t log_every = -1, samples = -1, keep = 1, ch = -1, sample_batch = 100, fid_batch = 50;
   double lr = -1, ema = -1, clip = -1, dropout = -1, label_dropout = 0.1, guidance = 1.0, eta = 0.0;
   bool class_cond = false, no_flip = false, tf32 = false, dry_run = false;
+  std::string attention = "full";
   uint64_t seed = 0;
 };
 
@@ -167,6 +168,11 @@ int main(int argc, char** argv) {
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions");
+  app.add_option("--attention", a.attention,
+                 "with --device cuda: attention by the full-matrix kernels (cuBLAS, the score matrix kept for the backward) "
+                 "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"full", "flash"}));
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint (bit for bit)");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps, 0: only at the end and on Ctrl-C "
@@ -231,6 +237,7 @@ int main(int argc, char** argv) {
 
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_tf32(a.tf32, dev);
+    apply_attention_kernel(a.attention, dev);
 
     // The data, and the model sized to it.
     std::string kind;

@@ -30,6 +30,7 @@ namespace {
 
 struct Args {
   bool tf32 = false;
+  std::string attention = "full";
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
   std::string sampler = "ddpm", variance = "large", classifier, device, order = "replacement";
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50, keep = 1;
@@ -81,6 +82,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions (inputs rounded to "
                              "10 mantissa bits; FP32 otherwise)");
+  app.add_option("--attention", a.attention,
+                 "with --device cuda: attention by the full-matrix kernels (cuBLAS, the score matrix kept for the backward) "
+                 "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"full", "flash"}));
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
@@ -122,6 +128,7 @@ int main(int argc, char** argv) {
     if (a.samples < 0) a.samples = a.digit < 0 ? 500 : 200;
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_tf32(a.tf32, dev);
+    apply_attention_kernel(a.attention, dev);
     // Data: the training split (one digit, or all with labels).
     const MnistSplit train = load_mnist(a.data, "train");
     Tensor<float> all = to_model_images(train.images, a.size, a.resize);

@@ -212,6 +212,13 @@ TEST_CASE("backend models: the U-Net's forward, loss and every gradient match on
   CudaScope cuda;
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
+  // Both attention kernels of the device: the full-matrix reference and the fused one.
+  const AttentionKernel kernel = GENERATE(AttentionKernel::Full, AttentionKernel::Flash);
+  INFO("attention kernel " << (kernel == AttentionKernel::Full ? "full" : "flash"));
+  struct RestoreFull {
+    ~RestoreFull() { set_cuda_attention_kernel(AttentionKernel::Full); }
+  } restore;
+  set_cuda_attention_kernel(kernel);
   const UNetConfig c = small_unet();
   Generator g0(seed), g1(seed);
   UNet<float> cpu(c, g0), dev(c, g1);

@@ -184,12 +184,46 @@ TEST_CASE("backend ops: upsample, dropout, add_channel_bias, attention") {
            inputs_of({randn_t({4, 33}, g)}));
   check_op("add_channel_bias", [](const auto& v) { return add_channel_bias(v[0], v[1]); },
            inputs_of({randn_t({3, 4, 5, 6}, g), randn_t({3, 6}, g)}));
-  for (int heads : {1, 2}) {
-    const auto in = inputs_of({randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g)});
-    check_op("attention heads " + std::to_string(heads),
-             [heads](const auto& v) { return attention(v[0], v[1], v[2], heads); }, in);
-    check_op("self-attention on one tensor, heads " + std::to_string(heads),
-             [heads](const auto& v) { return attention(v[0], v[0], v[0], heads); }, inputs_of({randn_t({2, 9, 8}, g)}));
+  // Both device kernels: the full-matrix reference and the fused (flash) one, whose blocks of 16
+  // rows leave a ragged last tile at L = 37; d = 264 is past the fused kernels' 256 (falls back).
+  struct AttnShape {
+    int64_t N, L, C;
+    int heads;
+  };
+  struct RestoreFull {  // the real device's choice outlives the test: put the default back
+    ~RestoreFull() { set_cuda_attention_kernel(AttentionKernel::Full); }
+  } restore;
+  for (AttentionKernel kernel : {AttentionKernel::Full, AttentionKernel::Flash}) {
+    set_cuda_attention_kernel(kernel);
+    const std::string kname = kernel == AttentionKernel::Full ? "full" : "flash";
+    for (AttnShape a : {AttnShape{2, 9, 8, 1}, AttnShape{2, 9, 8, 2}, AttnShape{2, 37, 48, 3}, AttnShape{1, 21, 40, 1},
+                        AttnShape{1, 5, 264, 1}}) {
+      const Shape s{a.N, a.L, a.C};
+      const int heads = a.heads;
+      const std::string what = kname + " " + shape_str(s) + " heads " + std::to_string(heads);
+      check_op("attention " + what, [heads](const auto& v) { return attention(v[0], v[1], v[2], heads); },
+               inputs_of({randn_t(s, g), randn_t(s, g), randn_t(s, g)}));
+      check_op("self-attention on one tensor, " + what,
+               [heads](const auto& v) { return attention(v[0], v[0], v[0], heads); }, inputs_of({randn_t(s, g)}));
+    }
+    {  // the kernels that ran, by the profiler's names: fused ones only when asked and d <= 256
+      backend::CudaBackend& be = *backend::cuda_backend();
+      auto ran = [&](int64_t C) {
+        be.set_profiling(true);
+        Var<float> x(Tensor<float>::randn({2, 19, C}, g).to(Device::CUDA), true);
+        backward(sum(attention(x, x, x, 1)));
+        std::string t = be.profile_table(1);
+        be.set_profiling(false);
+        return t;
+      };
+      const bool flash = kernel == AttentionKernel::Flash;
+      const std::string small = ran(8), large = ran(264);
+      CHECK((small.find("flash attention bwd") != std::string::npos) == flash);
+      CHECK(large.find("flash attention") == std::string::npos);
+      CHECK(large.find("attention bwd") != std::string::npos);
+    }
+    check_op("attention " + kname + ", k constant", [](const auto& v) { return attention(v[0], v[1], v[0], 2); },
+             {{randn_t({2, 19, 8}, g), true}, {randn_t({2, 19, 8}, g), false}});
   }
 }
 

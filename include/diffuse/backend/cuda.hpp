@@ -65,6 +65,8 @@ class CudaBackend {
   virtual void synchronize() = 0;                      // waits for all queued work; reports its errors
   virtual void set_math_mode(MathMode m) = 0;
   virtual MathMode math_mode() const = 0;
+  virtual void set_attention_kernel(AttentionKernel k) = 0;
+  virtual AttentionKernel attention_kernel() const = 0;
   // cuDNN's algorithm choice: heuristics or timing the candidates once per shape (benchmark),
   // and whether FFT / Winograd (other rounding than a plain sum of products) may be used.
   virtual void set_conv_search(bool benchmark, bool allow_fft_winograd) = 0;
@@ -177,6 +179,14 @@ class CudaBackend {
   virtual void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* g,
                                   float* dq, bool acc_q, float* dk, bool acc_k, float* dv, bool acc_v, std::int64_t N,
                                   std::int64_t L, std::int64_t C, std::int64_t heads) = 0;
+  // The same function by the fused kernels: lse [N, heads, L] (each query row's log-sum-exp of
+  // its scaled scores) kept instead of P; the backward reads the forward's out as well. d <= 256.
+  virtual void flash_attention(const float* q, const float* k, const float* v, float* out, float* lse,
+                               std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads) = 0;
+  virtual void flash_attention_backward(const float* q, const float* k, const float* v, const float* out,
+                                        const float* lse, const float* g, float* dq, bool acc_q, float* dk,
+                                        bool acc_k, float* dv, bool acc_v, std::int64_t N, std::int64_t L,
+                                        std::int64_t C, std::int64_t heads) = 0;
   // Max pool: argmax [N, OH, OW, C] = the input pixel (h W + w) of each output's first maximum
   // (may be null when no backward follows).
   virtual void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) = 0;
@@ -257,6 +267,10 @@ inline CudaBackend& require_cuda(const char* op) {
 // TF32 tensor cores for the device's GEMMs and convolutions (off: strict FP32, the default),
 // as torch.backends.cuda.matmul.allow_tf32.
 inline void set_cuda_math_mode(MathMode m) { backend::require_cuda("set_cuda_math_mode").set_math_mode(m); }
+// The kernels of attention on the device (AttentionKernel: Full, the default, or Flash).
+inline void set_cuda_attention_kernel(AttentionKernel k) {
+  backend::require_cuda("set_cuda_attention_kernel").set_attention_kernel(k);
+}
 // Waits for the device to finish all queued work (for timing; copies to the host wait anyway).
 inline void cuda_synchronize() {
   if (backend::CudaBackend* b = backend::cuda_backend()) b->synchronize();

@@ -19,9 +19,19 @@ enum class BinaryOp : std::uint8_t { Add, Sub, Mul };
 //   TF32  tensor cores (Ampere and newer): inputs rounded to 10 mantissa bits, float accumulation
 enum class MathMode : std::uint8_t { FP32, TF32 };
 
+// Which device kernels compute attention (ops/attention.hpp) on CUDA operands:
+//   Full   the reference: cuBLAS GEMMs and a softmax kernel over the whole [L, L] score matrix
+//          P, which is kept for the backward (4 N heads L^2 bytes)
+//   Flash  fused kernels (kernels/flash_attention.cuh): online softmax, only one log-sum-exp
+//          per query row kept, P recomputed in the backward; head dims up to 256 (a larger one
+//          falls back to Full). CUDA-core FP32: less memory, not yet measured for speed.
+enum class AttentionKernel : std::uint8_t { Full, Flash };
+
 namespace backend {
 
 inline constexpr int kMaxDims = 8;
+// The fused attention kernels' largest head dimension (kernels::kFlashMaxHeadDim).
+inline constexpr std::int64_t kFlashAttentionMaxHeadDim = 256;
 
 // Two operands broadcast to an output of `ndim` dimensions (NumPy's rules): the output sizes
 // and, per output dimension, each operand's element stride (0 where it is broadcast). Row-major.

@@ -171,11 +171,35 @@ inline void attention_backward(const AttentionDims& a, const T* q, const T* k, c
 }  // namespace detail
 
 namespace detail {
+// The fused kernels' limits (kernels/flash_attention.cuh checks them again): beyond them the
+// full-matrix path runs whatever the backend's choice.
+inline bool flash_attention_fits(int64_t N, int64_t C, int64_t heads) {
+  return C / heads <= backend::kFlashAttentionMaxHeadDim && N * heads <= 65535;
+}
+
 inline Var<float> attention_cuda(const Var<float>& q, const Var<float>& k, const Var<float>& v, int64_t heads) {
   backend::CudaBackend& be = backend::require_cuda("attention");
   const int64_t N = q.size(0), L = q.size(1), C = q.size(2);
   const bool grad = Tape<float>::grad_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
   Tensor<float> out({N, L, C}, Device::CUDA);
+  if (be.attention_kernel() == AttentionKernel::Flash && flash_attention_fits(N, C, heads)) {
+    // Kept for a backward: one log-sum-exp per query row and the output itself (shared storage).
+    Tensor<float> lse({N, heads, L}, Device::CUDA);
+    be.flash_attention(q.value().data(), k.value().data(), v.value().data(), out.data(), lse.data(), N, L, C, heads);
+    Tensor<float> o = out;
+    return make_result<float>(std::move(out), {&q, &k, &v}, [&]() {
+      return [q, k, v, o, lse, N, L, C, heads](const Tensor<float>& g) {
+        GradSink<float> sv{}, sq{}, sk{};  // the order of the full path's sinks (dV, dQ, dK)
+        if (v.requires_grad()) sv = grad_sink(*v.node());
+        if (q.requires_grad()) sq = grad_sink(*q.node());
+        if (k.requires_grad()) sk = grad_sink(*k.node());
+        backend::cuda_backend()->flash_attention_backward(q.value().data(), k.value().data(), v.value().data(),
+                                                          o.data(), lse.data(), g.data(), sq.data, sq.accumulate,
+                                                          sk.data, sk.accumulate, sv.data, sv.accumulate, N, L, C,
+                                                          heads);
+      };
+    });
+  }
   // The forward writes P whether or not it is kept: without a backward it is scratch.
   Tensor<float> P({N, heads, L, L}, Device::CUDA);
   be.attention(q.value().data(), k.value().data(), v.value().data(), out.data(), P.data(), N, L, C, heads);
@@ -205,7 +229,9 @@ inline Var<float> attention_cuda(const Var<float>& q, const Var<float>& k, const
 // Memory: when a gradient is needed the probabilities P [N, heads, L, L] are
 // kept for the backward (float: 4*N*heads*L^2 bytes, e.g. 2 MiB at N=8, L=256,
 // heads=1; 32 MiB at L=1024), and the backward overwrites them with dS. Besides
-// that, one block of rows x L scores per thread (at most ~100 x L).
+// that, one block of rows x L scores per thread (at most ~100 x L). On CUDA with
+// set_cuda_attention_kernel(AttentionKernel::Flash) and d <= 256, the fused kernels keep
+// only the output and one log-sum-exp per query row (4*N*heads*L bytes) instead of P.
 template <class T>
 Var<T> attention(const Var<T>& q, const Var<T>& k, const Var<T>& v, int heads = 1) {
   if (!q.defined() || !k.defined() || !v.defined())

@@ -25,6 +25,7 @@
 #include "kernels/batch_norm.cuh"
 #include "kernels/classification.cuh"
 #include "kernels/elementwise.cuh"
+#include "kernels/flash_attention.cuh"
 #include "kernels/grad_norm.cuh"
 #include "kernels/group_norm.cuh"
 #include "kernels/image.cuh"
@@ -96,6 +97,8 @@ class CudaBackendImpl final : public CudaBackend {
     if (blas_) blas_->set_math_mode(m);
   }
   MathMode math_mode() const override { return math_; }
+  void set_attention_kernel(AttentionKernel k) override { attn_ = k; }
+  AttentionKernel attention_kernel() const override { return attn_; }
   void set_conv_search(bool benchmark, bool allow_fft_winograd) override {
     conv_opt_.search = benchmark ? cuda::ConvSearch::Benchmark : cuda::ConvSearch::Heuristic;
     conv_opt_.allow_fft_winograd = allow_fft_winograd;
@@ -372,6 +375,34 @@ class CudaBackendImpl final : public CudaBackend {
     if (dq) copy_n(tq.data(), dq, n, acc_q);
     if (dk) copy_n(tk.data(), dk, n, acc_k);
   }
+  static_assert(kernels::kFlashMaxHeadDim == kFlashAttentionMaxHeadDim);
+  void flash_attention(const float* q, const float* k, const float* v, float* out, float* lse, std::int64_t N,
+                       std::int64_t L, std::int64_t C, std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "flash attention");
+    kernels::flash_attention_forward(q, k, v, out, lse, N, L, C, heads, stream_);
+  }
+  void flash_attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
+                                const float* g, float* dq, bool acc_q, float* dk, bool acc_k, float* dv, bool acc_v,
+                                std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "flash attention bwd");
+    float* delta = static_cast<float*>(scratch(sizeof(float) * kernels::flash_attention_rows(N, L, heads)));
+    const bool alias = (dq && (dq == dk || dq == dv)) || (dk && dk == dv);
+    if (!alias) {
+      kernels::flash_attention_backward(q, k, v, out, lse, g, dq, dk, dv, delta, N, L, C, heads, stream_, acc_q, acc_k,
+                                        acc_v);
+      return;
+    }
+    // As attention_backward: each gradient into its own buffer, then added in the op's order.
+    const std::int64_t n = N * L * C;
+    Tensor<float> tq = dq ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tk = dk ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tv = dv ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    kernels::flash_attention_backward(q, k, v, out, lse, g, tq.data(), tk.data(), tv.data(), delta, N, L, C, heads,
+                                      stream_);
+    if (dv) copy_n(tv.data(), dv, n, acc_v);
+    if (dq) copy_n(tq.data(), dq, n, acc_q);
+    if (dk) copy_n(tk.data(), dk, n, acc_k);
+  }
   void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) override {
     cuda::ProfileScope ps(prof_, "max_pool2d");
     kernels::max_pool2d_forward(d, x, y, argmax, stream_);
@@ -555,6 +586,7 @@ class CudaBackendImpl final : public CudaBackend {
 
   cuda::stream_t stream_{};  // the legacy default stream
   MathMode math_ = MathMode::FP32;
+  AttentionKernel attn_ = AttentionKernel::Full;
   cuda::Conv2dPlanOptions conv_opt_;
   std::unique_ptr<cuda::Blas> blas_;
   std::unique_ptr<cuda::Dnn> dnn_;
