@@ -15,7 +15,9 @@
 # libbenchmark (the GPU machine may lack it), train_2d (cpu vs cuda, resume across devices),
 # train_mnist and sample with the MNIST files of data/mnist when there (20 steps on the CPU and on
 # the GPU, same seed: the progress lines' losses should agree; then the GPU's checkpoint resumed
-# on both, and sampled on both), the PyTorch peer script from ../shared/reference and
+# on both, and sampled on both), train_cifar10 (paper preset: FP32, TF32, TF32 with the fused
+# attention; small preset), the PyTorch peer script from ../shared/reference (fp32, tf32, bf16
+# autocast, bf16 + torch.compile) and
 # scripts/torch_profile_unet.py (PyTorch's GPU time by kernel). scripts/gpu_check.sh is the
 # one-step alternative where the GPU machine can build everything.
 set -euo pipefail
@@ -117,12 +119,15 @@ if python3 -c "import numpy" 2>/dev/null; then
   c10=(--data "$LOG"/rand32.npy --samples 0 --save-every 0 --log-every 20 --device cuda)
   step cifar10_paper_fp32 ./train_cifar10 --preset paper --steps 60 "${c10[@]}" --out "$LOG"/c10_paper
   step cifar10_paper_tf32 ./train_cifar10 --preset paper --steps 100 --tf32 "${c10[@]}" --out "$LOG"/c10_paper_tf32
+  step cifar10_paper_tf32_flash ./train_cifar10 --preset paper --steps 100 --tf32 --attention flash "${c10[@]}" --out "$LOG"/c10_paper_flash
   step cifar10_small_tf32 ./train_cifar10 --preset small --steps 200 --tf32 "${c10[@]}" --out "$LOG"/c10_small_tf32
   grep -h "^step" "$LOG"/cifar10_*.log | tee -a "$LOG"/summary.txt
 fi
 if [[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null; then
-  step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32 --iters 10
-  step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32 --iters 5
+  step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32,bf16 --iters 10
+  step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32,bf16 --iters 5
+  # What a PyTorch user would run: bf16 autocast with torch.compile (the goal of issue 18).
+  step torch_unet_cifar_compile python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes bf16-compile --iters 5
   step torch_kernels python3 torch_gpu_reference.py kernels
   step torch_profile_cifar python3 torch_profile_unet.py --model cifar --modes fp32,tf32
 fi
