@@ -99,25 +99,31 @@ BENCHMARK(BM_unet_train_step)
 void profile(std::int64_t B) {
   static const char* conv_name[] = {"conv heuristic", "conv timed", "conv timed+fft/winograd"};
   backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
-  for (const bool cifar : {true, false}) {
+  struct Config {
+    bool cifar, tf32;
+    int conv;
+    bool flash;
+  };
+  std::vector<Config> configs;
+  for (const bool cifar : {true, false})
     for (const bool tf32 : {false, true}) {
-      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2) + (tf32 ? 1 : 0); ++conv) {
-        const bool flash = tf32 && conv == 2;  // TF32, timed convolutions, the fused attention
-        Setup su(cifar, B, tf32, flash ? 1 : conv, flash);
-        be.set_profiling(true);
-        su.step();
-        be.profile_table(1);  // the first profiled step creates the events
-        const int steps = 5;
-        const auto s = std::chrono::steady_clock::now();
-        for (int i = 0; i < steps; ++i) su.step();
-        const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count();
-        std::printf("\n== %s %s %s%s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
-                    cifar ? "cifar10" : "mnist16", tf32 ? "tf32" : "fp32", conv_name[flash ? 1 : conv],
-                    flash ? " flash attention" : "", static_cast<long long>(B), wall / steps);
-        std::fputs(be.profile_table(steps).c_str(), stdout);
-        be.set_profiling(false);
-      }
+      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2); ++conv) configs.push_back({cifar, tf32, conv, false});
+      if (tf32) configs.push_back({cifar, tf32, 1, true});  // TF32, timed convolutions, the fused attention
     }
+  for (const Config& k : configs) {
+    Setup su(k.cifar, B, k.tf32, k.conv, k.flash);
+    be.set_profiling(true);
+    su.step();
+    be.profile_table(1);  // the first profiled step creates the events
+    const int steps = 5;
+    const auto s = std::chrono::steady_clock::now();
+    for (int i = 0; i < steps; ++i) su.step();
+    const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count();
+    std::printf("\n== %s %s %s%s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
+                k.cifar ? "cifar10" : "mnist16", k.tf32 ? "tf32" : "fp32", conv_name[k.conv],
+                k.flash ? " flash attention" : "", static_cast<long long>(B), wall / steps);
+    std::fputs(be.profile_table(steps).c_str(), stdout);
+    be.set_profiling(false);
   }
 }
 

@@ -227,6 +227,22 @@ class CudaBackendImpl final : public CudaBackend {
     kernels::row_bias_backward(g, db, rows, C, acc, scratch(kernels::row_bias_backward_workspace_bytes(rows, C)),
                                stream_);
   }
+  // The attention backwards write dq, dk and dv in their own kernels: when q, k or v are the
+  // same tensor, each gradient goes into its own buffer and is then added to its target in the
+  // order the op set the flags (dv, dq, dk), so the first contribution writes.
+  // run(dq, acc_q, dk, acc_k, dv, acc_v) computes the gradients of n elements each.
+  template <class Run>
+  void with_unaliased_grads(float* dq, bool acc_q, float* dk, bool acc_k, float* dv, bool acc_v, std::int64_t n,
+                            Run&& run) {
+    if (!((dq && (dq == dk || dq == dv)) || (dk && dk == dv))) return run(dq, acc_q, dk, acc_k, dv, acc_v);
+    Tensor<float> tq = dq ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tk = dk ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    Tensor<float> tv = dv ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
+    run(tq.data(), false, tk.data(), false, tv.data(), false);
+    if (dv) copy_n(tv.data(), dv, n, acc_v);
+    if (dq) copy_n(tq.data(), dq, n, acc_q);
+    if (dk) copy_n(tk.data(), dk, n, acc_k);
+  }
   void copy_n(const float* x, float* y, std::int64_t n, bool acc) {
     if (acc) kernels::accumulate(x, y, n, stream_);
     else kernels::scale(x, 1.0f, y, n, stream_);
@@ -356,24 +372,12 @@ class CudaBackendImpl final : public CudaBackend {
                           bool acc_q, float* dk, bool acc_k, float* dv, bool acc_v, std::int64_t N, std::int64_t L,
                           std::int64_t C, std::int64_t heads) override {
     cuda::ProfileScope ps(prof_, "attention bwd");
-    const bool alias = (dq && (dq == dk || dq == dv)) || (dk && dk == dv);
-    if (!alias) {
-      cuda::attention_backward(blas(), q, k, v, P, g, dq, dk, dv,
-                               dq || dk ? scratch(cuda::attention_workspace_bytes(N, L, heads)) : nullptr, N, L, C,
-                               heads, stream_, cuda::AttentionAccumulate{acc_q, acc_k, acc_v});
-      return;
-    }
-    // q, k or v the same tensor: each gradient into its own buffer, then added to its target in
-    // the order the op set the flags (dv, dq, dk), so the first contribution writes.
-    const std::int64_t n = N * L * C;
-    Tensor<float> tq = dq ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    Tensor<float> tk = dk ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    Tensor<float> tv = dv ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    cuda::attention_backward(blas(), q, k, v, P, g, tq.data(), tk.data(), tv.data(),
-                             scratch(cuda::attention_workspace_bytes(N, L, heads)), N, L, C, heads, stream_, {});
-    if (dv) copy_n(tv.data(), dv, n, acc_v);
-    if (dq) copy_n(tq.data(), dq, n, acc_q);
-    if (dk) copy_n(tk.data(), dk, n, acc_k);
+    void* ws = dq || dk ? scratch(cuda::attention_workspace_bytes(N, L, heads)) : nullptr;
+    with_unaliased_grads(dq, acc_q, dk, acc_k, dv, acc_v, N * L * C,
+                         [&](float* gq, bool aq, float* gk, bool ak, float* gv, bool av) {
+                           cuda::attention_backward(blas(), q, k, v, P, g, gq, gk, gv, ws, N, L, C, heads, stream_,
+                                                    cuda::AttentionAccumulate{aq, ak, av});
+                         });
   }
   static_assert(kernels::kFlashMaxHeadDim == kFlashAttentionMaxHeadDim);
   void flash_attention(const float* q, const float* k, const float* v, float* out, float* lse, std::int64_t N,
@@ -386,22 +390,11 @@ class CudaBackendImpl final : public CudaBackend {
                                 std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads) override {
     cuda::ProfileScope ps(prof_, "flash attention bwd");
     float* delta = static_cast<float*>(scratch(sizeof(float) * kernels::flash_attention_rows(N, L, heads)));
-    const bool alias = (dq && (dq == dk || dq == dv)) || (dk && dk == dv);
-    if (!alias) {
-      kernels::flash_attention_backward(q, k, v, out, lse, g, dq, dk, dv, delta, N, L, C, heads, stream_, acc_q, acc_k,
-                                        acc_v);
-      return;
-    }
-    // As attention_backward: each gradient into its own buffer, then added in the op's order.
-    const std::int64_t n = N * L * C;
-    Tensor<float> tq = dq ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    Tensor<float> tk = dk ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    Tensor<float> tv = dv ? Tensor<float>({n}, Device::CUDA) : Tensor<float>();
-    kernels::flash_attention_backward(q, k, v, out, lse, g, tq.data(), tk.data(), tv.data(), delta, N, L, C, heads,
-                                      stream_);
-    if (dv) copy_n(tv.data(), dv, n, acc_v);
-    if (dq) copy_n(tq.data(), dq, n, acc_q);
-    if (dk) copy_n(tk.data(), dk, n, acc_k);
+    with_unaliased_grads(dq, acc_q, dk, acc_k, dv, acc_v, N * L * C,
+                         [&](float* gq, bool aq, float* gk, bool ak, float* gv, bool av) {
+                           kernels::flash_attention_backward(q, k, v, out, lse, g, gq, gk, gv, delta, N, L, C, heads,
+                                                             stream_, aq, ak, av);
+                         });
   }
   void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) override {
     cuda::ProfileScope ps(prof_, "max_pool2d");
