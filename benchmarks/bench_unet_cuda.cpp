@@ -5,7 +5,7 @@
 // ../shared/reference/torch_gpu_reference.py unet (PyTorch, same model, same card, same call):
 // PyTorch's step also draws t and eps and runs q_sample on the device (a few microseconds);
 // ours takes x_t and eps ready on the device.
-//   Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32), convolution
+//   Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32, 2 = BF16), convolution
 //   algorithms (0 = cuDNN's heuristics, plain sums of products only: the default; 1 = timed by
 //   cuDNN, plain sums; 2 = timed, FFT and Winograd allowed), attention (0 = full-matrix kernels,
 //   1 = the fused flash kernels).
@@ -29,10 +29,10 @@ using namespace diffuse;
 
 // The model, its optimiser and one batch on the device, warmed up (plans, caches, allocator).
 struct Setup {
-  Setup(bool cifar, std::int64_t B, bool tf32, int conv, bool flash = false)
+  Setup(bool cifar, std::int64_t B, MathMode math, int conv, bool flash = false)
       : c(cifar ? UNetConfig::cifar10() : UNetConfig::mnist16()) {
     backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
-    be.set_math_mode(tf32 ? MathMode::TF32 : MathMode::FP32);
+    be.set_math_mode(math);
     be.set_attention_kernel(flash ? AttentionKernel::Flash : AttentionKernel::Full);
     be.set_conv_search(conv > 0, conv == 2);
     Generator g(1234);
@@ -66,10 +66,10 @@ struct Setup {
 void BM_unet_train_step(benchmark::State& state) {
   const bool cifar = state.range(0) == 1;
   const std::int64_t B = state.range(1);
-  const bool tf32 = state.range(2) == 1;
+  const auto math = static_cast<MathMode>(state.range(2));
   const int conv = static_cast<int>(state.range(3));
   const bool flash = state.range(4) == 1;
-  Setup su(cifar, B, tf32, conv, flash);
+  Setup su(cifar, B, math, conv, flash);
   for (auto _ : state) {
     const auto s = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(su.step());
@@ -77,7 +77,7 @@ void BM_unet_train_step(benchmark::State& state) {
   }
   state.counters["img_per_s"] = benchmark::Counter(static_cast<double>(B * state.iterations()), benchmark::Counter::kIsRate);
   static const char* conv_name[] = {" conv heuristic", " conv timed", " conv timed+fft/winograd"};
-  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + (tf32 ? " tf32" : " fp32") + conv_name[conv] +
+  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + " " + math_mode_name(math) + conv_name[conv] +
                  (flash ? " flash attention" : "") + " params " + std::to_string(su.net->num_parameters()));
 }
 BENCHMARK(BM_unet_train_step)
@@ -91,6 +91,10 @@ BENCHMARK(BM_unet_train_step)
     ->Args({1, 128, 1, 1, 0})
     ->Args({0, 128, 1, 1, 1})
     ->Args({1, 128, 1, 1, 1})
+    ->Args({0, 128, 2, 1, 0})
+    ->Args({1, 128, 2, 1, 0})
+    ->Args({0, 128, 2, 1, 1})
+    ->Args({1, 128, 2, 1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
@@ -100,18 +104,23 @@ void profile(std::int64_t B) {
   static const char* conv_name[] = {"conv heuristic", "conv timed", "conv timed+fft/winograd"};
   backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
   struct Config {
-    bool cifar, tf32;
+    bool cifar;
+    MathMode math;
     int conv;
     bool flash;
   };
   std::vector<Config> configs;
-  for (const bool cifar : {true, false})
-    for (const bool tf32 : {false, true}) {
-      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2); ++conv) configs.push_back({cifar, tf32, conv, false});
-      if (tf32) configs.push_back({cifar, tf32, 1, true});  // TF32, timed convolutions, the fused attention
+  for (const bool cifar : {true, false}) {
+    for (const MathMode math : {MathMode::FP32, MathMode::TF32}) {
+      const bool tf32 = math == MathMode::TF32;
+      for (int conv = 0; conv < (cifar && !tf32 ? 3 : 2); ++conv) configs.push_back({cifar, math, conv, false});
+      if (tf32) configs.push_back({cifar, math, 1, true});  // TF32, timed convolutions, the fused attention
     }
+    configs.push_back({cifar, MathMode::BF16, 1, false});  // bf16, timed convolutions
+    configs.push_back({cifar, MathMode::BF16, 1, true});   // and the fused attention
+  }
   for (const Config& k : configs) {
-    Setup su(k.cifar, B, k.tf32, k.conv, k.flash);
+    Setup su(k.cifar, B, k.math, k.conv, k.flash);
     be.set_profiling(true);
     su.step();
     be.profile_table(1);  // the first profiled step creates the events
@@ -120,7 +129,7 @@ void profile(std::int64_t B) {
     for (int i = 0; i < steps; ++i) su.step();
     const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s).count();
     std::printf("\n== %s %s %s%s batch %lld: %.2f ms/step wall (with the profiler's events)\n",
-                k.cifar ? "cifar10" : "mnist16", k.tf32 ? "tf32" : "fp32", conv_name[k.conv],
+                k.cifar ? "cifar10" : "mnist16", math_mode_name(k.math), conv_name[k.conv],
                 k.flash ? " flash attention" : "", static_cast<long long>(B), wall / steps);
     std::fputs(be.profile_table(steps).c_str(), stdout);
     be.set_profiling(false);

@@ -24,11 +24,31 @@ inline std::string device_description(Device d) {
   return "cuda (" + backend::require_cuda("device").name() + ")";
 }
 
-// --tf32: TF32 tensor cores for the device's GEMMs and convolutions; refused on the CPU.
-inline void apply_tf32(bool tf32, Device d) {
-  if (!tf32) return;
-  if (d != Device::CUDA) throw std::invalid_argument("--tf32 needs --device cuda");
-  set_cuda_math_mode(MathMode::TF32);
+// The help text of --precision, the same in every tool.
+inline constexpr const char* kPrecisionHelp =
+    "with --device cuda, how the GEMMs and convolutions round their inputs: fp32 (exact float products, as the CPU), "
+    "tf32 (tensor cores, inputs rounded to 10 mantissa bits) or bf16 (tensor cores, operands rounded to bf16, float "
+    "accumulation; norms, softmax, loss, optimiser and weights stay float)";
+
+// --precision fp32|tf32|bf16 (and the older --tf32, the same as --precision tf32): the device's
+// MathMode for the GEMMs and convolutions; tf32 and bf16 are refused on the CPU, as is a --tf32
+// that contradicts --precision. Returns the mode set.
+inline MathMode apply_precision(const std::string& precision, bool tf32, Device d) {
+  MathMode m;
+  if (precision == "fp32") m = MathMode::FP32;
+  else if (precision == "tf32") m = MathMode::TF32;
+  else if (precision == "bf16") m = MathMode::BF16;
+  else throw std::invalid_argument("--precision must be fp32, tf32 or bf16, got '" + precision + "'");
+  if (tf32) {
+    if (m == MathMode::BF16) throw std::invalid_argument("--tf32 contradicts --precision bf16 (give one of them)");
+    m = MathMode::TF32;
+  }
+  if (m == MathMode::FP32) return m;
+  if (d != Device::CUDA)
+    throw std::invalid_argument(std::string(tf32 ? "--tf32" : "--precision ") + (tf32 ? "" : precision) +
+                                " needs --device cuda (the CPU computes in fp32)");
+  set_cuda_math_mode(m);
+  return m;
 }
 
 // --attention full|flash: the device kernels of attention (AttentionKernel); flash is refused

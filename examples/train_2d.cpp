@@ -33,6 +33,7 @@ namespace {
 
 struct Args {
   bool tf32 = false;
+  std::string precision = "fp32";
   std::string dataset = "six", data, image, schedule = "linear", sampler = "ddpm", variance = "large", out = "out/2d";
   std::string resume, lr_decay = "constant", device;
   int64_t steps = 10000, batch = 512, warmup = 100, save_every = 0, log_every = 500, keep = 1, eval_every = 0,
@@ -113,14 +114,16 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions (inputs rounded to "
-                             "10 mantissa bits; FP32 otherwise)");
+  app.add_option("--precision", a.precision, kPrecisionHelp)
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+  app.add_flag("--tf32", a.tf32, "the same as --precision tf32");
   CLI11_PARSE(app, argc, argv);
 
   try {
     std::unique_ptr<data2d::Dataset2D> data;
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
-    apply_tf32(a.tf32, dev);
+    apply_precision(a.precision, a.tf32, dev);
     if (!a.data.empty())
       data = data2d::load_csv(a.data);
     else if (!a.image.empty())

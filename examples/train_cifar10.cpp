@@ -115,6 +115,7 @@ struct Args {
   int64_t log_every = -1, samples = -1, keep = 1, ch = -1, sample_batch = 100, fid_batch = 50;
   double lr = -1, ema = -1, clip = -1, dropout = -1, label_dropout = 0.1, guidance = 1.0, eta = 0.0;
   bool class_cond = false, no_flip = false, tf32 = false, dry_run = false;
+  std::string precision = "fp32";
   std::string attention = "full";
   uint64_t seed = 0;
 };
@@ -167,7 +168,10 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions");
+  app.add_option("--precision", a.precision, kPrecisionHelp)
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+  app.add_flag("--tf32", a.tf32, "the same as --precision tf32");
   app.add_option("--attention", a.attention,
                  "with --device cuda: attention by the full-matrix kernels (cuBLAS, the score matrix kept for the backward) "
                  "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
@@ -236,7 +240,7 @@ int main(int argc, char** argv) {
     if (r.fid_every > 0 && r.fid_samples < 2) throw std::invalid_argument("--fid-samples must be at least 2");
 
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
-    apply_tf32(a.tf32, dev);
+    apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
 
     // The data, and the model sized to it.

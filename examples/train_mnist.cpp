@@ -30,6 +30,7 @@ namespace {
 
 struct Args {
   bool tf32 = false;
+  std::string precision = "fp32";
   std::string attention = "full";
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
   std::string sampler = "ddpm", variance = "large", classifier, device, order = "replacement";
@@ -80,8 +81,10 @@ int main(int argc, char** argv) {
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_flag("--tf32", a.tf32, "with --device cuda: TF32 tensor cores for the GEMMs and convolutions (inputs rounded to "
-                             "10 mantissa bits; FP32 otherwise)");
+  app.add_option("--precision", a.precision, kPrecisionHelp)
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+  app.add_flag("--tf32", a.tf32, "the same as --precision tf32");
   app.add_option("--attention", a.attention,
                  "with --device cuda: attention by the full-matrix kernels (cuBLAS, the score matrix kept for the backward) "
                  "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
@@ -127,7 +130,7 @@ int main(int argc, char** argv) {
     if (a.steps <= 0) a.steps = a.digit < 0 ? 3000 : 1000;
     if (a.samples < 0) a.samples = a.digit < 0 ? 500 : 200;
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
-    apply_tf32(a.tf32, dev);
+    apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
     // Data: the training split (one digit, or all with labels).
     const MnistSplit train = load_mnist(a.data, "train");

@@ -15,8 +15,8 @@
 # libbenchmark (the GPU machine may lack it), train_2d (cpu vs cuda, resume across devices),
 # train_mnist and sample with the MNIST files of data/mnist when there (20 steps on the CPU and on
 # the GPU, same seed: the progress lines' losses should agree; then the GPU's checkpoint resumed
-# on both, and sampled on both), train_cifar10 (paper preset: FP32, TF32, TF32 with the fused
-# attention; small preset), the PyTorch peer script from ../shared/reference (fp32, tf32, bf16
+# on both, and sampled on both; the default run in fp32 and bf16 for quality), train_cifar10
+# (paper preset: FP32, TF32, TF32 with the fused attention, BF16 with and without it; small preset), the PyTorch peer script from ../shared/reference (fp32, tf32, bf16
 # autocast, bf16 + torch.compile) and
 # scripts/torch_profile_unet.py (PyTorch's GPU time by kernel). scripts/gpu_check.sh is the
 # one-step alternative where the GPU machine can build everything.
@@ -30,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --arch) ARCH=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
     --jobs) JOBS=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_bundle.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +47,7 @@ cp "$BUILD"/benchmarks/bench_kernels_cuda "$BUILD"/benchmarks/bench_unet_cuda "$
 if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh made them: train_mnist cpu vs cuda
   mkdir -p "$OUT"/mnist
   cp data/mnist/*-ubyte.gz "$OUT"/mnist/
+  cp data/mnist/lenet*.safetensors "$OUT"/mnist/ 2>/dev/null || true  # the scorer, when trained here
 fi
 lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 [[ -n $lib ]] && cp "$lib" "$OUT"/
@@ -91,6 +92,12 @@ if [[ -d mnist ]]; then
   step resume_cuda ./train_mnist --device cuda "${more[@]}" --resume "$LOG"/train_cuda/checkpoint.safetensors --out "$LOG"/resume_cuda
   step resume_cpu ./train_mnist --device cpu "${more[@]}" --resume "$LOG"/train_cuda/checkpoint.safetensors --out "$LOG"/resume_cpu
   grep -h "^step" "$LOG"/resume_cuda.log "$LOG"/resume_cpu.log | tee -a "$LOG"/summary.txt
+  # Issue 18's quality check: the default MNIST16 run (3,000 steps, 500 samples scored by LeNet
+  # when mnist/lenet16.safetensors is there) in fp32 and in bf16, same seed.
+  for p in fp32 bf16; do
+    step mnist_quality_$p ./train_mnist --data mnist --device cuda --precision $p --seed 11 --out "$LOG"/mnist_$p
+  done
+  grep -h "accuracy\|FD\|img/s" "$LOG"/mnist_quality_*.log | tail -n 8 | tee -a "$LOG"/summary.txt
   # Sampling from that checkpoint with the network on either device: the same images.
   for d in cpu cuda; do
     step sample_$d ./sample "$LOG"/train_cuda/checkpoint.safetensors --device $d -n 20 --batch 20 --seed 5 --out "$LOG"/sample_$d
@@ -120,6 +127,8 @@ if python3 -c "import numpy" 2>/dev/null; then
   step cifar10_paper_fp32 ./train_cifar10 --preset paper --steps 60 "${c10[@]}" --out "$LOG"/c10_paper
   step cifar10_paper_tf32 ./train_cifar10 --preset paper --steps 100 --tf32 "${c10[@]}" --out "$LOG"/c10_paper_tf32
   step cifar10_paper_tf32_flash ./train_cifar10 --preset paper --steps 100 --tf32 --attention flash "${c10[@]}" --out "$LOG"/c10_paper_flash
+  step cifar10_paper_bf16 ./train_cifar10 --preset paper --steps 100 --precision bf16 "${c10[@]}" --out "$LOG"/c10_paper_bf16
+  step cifar10_paper_bf16_flash ./train_cifar10 --preset paper --steps 100 --precision bf16 --attention flash "${c10[@]}" --out "$LOG"/c10_paper_bf16_flash
   step cifar10_small_tf32 ./train_cifar10 --preset small --steps 200 --tf32 "${c10[@]}" --out "$LOG"/c10_small_tf32
   grep -h "^step" "$LOG"/cifar10_*.log | tee -a "$LOG"/summary.txt
 fi

@@ -17,6 +17,7 @@
 #include "device_buffer.hpp"
 #include "kernel_reference.hpp"
 #include "kernel_seed.hpp"
+#include "kernels/convert.cuh"
 #include "kernels/reduce_sum.cuh"
 #include "kernels/silu.cuh"
 
@@ -137,4 +138,45 @@ TEST_CASE("kernel silu_forward on bf16: loads bf16, computes in float, stores bf
     }
     CHECK(bad == 0);
   }
+}
+
+TEST_CASE("kernel convert: float -> bf16 rounds to nearest even, bf16 -> float is exact or added in float") {
+  using namespace diffuse::testing;
+  using diffuse::bf16;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (std::int64_t n : {1, 255, 70001}) {
+    INFO("n " << n);
+    std::vector<float> x(static_cast<size_t>(n)), y0(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      x[i] = normal(gen);
+      y0[i] = normal(gen);
+    }
+    // The exact answers: bf16(x) bit for bit (the host conversion is checked against exact
+    // arithmetic and PyTorch in test_bf16), then float(bf16) exactly, and y0 + float(bf16) as one
+    // float addition.
+    std::vector<bf16> want_b(x.size());
+    diffuse::kernels::convert_host(x.data(), want_b.data(), n, false);
+    DeviceBuffer<float> dx(x), dy(y0), dz(x.size());
+    DeviceBuffer<bf16> db(x.size());
+    diffuse::kernels::convert(dx.get(), db.get(), n, false, {}, 128, 7);  // few blocks: the grid-stride loop
+    diffuse::kernels::convert(db.get(), dz.get(), n, false);
+    diffuse::kernels::convert(db.get(), dy.get(), n, true);
+    const std::vector<bf16> b = db.to_host();
+    const std::vector<float> z = dz.to_host(), y = dy.to_host();
+    size_t bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float w = static_cast<float>(want_b[i]);
+      bad += b[i].bits != want_b[i].bits;
+      bad += z[i] != w;
+      bad += y[i] != y0[i] + w;
+      bad += std::fabs(w - x[i]) > std::ldexp(std::fabs(x[i]), -8);  // half a bf16 ulp, relative
+    }
+    CHECK(bad == 0);
+  }
+  CHECK_THROWS_AS(diffuse::kernels::convert(static_cast<const float*>(nullptr), static_cast<bf16*>(nullptr), -1, false),
+                  std::invalid_argument);
+  diffuse::kernels::convert(static_cast<const float*>(nullptr), static_cast<bf16*>(nullptr), 0, false);  // nothing
 }

@@ -366,6 +366,40 @@ TEST_CASE("kernel attention: gemm in TF32 mode stays within the TF32 bound, and 
   check_gemm(moved, gen, false, false, 9, 10, 11, 1.0f, 0.0f, 0, false);
 }
 
+TEST_CASE("kernel attention: gemm in BF16 mode rounds the operands to bf16 and stays within the bf16 bound") {
+  using namespace attn_test;
+  const std::uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  diffuse::cuda::Blas blas;
+  blas.set_math_mode(diffuse::cuda::MathMode::BF16);
+  CHECK(blas.math_mode() == diffuse::cuda::MathMode::BF16);
+  // bf16 keeps 8 significant bits: rounding to nearest moves an operand by up to 2^-8 of itself,
+  // truncation (cuBLAS does not say which its tensor cores do) by up to 2^-7, so a product is off
+  // by up to (1 + 2^-7)^2 - 1 = 2^-6 + 2^-14 of itself; the float accumulation adds (k + 3) u.
+  const double bf16_rel = std::ldexp(1.0, -6) + std::ldexp(1.0, -14);
+  check_gemm(blas, gen, false, true, 65, 70, 257, 1.0f, 0.5f, 0, false, bf16_rel);
+  check_gemm(blas, gen, true, false, 33, 17, 129, 1.0f, 0.0f, 0, false, bf16_rel);
+  check_gemm(blas, gen, true, true, 17, 33, 65, -0.75f, 1.0f, 3, false, bf16_rel);
+  check_gemm(blas, gen, false, false, 33, 17, 129, 1.25f, 0.0f, 2, true, bf16_rel);
+  // And the rounding happens: 1 + 2^-10 is no bf16 (to nearest and truncated it is 1), so the
+  // products below are 1 and 3 in bf16 where FP32 gives 1 + 2^-10 and 3 (1 + 2^-10) exactly.
+  const std::vector<float> A{1.0f + std::ldexp(1.0f, -10), 3.0f}, B{1.0f, 1.0f + std::ldexp(1.0f, -10)};
+  DeviceBuffer<float> dA(A), dB(B), dC(2), dC2(std::vector<float>(2, 0.0f));
+  diffuse::cuda::gemm(blas, false, false, 2, 1, 1, 1.0f, dA.get(), 1, dB.get(), 1, 0.0f, dC.get(), 1);  // A [2,1] B[0]
+  diffuse::cuda::gemm_strided_batched(blas, false, false, 1, 1, 1, 1.0f, dA.get(), 1, dB.get(), 1, 0.0f, dC2.get(), 1,
+                                      2, 1, 1, 1);  // A[b] * B[b]
+  const std::vector<float> c = dC.to_host(), c2 = dC2.to_host();
+  CHECK(c[0] == 1.0f);
+  CHECK(c[1] == 3.0f);
+  CHECK(c2[0] == 1.0f);
+  CHECK(c2[1] == 3.0f);
+  blas.set_math_mode(diffuse::cuda::MathMode::FP32);
+  diffuse::cuda::gemm(blas, false, false, 2, 1, 1, 1.0f, dA.get(), 1, dB.get(), 1, 0.0f, dC.get(), 1);
+  CHECK(dC.to_host()[0] == 1.0f + std::ldexp(1.0f, -10));
+  check_gemm(blas, gen, false, true, 65, 70, 257, 1.0f, 0.5f, 0, false);
+}
+
 TEST_CASE("kernel attention: gemm rejects bad arguments with std::invalid_argument") {
   using diffuse::cuda::gemm;
   using diffuse::cuda::gemm_strided_batched;

@@ -255,6 +255,115 @@ TEST_CASE("kernel conv plans: cached by shape and options, shapes checked, empty
   }
 }
 
+TEST_CASE("kernel conv in BF16: bf16 tensors, float accumulation, the result rounded once to bf16") {
+  using namespace diffuse::testing;
+  using namespace diffuse::testing::conv_cases;
+  using diffuse::bf16;
+  using diffuse::cuda::Conv2dShape;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> k16(1, 16), sign(0, 1);
+  auto dyadic = [&] { return static_cast<float>(sign(gen) ? k16(gen) : -k16(gen)) / 16.0f; };
+  auto round_bf16 = [](std::vector<float> v) {
+    for (float& e : v) e = static_cast<float>(bf16(e));
+    return v;
+  };
+  auto to_bf16 = [](const std::vector<float>& v) {
+    std::vector<bf16> r(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) r[i] = bf16(v[i]);
+    return r;
+  };
+  auto to_float = [](const std::vector<bf16>& v) {
+    std::vector<float> r(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) r[i] = static_cast<float>(v[i]);
+    return r;
+  };
+  const Conv2dShape shapes[] = {
+      {.N = 2, .H = 7, .W = 6, .C = 5, .O = 33, .kh = 3, .kw = 3, .pad_h = 1, .pad_w = 1},
+      {.N = 3, .H = 9, .W = 6, .C = 33, .O = 5, .kh = 3, .kw = 3, .stride_h = 2, .stride_w = 2, .pad_h = 1, .pad_w = 1},
+      {.N = 2, .H = 6, .W = 5, .C = 32, .O = 64, .kh = 1, .kw = 1},
+  };
+  diffuse::cuda::Dnn dnn;
+  diffuse::cuda::Conv2dPlans plans;
+  diffuse::cuda::Conv2dPlanOptions opt;
+  opt.math = diffuse::cuda::MathMode::BF16;
+  for (const Conv2dShape& s : shapes) {
+    const diffuse::cuda::Conv2dPlan& plan = plans.get(dnn, s, opt);
+    CHECK(plan.bf16_tensors());
+    const ConvRefShape rs{s.N, s.H, s.W, s.C, s.O, s.kh, s.kw, s.stride_h, s.stride_w, s.pad_h, s.pad_w};
+    const std::size_t nx = static_cast<std::size_t>(s.x_elements()), nw = static_cast<std::size_t>(s.w_elements()),
+                      ny = static_cast<std::size_t>(s.y_elements());
+    for (const bool exact : {true, false}) {
+      INFO(s.str() << (exact ? ", dyadic inputs" : ", normal inputs") << ", " << plan.algorithms());
+      auto draw = [&](std::size_t n) {
+        std::vector<float> v(n);
+        for (float& e : v) e = exact ? dyadic() : normal(gen);
+        return v;
+      };
+      // Float inputs; the device sees their bf16 roundings (what the backend's conversion makes).
+      const std::vector<float> x = draw(nx), w = draw(nw), dy = draw(ny);
+      const std::vector<float> xr = round_bf16(x), wr = round_bf16(w), dyr = round_bf16(dy);
+      DeviceBuffer<bf16> d_x(to_bf16(xr)), d_w(to_bf16(diffuse::cuda::conv_weight_oihw_to_ohwi_host(wr, s.O, s.C, s.kh, s.kw))),
+          d_dy(to_bf16(dyr)), d_y(ny), d_dx(nx), d_dw(nw);
+      plan.forward(dnn, d_x.get(), d_w.get(), d_y.get());
+      plan.backward_data(dnn, d_dy.get(), d_w.get(), d_dx.get());
+      plan.backward_filter(dnn, d_x.get(), d_dy.get(), d_dw.get());
+      const std::vector<float> y = to_float(d_y.to_host()), dx = to_float(d_dx.to_host()),
+                               dw = diffuse::cuda::conv_weight_ohwi_to_oihw_host(to_float(d_dw.to_host()), s.O, s.C,
+                                                                                 s.kh, s.kw);
+      // The reference with the same bf16 rounding applied: the CPU's float convolution of the
+      // rounded inputs. Dyadic inputs are bf16 already and every sum is exact in float, so the
+      // device's result must be that sum rounded to bf16, bit for bit. Normal inputs: both float
+      // sums are within (n + 2) FLT_EPSILON / 2 S of the exact one (S: the convolution of the
+      // magnitudes), and the result's rounding to bf16 adds up to half a bf16 ulp, 2^-8 of itself.
+      const ConvRef ref = cpu_conv2d(rs, xr, wr, dyr);
+      if (exact) {
+        CHECK(count_bad("y", y, widen(round_bf16(ref.y)), {}) == 0);
+        CHECK(count_bad("dx", dx, widen(round_bf16(ref.dx)), {}) == 0);
+        CHECK(count_bad("dw", dw, widen(round_bf16(ref.dw)), {}) == 0);
+        continue;
+      }
+      const ConvRef mag = cpu_conv2d(rs, abs_of(xr), abs_of(wr), abs_of(dyr));
+      const ConvRef full = cpu_conv2d(rs, x, w, dy);  // no bf16 anywhere
+      // Against the unrounded float convolution: each operand moved by up to 2^-8 of itself (of
+      // the float; 2^-8 / (1 - 2^-8) of the bf16 value), so each product by less than 2^-7 + 2^-14
+      // of the rounded operands' product, plus the above.
+      auto bound = [&](const std::vector<float>& S, const std::vector<float>& r, std::int64_t terms, double operands) {
+        std::vector<double> t(S.size());
+        for (std::size_t i = 0; i < S.size(); ++i)
+          t[i] = (static_cast<double>(terms + 2) * FLT_EPSILON * 1.01 + operands) * S[i] +
+                 std::ldexp(std::fabs(static_cast<double>(r[i])) + operands * S[i], -8) + FLT_MIN;
+        return t;
+      };
+      const double ops = std::ldexp(1.0, -7) + std::ldexp(1.0, -14);
+      const std::int64_t ty = s.kh * s.kw * s.C, tdx = s.kh * s.kw * s.O, tdw = s.N * s.Ho() * s.Wo();
+      CHECK(count_bad("y", y, widen(ref.y), bound(mag.y, ref.y, ty, 0.0)) == 0);
+      CHECK(count_bad("dx", dx, widen(ref.dx), bound(mag.dx, ref.dx, tdx, 0.0)) == 0);
+      CHECK(count_bad("dw", dw, widen(ref.dw), bound(mag.dw, ref.dw, tdw, 0.0)) == 0);
+      CHECK(count_bad("y vs fp32", y, widen(full.y), bound(mag.y, full.y, ty, ops)) == 0);
+      CHECK(count_bad("dx vs fp32", dx, widen(full.dx), bound(mag.dx, full.dx, tdx, ops)) == 0);
+      CHECK(count_bad("dw vs fp32", dw, widen(full.dw), bound(mag.dw, full.dw, tdw, ops)) == 0);
+      // And it is bf16: every output is a bf16 value, and not all equal the float results.
+      std::size_t differs = 0;
+      for (std::size_t i = 0; i < y.size(); ++i) differs += y[i] != static_cast<float>(full.y[i]);
+      CHECK(differs > y.size() / 2);
+    }
+  }
+  // A BF16 plan refuses float tensors, a float plan bf16 ones.
+  const Conv2dShape s = shapes[0];
+  DeviceBuffer<float> fx(static_cast<std::size_t>(s.x_elements())), fw(static_cast<std::size_t>(s.w_elements())),
+      fy(static_cast<std::size_t>(s.y_elements()));
+  DeviceBuffer<bf16> bx(static_cast<std::size_t>(s.x_elements())), bw(static_cast<std::size_t>(s.w_elements())),
+      by(static_cast<std::size_t>(s.y_elements()));
+  CHECK_THROWS_WITH(plans.get(dnn, s, opt).forward(dnn, fx.get(), fw.get(), fy.get()),
+                    Catch::Contains("float tensors for a MathMode::BF16 plan"));
+  CHECK_THROWS_WITH(plans.get(dnn, s).backward_data(dnn, by.get(), bw.get(), bx.get()),
+                    Catch::Contains("bf16 tensors for a float plan"));
+  CHECK(plans.size() == 4);
+}
+
 #else
 TEST_CASE("kernel conv: cuDNN not linked") {
   WARN("diffuse::cuda was built without cuDNN (DIFFUSE_WITH_CUDNN): the device convolution is left out");

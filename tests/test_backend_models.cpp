@@ -280,6 +280,96 @@ TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the sam
   check_training(rc, rd, w0);
 }
 
+// bf16 autocast (MathMode::BF16) against the FP32 CPU model. Each GEMM and convolution rounds its
+// operands to bf16 (u = 2^-8 relative each) and a convolution its result: a layer's output moves
+// by about u relative (random signs: the errors of a sum's terms mostly cancel, so a layer adds
+// O(u), not O(n u)); through the U-Net's ~20 layers, whose normalisations do not amplify relative
+// errors, the output and the loss stay within a few u of FP32's (2-4u seen over 10 seeds; bound
+// 8u = 2^-5). A gradient rounds twice as many operands and a norm gain's gradient is a sum over
+// every pixel with much cancellation, which amplifies relative error: 6-13u seen, bound 32u. And
+// the rounding is really there: FP32 on the device is within 1e-5 of the CPU (the test above),
+// bf16 must be further than u / 16 = 2^-12.
+TEST_CASE("backend models: the U-Net in bf16 stays within the bf16 bound of the FP32 CPU model") {
+  CudaScope cuda;
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  struct RestoreFP32 {
+    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+  } restore;
+  set_cuda_math_mode(MathMode::BF16);
+  const double u = std::ldexp(1.0, -8);
+  const UNetConfig c = small_unet();
+  Generator g0(seed), g1(seed);
+  UNet<float> cpu(c, g0), dev(c, g1);
+  randomise(cpu, seed);
+  randomise(dev, seed);
+  dev.to(Device::CUDA);
+  Generator gb(seed, 99);
+  const StepBatch b = random_batch(c, 3, gb);
+  Generator dc(seed ^ 0x5eedu), dd(seed ^ 0x5eedu);
+  const Var<float> out_cpu = cpu(Var<float>(b.x), b.t, &b.y, &dc);
+  const Var<float> loss_cpu = mse(out_cpu, Var<float>(b.eps));
+  backward(loss_cpu);
+  const Var<float> out_dev = dev(Var<float>(b.x.to(Device::CUDA)), b.t, &b.y, &dd);
+  const Var<float> loss_dev = mse(out_dev, Var<float>(b.eps.to(Device::CUDA)));
+  backward(loss_dev);
+  const double out_err = rel_err(out_dev.value().cpu(), out_cpu.value());
+  const double loss_err = std::fabs(loss_dev.value().cpu()[0] - loss_cpu.value()[0]) / loss_cpu.value()[0];
+  INFO("output relative error " << out_err / u << " u, loss " << loss_err / u << " u");
+  CHECK(out_err < 8 * u);
+  CHECK(out_err > u / 16);
+  CHECK(loss_err < 8 * u);
+  const auto gc = grads_of(cpu), gd = grads_of(dev);
+  REQUIRE(gc.size() == gd.size());
+  double worst = 0;
+  std::string worst_name;
+  for (const auto& [n, t] : gc) {
+    if (is_key_bias(n)) continue;  // 0 up to rounding on either device (see is_key_bias)
+    const double e = rel_err(gd.at(n), t);
+    if (e > worst) worst = e, worst_name = n;
+  }
+  INFO("worst gradient relative error " << worst / u << " u (" << worst_name << ")");
+  CHECK(worst < 32 * u);
+  CHECK(worst > u / 16);
+
+  // Three train steps (clipping, AdamW, EMA): Adam's early updates are about lr sign(g), so a
+  // gradient component smaller than its bf16 error can flip its update (2 lr apart) while the
+  // rest agree: the weights' changes over all weights agree within 0.25 relative (0.06-0.10 seen
+  // over 10 seeds; a wrong update gives 1 or more), the losses within 8u.
+  Generator h0(seed), h1(seed), hb(seed, 7);
+  UNet<float> cpu2(c, h0), dev2(c, h1);
+  randomise(cpu2, seed);
+  randomise(dev2, seed);
+  const auto w0 = values_of(cpu2);
+  std::vector<StepBatch> batches;
+  for (int s = 0; s < 3; ++s) batches.push_back(random_batch(c, 2, hb));
+  Generator ec(seed + 1), ed(seed + 1);
+  auto fwd = [](UNet<float>& m, Generator& d) {
+    return [&m, &d](const Var<float>& x, const StepBatch& sb) { return m(x, sb.t, &sb.y, &d); };
+  };
+  const TrainRun rc = train_steps(cpu2, Device::CPU, fwd(cpu2, ec), batches, 0.5);
+  const TrainRun rd = train_steps(dev2, Device::CUDA, fwd(dev2, ed), batches, 0.5);
+  for (size_t s = 0; s < rc.losses.size(); ++s) {
+    INFO("step " << s << ": loss cpu " << rc.losses[s] << " cuda bf16 " << rd.losses[s]);
+    CHECK(std::fabs(rd.losses[s] - rc.losses[s]) <= 8 * u * rc.losses[s]);
+  }
+  double diff2 = 0, ref2 = 0, wworst = 0;  // over all weights; wworst: the worst tensor, for the message
+  for (const auto& [n, w] : rc.weights) {
+    if (is_key_bias(n)) continue;
+    Tensor<float> dcpu(w.shape()), ddev(w.shape());
+    for (size_t i = 0; i < w.size(); ++i) {
+      dcpu[i] = w[i] - w0.at(n)[i];
+      ddev[i] = rd.weights.at(n)[i] - w0.at(n)[i];
+      diff2 += static_cast<double>(ddev[i] - dcpu[i]) * (ddev[i] - dcpu[i]);
+      ref2 += static_cast<double>(dcpu[i]) * dcpu[i];
+    }
+    if (norm_of(dcpu) > 0) wworst = std::max(wworst, rel_err(ddev, dcpu));
+  }
+  const double wchange = std::sqrt(diff2 / ref2);
+  INFO("weight changes: relative error " << wchange << " over all weights, worst tensor " << wworst);
+  CHECK(wchange < 0.25);
+}
+
 TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same images on both devices") {
   CudaScope cuda;
   const uint64_t seed = fresh_seed();

@@ -144,6 +144,39 @@ TEST_CASE("backend ops: conv2d") {
   }
 }
 
+// MathMode::BF16 on the device against the CPU's FP32: the ops whose products round their
+// operands to bf16 (u = 2^-8 relative each; a convolution also rounds its result). A sum of
+// products with independently rounded operands is off by about u relative in norm (the errors of
+// its terms have random signs), so 4u = 2^-6 bounds the output and every gradient, also when
+// the gradients of an input used twice are summed (in float). The kernel tests check the
+// rounding itself element by element (kernel conv in BF16, gemm in BF16 mode).
+TEST_CASE("backend ops: conv2d, linear, matmul and attention in bf16 stay within 4u of FP32") {
+  CudaScope cuda;
+  struct RestoreFP32 {
+    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+  } restore;
+  set_cuda_math_mode(MathMode::BF16);
+  Generator g = gen();
+  const double tol = std::ldexp(1.0, -6);
+  for (const bool bias : {true, false}) {
+    std::vector<Tensor<float>> t{randn_t({2, 7, 6, 5}, g), randn_t({33, 3, 3, 5}, g)};
+    if (bias) t.push_back(randn_t({33}, g));
+    const Conv2dOptions opt{1, 1, 1, 1};
+    check_op(std::string("bf16 conv2d 3x3") + (bias ? "" : " no bias"),
+             [opt](const auto& v) { return conv2d(v[0], v[1], v.size() > 2 ? v[2] : Var<float>(), opt); }, inputs_of(t),
+             tol);
+  }
+  check_op("bf16 conv2d 3x3 stride 2", [](const auto& v) { return conv2d(v[0], v[1], v[2], Conv2dOptions{2, 2, 1, 1}); },
+           inputs_of({randn_t({3, 9, 8, 16}, g), randn_t({8, 3, 3, 16}, g), randn_t({8}, g)}), tol);
+  check_op("bf16 linear", [](const auto& v) { return linear(v[0], v[1], v[2]); },
+           inputs_of({randn_t({65, 33}, g), randn_t({17, 33}, g), randn_t({17}, g)}), tol);
+  check_op("bf16 matmul", [](const auto& v) { return matmul(v[0], v[1]); },
+           inputs_of({randn_t({16, 128}, g), randn_t({128, 64}, g)}), tol);
+  check_op("bf16 attention (full kernels: GEMMs in bf16, softmax in float)",
+           [](const auto& v) { return attention(v[0], v[1], v[2], 2); },
+           inputs_of({randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g)}), tol);
+}
+
 TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {
   CudaScope cuda;
   Generator g = gen();

@@ -17,7 +17,17 @@ enum class BinaryOp : std::uint8_t { Add, Sub, Mul };
 //   FP32  full float products, float accumulation (matches the CPU up to the order of summation;
 //         cuDNN: CUDNN_FMA_MATH, never tensor cores)
 //   TF32  tensor cores (Ampere and newer): inputs rounded to 10 mantissa bits, float accumulation
-enum class MathMode : std::uint8_t { FP32, TF32 };
+//   BF16  tensor cores in bfloat16 (PyTorch's bf16 autocast of matmuls and convolutions): each
+//         product's two operands rounded to bf16 (8 significant bits), float accumulation; a
+//         convolution's output is rounded to bf16 as well (cuDNN writes bf16 tensors), a GEMM's
+//         is not. Everything else (normalisations, softmax, the loss, the optimiser, the
+//         weights and the stored activations) stays in float.
+enum class MathMode : std::uint8_t { FP32, TF32, BF16 };
+
+// "fp32", "tf32", "bf16".
+inline const char* math_mode_name(MathMode m) {
+  return m == MathMode::BF16 ? "bf16" : m == MathMode::TF32 ? "tf32" : "fp32";
+}
 
 // Which device kernels compute attention (ops/attention.hpp) on CUDA operands:
 //   Full   the reference: cuBLAS GEMMs and a softmax kernel over the whole [L, L] score matrix

@@ -1,7 +1,7 @@
 // Single-precision GEMM on the device, with the library's ROW-MAJOR conventions:
 //
 //   diffuse::cuda::Blas blas;                 // a cuBLAS handle on the current device
-//   blas.set_stream(stream);                  // optional; FP32 math unless set_math_mode(TF32)
+//   blas.set_stream(stream);                  // optional; FP32 math unless set_math_mode(TF32 / BF16)
 //   diffuse::cuda::gemm(blas, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 //
 // C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, every matrix row-major with a leading
@@ -23,6 +23,12 @@
 //    products are exact in double), so the emulation's GEMMs are nearly correctly rounded and
 //    a test's tolerance is set by cuBLAS's float accumulation, not by this fallback. Argument
 //    checks are identical in both worlds.
+//
+// Math modes (MathMode): FP32 (cuBLAS's default math: no tensor cores, as the CPU), TF32
+// (CUBLAS_TF32_TENSOR_OP_MATH), BF16 (cublasGemmEx on the float matrices with
+// CUBLAS_COMPUTE_32F_FAST_16BF: tensor cores round A's and B's elements to bf16, float
+// accumulation, C stays float). The emulation applies BF16 exactly so: A and B rounded to bf16
+// (to nearest even), then the double sums; TF32 it ignores (its tests bound TF32 instead).
 #pragma once
 
 #include <diffuse/backend/cuda/launch.hpp>
@@ -46,7 +52,8 @@
 #include <omp.h>
 #endif
 
-#include <diffuse/backend/cuda/math_mode.hpp>  // MathMode: FP32 (CUBLAS_DEFAULT_MATH, matches the CPU) or TF32
+#include <diffuse/backend/cuda/bf16.hpp>
+#include <diffuse/backend/cuda/math_mode.hpp>  // MathMode: FP32 (CUBLAS_DEFAULT_MATH, matches the CPU), TF32, BF16
 
 namespace diffuse::cuda {
 
@@ -95,6 +102,7 @@ class Blas {
     stream_ = s;
   }
   stream_t stream() const noexcept { return stream_; }
+  // BF16 keeps the handle's default math: its GEMMs name their compute type (cublasGemmEx).
   void set_math_mode(MathMode m) {
     DIFFUSE_CUBLAS_CHECK(
         cublasSetMathMode(handle(), m == MathMode::TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
@@ -113,8 +121,8 @@ class Blas {
   MathMode mode_ = MathMode::FP32;
 };
 #else
-// The emulation's Blas: no handle; the stream and math mode are remembered and ignored (the
-// host loop is synchronous and always accumulates in double).
+// The emulation's Blas: no handle; the stream is remembered and ignored (the host loop is
+// synchronous and always accumulates in double); the math mode BF16 rounds the operands.
 class Blas {
  public:
   Blas() = default;
@@ -184,10 +192,15 @@ inline void check_gemm_args(const char* who, bool trans_a, bool trans_b, std::in
 // The emulation's GEMM: `batch` products, each dot product summed over p in order in double
 // (exact float products, so the only sizeable rounding is the final one to float). alpha == 0
 // or k == 0: A and B are not read; beta == 0: C is not read (BLAS semantics, as cuBLAS).
+// bf16: every element of A and B is rounded to bf16 before it is multiplied (MathMode::BF16).
 inline void host_gemm_batched(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
                               float alpha, const float* A, std::int64_t lda, std::int64_t stride_a, const float* B,
                               std::int64_t ldb, std::int64_t stride_b, float beta, float* C, std::int64_t ldc,
-                              std::int64_t stride_c, std::int64_t batch) {
+                              std::int64_t stride_c, std::int64_t batch, bool bf16_operands = false) {
+  // The operand as multiplied: the float itself, or its bf16 rounding.
+  const auto op = [bf16_operands](float v) -> double {
+    return bf16_operands ? static_cast<double>(static_cast<float>(bf16(v))) : static_cast<double>(v);
+  };
   const std::int64_t rows = batch * m;
   const bool product = k > 0 && alpha != 0.0f;
   [[maybe_unused]] const double work = static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
@@ -211,14 +224,14 @@ inline void host_gemm_batched(bool trans_a, bool trans_b, std::int64_t m, std::i
             const float* bj = bm + j * ldb;
             double s = 0.0;
             for (std::int64_t p = 0; p < k; ++p)
-              s += static_cast<double>(trans_a ? a[p * lda + i] : a[i * lda + p]) * static_cast<double>(bj[p]);
+              s += op(trans_a ? a[p * lda + i] : a[i * lda + p]) * op(bj[p]);
             acc[static_cast<std::size_t>(j)] = s;
           }
         } else {  // B stored k x n: add row p of B times op(A)[i][p], in the same order over p
           for (std::int64_t p = 0; p < k; ++p) {
-            const double aip = trans_a ? a[p * lda + i] : a[i * lda + p];
+            const double aip = op(trans_a ? a[p * lda + i] : a[i * lda + p]);
             const float* bp = bm + p * ldb;
-            for (std::int64_t j = 0; j < n; ++j) acc[static_cast<std::size_t>(j)] += aip * static_cast<double>(bp[j]);
+            for (std::int64_t j = 0; j < n; ++j) acc[static_cast<std::size_t>(j)] += aip * op(bp[j]);
           }
         }
       }
@@ -243,13 +256,21 @@ inline void gemm(Blas& blas, bool trans_a, bool trans_b, std::int64_t m, std::in
 #ifdef __CUDACC__
   // Column-major C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m): the row-major B read as
   // column-major is B^T, so op(B)^T keeps op(B)'s transpose flag.
+  if (blas.math_mode() == MathMode::BF16) {
+    DIFFUSE_CUBLAS_CHECK(cublasGemmEx(blas.handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                      trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                      static_cast<int>(k), &alpha, B, CUDA_R_32F, static_cast<int>(ldb), A, CUDA_R_32F,
+                                      static_cast<int>(lda), &beta, C, CUDA_R_32F, static_cast<int>(ldc),
+                                      CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   DIFFUSE_CUBLAS_CHECK(cublasSgemm(blas.handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                                    trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
                                    static_cast<int>(k), &alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda),
                                    &beta, C, static_cast<int>(ldc)));
 #else
-  (void)blas;
-  detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+  detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1,
+                            blas.math_mode() == MathMode::BF16);
 #endif
 }
 
@@ -268,15 +289,23 @@ inline void gemm_strided_batched(Blas& blas, bool trans_a, bool trans_b, std::in
                                 std::to_string(batch) + " would write every product to the same C");
   if (m == 0 || n == 0 || batch == 0) return;
 #ifdef __CUDACC__
+  if (blas.math_mode() == MathMode::BF16) {
+    DIFFUSE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        blas.handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
+        static_cast<int>(m), static_cast<int>(k), &alpha, B, CUDA_R_32F, static_cast<int>(ldb),
+        static_cast<long long>(stride_b), A, CUDA_R_32F, static_cast<int>(lda), static_cast<long long>(stride_a), &beta,
+        C, CUDA_R_32F, static_cast<int>(ldc), static_cast<long long>(stride_c), static_cast<int>(batch),
+        CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   DIFFUSE_CUBLAS_CHECK(cublasSgemmStridedBatched(
       blas.handle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
       static_cast<int>(m), static_cast<int>(k), &alpha, B, static_cast<int>(ldb), static_cast<long long>(stride_b), A,
       static_cast<int>(lda), static_cast<long long>(stride_a), &beta, C, static_cast<int>(ldc),
       static_cast<long long>(stride_c), static_cast<int>(batch)));
 #else
-  (void)blas;
   detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
-                            stride_c, batch);
+                            stride_c, batch, blas.math_mode() == MathMode::BF16);
 #endif
 }
 

@@ -15,6 +15,10 @@
 //   p.backward_data(dnn, dy, w, dx, accumulate);  // dx = (or +=) dL/dx
 //   p.backward_filter(dnn, x, dy, dw);            // dw += dL/dw (a parameter gradient)
 //
+// A plan made with MathMode::BF16 takes bf16 tensors instead (the same layouts) and always writes
+// its result (no accumulate: the caller adds a bf16 result into its float gradient in float,
+// kernels/convert.cuh); the float methods refuse it, and a float plan refuses bf16 tensors.
+//
 // Two implementations behind the same API:
 //   - with cuDNN (DIFFUSE_WITH_CUDNN, i.e. linked through diffuse::cuda, under nvcc or in host
 //     code compiled with the CUDA headers): the legacy cuDNN convolution API on float NHWC tensors.
@@ -23,8 +27,8 @@
 //     largest request). Queued on the Dnn's stream, asynchronous.
 //   - without the CUDA runtime (the CPU emulation world, where "device" pointers are host
 //     pointers): direct loops on the host in the same layouts, accumulating in double, so code
-//     that drives convolutions runs (and is tested) on the CPU. MathMode and the algorithm options
-//     have no effect there; no workspace is needed.
+//     that drives convolutions runs (and is tested) on the CPU. TF32 and the algorithm options
+//     have no effect there (BF16 does: bf16 tensors); no workspace is needed.
 // DIFFUSE_CUDA_CONV says which: 1 cuDNN, 2 host loops, 0 neither (CUDA without cuDNN: only the
 // shape and the weight layout helpers are declared).
 //
@@ -33,8 +37,12 @@
 // algorithms that form every output as a plain sum of products are used (implicit / explicit
 // GEMM, direct; not FFT or Winograd, whose transforms round the inputs), so in FP32 the results
 // differ from the CPU's only by the order of summation; allow_fft_winograd trades that for speed.
+// BF16: bf16 tensors (CUDNN_DATA_BFLOAT16), float accumulation (the convolution's compute type),
+// tensor cores; the output is rounded to bf16. The host loops do exactly that: bf16 operands,
+// double sums, the result rounded to float and then to bf16.
 #pragma once
 
+#include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/check.hpp>
 #include <diffuse/backend/cuda/math_mode.hpp>
 
@@ -133,6 +141,16 @@ inline std::vector<T> conv_weight_ohwi_to_oihw_host(const std::vector<T>& ohwi, 
   conv_weight_ohwi_to_oihw_host(ohwi.data(), out.data(), O, C, kh, kw);
   return out;
 }
+
+namespace detail {
+// A plan's tensors are float or, under MathMode::BF16, bf16; the methods of the other type refuse it.
+inline void check_conv_dtype(bool plan_bf16, bool call_bf16, const char* what) {
+  if (plan_bf16 != call_bf16)
+    throw std::logic_error(std::string("diffuse::cuda::Conv2dPlan::") + what + ": " +
+                           (call_bf16 ? "bf16 tensors for a float plan (make the plan with MathMode::BF16)"
+                                      : "float tensors for a MathMode::BF16 plan (its tensors are bf16)"));
+}
+}  // namespace detail
 
 // How a plan picks its algorithms (cuDNN only).
 enum class ConvSearch {
@@ -240,25 +258,27 @@ class Dnn {
   DeviceBuffer<unsigned char> ws_;
 };
 
-// A float NHWC activation tensor [N, H, W, C].
+// A float (or bf16) NHWC activation tensor [N, H, W, C].
 class TensorDescriptor
     : public detail::DnnDescriptor<cudnnTensorDescriptor_t, cudnnCreateTensorDescriptor, cudnnDestroyTensorDescriptor> {
  public:
   TensorDescriptor() = default;
-  TensorDescriptor(std::int64_t N, std::int64_t H, std::int64_t W, std::int64_t C) {
-    DIFFUSE_CUDNN_CHECK(cudnnSetTensor4dDescriptor(get(), CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, detail::dnn_int(N, "N"),
+  TensorDescriptor(std::int64_t N, std::int64_t H, std::int64_t W, std::int64_t C,
+                   cudnnDataType_t type = CUDNN_DATA_FLOAT) {
+    DIFFUSE_CUDNN_CHECK(cudnnSetTensor4dDescriptor(get(), CUDNN_TENSOR_NHWC, type, detail::dnn_int(N, "N"),
                                                    detail::dnn_int(C, "C"), detail::dnn_int(H, "H"),
                                                    detail::dnn_int(W, "W")));
   }
 };
 
-// A float filter in the NHWC filter format: memory [O, kh, kw, C].
+// A float (or bf16) filter in the NHWC filter format: memory [O, kh, kw, C].
 class FilterDescriptor
     : public detail::DnnDescriptor<cudnnFilterDescriptor_t, cudnnCreateFilterDescriptor, cudnnDestroyFilterDescriptor> {
  public:
   FilterDescriptor() = default;
-  FilterDescriptor(std::int64_t O, std::int64_t C, std::int64_t kh, std::int64_t kw) {
-    DIFFUSE_CUDNN_CHECK(cudnnSetFilter4dDescriptor(get(), CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, detail::dnn_int(O, "O"),
+  FilterDescriptor(std::int64_t O, std::int64_t C, std::int64_t kh, std::int64_t kw,
+                   cudnnDataType_t type = CUDNN_DATA_FLOAT) {
+    DIFFUSE_CUDNN_CHECK(cudnnSetFilter4dDescriptor(get(), type, CUDNN_TENSOR_NHWC, detail::dnn_int(O, "O"),
                                                    detail::dnn_int(C, "C"), detail::dnn_int(kh, "kh"),
                                                    detail::dnn_int(kw, "kw")));
   }
@@ -289,13 +309,14 @@ class ConvolutionDescriptor
 class Conv2dPlan {
  public:
   Conv2dPlan(Dnn& dnn, const Conv2dShape& shape, const Conv2dPlanOptions& options = {})
-      : s_(shape), opt_(options) {
+      : s_(shape), opt_(options), bf16_(options.math == MathMode::BF16) {
     s_.validate();
     if (s_.N == 0) return;  // nothing to run; cuDNN descriptors need positive sizes
     const cudnnMathType_t math = opt_.math == MathMode::FP32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH;
-    x_ = TensorDescriptor(s_.N, s_.H, s_.W, s_.C);
-    y_ = TensorDescriptor(s_.N, s_.Ho(), s_.Wo(), s_.O);
-    w_ = FilterDescriptor(s_.O, s_.C, s_.kh, s_.kw);
+    const cudnnDataType_t type = bf16_ ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+    x_ = TensorDescriptor(s_.N, s_.H, s_.W, s_.C, type);
+    y_ = TensorDescriptor(s_.N, s_.Ho(), s_.Wo(), s_.O, type);
+    w_ = FilterDescriptor(s_.O, s_.C, s_.kh, s_.kw, type);
     fwd_ = ConvolutionDescriptor(s_, math);
     bwd_data_ = ConvolutionDescriptor(s_, math);
     bwd_filter_ = ConvolutionDescriptor(s_, math);
@@ -336,29 +357,38 @@ class Conv2dPlan {
   // y [N, Ho, Wo, O] = conv(x, w).
   void forward(Dnn& dnn, const float* x, const float* w, float* y, void* workspace = nullptr,
                std::size_t workspace_bytes = 0) const {
-    if (s_.N == 0) return;
-    void* ws = resolve(dnn, fwd_bytes_, workspace, workspace_bytes, "forward");
-    const float one = 1.0f, zero = 0.0f;
-    DIFFUSE_CUDNN_CHECK(cudnnConvolutionForward(dnn, &one, x_, x, w_, w, fwd_, fwd_algo_, ws, fwd_bytes_, &zero, y_, y));
+    detail::check_conv_dtype(bf16_, false, "forward");
+    run_forward(dnn, x, w, y, workspace, workspace_bytes);
   }
   // dx [N, H, W, C] = (accumulate: +=) the gradient of the input for the output gradient dy.
   void backward_data(Dnn& dnn, const float* dy, const float* w, float* dx, bool accumulate = false,
                      void* workspace = nullptr, std::size_t workspace_bytes = 0) const {
-    if (s_.N == 0) return;
-    void* ws = resolve(dnn, bwd_data_bytes_, workspace, workspace_bytes, "backward_data");
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn, &one, w_, w, y_, dy, bwd_data_, bwd_data_algo_, ws,
-                                                     bwd_data_bytes_, &beta, x_, dx));
+    detail::check_conv_dtype(bf16_, false, "backward_data");
+    run_backward_data(dnn, dy, w, dx, accumulate, workspace, workspace_bytes);
   }
   // dw [O, kh, kw, C] += the gradient of the weight (accumulate = false: dw =).
   void backward_filter(Dnn& dnn, const float* x, const float* dy, float* dw, void* workspace = nullptr,
                        std::size_t workspace_bytes = 0, bool accumulate = true) const {
-    if (s_.N == 0) return;
-    void* ws = resolve(dnn, bwd_filter_bytes_, workspace, workspace_bytes, "backward_filter");
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn, &one, x_, x, y_, dy, bwd_filter_, bwd_filter_algo_, ws,
-                                                       bwd_filter_bytes_, &beta, w_, dw));
+    detail::check_conv_dtype(bf16_, false, "backward_filter");
+    run_backward_filter(dnn, x, dy, dw, accumulate, workspace, workspace_bytes);
   }
+  // The same three on bf16 tensors (a MathMode::BF16 plan); each writes its result.
+  void forward(Dnn& dnn, const bf16* x, const bf16* w, bf16* y, void* workspace = nullptr,
+               std::size_t workspace_bytes = 0) const {
+    detail::check_conv_dtype(bf16_, true, "forward");
+    run_forward(dnn, x, w, y, workspace, workspace_bytes);
+  }
+  void backward_data(Dnn& dnn, const bf16* dy, const bf16* w, bf16* dx, void* workspace = nullptr,
+                     std::size_t workspace_bytes = 0) const {
+    detail::check_conv_dtype(bf16_, true, "backward_data");
+    run_backward_data(dnn, dy, w, dx, false, workspace, workspace_bytes);
+  }
+  void backward_filter(Dnn& dnn, const bf16* x, const bf16* dy, bf16* dw, void* workspace = nullptr,
+                       std::size_t workspace_bytes = 0) const {
+    detail::check_conv_dtype(bf16_, true, "backward_filter");
+    run_backward_filter(dnn, x, dy, dw, false, workspace, workspace_bytes);
+  }
+  bool bf16_tensors() const noexcept { return bf16_; }
 
  private:
   static const char* math_name(cudnnMathType_t m) {
@@ -369,6 +399,31 @@ class Conv2dPlan {
       case CUDNN_FMA_MATH: return "FMA";
     }
     return "?";
+  }
+
+  // The cuDNN calls, on float or bf16 tensors as the descriptors say; alpha and beta are float
+  // for both (cuDNN's rule for float compute).
+  void run_forward(Dnn& dnn, const void* x, const void* w, void* y, void* workspace, std::size_t workspace_bytes) const {
+    if (s_.N == 0) return;
+    void* ws = resolve(dnn, fwd_bytes_, workspace, workspace_bytes, "forward");
+    const float one = 1.0f, zero = 0.0f;
+    DIFFUSE_CUDNN_CHECK(cudnnConvolutionForward(dnn, &one, x_, x, w_, w, fwd_, fwd_algo_, ws, fwd_bytes_, &zero, y_, y));
+  }
+  void run_backward_data(Dnn& dnn, const void* dy, const void* w, void* dx, bool accumulate, void* workspace,
+                         std::size_t workspace_bytes) const {
+    if (s_.N == 0) return;
+    void* ws = resolve(dnn, bwd_data_bytes_, workspace, workspace_bytes, "backward_data");
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardData(dnn, &one, w_, w, y_, dy, bwd_data_, bwd_data_algo_, ws,
+                                                     bwd_data_bytes_, &beta, x_, dx));
+  }
+  void run_backward_filter(Dnn& dnn, const void* x, const void* dy, void* dw, bool accumulate, void* workspace,
+                           std::size_t workspace_bytes) const {
+    if (s_.N == 0) return;
+    void* ws = resolve(dnn, bwd_filter_bytes_, workspace, workspace_bytes, "backward_filter");
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    DIFFUSE_CUDNN_CHECK(cudnnConvolutionBackwardFilter(dnn, &one, x_, x, y_, dy, bwd_filter_, bwd_filter_algo_, ws,
+                                                       bwd_filter_bytes_, &beta, w_, dw));
   }
 
   void* resolve(Dnn& dnn, std::size_t need, void* workspace, std::size_t bytes, const char* what) const {
@@ -476,6 +531,7 @@ class Conv2dPlan {
 
   Conv2dShape s_;
   Conv2dPlanOptions opt_;
+  bool bf16_ = false;  // MathMode::BF16: the tensors are bf16
   TensorDescriptor x_, y_;
   FilterDescriptor w_;
   ConvolutionDescriptor fwd_, bwd_data_, bwd_filter_;  // one each: their math types may differ (TF32)
@@ -611,7 +667,8 @@ class Dnn {
 // returns. Needs no workspace: workspace arguments are accepted and ignored.
 class Conv2dPlan {
  public:
-  Conv2dPlan(Dnn&, const Conv2dShape& shape, const Conv2dPlanOptions& options = {}) : s_(shape), opt_(options) {
+  Conv2dPlan(Dnn&, const Conv2dShape& shape, const Conv2dPlanOptions& options = {})
+      : s_(shape), opt_(options), bf16_(options.math == MathMode::BF16) {
     s_.validate();
   }
 
@@ -624,20 +681,37 @@ class Conv2dPlan {
   std::string algorithms() const { return "host loops (double accumulation)"; }
 
   void forward(Dnn&, const float* x, const float* w, float* y, void* = nullptr, std::size_t = 0) const {
+    detail::check_conv_dtype(bf16_, false, "forward");
     if (s_.N > 0) detail::conv2d_forward_host(s_, x, w, y);
   }
   void backward_data(Dnn&, const float* dy, const float* w, float* dx, bool accumulate = false, void* = nullptr,
                      std::size_t = 0) const {
+    detail::check_conv_dtype(bf16_, false, "backward_data");
     if (s_.N > 0) detail::conv2d_backward_data_host(s_, dy, w, dx, accumulate);
   }
   void backward_filter(Dnn&, const float* x, const float* dy, float* dw, void* = nullptr, std::size_t = 0,
                        bool accumulate = true) const {
+    detail::check_conv_dtype(bf16_, false, "backward_filter");
     if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw, accumulate);
   }
+  void forward(Dnn&, const bf16* x, const bf16* w, bf16* y, void* = nullptr, std::size_t = 0) const {
+    detail::check_conv_dtype(bf16_, true, "forward");
+    if (s_.N > 0) detail::conv2d_forward_host(s_, x, w, y);
+  }
+  void backward_data(Dnn&, const bf16* dy, const bf16* w, bf16* dx, void* = nullptr, std::size_t = 0) const {
+    detail::check_conv_dtype(bf16_, true, "backward_data");
+    if (s_.N > 0) detail::conv2d_backward_data_host(s_, dy, w, dx, false);
+  }
+  void backward_filter(Dnn&, const bf16* x, const bf16* dy, bf16* dw, void* = nullptr, std::size_t = 0) const {
+    detail::check_conv_dtype(bf16_, true, "backward_filter");
+    if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw, false);
+  }
+  bool bf16_tensors() const noexcept { return bf16_; }
 
  private:
   Conv2dShape s_;
   Conv2dPlanOptions opt_;
+  bool bf16_ = false;
 };
 #endif
 

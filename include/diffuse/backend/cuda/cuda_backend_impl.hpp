@@ -24,6 +24,7 @@
 #include "kernels/adam.cuh"
 #include "kernels/batch_norm.cuh"
 #include "kernels/classification.cuh"
+#include "kernels/convert.cuh"
 #include "kernels/elementwise.cuh"
 #include "kernels/flash_attention.cuh"
 #include "kernels/grad_norm.cuh"
@@ -41,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -272,16 +274,37 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // ------------------------------------------------------------------ image ops, NHWC
+  // MathMode::BF16: the operands are rounded into bf16 copies (kernels/convert.cuh), cuDNN
+  // convolves those with float accumulation into a bf16 result, which is widened (or added, for
+  // gradients) into the float tensor. The float activations and weights are not touched.
   void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, float* y) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     cuda::ProfileScope ps(prof_, "conv2d");
-    plan.forward(dnn(), x, w, y);
+    if (plan.bf16_tensors()) {
+      const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
+      Bf16Scratch t(scratch(Bf16Scratch::bytes({nx, nw, ny})));
+      bf16 *xb = t.take(nx), *wb = t.take(nw), *yb = t.take(ny);
+      kernels::convert(x, xb, nx, false, stream_);
+      kernels::convert(w, wb, nw, false, stream_);
+      plan.forward(dnn(), xb, wb, yb);
+      kernels::convert(yb, y, ny, false, stream_);
+    } else {
+      plan.forward(dnn(), x, w, y);
+    }
     if (b) kernels::add_row_bias(y, b, d.N * d.Ho() * d.Wo(), d.O, stream_);
   }
   void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
                        float* dw, bool acc_dw, float* db, bool acc_db) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     const std::int64_t rows = d.N * d.Ho() * d.Wo();
+    if (plan.bf16_tensors() && d.N > 0) {
+      if (db) {
+        cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
+        bias_grad(dy, db, rows, d.O, acc_db);  // in float, from the float dy
+      }
+      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw);
+      return;
+    }
     {
       cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
       if (db) bias_grad(dy, db, rows, d.O, acc_db);
@@ -293,7 +316,7 @@ class CudaBackendImpl final : public CudaBackend {
         }
       }
     }
-    if (dx) {
+    if (dx && d.N > 0) {  // N = 0: dx is empty
       cuda::ProfileScope ps(prof_, "conv2d bwd data");
       plan.backward_data(dnn(), dy, w, dx, acc_dx);
     }
@@ -553,6 +576,48 @@ class CudaBackendImpl final : public CudaBackend {
   }
   void scale_2d(float* C, std::int64_t ldc, std::int64_t m, std::int64_t n, float s) {
     for (std::int64_t r = 0; r < m; ++r) kernels::scale_acc(C + r * ldc, s, C + r * ldc, n, false, stream_);
+  }
+
+  // Consecutive bf16 buffers carved out of one scratch block, each 256-byte aligned.
+  class Bf16Scratch {
+   public:
+    static std::size_t bytes(std::initializer_list<std::int64_t> counts) {
+      std::size_t b = 0;
+      for (std::int64_t n : counts) b += round_up(static_cast<std::size_t>(n) * sizeof(bf16));
+      return b;
+    }
+    explicit Bf16Scratch(void* p) : p_(static_cast<unsigned char*>(p)) {}
+    bf16* take(std::int64_t n) {
+      bf16* r = reinterpret_cast<bf16*>(p_);
+      p_ += round_up(static_cast<std::size_t>(n) * sizeof(bf16));
+      return r;
+    }
+
+   private:
+    static std::size_t round_up(std::size_t b) { return (b + 255) / 256 * 256; }
+    unsigned char* p_;
+  };
+
+  // The backward of a MathMode::BF16 convolution (N > 0): dy rounded once for both products; the
+  // bf16 gradients are added into (or written to) the float dw and dx.
+  void conv2d_backward_bf16(const ConvDesc& d, const cuda::Conv2dPlan& plan, const float* x, const float* w,
+                            const float* dy, float* dx, bool acc_dx, float* dw, bool acc_dw) {
+    const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
+    Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, nx, nw})));
+    bf16 *dyb = t.take(ny), *xb = t.take(nx), *wb = t.take(nw);  // xb then holds dx, wb dw
+    kernels::convert(dy, dyb, ny, false, stream_);
+    if (dw) {
+      cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
+      kernels::convert(x, xb, nx, false, stream_);
+      plan.backward_filter(dnn(), xb, dyb, wb);
+      kernels::convert(wb, dw, nw, acc_dw, stream_);
+    }
+    if (dx) {
+      cuda::ProfileScope ps(prof_, "conv2d bwd data");
+      kernels::convert(w, wb, nw, false, stream_);
+      plan.backward_data(dnn(), dyb, wb, xb);
+      kernels::convert(xb, dx, nx, acc_dx, stream_);
+    }
   }
 
   cuda::Blas& blas() {
