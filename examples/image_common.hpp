@@ -70,10 +70,11 @@ struct ModelInfo {
 struct SampleRequest {
   int64_t n = 100;         // images
   double guidance = 0.0;   // classifier-free guidance weight w (class-conditional models)
-  std::string sampler = "ddpm";
+  std::string sampler = "ddpm";   // parse_sampler: ddpm, ddim, euler-a, dpm++2m, dpm++3m
   std::string variance = "large";  // DDPM: large (beta_t) or small (posterior)
-  int steps = 0;           // DDIM steps (0: T)
-  double eta = 0.0;
+  int steps = 0;           // steps of every sampler but DDPM (0: T)
+  std::string spacing = "uniform";  // their timesteps (parse_spacing)
+  double eta = 0.0;        // DDIM
   int64_t batch = 100;     // images per sampling batch (a guided batch runs 2x this through the net)
   int process_frames = 8;  // columns of process.png
 };
@@ -103,13 +104,15 @@ inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& inf
   so.clip_x0 = true;
   so.variance = parse_variance(req.variance);
   so.steps = req.steps;
+  so.spacing = parse_spacing(req.spacing);
   so.eta = req.eta;
+  const SamplerKind kind = parse_sampler(req.sampler);
   SampleResult out;
   out.images = Tensor<float>({req.n, R, R, C});
   out.labels.resize(static_cast<size_t>(req.n));
   for (int64_t i = 0; i < req.n; ++i)
     out.labels[static_cast<size_t>(i)] = K > 0 ? static_cast<int32_t>(i % K) : static_cast<int32_t>(std::max<int64_t>(info.digit, 0));
-  const int total = req.sampler == "ddpm" ? info.T : (req.steps > 0 ? req.steps : info.T);
+  const int total = kind == SamplerKind::DDPM ? info.T : (req.steps > 0 ? req.steps : info.T);
   const int F = std::max(2, req.process_frames);
   out.process_rows = std::min<int64_t>(K > 0 ? K : 8, std::min(req.batch, req.n));
   std::vector<Tensor<float>> frames;
@@ -135,9 +138,7 @@ inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& inf
             out.process_t.push_back(remaining);
           }
       };
-    const Tensor<float> s = (req.sampler == "ddpm" ? ddpm_sample<float>(sched, eps, {B, R, R, C}, g, so, obs)
-                                                   : ddim_sample<float>(sched, eps, {B, R, R, C}, g, so, obs))
-                                .cpu();
+    const Tensor<float> s = sample_with<float>(kind, sched, eps, {B, R, R, C}, g, so, obs).cpu();
     std::copy(s.data(), s.data() + s.size(), out.images.data() + b0 * P);
     if (progress) {
       const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

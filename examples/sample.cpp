@@ -1,5 +1,5 @@
-// sample: images from a train_mnist or train_cifar10 checkpoint, with the DDPM or DDIM sampler,
-// any number of steps and classifier-free guidance. Writes DIR/grid.png, DIR/process.png,
+// sample: images from a train_mnist or train_cifar10 checkpoint, with DDPM, DDIM, Euler-ancestral
+// or DPM-Solver++ (2M, 3M), any number of steps and timestep spacing, and classifier-free guidance. Writes DIR/grid.png, DIR/process.png,
 // DIR/samples.npy (uint8 [N, C, H, W]) and DIR/labels.npy (int64 [N]), the files the trainers
 // write, so mnist_classifier and fid score either.
 // --device cuda samples on the GPU (the model moved there; the sampler's draws are the CPU's
@@ -14,7 +14,7 @@ using namespace diffuse::examples;
 namespace fs = std::filesystem;
 
 int main(int argc, char** argv) {
-  std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large", device;
+  std::string checkpoint, out = "out/sample", sampler = "ddpm", variance = "large", device, spacing = "uniform";
   int64_t n = 100, batch = 100;
   int steps = 50;
   double guidance = 0.3, eta = 0.0;
@@ -27,10 +27,19 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--guidance", guidance, "guidance weight w: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str();
-  app.add_option("--sampler", sampler, "ddpm (ancestral, all T steps) or ddim")
+  app.add_option("--sampler", sampler,
+                 "ddpm (ancestral, all T steps), ddim, euler-a (Euler-ancestral), dpm++2m or dpm++3m (DPM-Solver++ "
+                 "multistep, second or third order)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"ddpm", "ddim"}));
-  app.add_option("--steps", steps, "DDIM steps (ddpm always takes T)")->capture_default_str()->check(CLI::PositiveNumber);
+      ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
+  app.add_option("--steps", steps, "steps = network evaluations of every sampler but ddpm (which takes T)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--spacing", spacing,
+                 "their timesteps: uniform (i T / steps, DDIM's), linspace (T-1 down to 0), trailing (from T-1), "
+                 "quadratic")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"uniform", "linspace", "trailing", "quadratic"}));
   app.add_option("--variance", variance, "DDPM variance: large (beta_t) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
@@ -54,14 +63,16 @@ int main(int argc, char** argv) {
     load_weights(f, model, raw || !has_ema ? "" : "ema.");
     model.to(dev);
     model.eval();  // no dropout while sampling
-    if (sampler == "ddim" && steps > info.T)
+    const bool stepped = sampler != "ddpm";
+    if (stepped && steps > info.T)
       throw std::invalid_argument("--steps " + std::to_string(steps) + " is more than the model's T = " +
                                   std::to_string(info.T));
     SampleRequest req;
     req.n = n;
     req.guidance = info.unet.num_classes > 0 ? guidance : 0.0;
     req.sampler = sampler;
-    req.steps = sampler == "ddim" ? steps : 0;
+    req.steps = stepped ? steps : 0;
+    req.spacing = spacing;
     req.eta = eta;
     req.variance = variance;
     req.batch = batch;
@@ -70,7 +81,7 @@ int main(int argc, char** argv) {
                 : info.data == "mnist" ? ("digit " + std::to_string(info.digit)).c_str() : "unconditional",
                 static_cast<long long>(info.unet.resolution), static_cast<long long>(info.unet.resolution), info.T,
                 info.schedule.c_str(), static_cast<long long>(n), sampler.c_str(),
-                sampler == "ddim" ? (" " + std::to_string(steps) + " steps").c_str() : "", req.guidance,
+                stepped ? (" " + std::to_string(steps) + " steps, " + spacing + " spacing").c_str() : "", req.guidance,
                 device_description(dev).c_str());
     Generator g(seed, uint64_t(2) << 40);
     const auto t0 = std::chrono::steady_clock::now();

@@ -9,7 +9,7 @@
 // The loop is the library's (train/trainer.hpp): this file is flags, data, model and callbacks.
 #include <CLI/CLI.hpp>
 #include <diffuse/data/points2d.hpp>
-#include <diffuse/diffusion/samplers.hpp>
+#include <diffuse/diffusion/solvers.hpp>
 #include <diffuse/models/toy_mlp.hpp>
 #include <diffuse/train/trainer.hpp>
 #include <diffuse/eval/metrics2d.hpp>
@@ -84,9 +84,13 @@ int main(int argc, char** argv) {
   app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine")->capture_default_str();
-  app.add_option("--sampler", a.sampler, "sampler: ddpm, ddim")->capture_default_str();
+  app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")->capture_default_str();
-  app.add_option("--ddim-steps", a.ddim_steps, "DDIM sampling steps")->capture_default_str();
+  app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "sampling steps of every sampler but ddpm")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str();
   app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str();
   app.add_option("--lr-decay", a.lr_decay, "learning rate after warmup: cosine (to 0 at the last step), constant")
@@ -130,12 +134,11 @@ int main(int argc, char** argv) {
       data = data2d::load_image(a.image);
     else
       data = data2d::make_dataset(a.dataset);
-    if (a.sampler != "ddpm" && a.sampler != "ddim")
-      throw std::invalid_argument("unknown sampler '" + a.sampler + "' (ddpm, ddim)");
+    const SamplerKind kind = parse_sampler(a.sampler);
     const NoiseSchedule sched = NoiseSchedule::by_name(a.schedule, a.T);
     SampleOptions so;
     so.variance = parse_variance(a.variance);
-    so.steps = a.ddim_steps;
+    so.steps = kind == SamplerKind::DDPM ? 0 : a.ddim_steps;
     so.eta = a.eta;
     fs::create_directories(a.out);
 
@@ -177,9 +180,7 @@ int main(int argc, char** argv) {
     const int total = a.sampler == "ddpm" ? a.T : a.ddim_steps;
     auto sample = [&](Generator& srng, const SampleObserver<float>& obs = {}) {
       const Shape shape{a.n_samples, 2};
-      return (a.sampler == "ddpm" ? ddpm_sample<float>(sched, model, shape, srng, so, obs)
-                                  : ddim_sample<float>(sched, model, shape, srng, so, obs))
-          .cpu();
+      return sample_with<float>(kind, sched, model, shape, srng, so, obs).cpu();
     };
     const size_t n = static_cast<size_t>(a.n_samples);
     if (a.eval_every > 0)

@@ -196,18 +196,21 @@ int main(int argc, char** argv) {
   app.add_option("--fid-weights", a.fid_weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
   app.add_option("--fid-batch", a.fid_batch, "images per Inception forward pass")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--fid-sampler", a.fid_sampler, "sampler for the FID samples: ddim or ddpm")
+  app.add_option("--fid-sampler", a.fid_sampler, "sampler for the FID samples: ddpm, ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
-      ->check(CLI::IsMember({"ddpm", "ddim"}));
-  app.add_option("--fid-steps", a.fid_steps, "DDIM steps for the FID samples")->capture_default_str()
+      ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
+  app.add_option("--fid-steps", a.fid_steps, "steps of the FID sampler (not ddpm)")->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--samples", a.samples, "images sampled at the end, 0: none (preset: 100; tiny 16)");
   app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--sampler", a.sampler, "sampler for grids and the final samples: ddpm (T steps) or ddim")
+  app.add_option("--sampler", a.sampler,
+                 "sampler for grids and the final samples: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
-      ->check(CLI::IsMember({"ddpm", "ddim"}));
-  app.add_option("--ddim-steps", a.ddim_steps, "DDIM steps")->capture_default_str()->check(CLI::PositiveNumber);
+      ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
+  app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "steps of the sampler (not ddpm)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t, the paper's) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
@@ -324,7 +327,7 @@ int main(int argc, char** argv) {
     if (r.fid_every > 0)
       std::printf("FID every %lld steps: %lld EMA samples (%s%s) against %s\n", static_cast<long long>(r.fid_every),
                   static_cast<long long>(r.fid_samples), a.fid_sampler.c_str(),
-                  a.fid_sampler == "ddim" ? (" " + std::to_string(a.fid_steps) + " steps").c_str() : "",
+                  a.fid_sampler != "ddpm" ? (" " + std::to_string(a.fid_steps) + " steps").c_str() : "",
                   a.fid_stats.c_str());
     std::fflush(stdout);
     if (a.dry_run) return 0;
@@ -332,12 +335,12 @@ int main(int argc, char** argv) {
     SampleRequest req;
     req.guidance = a.class_cond ? a.guidance : 0.0;
     req.sampler = a.sampler;
-    req.steps = a.sampler == "ddim" ? a.ddim_steps : 0;
+    req.steps = a.sampler != "ddpm" ? a.ddim_steps : 0;
     req.eta = a.eta;
     req.variance = a.variance;
     req.batch = a.sample_batch;
     if (req.steps > r.T || a.fid_steps > r.T)
-      throw std::invalid_argument("--ddim-steps and --fid-steps must be at most T = " + std::to_string(r.T));
+      throw std::invalid_argument("--sample-steps and --fid-steps must be at most T = " + std::to_string(r.T));
     const int64_t grid_n = info.unet.num_classes > 0 ? 10 * info.unet.num_classes : 100;
     auto grid_name = [&](int64_t step) {
       char name[64];
@@ -350,7 +353,7 @@ int main(int argc, char** argv) {
         SampleRequest q = req;
         q.n = r.fid_samples;
         q.sampler = a.fid_sampler;
-        q.steps = a.fid_sampler == "ddim" ? a.fid_steps : 0;
+        q.steps = a.fid_sampler != "ddpm" ? a.fid_steps : 0;
         q.batch = std::max<int64_t>(a.sample_batch, 1);
         Generator srng(a.seed, uint64_t(5) << 40);  // the same noise at every evaluation
         const auto t0 = std::chrono::steady_clock::now();
@@ -361,7 +364,7 @@ int main(int argc, char** argv) {
         const double fid = fid_of(*inception, sample_bytes(res), reference, a.fid_batch);
         std::printf("step %lld: FID %.4f (%lld EMA samples, %s%s, vs %s; sampling %.0f s, Inception %.0f s)\n",
                     static_cast<long long>(t.step()), fid, static_cast<long long>(q.n), q.sampler.c_str(),
-                    q.sampler == "ddim" ? (" " + std::to_string(q.steps) + " steps").c_str() : "",
+                    q.sampler != "ddpm" ? (" " + std::to_string(q.steps) + " steps").c_str() : "",
                     a.fid_stats.c_str(), ts,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() - ts);
         std::fflush(stdout);

@@ -111,10 +111,12 @@ int main(int argc, char** argv) {
   app.add_option("--eval-samples", a.eval_samples, "images per evaluation during training")->capture_default_str();
   app.add_option("--samples", a.samples, "images to sample at the end (default: 500 for all digits, 200 with --digit; 0: none)");
   app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str();
-  app.add_option("--sampler", a.sampler, "sampler: ddpm, ddim")
+  app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
-      ->check(CLI::IsMember({"ddpm", "ddim"}));
-  app.add_option("--ddim-steps", a.ddim_steps, "DDIM sampling steps")->capture_default_str();
+      ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
+  app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "sampling steps of every sampler but ddpm")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
@@ -196,7 +198,7 @@ int main(int argc, char** argv) {
     SampleRequest req;
     req.guidance = a.digit < 0 ? a.guidance : 0.0;
     req.sampler = a.sampler;
-    req.steps = a.sampler == "ddim" ? a.ddim_steps : 0;
+    req.steps = a.sampler != "ddpm" ? a.ddim_steps : 0;
     req.eta = a.eta;
     req.variance = a.variance;
     req.batch = a.sample_batch;

@@ -370,7 +370,7 @@ TEST_CASE("backend models: the U-Net in bf16 stays within the bf16 bound of the 
   CHECK(wchange < 0.25);
 }
 
-TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same images on both devices") {
+TEST_CASE("backend models: every sampler with guidance gives the same images on both devices") {
   CudaScope cuda;
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
@@ -382,8 +382,10 @@ TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same im
   dev.to(Device::CUDA);
   const NoiseSchedule s = NoiseSchedule::cosine(12);
   const std::vector<int32_t> labels{0, 2, 3};
-  for (const bool ddim : {false, true}) {
-    INFO((ddim ? "DDIM eta 0.5" : "DDPM"));
+  for (const SamplerKind kind : {SamplerKind::DDPM, SamplerKind::DDIM, SamplerKind::EulerAncestral,
+                                 SamplerKind::DPMSolver2M, SamplerKind::DPMSolver3M}) {
+    const bool ddpm = kind == SamplerKind::DDPM;
+    INFO(sampler_name(kind) << (kind == SamplerKind::DDIM ? " eta 0.5" : ""));
     auto run = [&](const UNet<float>& m, Device d) {
       ClassEpsModel<float> f = [&m](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>& y) {
         NoGrad ng;
@@ -393,7 +395,8 @@ TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same im
       o.clip_x0 = true;
       o.device = d;
       o.eta = 0.5;
-      o.steps = 6;
+      o.steps = ddpm ? 0 : 6;
+      o.spacing = kind == SamplerKind::DPMSolver3M ? Spacing::Trailing : Spacing::Uniform;
       Generator g(seed, 1234);
       int observed = 0;
       const SampleObserver<float> obs = [&](int, const Tensor<float>& x) {
@@ -402,8 +405,8 @@ TEST_CASE("backend models: DDPM and DDIM sampling with guidance give the same im
       };
       const EpsModel<float> eps = guided_eps_model<float>(f, labels, 3, 0.7);
       const Shape shape{3, 8, 8, 3};
-      Tensor<float> x = ddim ? ddim_sample<float>(s, eps, shape, g, o, obs) : ddpm_sample<float>(s, eps, shape, g, o, obs);
-      CHECK(observed == (ddim ? 7 : 13));
+      Tensor<float> x = sample_with<float>(kind, s, eps, shape, g, o, obs);
+      CHECK(observed == (ddpm ? 13 : 7));
       return std::make_pair(x.cpu(), g.offset);
     };
     const auto [xc, oc] = run(cpu, Device::CPU);

@@ -58,6 +58,8 @@
 #include <diffuse/diffusion/q_sample.hpp>
 #include <diffuse/diffusion/samplers.hpp>
 #include <diffuse/diffusion/schedule.hpp>
+#include <diffuse/diffusion/solvers.hpp>
+#include <diffuse/diffusion/timesteps.hpp>
 
 // train: the training loop (progress, CSV log, checkpoints, resume, callbacks)
 #include <diffuse/train/csv_log.hpp>

@@ -1,5 +1,6 @@
 // The reverse process: ancestral DDPM sampling (fixed small or large variance, optional x0
-// clipping) and DDIM (any step count, eta). Models are the model itself (a denoiser:
+// clipping) and DDIM (any step count and timestep spacing, eta). The faster solvers
+// (DPM-Solver++, Euler-ancestral) and the by-name entry are in diffusion/solvers.hpp. Models are the model itself (a denoiser:
 // diffusion/denoiser.hpp; sampled on its own device, without a tape) or callables
 // eps(x_t, t) -> predicted noise (EpsModel, e.g. guided_eps_model);
 // `observe(remaining, x)` sees x_T first (remaining = number of steps) and the state after every
@@ -20,6 +21,7 @@
 #include <diffuse/core/autograd.hpp>
 #include <diffuse/diffusion/denoiser.hpp>
 #include <diffuse/diffusion/schedule.hpp>
+#include <diffuse/diffusion/timesteps.hpp>
 
 namespace diffuse {
 
@@ -43,7 +45,9 @@ struct SampleOptions {
   bool clip_x0 = false;  // clip predicted x0 to [-clip, clip] (images); off for unbounded data
   double clip = 1.0;
   double eta = 0.0;      // DDIM only: 0 deterministic, 1 DDPM-like noise
-  int steps = 0;         // DDIM only: number of steps (0 = T)
+  int steps = 0;         // all but DDPM: number of steps = network evaluations (0 = T)
+  Spacing spacing = Spacing::Uniform;  // all but DDPM: which timesteps (diffusion/timesteps.hpp)
+  double ancestral_eta = 1.0;  // Euler-ancestral: scale of its fresh noise (0: deterministic)
   Device device = Device::CPU;  // where x lives (the model's device): x_T is drawn there
 };
 
@@ -121,15 +125,9 @@ Tensor<T> ddpm_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Sh
   return x;
 }
 
-// The DDIM timesteps for `steps` steps: 0, T/steps, 2T/steps, ... (integer division), ascending.
-inline std::vector<int> ddim_timesteps(int T, int steps) {
-  if (steps < 1 || steps > T)
-    throw std::invalid_argument("diffuse: DDIM steps must be in [1, T = " + std::to_string(T) + "], got " +
-                                std::to_string(steps));
-  std::vector<int> ts(static_cast<size_t>(steps));
-  for (int i = 0; i < steps; ++i) ts[i] = static_cast<int>(static_cast<int64_t>(i) * T / steps);
-  return ts;
-}
+// The DDIM paper's uniform timesteps for `steps` steps: 0, T/steps, 2T/steps, ... (integer
+// division), ascending; sample_timesteps(T, steps, Spacing::Uniform).
+inline std::vector<int> ddim_timesteps(int T, int steps) { return sample_timesteps(T, steps, Spacing::Uniform); }
 
 // DDIM (Song et al. 2021): from t to the previous kept timestep p (abar_p = 1 past the end),
 //   x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t),
@@ -138,7 +136,7 @@ inline std::vector<int> ddim_timesteps(int T, int steps) {
 template <class T>
 Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
                       const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
-  const std::vector<int> ts = ddim_timesteps(s.T(), o.steps > 0 ? o.steps : s.T());
+  const std::vector<int> ts = sample_timesteps(s.T(), o.steps > 0 ? o.steps : s.T(), o.spacing);
   Tensor<T> x = Tensor<T>::randn(shape, g, o.device);
   const int S = static_cast<int>(ts.size());
   if (observe) observe(S, x);
