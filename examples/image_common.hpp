@@ -26,6 +26,7 @@ struct ModelInfo {
   UNetConfig unet;
   int T = 200;
   std::string schedule = "linear";
+  std::string prediction = "eps";  // what the network predicts (parse_prediction): eps, x0, v
   int64_t digit = -1;  // MNIST: >= 0 trained on this digit only (unconditional model)
   std::string resize = "area";  // MNIST: how 28x28 became the model's size
   std::string data = "mnist";   // what the model was trained on: mnist, cifar10, or a file or folder
@@ -33,6 +34,7 @@ struct ModelInfo {
 
   std::string json() const {
     nlohmann::json j{{"unet", unet_config_to_json(unet)}, {"T", T}, {"schedule", schedule}};
+    if (prediction != "eps") j["prediction"] = prediction;  // older readers: eps, the only one then
     if (data == "mnist") {
       j["digit"] = digit;
       j["resize"] = resize;
@@ -48,6 +50,8 @@ struct ModelInfo {
     m.unet = unet_config_from_json(j.at("unet"));
     m.T = j.at("T").get<int>();
     m.schedule = j.at("schedule").get<std::string>();
+    m.prediction = j.value("prediction", std::string("eps"));
+    parse_prediction(m.prediction);  // refuses an unknown one
     m.data = j.value("data", std::string("mnist"));
     m.digit = j.value("digit", int64_t(-1));
     m.resize = j.value("resize", std::string("area"));
@@ -93,11 +97,13 @@ struct SampleResult {
 // images (at most 8 for an unconditional model) are traced through the process.
 inline SampleResult sample_images(const UNet<float>& model, const ModelInfo& info, const SampleRequest& req,
                                   Generator& g, bool progress = true) {
-  auto net = [&model](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
-    NoGrad ng;
-    return model(Var<float>(x), t, y).value();
-  };
   const NoiseSchedule sched = NoiseSchedule::by_name(info.schedule, info.T);
+  const Prediction pred = parse_prediction(info.prediction);
+  // The network's output as eps, whatever it predicts (before guidance combines two of them).
+  auto net = [&model, &sched, pred](const Tensor<float>& x, const std::vector<int32_t>& t, const std::vector<int32_t>* y) {
+    NoGrad ng;
+    return prediction_to_eps<float>(sched, pred, model(Var<float>(x), t, y).value(), x, t);
+  };
   const int64_t R = info.unet.resolution, K = info.unet.num_classes, C = info.unet.in_ch, P = R * R * C;
   SampleOptions so;
   so.device = model.device();

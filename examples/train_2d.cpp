@@ -42,6 +42,8 @@ struct Args {
   double lr = 3e-3, ema = 0.995, clip = 1.0, eta = 0.0;
   uint64_t seed = 0;
   int n_samples = 2000;
+  std::string prediction = "eps";
+  double min_snr = 0.0;
 };
 
 std::string config_json(const Args& a) {
@@ -83,7 +85,16 @@ int main(int argc, char** argv) {
   app.add_option("--steps", a.steps, "training steps")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
-  app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine")->capture_default_str();
+  app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
+  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
+                                               "(alpha eps - sigma x0); recorded in the checkpoint")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"eps", "x0", "v"}));
+  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
   app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
@@ -162,6 +173,8 @@ int main(int argc, char** argv) {
     o.lr_decay = a.lr_decay == "cosine" ? LrDecay::cosine : LrDecay::constant;
     o.clip = a.clip;
     o.ema = a.ema;
+    o.objective.prediction = parse_prediction(a.prediction);
+    o.objective.min_snr_gamma = a.min_snr;
     o.seed = a.seed;
     o.log_every = a.log_every;
     o.save_every = a.save_every;
@@ -180,7 +193,10 @@ int main(int argc, char** argv) {
     const int total = a.sampler == "ddpm" ? a.T : a.ddim_steps;
     auto sample = [&](Generator& srng, const SampleObserver<float>& obs = {}) {
       const Shape shape{a.n_samples, 2};
-      return sample_with<float>(kind, sched, model, shape, srng, so, obs).cpu();
+      SampleOptions sd = so;
+      sd.device = model.device();
+      const EpsModel<float> eps = as_eps_model<float>(eps_model<float>(model), sched, parse_prediction(a.prediction));
+      return sample_with<float>(kind, sched, eps, shape, srng, sd, obs).cpu();
     };
     const size_t n = static_cast<size_t>(a.n_samples);
     if (a.eval_every > 0)

@@ -107,6 +107,8 @@ ImageSet load_training_set(const std::string& path, const std::string& labels, s
 }
 
 struct Args {
+  std::string prediction = "eps";
+  double min_snr = 0.0;
   std::string preset = "paper", data = "data/cifar10", labels, out = "out/cifar10", resume, schedule = "linear";
   std::string sampler = "ddpm", variance = "large", device, order = "epochs";
   std::string fid_stats, fid_weights = "data/fid/pt_inception-2015-12-05.safetensors", fid_sampler = "ddim";
@@ -149,9 +151,16 @@ int main(int argc, char** argv) {
                                            "eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str();
   app.add_option("--T", a.T, "diffusion steps (preset: 1000; tiny 100)")->check(CLI::Range(2, 100000));
-  app.add_option("--schedule", a.schedule, "noise schedule: linear (1e-4..0.02 at T = 1000) or cosine")
+  app.add_option("--schedule", a.schedule, "noise schedule: linear (1e-4..0.02 at T = 1000), cosine or sigmoid")
       ->capture_default_str()
-      ->check(CLI::IsMember({"linear", "cosine"}));
+      ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
+  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
+                                               "(alpha eps - sigma x0); recorded in the checkpoint")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"eps", "x0", "v"}));
+  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
   app.add_option("--ch", a.ch, "U-Net base width (paper 128, small 64, tiny 16)")->check(CLI::PositiveNumber);
   app.add_option("--dropout", a.dropout, "U-Net dropout (preset: 0.1)")->check(CLI::Range(0.0, 0.99));
   app.add_option("--steps", a.steps, "training steps (paper 800000, small 100000, tiny 200)");
@@ -267,6 +276,7 @@ int main(int argc, char** argv) {
     info.unet.num_classes = a.class_cond ? set.classes : 0;
     info.T = r.T;
     info.schedule = a.schedule;
+    info.prediction = a.prediction;
     info.data = kind == "cifar10" ? "cifar10" : fs::path(a.data).filename().string();
     if (a.class_cond) info.class_names = set.class_names;
     const NoiseSchedule sched = NoiseSchedule::by_name(a.schedule, r.T);
@@ -306,6 +316,8 @@ int main(int argc, char** argv) {
     o.warmup = r.warmup;
     o.clip = r.clip;
     o.ema = r.ema;
+    o.objective.prediction = parse_prediction(a.prediction);
+    o.objective.min_snr_gamma = a.min_snr;
     o.label_dropout = a.class_cond ? a.label_dropout : 0.0;
     o.null_class = a.class_cond ? set.classes : -1;
     o.seed = a.seed;

@@ -29,6 +29,8 @@ namespace fs = std::filesystem;
 namespace {
 
 struct Args {
+  std::string prediction = "eps";
+  double min_snr = 0.0;
   bool tf32 = false;
   std::string precision = "fp32";
   std::string attention = "full";
@@ -64,9 +66,16 @@ int main(int argc, char** argv) {
   app.add_option("--guidance", a.guidance, "guidance weight w at sampling: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str();
   app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
-  app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine")
+  app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
-      ->check(CLI::IsMember({"linear", "cosine"}));
+      ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
+  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
+                                               "(alpha eps - sigma x0); recorded in the checkpoint")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"eps", "x0", "v"}));
+  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
   app.add_option("--ch", a.ch, "U-Net base width (the reference's MNIST16 model: 32)")->capture_default_str();
   app.add_option("--attn", a.attn, "U-Net attention: none, one8, ho8 (the reference's MNIST16 variants)")
       ->capture_default_str()
@@ -151,6 +160,7 @@ int main(int argc, char** argv) {
     info.unet.num_classes = a.digit < 0 ? 10 : 0;
     info.T = a.T;
     info.schedule = a.schedule;
+    info.prediction = a.prediction;
     info.digit = a.digit;
     info.resize = a.resize;
     const NoiseSchedule sched = NoiseSchedule::by_name(a.schedule, a.T);
@@ -177,6 +187,8 @@ int main(int argc, char** argv) {
     o.warmup = a.warmup;
     o.clip = a.clip;
     o.ema = a.ema;
+    o.objective.prediction = parse_prediction(a.prediction);
+    o.objective.min_snr_gamma = a.min_snr;
     o.label_dropout = a.digit < 0 ? a.label_dropout : 0.0;
     o.null_class = 10;
     o.seed = a.seed;

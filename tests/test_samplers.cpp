@@ -211,22 +211,39 @@ TEST_CASE("samplers: the deterministic solvers converge to the probability-flow 
   }
 }
 
-TEST_CASE("samplers: DPM-Solver++ of order 1 and Euler-ancestral with eta 0 are DDIM") {
+TEST_CASE("samplers: DPM-Solver++ of order 1 and Euler-ancestral with eta 0 are DDIM, also with clipping") {
+  // With clip_x0 all three step from the clipped x0 and the state (DDIM with the eps that the
+  // clipped x0 implies), so they stay the same sampler; the clip acts here (the data reach +-2).
   const Mixture mix = Mixture::three();
   const NoiseSchedule s = NoiseSchedule::cosine(200);
-  SampleOptions o;
-  o.steps = 17;
-  o.spacing = Spacing::Trailing;
   const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
-  Generator g1(seed), g2(seed), g3(seed);
-  const Tensor<double> a = sample_with<double>(SamplerKind::DDIM, s, mix.eps_model(s), {16, 2}, g1, o);
-  const Tensor<double> b = dpm_solver_pp_sample<double>(s, mix.eps_model(s), {16, 2}, g2, o, 1);
-  o.ancestral_eta = 0;
-  const Tensor<double> c = sample_with<double>(SamplerKind::EulerAncestral, s, mix.eps_model(s), {16, 2}, g3, o);
-  for (size_t i = 0; i < a.size(); ++i) {
-    CHECK(b[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
-    CHECK(c[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
+  for (const bool clip : {false, true}) {
+    INFO("clip_x0 " << clip);
+    SampleOptions o;
+    o.steps = 17;
+    o.spacing = Spacing::Trailing;
+    o.clip_x0 = clip;
+    Generator g1(seed), g2(seed), g3(seed), g4(seed);
+    const Tensor<double> a = sample_with<double>(SamplerKind::DDIM, s, mix.eps_model(s), {16, 2}, g1, o);
+    const Tensor<double> b = dpm_solver_pp_sample<double>(s, mix.eps_model(s), {16, 2}, g2, o, 1);
+    SampleOptions oe = o;
+    oe.ancestral_eta = 0;
+    const Tensor<double> c = sample_with<double>(SamplerKind::EulerAncestral, s, mix.eps_model(s), {16, 2}, g3, oe);
+    double clipped = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      CHECK(b[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
+      CHECK(c[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
+      clipped = std::max(clipped, std::fabs(a[i]));
+    }
+    if (clip) {
+      CHECK(clipped <= 1.0);  // the last step returns the clipped x0
+      const Tensor<double> free = sample_with<double>(SamplerKind::DDIM, s, mix.eps_model(s), {16, 2}, g4, SampleOptions{
+          .steps = 17, .spacing = Spacing::Trailing});
+      double moved = 0;
+      for (size_t i = 0; i < a.size(); ++i) moved = std::max(moved, std::fabs(free[i] - a[i]));
+      CHECK(moved > 0.1);  // and the clip changed the samples
+    }
   }
 }
 
@@ -364,4 +381,150 @@ TEST_CASE("samplers: classifier-free guidance composes with every sampler") {
     // from where the other classes are, so the class's samples move away from the mixture's mean.
     CHECK(away[1] > away[0] + 0.01);
   }
+}
+
+// ================================================================ objectives and schedules
+
+TEST_CASE("objectives: the eps, x0 and v targets convert into each other exactly") {
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (const NoiseSchedule& s : {NoiseSchedule::linear(1000), NoiseSchedule::cosine(200), NoiseSchedule::sigmoid(300)}) {
+    INFO(s.name());
+    const int64_t B = 7;
+    NoisedBatch<double> nb;
+    nb.x0 = Tensor<double>::randn({B, 3, 2, 2}, g);
+    nb.eps = Tensor<double>::randn(nb.x0.shape(), g);
+    nb.t = {0, 1, s.T() / 3, s.T() / 2, s.T() - 2, s.T() - 1, 5};
+    nb.x_t = q_sample(s, nb.x0, nb.t, nb.eps);
+    const Tensor<double> v = prediction_target(s, nb, Prediction::V);
+    const Tensor<double> from_x0 = prediction_to_eps(s, Prediction::X0, nb.x0, nb.x_t, nb.t);
+    const Tensor<double> from_v = prediction_to_eps(s, Prediction::V, v, nb.x_t, nb.t);
+    const int64_t row = nb.x0.numel() / B;
+    double worst_v = 0, worst_x0 = 0, worst_back = 0, worst_def = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int t = nb.t[static_cast<size_t>(b)];
+      const double a = s.sqrt_abar[t], sg = s.sqrt_one_minus_abar[t];
+      for (int64_t i = b * row; i < (b + 1) * row; ++i) {
+        const size_t k = static_cast<size_t>(i);
+        worst_def = std::max(worst_def, std::fabs(v[k] - (a * nb.eps[k] - sg * nb.x0[k])));
+        worst_v = std::max(worst_v, std::fabs(from_v[k] - nb.eps[k]));
+        worst_back = std::max(worst_back, std::fabs((a * nb.x_t[k] - sg * v[k]) - nb.x0[k]));
+        // x0 -> eps divides by sigma, which is 0.01 at t = 0 of the linear schedule: relative to 1/sigma.
+        worst_x0 = std::max(worst_x0, std::fabs(from_x0[k] - nb.eps[k]) * sg);
+      }
+    }
+    CHECK(worst_def < 1e-15);
+    CHECK(worst_v < 1e-13);
+    CHECK(worst_back < 1e-13);
+    CHECK(worst_x0 < 1e-14);
+    CHECK(prediction_target(s, nb, Prediction::X0).data() == nb.x0.data());
+    CHECK(prediction_target(s, nb, Prediction::Epsilon).data() == nb.eps.data());
+  }
+  CHECK(parse_prediction("v") == Prediction::V);
+  CHECK_THROWS_WITH(parse_prediction("score"), Catch::Contains("eps, x0, v"));
+}
+
+TEST_CASE("objectives: min-SNR-gamma weights and the weighted loss") {
+  const NoiseSchedule s = NoiseSchedule::linear(1000);
+  const std::vector<int32_t> t{0, 100, 400, 999};
+  for (const Prediction p : {Prediction::Epsilon, Prediction::X0, Prediction::V}) {
+    INFO(prediction_name(p));
+    const std::vector<double> w = loss_weights(s, t, {p, 5.0});
+    for (size_t b = 0; b < t.size(); ++b) {
+      const double snr = s.abar[t[b]] / (1 - s.abar[t[b]]), m = std::min(snr, 5.0);
+      const double want = p == Prediction::Epsilon ? m / snr : p == Prediction::X0 ? m : m / (snr + 1);
+      CHECK(w[b] == Approx(want).epsilon(1e-14));
+    }
+    // Every weighting is min(SNR, gamma) on the x0 error: the three agree once converted.
+    CHECK(loss_weights(s, t, {p, 0.0}) == std::vector<double>(t.size(), 1.0));
+  }
+  CHECK(loss_weights(s, {999}, {Prediction::Epsilon, 5.0})[0] == Approx(1.0));  // SNR < gamma: no change for eps
+  CHECK(loss_weights(s, {0}, {Prediction::Epsilon, 5.0})[0] < 1e-3);              // SNR ~ 1e4: damped
+  CHECK_THROWS_WITH(loss_weights(s, t, {Prediction::V, -1.0}), Catch::Contains("min-SNR gamma"));
+  CHECK_THROWS_AS(loss_weights(s, {1000}, {Prediction::V, 5.0}), std::out_of_range);
+
+  // The loss: mean_b w_b mean_i (out - target)^2, against the sum written out.
+  Generator g(3);
+  NoisedBatch<double> nb;
+  nb.x0 = Tensor<double>::randn({4, 5}, g);
+  nb.eps = Tensor<double>::randn({4, 5}, g);
+  nb.t = t;
+  nb.x_t = q_sample(s, nb.x0, nb.t, nb.eps);
+  const Tensor<double> out = Tensor<double>::randn({4, 5}, g);
+  auto model = [&](const Var<double>&, const std::vector<int32_t>&) { return Var<double>(out); };
+  for (const Prediction p : {Prediction::Epsilon, Prediction::X0, Prediction::V}) {
+    const Objective o{p, 5.0};
+    const double got = diffusion_loss<double>(model, s, nb, o).value()[0];
+    const Tensor<double> target = prediction_target(s, nb, p);
+    const std::vector<double> w = loss_weights(s, t, o);
+    double want = 0;
+    for (int64_t b = 0; b < 4; ++b)
+      for (int64_t i = 0; i < 5; ++i) {
+        const double d = out[static_cast<size_t>(b * 5 + i)] - target[static_cast<size_t>(b * 5 + i)];
+        want += w[static_cast<size_t>(b)] * d * d / 20;
+      }
+    CHECK(got == Approx(want).epsilon(1e-12));
+    const double plain = diffusion_loss<double>(model, s, nb, {p, 0.0}).value()[0];
+    double want_plain = 0;
+    for (size_t i = 0; i < 20; ++i) want_plain += (out[i] - target[i]) * (out[i] - target[i]) / 20;
+    CHECK(plain == Approx(want_plain).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("objectives: the samplers on an x0 or a v network draw what the eps network draws") {
+  const Mixture mix = Mixture::three();
+  const NoiseSchedule s = NoiseSchedule::linear(200);
+  const EpsModel<double> eps = mix.eps_model(s);
+  // The same exact model, predicting x0 or v instead.
+  const EpsModel<double> x0_net = [&](const Tensor<double>& x, const std::vector<int32_t>& t) {
+    const Tensor<double> e = eps(x, t);
+    Tensor<double> r(x.shape());
+    for (int64_t b = 0; b < x.size(0); ++b)
+      for (int i = 0; i < 2; ++i) {
+        const size_t k = static_cast<size_t>(2 * b + i);
+        const int tb = t[static_cast<size_t>(b)];
+        r[k] = (x[k] - s.sqrt_one_minus_abar[tb] * e[k]) / s.sqrt_abar[tb];
+      }
+    return r;
+  };
+  const EpsModel<double> v_net = [&](const Tensor<double>& x, const std::vector<int32_t>& t) {
+    const Tensor<double> e = eps(x, t), x0 = x0_net(x, t);
+    Tensor<double> r(x.shape());
+    for (int64_t b = 0; b < x.size(0); ++b)
+      for (int i = 0; i < 2; ++i) {
+        const size_t k = static_cast<size_t>(2 * b + i);
+        const int tb = t[static_cast<size_t>(b)];
+        r[k] = s.sqrt_abar[tb] * e[k] - s.sqrt_one_minus_abar[tb] * x0[k];
+      }
+    return r;
+  };
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  for (const SamplerKind k : {SamplerKind::DDIM, SamplerKind::EulerAncestral, SamplerKind::DPMSolver2M}) {
+    INFO(sampler_name(k));
+    SampleOptions o;
+    o.steps = 25;
+    Generator g1(seed), g2(seed), g3(seed);
+    const Tensor<double> a = sample_with<double>(k, s, eps, {32, 2}, g1, o);
+    const Tensor<double> b = sample_with<double>(k, s, as_eps_model<double>(x0_net, s, Prediction::X0), {32, 2}, g2, o);
+    const Tensor<double> c = sample_with<double>(k, s, as_eps_model<double>(v_net, s, Prediction::V), {32, 2}, g3, o);
+    for (size_t i = 0; i < a.size(); ++i) {
+      CHECK(b[i] == Approx(a[i]).epsilon(1e-9).margin(1e-9));
+      CHECK(c[i] == Approx(a[i]).epsilon(1e-9).margin(1e-9));
+    }
+  }
+}
+
+TEST_CASE("schedules: sigmoid matches its closed form, starts near 1 and ends at 0") {
+  const int T = 300;
+  const NoiseSchedule s = NoiseSchedule::sigmoid(T);
+  auto sg = [](double x) { return 1 / (1 + std::exp(-x)); };
+  auto f = [&](double t) { return (sg(3.0) - sg(6.0 * t / T - 3.0)) / (sg(3.0) - sg(-3.0)); };
+  for (int t = 0; t < T - 1; ++t) REQUIRE(s.abar[t] == Approx(f(t + 1)).epsilon(1e-10));
+  CHECK(s.beta.back() == 0.999);
+  CHECK(s.abar[0] > 0.998);  // 1 - abar(1) = 1.0e-3 at T = 300
+  CHECK(NoiseSchedule::by_name("sigmoid", 50).name() == "sigmoid");
+  CHECK_THROWS_WITH(NoiseSchedule::by_name("sigmoidx", 10), Catch::Contains("linear, cosine, sigmoid"));
+  CHECK_THROWS(NoiseSchedule::sigmoid(10, 3, -3));
 }

@@ -511,3 +511,50 @@ TEST_CASE("trainer: resume refuses a checkpoint of another model configuration",
                     Catch::Contains("was trained with model {\"width\":32}, this run asks for {\"width\":64}"));
   fs::remove_all(d);
 }
+
+TEST_CASE("trainer: the objective (x0, v, min-SNR) trains, is recorded in the checkpoint and checked on resume",
+          "[trainer]") {
+  auto data = labelled_points(60, DataOrder::epochs);
+  for (const Prediction p : {Prediction::X0, Prediction::V}) {
+    INFO(prediction_name(p));
+    const fs::path d = fresh_dir(std::string("objective_") + prediction_name(p));
+    Generator init(4);
+    CondMLP m(3, init);
+    TrainOptions o = small_options(d.string(), 150);
+    o.objective.prediction = p;
+    o.objective.min_snr_gamma = 5.0;
+    std::vector<double> losses;
+    {
+      Trainer<float, CondMLP> tr(m, kSched, data, o);
+      tr.on_step([&](const StepInfo& s) { losses.push_back(s.loss); });
+      tr.run();
+    }
+    REQUIRE(losses.size() == 150);
+    double first = 0, last = 0;
+    for (int i = 0; i < 20; ++i) first += losses[static_cast<size_t>(i)], last += losses[losses.size() - 1 - static_cast<size_t>(i)];
+    CHECK(last < 0.7 * first);  // it learns
+    const auto meta = safetensors::File::read((d / "checkpoint.safetensors").string()).metadata();
+    CHECK(meta.at("prediction") == prediction_name(p));
+    CHECK(meta.at("min_snr_gamma") == std::to_string(5.0));
+    // Resuming with another prediction, or without the weighting, is refused in one line.
+    TrainOptions r = o;
+    r.resume = (d / "checkpoint.safetensors").string();
+    r.steps = 160;
+    r.objective.prediction = Prediction::Epsilon;
+    CHECK_THROWS_WITH((Trainer<float, CondMLP>(m, kSched, data, r)),
+                      Catch::Contains(std::string("was trained with prediction ") + prediction_name(p) +
+                                      ", this run asks for eps"));
+    r.objective.prediction = p;
+    r.objective.min_snr_gamma = 0;
+    CHECK_THROWS_WITH((Trainer<float, CondMLP>(m, kSched, data, r)), Catch::Contains("min_snr_gamma"));
+    r.objective.min_snr_gamma = 5.0;
+    Trainer<float, CondMLP> same(m, kSched, data, r);  // the same objective resumes
+    CHECK(same.step() == 150);
+    fs::remove_all(d);
+  }
+  TrainOptions bad = small_options("", 1);
+  bad.objective.min_snr_gamma = -1;
+  Generator init(4);
+  CondMLP m(3, init);
+  CHECK_THROWS_WITH((Trainer<float, CondMLP>(m, kSched, data, bad)), Catch::Contains("min-SNR gamma"));
+}

@@ -57,11 +57,12 @@ Tensor<T> q_sample(const NoiseSchedule& s, const Tensor<T>& x0, const std::vecto
   return xt;
 }
 
-// One training batch: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps).
+// One training batch: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps) (x0 kept, shared).
 template <class T>
 struct NoisedBatch {
   Tensor<T> x_t, eps;
   std::vector<int32_t> t;
+  Tensor<T> x0;  // the clean batch (the target of an x0 or v objective)
 };
 
 template <class T>
@@ -71,6 +72,7 @@ NoisedBatch<T> make_noised_batch(const NoiseSchedule& s, const Tensor<T>& x0, Ge
   g.randint(nb.t.data(), nb.t.size(), static_cast<uint32_t>(s.T()));
   nb.eps = Tensor<T>::randn(x0.shape(), g, x0.device());
   nb.x_t = q_sample(s, x0, nb.t, nb.eps);
+  nb.x0 = x0;
   return nb;
 }
 

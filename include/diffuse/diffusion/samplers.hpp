@@ -133,6 +133,12 @@ inline std::vector<int> ddim_timesteps(int T, int steps) { return sample_timeste
 //   x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t),
 //   sigma = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p),
 //   x = sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z.
+// With clip_x0 the step uses the clipped x0 and the noise it implies, eps' = (x - sqrt(abar_t) x0)
+// / sqrt(1 - abar_t) (diffusers' use_clipped_model_output; DPM-Solver++'s first-order step),
+//   x = (sqrt(abar_p) - c sqrt(abar_t)) x0 + c x + sigma z,  c = sqrt(1 - abar_p - sigma^2) / sqrt(1 - abar_t),
+// where the network's own eps beside a clipped x0 would put back the part of the prediction the
+// clip removed (with guidance, which extrapolates eps, that turned most MNIST 1s into other
+// digits: docs/results.md). Without clipping the two are the same step.
 template <class T>
 Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Shape& shape, Generator& g,
                       const SampleOptions& o = {}, const SampleObserver<T>& observe = {}) {
@@ -150,13 +156,20 @@ Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Sh
     const T ra = static_cast<T>(1.0 / std::sqrt(ab)), rb = static_cast<T>(std::sqrt(1 - ab) / std::sqrt(ab));
     const T cx0 = static_cast<T>(std::sqrt(abp)), ceps = static_cast<T>(std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)));
     const T lim = static_cast<T>(o.clip), sg = static_cast<T>(sigma);
+    const double c = std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)) / std::sqrt(1 - ab);
+    const T c1 = static_cast<T>(std::sqrt(abp) - c * std::sqrt(ab)), c2 = static_cast<T>(c);
     if (x.device() == Device::CUDA) {
       if constexpr (std::is_same_v<T, float>) {
         backend::SamplerStep st;
-        st.ddim = true;
-        st.clip_x0 = o.clip_x0;
         st.noise = sigma > 0;
-        st.ra = ra, st.rb = rb, st.cx0 = cx0, st.ceps = ceps, st.lim = lim, st.sigma = sg;
+        st.ra = ra, st.rb = rb, st.lim = lim, st.sigma = sg;
+        if (o.clip_x0) {  // the clipped-DDPM kernel's form: x0 = clamp(ra x - rb eps), x = c1 x0 + c2 x + sigma z
+          st.clip_x0 = true;
+          st.c1 = c1, st.c2 = c2;
+        } else {
+          st.ddim = true;
+          st.cx0 = cx0, st.ceps = ceps;
+        }
         detail::sampler_step_cuda(st, x, eps, g);
         if (observe) observe(i, x);
         continue;
@@ -169,9 +182,11 @@ Tensor<T> ddim_sample(const NoiseSchedule& s, const EpsModel<T>& model, const Sh
     T* px = x.data();
     const T* pe = eps.data();
     for (size_t k = 0; k < x.size(); ++k) {
-      T x0 = ra * px[k] - rb * pe[k];
-      if (o.clip_x0) x0 = std::clamp(x0, -lim, lim);
-      px[k] = cx0 * x0 + ceps * pe[k] + (sigma > 0 ? sg * z[k] : T(0));
+      const T x0 = ra * px[k] - rb * pe[k];
+      if (o.clip_x0)
+        px[k] = c1 * std::clamp(x0, -lim, lim) + c2 * px[k] + (sigma > 0 ? sg * z[k] : T(0));
+      else
+        px[k] = cx0 * x0 + ceps * pe[k] + (sigma > 0 ? sg * z[k] : T(0));
     }
     if (observe) observe(i, x);
   }

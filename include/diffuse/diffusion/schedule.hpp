@@ -47,10 +47,26 @@ class NoiseSchedule {
     return NoiseSchedule("cosine", std::move(b));
   }
 
+  // The sigmoid schedule (Jabri et al. 2023, "Scalable adaptive computation"; Chen 2023, "On the
+  // importance of noise scheduling"): abar(t) = (v_end - sigmoid((t/T (end - start) + start) / tau))
+  // / (v_end - v_start), v = sigmoid(start / tau), sigmoid(end / tau), so abar(0) = 1 and abar(T) = 0;
+  // beta_t = min(1 - abar(t+1) / abar(t), max_beta). Flatter than cosine at both ends.
+  static NoiseSchedule sigmoid(int T, double start = -3, double end = 3, double tau = 1, double max_beta = 0.999) {
+    check_T(T);
+    if (!(end > start) || !(tau > 0)) throw std::invalid_argument("diffuse: sigmoid schedule needs end > start and tau > 0");
+    auto sg = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+    const double v_start = sg(start / tau), v_end = sg(end / tau);
+    auto f = [&](double t) { return (v_end - sg((t / T * (end - start) + start) / tau)) / (v_end - v_start); };
+    std::vector<double> b(static_cast<size_t>(T));
+    for (int t = 0; t < T; ++t) b[t] = std::min(1.0 - f(t + 1.0) / f(t), max_beta);
+    return NoiseSchedule("sigmoid", std::move(b));
+  }
+
   static NoiseSchedule by_name(const std::string& name, int T) {
     if (name == "linear") return linear(T);
     if (name == "cosine") return cosine(T);
-    throw std::invalid_argument("diffuse: unknown schedule '" + name + "' (linear, cosine)");
+    if (name == "sigmoid") return sigmoid(T);
+    throw std::invalid_argument("diffuse: unknown schedule '" + name + "' (linear, cosine, sigmoid)");
   }
 
   int T() const { return static_cast<int>(beta.size()); }

@@ -56,6 +56,7 @@ struct TrainOptions {
   AdamOptions adam;                   // betas, eps (its lr is replaced by `lr`)
   double clip = 1.0;                  // gradient-norm clipping; 0: off (the norm is still measured)
   double ema = 0.999;                 // EMA decay; 0: off
+  Objective objective;                // what the model predicts (eps, x0, v) and min-SNR weighting; in the checkpoint
   double label_dropout = 0.0;         // probability that a label becomes null_class
   int32_t null_class = -1;            // the "no class" label (needed with label_dropout > 0)
   uint64_t seed = 0;                  // streams: training (seed, 1<<40), labels (seed, 3<<40), dropout (seed, 4<<40)
@@ -143,6 +144,10 @@ class TrainerCore {
       throw std::invalid_argument(o_.name + ": steps >= 0, batch >= 1, log_every >= 1, save_every >= 0 and keep >= 1");
     if (o_.label_dropout > 0 && (!data_.has_labels() || o_.null_class < 0))
       throw std::invalid_argument(o_.name + ": label dropout needs labelled data and a null class");
+    // The objective is part of what a checkpoint is: recorded, and checked on resume.
+    o_.identity["prediction"] = prediction_name(o_.objective.prediction);
+    loss_weights(sched_, {}, o_.objective);  // validates gamma
+    if (o_.objective.min_snr_gamma > 0) o_.identity["min_snr_gamma"] = std::to_string(o_.objective.min_snr_gamma);
     if (!o_.out.empty()) std::filesystem::create_directories(o_.out);
     if (!o_.resume.empty()) resume_from(o_.resume);
   }
@@ -344,10 +349,15 @@ void TrainerCore<T>::resume_from(const std::string& path) {
     const safetensors::Metadata m = safetensors::File::read(path).metadata();
     for (const auto& [k, v] : o_.identity) {
       auto it = m.find(k);
-      if (it != m.end() && it->second != v)
-        throw std::runtime_error(o_.name + ": '" + path + "' was trained with " + k + " " + it->second +
+      // Checkpoints from before the objectives predict eps with no weighting.
+      const std::string had = it != m.end() ? it->second : k == "prediction" ? "eps" : k == "min_snr_gamma" ? "off" : v;
+      if (had != v)
+        throw std::runtime_error(o_.name + ": '" + path + "' was trained with " + k + " " + had +
                                  ", this run asks for " + v);
     }
+    if (o_.objective.min_snr_gamma == 0 && m.count("min_snr_gamma"))
+      throw std::runtime_error(o_.name + ": '" + path + "' was trained with min_snr_gamma " + m.at("min_snr_gamma") +
+                               ", this run asks for off");
   }
   TrainState st = load_checkpoint<T>(path, model_, &opt_, &ema_);
   step_ = st.step;
@@ -400,9 +410,9 @@ class Trainer : public TrainerCore<T> {
 
  private:
   Var<T> compute_loss(const NoisedBatch<T>& nb, const Labels* y) override {
-    return epsilon_loss<T>(
+    return diffusion_loss<T>(
         [&](const Var<T>& x, const std::vector<int32_t>& t) { return denoise<T>(model_, x, t, y, &this->dropout_rng()); },
-        nb);
+        this->schedule(), nb, this->options().objective);
   }
 
   Model& model_;
