@@ -7,6 +7,7 @@
 //   DDPM, clipping:    x0 = clamp((x - sqrt(1 - abar) eps) / sqrt(abar)), x = c1 x0 + c2 x + sigma z
 //   DDIM (eta):        x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) [clamped],      ddim_sample
 //                      x = sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z
+//                      (ddim_sample with clipping: ddim_clipped_step_params, the DDPM form)
 //
 // Mirrors the CPU code as follows.
 // - Timesteps: the CPU samplers run the whole batch at one timestep, so the step's coefficients
@@ -95,6 +96,25 @@ inline DdimStepParams ddim_step_params(const Schedule& s, int t, int t_prev, dou
   p.ceps = static_cast<float>(std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)));
   p.lim = static_cast<float>(clip);
   p.sigma = static_cast<float>(sigma);
+  return p;
+}
+
+// ddim_sample's step with clip_x0 (from t to t_prev, -1: past the end): the clipped x0 with the
+// eps it implies, which is the clipped-DDPM update's form x = c1 clamp(x0) + c2 x + sigma z with
+// c2 = sqrt(1 - abar_p - sigma^2) / sqrt(1 - abar_t), c1 = sqrt(abar_p) - c2 sqrt(abar_t): run it
+// with ddpm_step. (DdimStepParams with clip_x0 clamp x0 but step with the network's eps.)
+template <class Schedule>
+inline DdpmStepParams ddim_clipped_step_params(const Schedule& s, int t, int t_prev, double eta, double clip) {
+  const DdimStepParams q = ddim_step_params(s, t, t_prev, eta, true, clip);
+  const double ab = s.abar[t], abp = t_prev >= 0 ? s.abar[t_prev] : 1.0;
+  const double sigma = eta * std::sqrt((1 - abp) / (1 - ab) * (1 - ab / abp));
+  const double c = std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)) / std::sqrt(1 - ab);
+  DdpmStepParams p{};
+  p.clip_x0 = 1;
+  p.noise = q.noise;
+  p.ra = q.ra, p.rb = q.rb, p.lim = q.lim, p.sigma = q.sigma;
+  p.c1 = static_cast<float>(std::sqrt(abp) - c * std::sqrt(ab));
+  p.c2 = static_cast<float>(c);
   return p;
 }
 

@@ -315,27 +315,31 @@ TEST_CASE("kernel image ddpm_step and ddim_step replay every step of the CPU sam
       INFO("step " << st << " t " << t);
       k::DdpmStepParams pd{};
       k::DdimStepParams pi{};
-      if (c.ddim)
-        pi = k::ddim_step_params(tab, t, st + 1 < steps ? run.t[st + 1] : -1, c.eta, c.clip_x0, c.clip);
+      // DDIM with clipping is the clipped-DDPM kernel's form (ddim_clipped_step_params).
+      const bool ddim_kernel = c.ddim && !c.clip_x0;
+      if (ddim_kernel)
+        pi = k::ddim_step_params(tab, t, st + 1 < steps ? run.t[st + 1] : -1, c.eta, false, c.clip);
+      else if (c.ddim)
+        pd = k::ddim_clipped_step_params(tab, t, st + 1 < steps ? run.t[st + 1] : -1, c.eta, c.clip);
       else
         pd = k::ddpm_step_params(tab, t, c.fixed_small, c.clip_x0, c.clip);
-      const bool noise = c.ddim ? pi.noise : pd.noise;
+      const bool noise = ddim_kernel ? pi.noise : pd.noise;
       const std::uint64_t off = noise ? g.advance(un) : 0;
       CHECK(g.offset == run.offset[st + 1]);  // the same draws as the CPU sampler
       DeviceBuffer<float> dx(run.x[st]), de(run.eps_c[st]), deu(guided ? run.eps_u[st] : std::vector<float>());
       const float* eu = guided ? deu.get() : nullptr;
-      if (c.ddim)
+      if (ddim_kernel)
         k::ddim_step(pi, dx.get(), de.get(), eu, c.w, n, g.seed, off, {}, L.block, L.max_blocks);
       else
         k::ddpm_step(pd, dx.get(), de.get(), eu, c.w, n, g.seed, off, {}, L.block, L.max_blocks);
       const std::vector<float> x = dx.to_host();
       std::vector<float> z(un, 0.0f);
       if (noise) diffuse::Generator(s, off).normal(z.data(), un);  // the CPU's z, for the bound
-      const float sigma = c.ddim ? pi.sigma : pd.sigma;
+      const float sigma = ddim_kernel ? pi.sigma : pd.sigma;
       std::size_t bad = 0;
       for (std::size_t i = 0; i < un; ++i) {
         const StepValues v{run.x[st][i], run.eps_c[st][i], guided ? run.eps_u[st][i] : 0.0f, z[i], guided, ga, gb};
-        const double S = c.ddim ? step_scale(pi, v) : step_scale(pd, v);
+        const double S = ddim_kernel ? step_scale(pi, v) : step_scale(pd, v);
         const double tol = 8 * FLT_EPSILON * S + (noise ? std::fabs(double(sigma)) * kNormalError : 0.0);
         bad += !(std::fabs(double(x[i]) - run.x[st + 1][i]) <= tol);
       }
