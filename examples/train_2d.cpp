@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "device_choice.hpp"
+#include "objective_flags.hpp"
 
 using namespace diffuse;
 using namespace diffuse::examples;
@@ -88,13 +89,7 @@ int main(int argc, char** argv) {
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
-  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
-                                               "(alpha eps - sigma x0); recorded in the checkpoint")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"eps", "x0", "v"}));
-  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e6));
+  add_objective_options(app, a.prediction, a.min_snr);
   app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
@@ -173,8 +168,7 @@ int main(int argc, char** argv) {
     o.lr_decay = a.lr_decay == "cosine" ? LrDecay::cosine : LrDecay::constant;
     o.clip = a.clip;
     o.ema = a.ema;
-    o.objective.prediction = parse_prediction(a.prediction);
-    o.objective.min_snr_gamma = a.min_snr;
+    o.objective = objective_from_flags(a.prediction, a.min_snr);
     o.seed = a.seed;
     o.log_every = a.log_every;
     o.save_every = a.save_every;

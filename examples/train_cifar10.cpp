@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
+#include "objective_flags.hpp"
 #include "image_common.hpp"
 
 #include <diffuse/data/augment.hpp>
@@ -154,13 +155,7 @@ int main(int argc, char** argv) {
   app.add_option("--schedule", a.schedule, "noise schedule: linear (1e-4..0.02 at T = 1000), cosine or sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
-  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
-                                               "(alpha eps - sigma x0); recorded in the checkpoint")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"eps", "x0", "v"}));
-  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e6));
+  add_objective_options(app, a.prediction, a.min_snr);
   app.add_option("--ch", a.ch, "U-Net base width (paper 128, small 64, tiny 16)")->check(CLI::PositiveNumber);
   app.add_option("--dropout", a.dropout, "U-Net dropout (preset: 0.1)")->check(CLI::Range(0.0, 0.99));
   app.add_option("--steps", a.steps, "training steps (paper 800000, small 100000, tiny 200)");
@@ -316,8 +311,7 @@ int main(int argc, char** argv) {
     o.warmup = r.warmup;
     o.clip = r.clip;
     o.ema = r.ema;
-    o.objective.prediction = parse_prediction(a.prediction);
-    o.objective.min_snr_gamma = a.min_snr;
+    o.objective = objective_from_flags(a.prediction, a.min_snr);
     o.label_dropout = a.class_cond ? a.label_dropout : 0.0;
     o.null_class = a.class_cond ? set.classes : -1;
     o.seed = a.seed;

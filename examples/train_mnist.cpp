@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
+#include "objective_flags.hpp"
 #include "mnist_common.hpp"
 
 #include <diffuse/eval/lenet_score.hpp>
@@ -69,13 +70,7 @@ int main(int argc, char** argv) {
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
-  app.add_option("--prediction", a.prediction, "what the network predicts: eps (the noise), x0 (the data) or v "
-                                               "(alpha eps - sigma x0); recorded in the checkpoint")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"eps", "x0", "v"}));
-  app.add_option("--min-snr", a.min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e6));
+  add_objective_options(app, a.prediction, a.min_snr);
   app.add_option("--ch", a.ch, "U-Net base width (the reference's MNIST16 model: 32)")->capture_default_str();
   app.add_option("--attn", a.attn, "U-Net attention: none, one8, ho8 (the reference's MNIST16 variants)")
       ->capture_default_str()
@@ -187,8 +182,7 @@ int main(int argc, char** argv) {
     o.warmup = a.warmup;
     o.clip = a.clip;
     o.ema = a.ema;
-    o.objective.prediction = parse_prediction(a.prediction);
-    o.objective.min_snr_gamma = a.min_snr;
+    o.objective = objective_from_flags(a.prediction, a.min_snr);
     o.label_dropout = a.digit < 0 ? a.label_dropout : 0.0;
     o.null_class = 10;
     o.seed = a.seed;
