@@ -8,9 +8,7 @@
 
 #include <diffuse/diffuse.hpp>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 using namespace diffuse;
 
@@ -23,13 +21,7 @@ struct Size {
 constexpr Size kCifar16{8, 256, 256, 1};
 constexpr Size kMnist8{128, 64, 64, 1};
 
-void set_threads(benchmark::State& st) {
-#ifdef _OPENMP
-  omp_set_num_threads(static_cast<int>(st.range(0)));
-#else
-  (void)st;
-#endif
-}
+void set_threads(benchmark::State& st) { diffuse::set_num_threads(static_cast<int>(st.range(0))); }
 
 void report(benchmark::State& st, const Size& s, double mult) {
   const double flops = mult * static_cast<double>(s.N) * static_cast<double>(s.L) * static_cast<double>(s.L) *

@@ -15,9 +15,7 @@
 #include <diffuse/core/rng.hpp>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 using namespace diffuse;
 
@@ -50,9 +48,7 @@ struct Operands {
 };
 
 void set_threads(int threads) {
-#ifdef _OPENMP
-  omp_set_num_threads(threads);
-#endif
+  diffuse::set_num_threads(threads);
   Eigen::setNbThreads(threads);
 }
 

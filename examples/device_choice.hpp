@@ -1,7 +1,9 @@
 // The tools' --device flag: "cpu", "cuda", or "" (cuda when this program has a usable CUDA
-// device, else cpu). Asking for cuda where there is none fails before any work, in one line.
+// device, else cpu). Asking for cuda where there is none fails before any work, in one line, as
+// does a DIFFUSE_NUM_THREADS or OMP_NUM_THREADS that is not a thread count.
 #pragma once
 
+#include <diffuse/core/parallel.hpp>
 #include <diffuse/core/tensor.hpp>
 
 #include <stdexcept>
@@ -10,6 +12,7 @@
 namespace diffuse::examples {
 
 inline Device choose_device(const std::string& flag) {
+  (void)num_threads();  // reads the environment's thread count now, not in the middle of the work
   if (flag == "cpu") return Device::CPU;
   const std::string why = cuda_unavailable_reason();
   if (flag.empty()) return why.empty() ? Device::CUDA : Device::CPU;
@@ -18,9 +21,9 @@ inline Device choose_device(const std::string& flag) {
   return Device::CUDA;
 }
 
-// "cpu", or "cuda (<the device's name>)" for the tools' first line.
+// "cpu (<n> threads)", or "cuda (<the device's name>)" for the tools' first line.
 inline std::string device_description(Device d) {
-  if (d == Device::CPU) return "cpu";
+  if (d == Device::CPU) return "cpu (" + std::to_string(num_threads()) + (num_threads() == 1 ? " thread)" : " threads)");
   return "cuda (" + backend::require_cuda("device").name() + ")";
 }
 

@@ -145,14 +145,13 @@ find_package(Eigen3 3.4 QUIET NO_MODULE)
 find_package(nlohmann_json 3 QUIET)
 find_package(ZLIB QUIET)
 find_package(LibArchive 3 QUIET)
-find_package(OpenMP QUIET COMPONENTS CXX)
 find_package(Catch2 2 QUIET)
 find_package(benchmark QUIET)
 find_package(CLI11 QUIET CONFIG)
 find_path(PROBE_STB stb_image_write.h PATH_SUFFIXES stb NO_CACHE)
 find_path(PROBE_MINIZIP_INC minizip/unzip.h NO_CACHE)
 find_library(PROBE_MINIZIP_LIB minizip NO_CACHE)
-foreach(p Eigen3 nlohmann_json ZLIB LibArchive OpenMP Catch2 benchmark CLI11)
+foreach(p Eigen3 nlohmann_json ZLIB LibArchive Catch2 benchmark CLI11)
   if(${p}_FOUND)
     message(STATUS "PROBE ${p}=1")
   else()
@@ -172,10 +171,10 @@ endif()
 CMAKE
 PROBE_OUT=$(cmake -S "$PROBE/src" -B "$PROBE/build" 2>&1)
 have() { grep -q "PROBE $1=1" <<<"$PROBE_OUT"; }
-declare -A DEBIAN=([Eigen3]=libeigen3-dev [nlohmann_json]=nlohmann-json3-dev [ZLIB]=zlib1g-dev [LibArchive]=libarchive-dev [OpenMP]="a compiler with OpenMP"
+declare -A DEBIAN=([Eigen3]=libeigen3-dev [nlohmann_json]=nlohmann-json3-dev [ZLIB]=zlib1g-dev [LibArchive]=libarchive-dev
                    [stb]=libstb-dev [minizip]=libminizip-dev [Catch2]=catch2 [benchmark]=libbenchmark-dev [CLI11]=libcli11-dev)
 MISSING=()
-for p in Eigen3 nlohmann_json ZLIB LibArchive OpenMP stb minizip; do
+for p in Eigen3 nlohmann_json ZLIB LibArchive stb minizip; do
   have "$p" || MISSING+=("$p (${DEBIAN[$p]})")
 done
 if [[ ${#MISSING[@]} -gt 0 ]]; then
@@ -190,7 +189,7 @@ have CLI11 || { EXAMPLES=OFF; MISSING+=("CLI11 (libcli11-dev): no examples and t
 if [[ ${#MISSING[@]} -gt 0 ]]; then
   printf 'not found, going on without: %s\n' "${MISSING[@]}"
 else
-  echo "all found: Eigen3, nlohmann_json, zlib, libarchive, OpenMP, stb, minizip, Catch2, Google Benchmark, CLI11"
+  echo "all found: Eigen3, nlohmann_json, zlib, libarchive, stb, minizip, Catch2, Google Benchmark, CLI11"
 fi
 
 # ---------------------------------------------------------------- 1. configure

@@ -170,11 +170,10 @@ TEST_CASE("gemm_parallel float matches the reference", "[gemm]") {
 
 TEST_CASE("gemm_parallel inside a parallel region runs per thread", "[gemm]") {
   std::vector<Result> results(4);
-#pragma omp parallel for schedule(static)
-  for (int t = 0; t < 4; ++t) {
+  diffuse::parallel_region(4, [&](int t, int) {
     Generator g(200 + t);
     results[t] = run_case<float>(g, t & 1, t & 2, {130, 150, 140}, 1.0f, 0.0f, 2, true);
-  }
+  });
   for (const Result& r : results) {
     INFO(r.what);
     CHECK_FALSE(r.nan);

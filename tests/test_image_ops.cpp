@@ -13,10 +13,9 @@
 #include <random>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
+#include <diffuse/core/parallel.hpp>
+
 #include "compare.hpp"
-#endif
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
@@ -79,20 +78,8 @@ std::vector<double> float_vs_double(F f, const std::vector<Tensor<double>>& ins,
   return err;
 }
 
-void set_threads(int n) {
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
-}
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+void set_threads(int n) { diffuse::set_num_threads(n); }
+int max_threads() { return diffuse::num_threads(); }
 
 bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 

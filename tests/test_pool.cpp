@@ -18,9 +18,7 @@
 #include <string>
 #include <tuple>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
@@ -79,20 +77,8 @@ const std::vector<PoolCase>& pool_cases() {
   return c;
 }
 
-void set_threads(int n) {
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
-}
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+void set_threads(int n) { diffuse::set_num_threads(n); }
+int max_threads() { return diffuse::num_threads(); }
 
 bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 

@@ -8,6 +8,7 @@
 // core: tensors on a device, counter-based random numbers, the autograd
 #include <diffuse/core/autograd.hpp>
 #include <diffuse/core/config.hpp>
+#include <diffuse/core/parallel.hpp>
 #include <diffuse/core/rng.hpp>
 #include <diffuse/core/tensor.hpp>
 

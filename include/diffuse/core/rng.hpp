@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include <diffuse/core/config.hpp>
+#include <diffuse/core/parallel.hpp>
 
 namespace diffuse {
 
@@ -97,24 +98,22 @@ struct Generator {
   void normal(T* out, size_t n) {
     const uint64_t off = advance(n);
     const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
-#pragma omp parallel for schedule(static) if (n > (1u << 16))
-    for (int64_t j = 0; j < blocks; ++j) {
+    parallel_for(blocks, n > (1u << 16), [&](int64_t j) {
       float z[4];
       philox_normal4(seed, off + static_cast<uint64_t>(j), z);
       const size_t i0 = static_cast<size_t>(j) * 4;
       for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(z[l]);
-    }
+    });
   }
   template <class T>
   void uniform(T* out, size_t n) {
     const uint64_t off = advance(n);
     const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
-#pragma omp parallel for schedule(static) if (n > (1u << 16))
-    for (int64_t j = 0; j < blocks; ++j) {
+    parallel_for(blocks, n > (1u << 16), [&](int64_t j) {
       const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
       const size_t i0 = static_cast<size_t>(j) * 4;
       for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(uint_to_uniform(b.v[l]));
-    }
+    });
   }
   // Integers uniform in [0, hi) (hi small: the modulo bias is below 2^-32 * hi).
   template <class I>

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/core/parallel.hpp>
 #include <diffuse/core/tensor.hpp>
 
 namespace diffuse {
@@ -79,8 +80,7 @@ void resize_area(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c
   std::vector<int64_t> y0(static_cast<size_t>(oh)), y1(y0.size()), x0(static_cast<size_t>(ow)), x1(x0.size());
   for (int64_t i = 0; i < oh; ++i) { y0[size_t(i)] = i * h / oh; y1[size_t(i)] = ((i + 1) * h + oh - 1) / oh; }
   for (int64_t i = 0; i < ow; ++i) { x0[size_t(i)] = i * w / ow; x1[size_t(i)] = ((i + 1) * w + ow - 1) / ow; }
-#pragma omp parallel for schedule(static) if (n * oh * ow * c >= detail::kResizeParallelMin)
-  for (int64_t r = 0; r < n * oh; ++r) {
+  parallel_for(n * oh, n * oh * ow * c >= detail::kResizeParallelMin, [&](int64_t r) {
     const int64_t b = r / oh, oy = r % oh;
     const T* src = in + b * h * w * c;
     T* dst = out + r * ow * c;
@@ -94,7 +94,7 @@ void resize_area(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c
         dst[ox * c + ch] = sum / static_cast<T>(kh) / static_cast<T>(kw);
       }
     }
-  }
+  });
 }
 
 // in [n, h, w, c] -> out [n, oh, ow, c], both NHWC and contiguous.
@@ -102,8 +102,7 @@ template <class T>
 void resize_bilinear(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow) {
   detail::check_resize_dims("resize_bilinear", n, h, w, c, oh, ow);
   const auto ty = detail::linear_taps<T>(h, oh), tx = detail::linear_taps<T>(w, ow);
-#pragma omp parallel for schedule(static) if (n * oh * ow * c >= detail::kResizeParallelMin)
-  for (int64_t r = 0; r < n * oh; ++r) {
+  parallel_for(n * oh, n * oh * ow * c >= detail::kResizeParallelMin, [&](int64_t r) {
     const int64_t b = r / oh;
     const detail::LinearTap<T>& vy = ty[size_t(r % oh)];
     const T* row0 = in + (b * h + vy.i0) * w * c;
@@ -120,7 +119,7 @@ void resize_bilinear(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64
         dst[ox * c + ch] = static_cast<T>(static_cast<double>(p00[ch]) * w00 + static_cast<double>(p01[ch]) * w01 +
                                           static_cast<double>(p10[ch]) * w10 + static_cast<double>(p11[ch]) * w11);
     }
-  }
+  });
 }
 
 // Tensor forms: x is a CPU NHWC tensor [N, H, W, C]; returns [N, oh, ow, C].

@@ -13,7 +13,7 @@
 // distribution it is small but positive, of order E|X - X'| / n. Compare
 // values only at equal sample sizes.
 //
-// Cost O(na nb + na^2 + nb^2) in double; rows are spread over OpenMP threads
+// Cost O(na nb + na^2 + nb^2) in double; rows are spread over the threads
 // and each row sum is summed serially afterwards, so the result does not
 // depend on the thread count.
 #pragma once
@@ -23,6 +23,8 @@
 #include <cstddef>
 #include <stdexcept>
 #include <vector>
+
+#include <diffuse/core/parallel.hpp>
 
 namespace diffuse::metrics {
 
@@ -35,9 +37,7 @@ inline double mean_pair_distance(const std::vector<double>& ax, const std::vecto
   const long na = static_cast<long>(ax.size());
   const long nb = static_cast<long>(bx.size());
   std::vector<double> row(static_cast<size_t>(na), 0.0);
-  // Triangular rows are uneven: dynamic chunks keep both threads busy.
-#pragma omp parallel for schedule(dynamic, 32)
-  for (long i = 0; i < na; ++i) {
+  const auto row_sum = [&](long i) {
     const double x = ax[static_cast<size_t>(i)], y = ay[static_cast<size_t>(i)];
     double s = 0.0;
     for (long j = same ? i + 1 : 0; j < nb; ++j) {
@@ -45,7 +45,14 @@ inline double mean_pair_distance(const std::vector<double>& ax, const std::vecto
       s += std::sqrt(dx * dx + dy * dy);
     }
     row[static_cast<size_t>(i)] = s;
-  }
+  };
+  // Triangular rows are uneven: chunks of 32 rows, handed out on demand, keep every thread busy.
+  const int64_t chunks = (na + 31) / 32;
+  DynamicCounter next(chunks);
+  parallel_region(loop_threads(chunks, true), [&](int, int) {
+    for (int64_t c; (c = next.next()) >= 0;)
+      for (long i = static_cast<long>(c * 32); i < std::min<long>(na, static_cast<long>(c * 32 + 32)); ++i) row_sum(i);
+  });
   double total = 0.0;
   for (double s : row) total += s;
   if (same) total *= 2.0;

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <diffuse/core/parallel.hpp>
 #include <diffuse/core/tensor.hpp>
 
 namespace diffuse {
@@ -33,14 +34,13 @@ Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim, Device 
   for (int64_t k = 0; k < half; ++k)
     freq[k] = std::exp(-static_cast<T>(std::log(10000.0)) * static_cast<T>(k) / static_cast<T>(half - 1));
   Tensor<T> e({n, dim});
-#pragma omp parallel for schedule(static) if (n * half >= 4096)
-  for (int64_t i = 0; i < n; ++i) {
+  parallel_for(n, n * half >= 4096, [&](int64_t i) {
     for (int64_t k = 0; k < half; ++k) {
       const T a = static_cast<T>(t[i]) * freq[k];
       e[i * dim + k] = std::sin(a);
       e[i * dim + half + k] = std::cos(a);
     }
-  }
+  });
   return e;
 }
 

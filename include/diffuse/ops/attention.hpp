@@ -7,7 +7,7 @@
 // image n uses columns [h*d, (h+1)*d) of each token row, read in place through
 // the GEMM's leading dimension (lda = C), so no head is ever copied out.
 //
-// Work is split over (image, head, block of rows) tasks in one OpenMP region;
+// Work is split over (image, head, block of rows) tasks, one parallel region per pass;
 // every GEMM is detail::gemm (single-threaded) inside a task.
 #pragma once
 
@@ -18,10 +18,6 @@
 
 #include <diffuse/backend/cpu/gemm.hpp>
 #include <diffuse/ops/common.hpp>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace diffuse {
 
@@ -40,10 +36,7 @@ struct AttentionDims {
 inline AttentionDims attention_dims(int64_t N, int64_t L, int64_t C, int64_t heads) {
   AttentionDims a{N, L, C, heads, C / heads, N * heads, 0, 0};
   if (L <= 0 || a.pairs <= 0) return a;
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
+  const int threads = num_threads();
   int64_t nb = (L + 95) / 96;
   while (a.pairs * nb < 2 * threads && L / (nb + 1) >= 2 * kGemmMR) ++nb;
   const int64_t rb = std::min(L, ((L + nb - 1) / nb + kGemmMR - 1) / kGemmMR * kGemmMR);
@@ -54,15 +47,7 @@ inline AttentionDims attention_dims(int64_t N, int64_t L, int64_t C, int64_t hea
 
 // Number of threads for `work` flops spread over `tasks` tasks.
 inline int attention_threads(double work, int64_t tasks) {
-  int nt = 1;
-#ifdef _OPENMP
-  if (work >= kParallelMinFlops && !omp_in_parallel())
-    nt = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), tasks));
-#else
-  (void)work;
-  (void)tasks;
-#endif
-  return std::max(nt, 1);
+  return loop_threads(tasks, work >= kParallelMinFlops);
 }
 
 // Row-wise softmax of rows x L values in place, subtracting each row's maximum
@@ -85,11 +70,10 @@ template <class T>
 inline void attention_forward(const AttentionDims& a, const T* q, const T* k, const T* v, T scale, T* out, T* P) {
   const int64_t L = a.L, C = a.C, d = a.d, heads = a.heads;
   const int nt = attention_threads(4.0 * static_cast<double>(a.pairs) * L * L * d, a.tasks());
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  DynamicCounter next(a.tasks());
+  parallel_region(nt, [&](int, int) {
     Tensor<T> scratch = P ? Tensor<T>() : Tensor<T>({a.rb, L});
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < a.tasks(); ++t) {
+    for (int64_t t; (t = next.next()) >= 0;) {
       const int64_t pair = t / a.nb, n = pair / heads, h = pair % heads;
       const int64_t r0 = (t % a.nb) * a.rb, rows = std::min(a.rb, L - r0);
       const int64_t base = n * L * C + h * d;  // element (token 0, channel h*d) of image n
@@ -98,11 +82,11 @@ inline void attention_forward(const AttentionDims& a, const T* q, const T* k, co
       softmax_rows(s, rows, L);
       gemm<T>(false, false, rows, d, L, T(1), s, L, v + base, C, T(0), out + base + r0 * C, C);
     }
-  }
+  });
 }
 
 // Backward from G = d(loss)/d(out), with P the forward's probabilities. Three
-// phases in one OpenMP region (a barrier between them):
+// phases, one parallel region each (phase 2 overwrites the P that phase 1 reads):
 //   1. per block of key rows:   dV = P^T G
 //   2. per block of query rows: dP = G V^T (per-thread scratch), then
 //      dS = P * (dP - rowsum(dP * P)) written over P in place, and dQ = scale * dS K
@@ -125,23 +109,28 @@ inline void attention_backward(const AttentionDims& a, const T* q, const T* k, c
     rows = std::min(rb, L - r0);
     base = (pair / heads) * L * C + (pair % heads) * d;
   };
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int64_t pair, r0, rows, base;
-    if (sv) {
-      const T beta = sv->accumulate ? T(1) : T(0);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < a.tasks(); ++t) {
+  // Tasks in any order, each on whichever thread is free (blocks differ in cost at the edges).
+  auto each_task = [&](auto&& body) {
+    DynamicCounter next(a.tasks());
+    parallel_region(nt, [&](int, int) { body(next); });
+  };
+  if (sv) {
+    const T beta = sv->accumulate ? T(1) : T(0);
+    each_task([&](DynamicCounter& next) {
+      int64_t pair, r0, rows, base;
+      for (int64_t t; (t = next.next()) >= 0;) {
         where(t, pair, r0, rows, base);
         gemm<T>(true, false, rows, d, L, T(1), P + pair * L * L + r0, L, g + base, C, beta, sv->data + base + r0 * C, C);
       }
-    }
-    if (need_ds) {
+    });
+  }
+  if (need_ds) {
+    using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+    each_task([&](DynamicCounter& next) {
+      int64_t pair, r0, rows, base;
       Tensor<T> scratch({rb, L});
       T* dp = scratch.data();
-      using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < a.tasks(); ++t) {
+      for (int64_t t; (t = next.next()) >= 0;) {
         where(t, pair, r0, rows, base);
         T* s = P + (pair * L + r0) * L;
         gemm<T>(false, true, rows, L, d, T(1), g + base + r0 * C, C, v + base, C, T(0), dp, L);
@@ -155,16 +144,18 @@ inline void attention_backward(const AttentionDims& a, const T* q, const T* k, c
           gemm<T>(false, false, rows, d, L, scale, s, L, k + base, C, sq->accumulate ? T(1) : T(0),
                   sq->data + base + r0 * C, C);
       }
-    }
-    if (sk) {
-      const T beta = sk->accumulate ? T(1) : T(0);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < a.tasks(); ++t) {
+    });
+  }
+  if (sk) {
+    const T beta = sk->accumulate ? T(1) : T(0);
+    each_task([&](DynamicCounter& next) {
+      int64_t pair, r0, rows, base;
+      for (int64_t t; (t = next.next()) >= 0;) {
         where(t, pair, r0, rows, base);
         gemm<T>(true, false, rows, d, L, scale, P + pair * L * L + r0, L, q + base, C, beta, sk->data + base + r0 * C,
                 C);
       }
-    }
+    });
   }
 }
 

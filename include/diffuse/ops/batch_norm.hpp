@@ -73,18 +73,18 @@ Var<T> batch_norm_inference(const Var<T>& x, const Var<T>& weight, const Var<T>&
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   T* od = out.data();
-#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
-  for (int64_t p = 0; p < P; ++p)
+  parallel_for(P, out.size() >= detail::kParallelMin, [&](int64_t p) {
     for (int64_t c = 0; c < C; ++c) od[p * C + c] = xd[p * C + c] * alpha[c] + beta[c];
+  });
   const Tensor<T> mean = running_mean;  // the backward's copy: the caller's buffer may change
   return make_result<T>(std::move(out), {&x, &weight, &bias}, [&]() {
     return [x, weight, bias, mean, invstd, alpha, P, C](const Tensor<T>& g) {
       const T* gd = g.data();
       if (x.requires_grad()) {
         GradSink<T> s = grad_sink(*x.node());
-#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
-        for (int64_t p = 0; p < P; ++p)
+        parallel_for(P, g.size() >= detail::kParallelMin, [&](int64_t p) {
           for (int64_t c = 0; c < C; ++c) s.put(static_cast<size_t>(p * C + c), gd[p * C + c] * alpha[c]);
+        });
       }
       if (weight.requires_grad() || bias.requires_grad()) {
         // Sums over all pixels in double, one pass; sequential (C-wide rows, small next to the convs).

@@ -53,34 +53,31 @@ Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
   const T* xd = x.value().data();
   const T* bd = b.value().data();
   T* od = out.data();
-#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < N * HW; ++r) {
+  parallel_for(N * HW, out.size() >= detail::kParallelMin, [&](int64_t r) {
     const T* br = bd + (r / HW) * C;
     for (int64_t c = 0; c < C; ++c) od[r * C + c] = xd[r * C + c] + br[c];
-  }
+  });
   return make_result<T>(std::move(out), {&x, &b}, [x, b, N, HW, C]() {
     return [x, b, N, HW, C](const Tensor<T>& g) {
       const T* gd = g.data();
       const size_t n = g.size();
       if (x.requires_grad()) {
         GradSink<T> s = grad_sink(*x.node());
-#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
-        for (size_t i = 0; i < n; ++i) s.put(i, gd[i]);
+        parallel_for(n, n >= detail::kParallelMin, [&](size_t i) { s.put(i, gd[i]); });
       }
       if (b.requires_grad()) {
         // Tasks of (sample, 64 channels): contiguous reads per pixel, no reduction across threads.
         GradSink<T> s = grad_sink(*b.node());
         constexpr int64_t kBlock = 64;
         const int64_t nblk = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
-        for (int64_t t = 0; t < N * nblk; ++t) {
+        parallel_for(N * nblk, n >= detail::kParallelMin, [&](int64_t t) {
           const int64_t nn = t / nblk, c0 = (t % nblk) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
           double acc[kBlock] = {};
           const T* gp = gd + nn * HW * C + c0;
           for (int64_t p = 0; p < HW; ++p)
             for (int64_t c = 0; c < cb; ++c) acc[c] += gp[p * C + c];
           for (int64_t c = 0; c < cb; ++c) s.put(static_cast<size_t>(nn * C + c0 + c), acc[c]);
-        }
+        });
       }
     };
   });

@@ -1,5 +1,5 @@
 // What the op headers share: row-major Eigen views, the thresholds below which a loop stays on
-// one thread, parallel_rows (one OpenMP region over row blocks), shape errors, and host indices
+// one thread, parallel_rows (one parallel region over row blocks), shape errors, and host indices
 // uploaded for the CUDA backend.
 #pragma once
 
@@ -13,9 +13,7 @@
 #include <diffuse/backend/op_types.hpp>
 #include <diffuse/core/autograd.hpp>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 namespace diffuse {
 
@@ -35,33 +33,24 @@ inline constexpr size_t kParallelMin = size_t(1) << 15;  // below this, threads 
 }
 
 // Below this much work (in flops, or ~flops for elementwise passes) one thread
-// does it all. The OpenMP workers spin between regions, so a fork/join costs
-// a few microseconds; measured on the toy train step (2 cores), thresholds
+// does it all. The pool's workers spin briefly between regions, so a fork/join
+// costs a few microseconds; measured on the toy train step (2 cores), thresholds
 // from 3e4 to 1e5 were equally good and 4e6 was 15-20% slower.
 inline constexpr double kParallelMinFlops = 1e5;
 
 template <class F>
 inline void parallel_rows(int64_t m, double flops, F&& f) {
-  int nt = 1;
-#ifdef _OPENMP
-  if (flops >= kParallelMinFlops && !omp_in_parallel()) nt = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), m / 16));
-#endif
+  const int nt = flops >= kParallelMinFlops ? loop_threads(m / 16, true) : 1;
   if (nt <= 1) {
     f(int64_t(0), m);
     return;
   }
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-    const int64_t id = 0, n = 1;
-#endif
+  parallel_region(nt, [&](int64_t id, int64_t n) {
     // Chunks are multiples of 8 rows so that every thread's block starts aligned.
     const int64_t chunk = ((m + n - 1) / n + 7) / 8 * 8;
     const int64_t r0 = std::min(m, id * chunk), r1 = std::min(m, r0 + chunk);
     if (r1 > r0) f(r0, r1);
-  }
+  });
 }
 
 template <class T>

@@ -102,31 +102,7 @@ inline T* conv_scratch(size_t n) {
   return buf.data();
 }
 
-inline int conv_threads(double flops, int64_t units) {
-#ifdef _OPENMP
-  if (flops >= kParallelMinFlops && !omp_in_parallel())
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), units)));
-#else
-  (void)flops;
-  (void)units;
-#endif
-  return 1;
-}
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-inline int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
+inline int conv_threads(double flops, int64_t units) { return loop_threads(units, flops >= kParallelMinFlops); }
 
 template <class T>
 inline void conv_forward(const T* x, const T* wr, const T* b, T* y, const ConvGeom& g) {
@@ -170,9 +146,7 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   if (nt > 1) std::fill(part.data(), part.data() + part.size(), T(0));
   if (dwr) std::fill(dwr, dwr + K * O, T(0));
   if (db) std::fill(db, db + O, T(0));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = nt > 1 ? thread_id() : 0, team = nt > 1 ? team_size() : 1;
+  parallel_region(nt, [&](int t, int team) {
     // Rows of this thread: whole images unless pointwise (no col2im then).
     const int64_t units = pw ? P : g.N, per = (units + team - 1) / team;
     const int64_t u0 = std::min(units, t * per), u1 = std::min(units, u0 + per);
@@ -205,7 +179,7 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
         }
       }
     }
-  }
+  });
   for (int t = 1; t < nt; ++t) {
     const T* pt = part.data() + (t - 1) * (K * O + O);
     if (dwr)

@@ -22,12 +22,11 @@ template <class F>
 inline void dropout_mask(uint64_t seed, uint64_t off, size_t n, double p, F&& f) {
   const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
   const double keep_below = 1.0 - p;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin / 4)
-  for (int64_t j = 0; j < blocks; ++j) {
+  parallel_for(blocks, n >= kParallelMin / 4, [&](int64_t j) {
     const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
     const size_t i0 = static_cast<size_t>(j) * 4;
     for (size_t l = 0; l < 4 && i0 + l < n; ++l) f(i0 + l, static_cast<double>(uint_to_uniform(b.v[l])) < keep_below);
-  }
+  });
 }
 }  // namespace detail
 

@@ -140,8 +140,7 @@ inline Var<T> binary(const Var<T>& a, const Var<T>& b, BinOp op, const char* nam
     const size_t n = out.size();
     const T *pa = A.data(), *pb = B.data();
     T* po = out.data();
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (size_t i = 0; i < n; ++i) po[i] = apply(pa[i], pb[i]);
+    parallel_for(n, n >= kParallelMin, [&](size_t i) { po[i] = apply(pa[i], pb[i]); });
   } else {
     bc = broadcast(A.shape(), B.shape(), name);
     out = Tensor<T>(bc.out);
@@ -162,11 +161,9 @@ inline Var<T> binary(const Var<T>& a, const Var<T>& b, BinOp op, const char* nam
         GradSink<T> s = grad_sink(*self.node());
         if (same) {
           if (op == BinOp::Mul) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-            for (size_t i = 0; i < n; ++i) s.put(i, pg[i] * po[i]);
+            parallel_for(n, n >= kParallelMin, [&](size_t i) { s.put(i, pg[i] * po[i]); });
           } else {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-            for (size_t i = 0; i < n; ++i) s.put(i, sign * pg[i]);
+            parallel_for(n, n >= kParallelMin, [&](size_t i) { s.put(i, sign * pg[i]); });
           }
         } else if (op == BinOp::Mul) {
           reduce_broadcast_grad<T>(s, self.value().size(), bc, side == 0, pg, [po](int64_t j) { return po[j]; });
@@ -261,16 +258,14 @@ inline Var<T> pointwise(const Var<T>& a, F f, DF df) {
   const size_t n = out.size();
   const T* pa = a.value().data();
   T* po = out.data();
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (size_t i = 0; i < n; ++i) po[i] = f(pa[i]);
+  parallel_for(n, n >= kParallelMin, [&](size_t i) { po[i] = f(pa[i]); });
   return make_result<T>(std::move(out), {&a}, [a, df]() {
     return [a, df](const Tensor<T>& g) {
       const size_t n = g.size();
       const T* pa = a.value().data();
       const T* pg = g.data();
       GradSink<T> s = grad_sink(*a.node());
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-      for (size_t i = 0; i < n; ++i) s.put(i, pg[i] * df(pa[i]));
+      parallel_for(n, n >= kParallelMin, [&](size_t i) { s.put(i, pg[i] * df(pa[i])); });
     };
   });
 }

@@ -36,10 +36,7 @@ struct GroupNormPlan {
 inline GroupNormPlan group_norm_plan(int64_t N, int64_t HW, int64_t C, int64_t G, size_t elem_bytes) {
   GroupNormPlan p;
   p.N = N, p.HW = HW, p.C = C, p.G = G, p.Cg = C / G;
-  int64_t threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
+  const int64_t threads = num_threads();
   const int64_t group_bytes = p.Cg * static_cast<int64_t>(elem_bytes);
   auto groups_for = [&](int64_t bytes) { return std::clamp<int64_t>((bytes + group_bytes - 1) / group_bytes, 1, G); };
   auto can_halve = [&](int64_t min_groups) { return 2 * p.nblk <= G && (G + 2 * p.nblk - 1) / (2 * p.nblk) >= min_groups; };
@@ -125,12 +122,11 @@ Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int6
 
   // Scratch per thread, not per task: the step allocates nothing per (sample, group).
   const int64_t cmax = pl.gpb * Cg;
-#pragma omp parallel if (x.value().size() >= detail::kParallelMin)
-  {
+  parallel_region(loop_threads(pl.tasks(), x.value().size() >= detail::kParallelMin), [&](int th, int team) {
     std::vector<double> acc(static_cast<size_t>(cmax)), mc(static_cast<size_t>(cmax));
     detail::RowArr<T> m(cmax), a(cmax), b(cmax);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < pl.tasks(); ++t) {
+    const auto [t0, t1] = static_range(pl.tasks(), th, team);
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / pl.nblk, g0 = (t % pl.nblk) * pl.gpb, g1 = std::min(groups, g0 + pl.gpb);
       const int64_t c0 = g0 * Cg, cb = (g1 - g0) * Cg;
       const int64_t base = n * HW * C + c0;
@@ -176,7 +172,7 @@ Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int6
         }
       }
     }
-  }
+  });
 
   const Tensor<T> yv = silu && grad ? out : Tensor<T>();  // a second handle on the output, for SiLU'
   return make_result<T>(std::move(out), {&x, &gamma, &beta}, [&]() {
@@ -246,17 +242,16 @@ Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int6
           }
         }
       };
-#pragma omp parallel if (x.value().size() >= detail::kParallelMin)
-      {
+      parallel_region(loop_threads(pl.tasks(), x.value().size() >= detail::kParallelMin), [&](int th, int team) {
         std::vector<T> scratch(static_cast<size_t>(5 * pl.gpb * Cg));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < pl.tasks(); ++t) {
+        const auto [t0, t1] = static_range(pl.tasks(), th, team);
+        for (int64_t t = t0; t < t1; ++t) {
           if (silu)
             task(t, scratch.data(), std::true_type{});
           else
             task(t, scratch.data(), std::false_type{});
         }
-      }
+      });
       // dgamma = sum over samples of s2, dbeta of s1 (small: [N, C]).
       for (int side = 0; side < 2; ++side) {
         const Var<T>& v = side == 0 ? gamma : beta;

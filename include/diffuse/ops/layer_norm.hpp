@@ -62,8 +62,7 @@ Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, doub
   T* od = out.data();
   const T* gd = affine ? gamma.value().data() : nullptr;
   const T* bd = affine ? beta.value().data() : nullptr;
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, x.value().size() >= detail::kParallelMin, [&](int64_t r) {
     const T* xr = xd + r * C;
     double m = 0, v = 0;
     for (int64_t c = 0; c < C; ++c) m += xr[c];
@@ -79,7 +78,7 @@ Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, doub
       const T xh = (xr[c] - mean[r]) * rstd[r];
       od[r * C + c] = affine ? xh * gd[c] + bd[c] : xh;
     }
-  }
+  });
   return make_result<T>(std::move(out), {&x, affine ? &gamma : &x, affine ? &beta : &x},
                         [x, gamma, beta, affine, mean, rstd, rows, C]() {
     return [x, gamma, beta, affine, mean, rstd, rows, C](const Tensor<T>& g) {
@@ -89,8 +88,7 @@ Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, doub
       if (x.requires_grad()) {
         // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = g gamma.
         GradSink<T> s = grad_sink(*x.node());
-#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
-        for (int64_t r = 0; r < rows; ++r) {
+        parallel_for(rows, g.size() >= detail::kParallelMin, [&](int64_t r) {
           double k1 = 0, k2 = 0;
           for (int64_t c = 0; c < C; ++c) {
             const double dxh = static_cast<double>(gd[r * C + c]) * (ga ? ga[c] : T(1));
@@ -104,7 +102,7 @@ Var<T> layer_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, doub
             const double dxh = static_cast<double>(gd[r * C + c]) * (ga ? ga[c] : T(1));
             s.put(static_cast<size_t>(r * C + c), static_cast<double>(rstd[r]) * (dxh - k1 - xh * k2));
           }
-        }
+        });
       }
       if (affine && (gamma.requires_grad() || beta.requires_grad())) {
         std::vector<double> dg(static_cast<size_t>(C), 0.0), db(static_cast<size_t>(C), 0.0);

@@ -1,6 +1,6 @@
 // Matrix products: matmul, linear (y = x W^T + b, as torch.nn.functional.linear) and the fused
 // linear_act / linear_gather_act (GEMM + bias (+ gathered rows) + activation in one op). On the
-// CPU through detail::gemm (backend/cpu/gemm.hpp), split over row blocks in one OpenMP region so
+// CPU through detail::gemm (backend/cpu/gemm.hpp), split over row blocks in one parallel region so
 // that the epilogue runs while a block is in cache; on CUDA cuBLAS plus one epilogue kernel.
 #pragma once
 

@@ -73,26 +73,24 @@ Var<T> log_softmax(const Var<T>& x) {
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   T* od = out.data();
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, x.value().size() >= detail::kParallelMin, [&](int64_t r) {
     const double lse = detail::row_logsumexp(xd + r * K, K);
     for (int64_t j = 0; j < K; ++j) od[r * K + j] = static_cast<T>(static_cast<double>(xd[r * K + j]) - lse);
-  }
+  });
   const Tensor<T> yv = out;  // a second handle on the output, for the backward
   return make_result<T>(std::move(out), {&x}, [x, yv, K, rows]() {
     return [x, yv, K, rows](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*x.node());
       const T* gd = g.data();
       const T* yd = yv.data();
-#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
-      for (int64_t r = 0; r < rows; ++r) {
+      parallel_for(rows, g.size() >= detail::kParallelMin, [&](int64_t r) {
         double gs = 0;
         for (int64_t j = 0; j < K; ++j) gs += gd[r * K + j];
         for (int64_t j = 0; j < K; ++j) {
           const int64_t i = r * K + j;
           s.put(static_cast<size_t>(i), static_cast<double>(gd[i]) - std::exp(static_cast<double>(yd[i])) * gs);
         }
-      }
+      });
     };
   });
 }
@@ -120,11 +118,10 @@ Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& labels) {
   }
   const T* zd = logits.value().data();
   std::vector<double> lse(static_cast<size_t>(N)), loss(static_cast<size_t>(N));
-#pragma omp parallel for schedule(static) if (logits.value().size() >= detail::kParallelMin)
-  for (int64_t i = 0; i < N; ++i) {
+  parallel_for(N, logits.value().size() >= detail::kParallelMin, [&](int64_t i) {
     lse[i] = detail::row_logsumexp(zd + i * K, K);
     loss[i] = lse[i] - static_cast<double>(zd[i * K + labels[i]]);
-  }
+  });
   double total = 0;
   for (double l : loss) total += l;  // in row order: the same sum for any thread count
   Tensor<T> out = Tensor<T>::full({}, static_cast<T>(total / static_cast<double>(N)));
@@ -133,12 +130,12 @@ Var<T> cross_entropy(const Var<T>& logits, const std::vector<int32_t>& labels) {
       GradSink<T> s = grad_sink(*logits.node());
       const T* zd = logits.value().data();
       const double c = static_cast<double>(g[0]) / static_cast<double>(N);
-#pragma omp parallel for schedule(static) if (logits.value().size() >= detail::kParallelMin)
-      for (int64_t i = 0; i < N; ++i)
+      parallel_for(N, logits.value().size() >= detail::kParallelMin, [&](int64_t i) {
         for (int64_t j = 0; j < K; ++j) {
           const double p = std::exp(static_cast<double>(zd[i * K + j]) - lse[i]);
           s.put(static_cast<size_t>(i * K + j), c * (p - (j == labels[i] ? 1.0 : 0.0)));
         }
+      });
     };
   });
 }

@@ -155,8 +155,7 @@ Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
   T* od = out.data();
   int32_t* ad = grad ? arg.data() : nullptr;
   // One task per output row (n, oh): disjoint outputs, so any thread count gives the same bits.
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < pl.N * OH; ++r) {
+  parallel_for(pl.N * OH, x.value().size() >= detail::kParallelMin, [&](int64_t r) {
     const int64_t n = r / OH;
     const detail::PoolWindow& wh = pl.wh[r % OH];
     for (int64_t ow = 0; ow < OW; ++ow) {
@@ -180,22 +179,21 @@ Var<T> max_pool2d(const Var<T>& x, PoolOptions opt) {
           }
         }
     }
-  }
+  });
   return make_result<T>(std::move(out), {&x}, [&]() {
     return [x, N = pl.N, H, W, C, OH, OW, arg = std::move(arg)](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*x.node());
       const T* gd = g.data();
       const int64_t in_n = H * W * C, out_n = OH * OW * C;
       // Windows overlap, so the scatter is split over samples only.
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin && N > 1)
-      for (int64_t n = 0; n < N; ++n) {
+      parallel_for(N, x.value().size() >= detail::kParallelMin && N > 1, [&](int64_t n) {
         T* sd = s.data + n * in_n;
         if (!s.accumulate) std::fill(sd, sd + in_n, T(0));
         const T* gn = gd + n * out_n;
         const int32_t* an = arg.data() + n * out_n;
         for (int64_t j = 0; j < OH * OW; ++j)
           for (int64_t c = 0; c < C; ++c) sd[an[j * C + c] * C + c] += gn[j * C + c];
-      }
+      });
     };
   });
 }
@@ -216,8 +214,7 @@ Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
   Tensor<T> out({pl.N, OH, OW, C});
   const T* xd = x.value().data();
   T* od = out.data();
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < pl.N * OH; ++r) {
+  parallel_for(pl.N * OH, x.value().size() >= detail::kParallelMin, [&](int64_t r) {
     const int64_t n = r / OH;
     const detail::PoolWindow& wh = pl.wh[r % OH];
     for (int64_t ow = 0; ow < OW; ++ow) {
@@ -233,15 +230,14 @@ Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
       const T d = static_cast<T>(divisor(wh, ww));  // divide, not multiply by 1/d: PyTorch's rounding
       for (int64_t c = 0; c < C; ++c) o[c] /= d;
     }
-  }
+  });
   return make_result<T>(std::move(out), {&x}, [&]() {
     return [x, pl, divisor](const Tensor<T>& g) {
       const int64_t H = pl.H, W = pl.W, C = pl.C, OH = pl.OH, OW = pl.OW;
       GradSink<T> s = grad_sink(*x.node());
       const T* gd = g.data();
       const int64_t in_n = H * W * C;
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin && pl.N > 1)
-      for (int64_t n = 0; n < pl.N; ++n) {
+      parallel_for(pl.N, x.value().size() >= detail::kParallelMin && pl.N > 1, [&](int64_t n) {
         T* sd = s.data + n * in_n;
         if (!s.accumulate) std::fill(sd, sd + in_n, T(0));
         std::vector<T> q(static_cast<size_t>(C));
@@ -259,7 +255,7 @@ Var<T> avg_pool2d(const Var<T>& x, PoolOptions opt) {
               }
           }
         }
-      }
+      });
     };
   });
 }
@@ -291,23 +287,21 @@ Var<T> global_avg_pool(const Var<T>& x) {
   Tensor<T> out({N, C});
   const T* xd = x.value().data();
   T* od = out.data();
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin && N > 1)
-  for (int64_t n = 0; n < N; ++n) {
+  parallel_for(N, x.value().size() >= detail::kParallelMin && N > 1, [&](int64_t n) {
     std::vector<double> acc(static_cast<size_t>(C), 0.0);
     const T* xp = xd + n * HW * C;
     for (int64_t p = 0; p < HW; ++p)
       for (int64_t c = 0; c < C; ++c) acc[c] += xp[p * C + c];
     for (int64_t c = 0; c < C; ++c) od[n * C + c] = static_cast<T>(acc[c] / static_cast<double>(HW));
-  }
+  });
   return make_result<T>(std::move(out), {&x}, [x, N, HW, C]() {
     return [x, N, HW, C](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*x.node());
       const T inv = T(1) / static_cast<T>(HW);
-#pragma omp parallel for schedule(static) if (x.value().size() >= detail::kParallelMin)
-      for (int64_t r = 0; r < N * HW; ++r) {
+      parallel_for(N * HW, x.value().size() >= detail::kParallelMin, [&](int64_t r) {
         const T* gr = g.data() + (r / HW) * C;
         for (int64_t c = 0; c < C; ++c) s.put(static_cast<size_t>(r * C + c), gr[c] * inv);
-      }
+      });
     };
   });
 }

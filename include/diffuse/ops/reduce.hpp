@@ -49,11 +49,9 @@ Var<T> sum(const Var<T>& a) {
     if constexpr (std::is_same_v<T, float>) return detail::sum_cuda(a);
     else detail::cuda_float_only("sum");
   }
-  double acc = 0;
   const size_t n = a.value().size();
   const T* p = a.value().data();
-#pragma omp parallel for reduction(+ : acc) schedule(static) if (n >= detail::kParallelMin)
-  for (size_t i = 0; i < n; ++i) acc += p[i];
+  const double acc = parallel_sum(static_cast<int64_t>(n), n >= detail::kParallelMin, [&](int64_t i) { return double(p[i]); });
   Tensor<T> out = Tensor<T>::full({}, static_cast<T>(acc));
   return make_result<T>(std::move(out), {&a}, [a]() {
     return [a](const Tensor<T>& g) {
@@ -83,12 +81,10 @@ Var<T> mse(const Var<T>& a, const Var<T>& b) {
   }
   const size_t n = a.value().size();
   const T *pa = a.value().data(), *pb = b.value().data();
-  double acc = 0;
-#pragma omp parallel for reduction(+ : acc) schedule(static) if (n >= detail::kParallelMin)
-  for (size_t i = 0; i < n; ++i) {
+  const double acc = parallel_sum(static_cast<int64_t>(n), n >= detail::kParallelMin, [&](int64_t i) {
     const double d = static_cast<double>(pa[i]) - static_cast<double>(pb[i]);
-    acc += d * d;
-  }
+    return d * d;
+  });
   Tensor<T> out = Tensor<T>::full({}, static_cast<T>(acc / static_cast<double>(n)));
   return make_result<T>(std::move(out), {&a, &b}, [a, b, n]() {
     return [a, b, n](const Tensor<T>& g) {
@@ -99,8 +95,7 @@ Var<T> mse(const Var<T>& a, const Var<T>& b) {
         if (!self.requires_grad()) continue;
         const T sgn = side ? T(-1) : T(1);
         GradSink<T> s = grad_sink(*self.node());
-#pragma omp parallel for schedule(static) if (n >= detail::kParallelMin)
-        for (size_t i = 0; i < n; ++i) s.put(i, sgn * c * (pa[i] - pb[i]));
+        parallel_for(n, n >= detail::kParallelMin, [&](size_t i) { s.put(i, sgn * c * (pa[i] - pb[i])); });
       }
     };
   });

@@ -42,8 +42,7 @@ Var<T> upsample_nearest2x(const Var<T>& x) {
   T* od = out.data();
   const int64_t orow = 2 * W * C;  // one output row
   // Each input row r = (n, h) fills output rows 2h and 2h + 1 of sample n, i.e. 2r and 2r + 1.
-#pragma omp parallel for schedule(static) if (out.size() >= detail::kParallelMin)
-  for (int64_t r = 0; r < N * H; ++r) {
+  parallel_for(N * H, out.size() >= detail::kParallelMin, [&](int64_t r) {
     T* o0 = od + 2 * r * orow;
     for (int64_t w = 0; w < W; ++w) {
       const T* s = xd + (r * W + w) * C;
@@ -51,13 +50,12 @@ Var<T> upsample_nearest2x(const Var<T>& x) {
       std::copy_n(s, C, o0 + (2 * w + 1) * C);
     }
     std::copy_n(o0, orow, o0 + orow);
-  }
+  });
   return make_result<T>(std::move(out), {&x}, [x, N, H, W, C, orow]() {
     return [x, N, H, W, C, orow](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*x.node());
       const T* gd = g.data();
-#pragma omp parallel for schedule(static) if (g.size() >= detail::kParallelMin)
-      for (int64_t r = 0; r < N * H; ++r) {
+      parallel_for(N * H, g.size() >= detail::kParallelMin, [&](int64_t r) {
         const T* g0 = gd + 2 * r * orow;
         const T* g1 = g0 + orow;
         for (int64_t w = 0; w < W; ++w)
@@ -65,7 +63,7 @@ Var<T> upsample_nearest2x(const Var<T>& x) {
             const int64_t a = 2 * w * C + c, b = a + C;
             s.put(static_cast<size_t>((r * W + w) * C + c), (g0[a] + g0[b]) + (g1[a] + g1[b]));
           }
-      }
+      });
     };
   });
 }

@@ -26,10 +26,7 @@
 
 #include <diffuse/backend/cpu/cpu_features.hpp>
 #include <diffuse/backend/cpu/host_cache.hpp>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 // Included in every x86 build: GCC (since 4.9) and Clang declare all the
 // intrinsics whatever the command line, usable in functions whose target
@@ -51,8 +48,8 @@ inline void gemm_scale_c(int64_t m, int64_t n, T beta, T* C, int64_t ldc) {
 
 // ---------------------------------------------------------------- Eigen fallback
 
-// Note: Eigen may split a large product over its own OpenMP threads when
-// called outside a parallel region; that is the fallback's only parallelism.
+// Note: single-threaded (diffuse does not build Eigen with OpenMP); the
+// double products it serves are the gradient checks and the FID statistics.
 template <class T>
 inline void gemm_eigen(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* A,
                        int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -554,7 +551,7 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
   gemm_eigen<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// The same product split across the OpenMP threads, in one parallel region:
+// The same product split across the threads, in one parallel region:
 // over row blocks of C, or over column blocks when m is small (below 256
 // rows and no more than n; there each thread would spend a visible share of
 // its time packing all of op(B)) or too small to give every thread two
@@ -565,17 +562,14 @@ inline void gemm_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
                           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   // Chosen here, on the calling thread: a bad DIFFUSE_GEMM throws where it can be caught.
   if constexpr (std::is_same_v<T, float>) (void)gemm_path();
-#ifdef _OPENMP
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const int threads = omp_get_max_threads();
-  if (!omp_in_parallel() && threads > 1 && flops >= 4e6) {
+  const int threads = in_parallel() ? 1 : num_threads();
+  if (threads > 1 && flops >= 4e6) {
     constexpr int64_t mr = kGemmMR, nr = kGemmNR;
     const int64_t nt = threads;
     const bool by_cols = n >= 2 * nr * nt && (m < 2 * mr * nt || (m < 256 && n >= m));
-#pragma omp parallel num_threads(threads)
-    {
+    parallel_region(threads, [&](int64_t t, int64_t nth) {
       // Block edges fall on micro-tile boundaries.
-      const int64_t nth = omp_get_num_threads(), t = omp_get_thread_num();
       if (!by_cols) {
         const int64_t tiles = (m + mr - 1) / mr;
         const int64_t i0 = std::min(m, tiles * t / nth * mr), i1 = std::min(m, tiles * (t + 1) / nth * mr);
@@ -589,10 +583,9 @@ inline void gemm_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
           gemm<T>(trans_a, trans_b, m, j1 - j0, k, alpha, A, lda, trans_b ? B + j0 * ldb : B + j0, ldb, beta,
                   C + j0, ldc);
       }
-    }
+    });
     return;
   }
-#endif
   gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 

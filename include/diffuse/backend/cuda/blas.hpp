@@ -48,12 +48,9 @@
 #include <utility>
 #include <vector>
 
-#if !defined(__CUDACC__) && defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/math_mode.hpp>  // MathMode: FP32 (CUBLAS_DEFAULT_MATH, matches the CPU), TF32, BF16
+#include <diffuse/core/parallel.hpp>
 
 namespace diffuse::cuda {
 
@@ -203,16 +200,11 @@ inline void host_gemm_batched(bool trans_a, bool trans_b, std::int64_t m, std::i
   };
   const std::int64_t rows = batch * m;
   const bool product = k > 0 && alpha != 0.0f;
-  [[maybe_unused]] const double work = static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
-#ifdef _OPENMP
-#pragma omp parallel if (work > 1e6 && !omp_in_parallel())
-#endif
-  {
+  const double work = static_cast<double>(rows) * static_cast<double>(n) * static_cast<double>(k);
+  parallel_region(loop_threads(rows, work > 1e6), [&](int th, int team) {
     std::vector<double> acc(static_cast<std::size_t>(n));
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (std::int64_t r = 0; r < rows; ++r) {
+    const auto [r0, r1] = static_range(rows, th, team);
+    for (std::int64_t r = r0; r < r1; ++r) {
       const std::int64_t b = r / m, i = r % m;
       const float* a = A + b * stride_a;
       const float* bm = B + b * stride_b;
@@ -241,7 +233,7 @@ inline void host_gemm_batched(bool trans_a, bool trans_b, std::int64_t m, std::i
         c[j] = static_cast<float>(v);
       }
     }
-  }
+  });
 }
 #endif
 

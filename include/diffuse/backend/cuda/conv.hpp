@@ -45,6 +45,7 @@
 #include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/check.hpp>
 #include <diffuse/backend/cuda/math_mode.hpp>
+#include <diffuse/core/parallel.hpp>
 
 #include <algorithm>
 #include <compare>
@@ -552,8 +553,7 @@ namespace detail {
 template <class T>
 inline void conv2d_forward_host(const Conv2dShape& s, const T* x, const T* w, T* y) {
   const std::int64_t Ho = s.Ho(), Wo = s.Wo(), P = s.N * Ho * Wo, C = s.C;
-#pragma omp parallel for schedule(static) if (P * s.O * s.kh * s.kw * C >= (std::int64_t(1) << 20))
-  for (std::int64_t p = 0; p < P; ++p) {
+  parallel_for(P, P * s.O * s.kh * s.kw * C >= (std::int64_t(1) << 20), [&](std::int64_t p) {
     const std::int64_t n = p / (Ho * Wo), oy = p / Wo % Ho, ox = p % Wo;
     for (std::int64_t o = 0; o < s.O; ++o) {
       double acc = 0;
@@ -571,18 +571,17 @@ inline void conv2d_forward_host(const Conv2dShape& s, const T* x, const T* w, T*
       }
       y[p * s.O + o] = static_cast<T>(static_cast<float>(acc));
     }
-  }
+  });
 }
 
 // Gathers over the output pixels each input pixel feeds, so threads never write the same dx.
 template <class T>
 inline void conv2d_backward_data_host(const Conv2dShape& s, const T* dy, const T* w, T* dx, bool accumulate) {
   const std::int64_t Ho = s.Ho(), Wo = s.Wo(), Q = s.N * s.H * s.W, C = s.C;
-#pragma omp parallel if (Q * s.O * s.kh * s.kw * C >= (std::int64_t(1) << 20))
-  {
+  parallel_region(loop_threads(Q, Q * s.O * s.kh * s.kw * C >= (std::int64_t(1) << 20)), [&](int th, int team) {
     std::vector<double> acc(static_cast<std::size_t>(C));
-#pragma omp for schedule(static)
-    for (std::int64_t q = 0; q < Q; ++q) {
+    const auto [q0, q1] = static_range(Q, th, team);
+    for (std::int64_t q = q0; q < q1; ++q) {
       const std::int64_t n = q / (s.H * s.W), iy = q / s.W % s.H, ix = q % s.W;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (std::int64_t ky = 0; ky < s.kh; ++ky) {
@@ -604,18 +603,17 @@ inline void conv2d_backward_data_host(const Conv2dShape& s, const T* dy, const T
         d[c] = static_cast<T>(static_cast<float>(accumulate ? static_cast<double>(static_cast<float>(d[c])) + acc[c]
                                                             : acc[c]));
     }
-  }
+  });
 }
 
 // One output channel per iteration: each owns its dw rows.
 template <class T>
 inline void conv2d_backward_filter_host(const Conv2dShape& s, const T* x, const T* dy, T* dw, bool accumulate) {
   const std::int64_t Ho = s.Ho(), Wo = s.Wo(), C = s.C, K = s.kh * s.kw * C;
-#pragma omp parallel if (s.N * Ho * Wo * s.O * K >= (std::int64_t(1) << 20))
-  {
+  parallel_region(loop_threads(s.O, s.N * Ho * Wo * s.O * K >= (std::int64_t(1) << 20)), [&](int th, int team) {
     std::vector<double> acc(static_cast<std::size_t>(K));
-#pragma omp for schedule(static)
-    for (std::int64_t o = 0; o < s.O; ++o) {
+    const auto [o0, o1] = static_range(s.O, th, team);
+    for (std::int64_t o = o0; o < o1; ++o) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (std::int64_t n = 0; n < s.N; ++n)
         for (std::int64_t oy = 0; oy < Ho; ++oy)
@@ -637,7 +635,7 @@ inline void conv2d_backward_filter_host(const Conv2dShape& s, const T* x, const 
       for (std::int64_t i = 0; i < K; ++i)
         d[i] = static_cast<T>(static_cast<float>(accumulate ? static_cast<double>(static_cast<float>(d[i])) + acc[i] : acc[i]));
     }
-  }
+  });
 }
 
 }  // namespace detail

@@ -5,7 +5,7 @@
 // each runs until it reaches a barrier, a warp intrinsic or its end. __syncthreads() releases
 // when every thread of the block waits at the same call; a warp intrinsic releases when every
 // non-exited lane named in its mask waits at the same intrinsic with the same mask (the sm_70+
-// rule). Blocks run one after another on each host thread, in parallel over OpenMP threads.
+// rule). Blocks run one after another on each host thread, in parallel over the host threads (core/parallel.hpp).
 // Shared memory is storage per block, filled with 0xFF bytes (NaN as float, -1 as int) when a
 // block starts, so a kernel that reads it before writing fails its test.
 //
@@ -33,6 +33,7 @@ the emulation defines dim3, threadIdx, ... itself. Compile kernels either with n
 #include <unistd.h>
 
 #include <algorithm>
+#include <mutex>
 #include <atomic>
 #include <cmath>  // expf, ... in the global namespace, as device code has them
 #include <cstddef>
@@ -50,9 +51,7 @@ the emulation defines dim3, threadIdx, ... itself. Compile kernels either with n
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <diffuse/core/parallel.hpp>
 
 // ---------------------------------------------------------------- CUDA spellings
 // Kernels are templates (nvcc ignores `inline` on __global__), so __global__ needs no `inline`;
@@ -85,7 +84,7 @@ struct Limits {
   // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) gets up to 227 KiB on sm_90.
   std::size_t max_shared_bytes = 48 * 1024;
   std::size_t fiber_stack_bytes = 64 * 1024;  // per thread of a block; a guard page catches overflow
-  int host_threads = 0;                       // OpenMP threads running blocks; 0: OpenMP's default
+  int host_threads = 0;                       // host threads running blocks; 0: diffuse::num_threads()
 };
 inline Limits& limits() {
   static Limits l;
@@ -522,25 +521,24 @@ inline void launch(const dim3& grid, const dim3& block, std::size_t shared_bytes
   std::exception_ptr first;
   std::atomic<bool> failed{false};
   // Each host thread runs whole blocks with its own scheduler (a fiber never changes thread).
-#ifdef _OPENMP
-  const int host_threads = lim.host_threads > 0 ? lim.host_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 1) if (blocks > 1) num_threads(host_threads)
-#endif
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    if (failed.load(std::memory_order_relaxed)) continue;
-    const auto ub = static_cast<std::uint64_t>(b);
-    const dim3 idx(static_cast<unsigned>(ub % grid.x), static_cast<unsigned>(ub / grid.x % grid.y),
-                   static_cast<unsigned>(ub / (std::uint64_t{grid.x} * grid.y)));
-    try {
-      detail::this_thread_scheduler().run_block(lim, grid, block, idx, shared_bytes, body);
-    } catch (...) {
-#ifdef _OPENMP
-#pragma omp critical(diffuse_emu_launch_error)
-#endif
-      if (!first) first = std::current_exception();
-      failed.store(true, std::memory_order_relaxed);
+  const std::int64_t host_threads = lim.host_threads > 0 ? lim.host_threads : num_threads();
+  std::mutex first_mutex;
+  DynamicCounter next(blocks);
+  parallel_region(static_cast<int>(std::min(host_threads, blocks)), [&](int, int) {
+    for (std::int64_t b; (b = next.next()) >= 0;) {
+      if (failed.load(std::memory_order_relaxed)) continue;
+      const auto ub = static_cast<std::uint64_t>(b);
+      const dim3 idx(static_cast<unsigned>(ub % grid.x), static_cast<unsigned>(ub / grid.x % grid.y),
+                     static_cast<unsigned>(ub / (std::uint64_t{grid.x} * grid.y)));
+      try {
+        detail::this_thread_scheduler().run_block(lim, grid, block, idx, shared_bytes, body);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(first_mutex);
+        if (!first) first = std::current_exception();
+        failed.store(true, std::memory_order_relaxed);
+      }
     }
-  }
+  });
   if (first) std::rethrow_exception(first);
 }
 
@@ -590,7 +588,7 @@ inline int __all_sync(unsigned mask, int predicate, std::source_location where =
   return static_cast<int>(::diffuse::emu::detail::warp_vote(::diffuse::emu::detail::WarpKind::all, mask, predicate, where));
 }
 
-// Atomics: CUDA's are relaxed; std::atomic_ref makes them safe across blocks on OpenMP threads.
+// Atomics: CUDA's are relaxed; std::atomic_ref makes them safe across blocks on host threads.
 namespace diffuse::emu::detail {
 template <class T>
 inline T atomic_fetch_add(T* p, T v) {
