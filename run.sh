@@ -10,11 +10,14 @@ Usage: ./run.sh <command> [args...]
                        reference used by the tests); uses sudo when not root
   build                deps + configure build/ (Release) + build everything
   test                 deps --test + build + ctest
-  demo [flags...]      build + build/examples/train_2d --out out/2d [flags...]
+  demo [flags...]      deps + configure build-demo/ + build train_2d alone, then
+                       build-demo/examples/train_2d --out out/2d [flags...]
   -h, --help           this text
 
 Environment:
-  DIFFUSE_BUILD_DIR    build directory (default: build)
+  DIFFUSE_BUILD_DIR    build directory of build and test (default: build)
+  DIFFUSE_DEMO_BUILD_DIR  build directory of demo (default: build-demo); CUDA only when
+                       nvidia-smi lists a GPU, and then for that GPU's architecture alone
   DIFFUSE_CMAKE_ARGS   extra arguments for the cmake configure step,
                        e.g. "-DDIFFUSE_CUDA=OFF"
   CI                   when set, CUDA code is built for sm_80 only and the CPU benchmarks
@@ -83,6 +86,31 @@ configure_and_build() {
   cmake --build "$BUILD_DIR" -j"$JOBS"
 }
 
+# The demo's build: the train_2d target alone, in its own tree (so that `build` and `test` keep
+# their full configuration), without the tests, benchmarks and docs, and with CUDA only for a
+# GPU this machine has (nvcc for two architectures would triple the build time for nothing).
+demo_build() {
+  local dir=${DIFFUSE_DEMO_BUILD_DIR:-build-demo}
+  local args=(-S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DDIFFUSE_BUILD_TESTS=OFF
+              -DDIFFUSE_BUILD_BENCHMARKS=OFF -DDIFFUSE_BUILD_DOCS=OFF)
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    args+=(-DDIFFUSE_CUDA=AUTO -DCMAKE_CUDA_ARCHITECTURES=native)
+  else
+    args+=(-DDIFFUSE_CUDA=OFF)
+  fi
+  if [[ -n ${DIFFUSE_CMAKE_ARGS:-} ]]; then
+    # shellcheck disable=SC2206  # word splitting intended
+    args+=(${DIFFUSE_CMAKE_ARGS})
+  fi
+  say "configure: cmake ${args[*]}"
+  mkdir -p "$dir"
+  cmake "${args[@]}" >"$dir/configure.log" 2>&1 || { cat "$dir/configure.log" >&2; die "demo: configure failed (log above)"; }
+  grep -E 'CUDA' "$dir/configure.log" | sed 's/^-- /    /' || true
+  say "build: cmake --build $dir --target train_2d -j$JOBS"
+  cmake --build "$dir" --target train_2d -j"$JOBS"
+  DEMO_EXE=$dir/examples/train_2d
+}
+
 cmd=${1:-}
 [[ $# -gt 0 ]] && shift
 case $cmd in
@@ -103,13 +131,23 @@ case $cmd in
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$JOBS"
     ;;
   demo)
+    start=$SECONDS
     deps
-    configure_and_build
-    exe=$BUILD_DIR/examples/train_2d
-    [[ -x $exe ]] || die "demo: $exe was not built (is examples/train_2d.cpp there?)"
-    mkdir -p out/2d
-    say "demo: $exe --out out/2d $*"
-    exec "$exe" --out out/2d "$@"
+    demo_build
+    [[ -x $DEMO_EXE ]] || die "demo: $DEMO_EXE was not built (is examples/train_2d.cpp there?)"
+    out=out/2d has_out=0 args=("$@")
+    for ((i = 0; i < ${#args[@]}; ++i)); do
+      case ${args[i]} in
+        -h|--help) exec "$DEMO_EXE" --help ;;
+        --out) out=${args[i + 1]:-} has_out=1 ;;
+        --out=*) out=${args[i]#--out=} has_out=1 ;;
+      esac
+    done
+    ((has_out)) || args=(--out "$out" "${args[@]}")
+    mkdir -p "$out"
+    say "demo: $DEMO_EXE ${args[*]}"
+    "$DEMO_EXE" "${args[@]}"
+    say "demo: done in $((SECONDS - start)) s. Pictures: $out/samples.png (data | samples), $out/process.png (x_T to x_0); points: $out/samples.csv"
     ;;
   -h|--help|help)
     usage
