@@ -24,7 +24,6 @@ for ((r = 1; r <= rounds; ++r)); do
     label=${spec%%=*} rest=${spec#*=} envs=()
     if [[ $rest == *,* ]]; then IFS=',' read -r -a parts <<<"$rest"; bin=${parts[-1]}; envs=("${parts[@]:0:${#parts[@]}-1}"); else bin=$rest; fi
     [[ -x $bin ]] || { echo "side_by_side.sh: $bin is not an executable" >&2; exit 2; }
-    envs=(X_SIDE_BY_SIDE=1 "${envs[@]}")
     t0=$(now); one solo; t1=$(now)
     t2=$(now)
     ( one a; now >"$work/a.end" ) &
