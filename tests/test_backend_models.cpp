@@ -41,8 +41,9 @@ std::map<std::string, Tensor<float>> grads_of(const Module<float>& m) {
   return g;
 }
 
-std::map<std::string, Tensor<float>> values_of(const Module<float>& m) {
-  std::map<std::string, Tensor<float>> v;
+template <class T>
+std::map<std::string, Tensor<T>> values_of(const Module<T>& m) {
+  std::map<std::string, Tensor<T>> v;
   for (auto& [n, t] : m.state_dict()) v[n] = t;
   return v;
 }
@@ -145,27 +146,31 @@ class FilmNet : public Module<float> {
 };
 
 // Trains `steps` steps (MSE to eps, clip, AdamW, EMA) on `dev`; returns losses, norms and state.
-struct TrainRun {
-  std::vector<float> losses;
+// In T = double on the CPU it is the reference that float's rounding is measured against.
+template <class T>
+struct TrainRunOf {
+  std::vector<double> losses;
   std::vector<double> norms;
-  std::map<std::string, Tensor<float>> weights, ema;
+  std::map<std::string, Tensor<T>> weights, ema;
 };
-template <class M, class Forward>
-TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<StepBatch>& batches, double clip) {
+using TrainRun = TrainRunOf<float>;
+template <class T, class Forward>
+TrainRunOf<T> train_steps(Module<T>& m, Device dev, Forward fwd, const std::vector<StepBatch>& batches, double clip) {
   m.to(dev);
   AdamOptions ao;
   ao.lr = 2e-3;
   ao.weight_decay = 0.01;
   ao.decoupled = true;
-  Adam<float> opt(m.named_parameters(), ao);
-  EMA<float> ema(m.named_parameters(), 0.99);
-  TrainRun r;
+  Adam<T> opt(m.named_parameters(), ao);
+  EMA<T> ema(m.named_parameters(), 0.99);
+  TrainRunOf<T> r;
   for (const StepBatch& b : batches) {
     opt.zero_grad();
-    const Var<float> loss = mse(fwd(Var<float>(b.x.to(dev)), b), Var<float>(b.eps.to(dev)));
+    const Var<T> x(b.x.template to<T>().to(dev)), eps(b.eps.template to<T>().to(dev));
+    const Var<T> loss = mse(fwd(x, b), eps);
     backward(loss);
     r.norms.push_back(clip > 0 ? clip_grad_norm(opt.params(), clip) : 0.0);
-    r.losses.push_back(loss.value().cpu()[0]);
+    r.losses.push_back(static_cast<double>(loss.value().cpu()[0]));
     opt.step(ema);
   }
   r.weights = values_of(m);
@@ -177,31 +182,47 @@ TrainRun train_steps(M& m, Device dev, Forward fwd, const std::vector<StepBatch>
 
 // Weights after training judged by their change from w0: each moved by ~lr per step, so a wrong
 // update would hide under the weight's own size. Adam's first updates are nearly sign(g) lr, so
-// gradient rounding moves them little, except where a gradient is near 0 (key biases, see above).
+// gradient rounding moves them little, except where a gradient component nearly cancels (its
+// terms' sum far below their sizes): there float's rounding on ANY device moves the update by a
+// good part of lr. Given `ref`, the same run in double on the CPU, such a tensor is found by the
+// CPU's own float error against it, and the device must be as accurate as the CPU within 4x
+// (rounding errors of two summation orders, not equal but of one size); else, or where the CPU's
+// error is small, within `tol` of the CPU.
 void check_training(const TrainRun& cpu, const TrainRun& dev, const std::map<std::string, Tensor<float>>& w0,
-                    double tol = 1e-3) {
+                    double tol = 1e-3, const TrainRunOf<double>* ref = nullptr) {
   REQUIRE(cpu.losses.size() == dev.losses.size());
   for (size_t s = 0; s < cpu.losses.size(); ++s) {
     INFO("step " << s << ": loss cpu " << cpu.losses[s] << " cuda " << dev.losses[s]);
     CHECK(std::fabs(dev.losses[s] - cpu.losses[s]) <= 1e-5 * std::fabs(cpu.losses[s]));
     CHECK(std::fabs(dev.norms[s] - cpu.norms[s]) <= 1e-4 * std::max(cpu.norms[s], 1e-12));
   }
-  for (const auto* which : {&cpu.weights, &cpu.ema}) {
-    const auto& other = which == &cpu.weights ? dev.weights : dev.ema;
-    for (const auto& [n, w] : *which) {
+  for (const bool averaged : {false, true}) {
+    const auto& wc = averaged ? cpu.ema : cpu.weights;
+    const auto& wd = averaged ? dev.ema : dev.weights;
+    for (const auto& [n, w] : wc) {
       if (is_key_bias(n)) continue;
-      INFO((which == &cpu.weights ? "weight " : "EMA ") << n);
+      INFO((averaged ? "EMA " : "weight ") << n);
       Tensor<float> dc(w.shape()), dd(w.shape());
       const Tensor<float>& start = w0.at(n);
       for (size_t i = 0; i < w.size(); ++i) {
         dc[i] = w[i] - start[i];
-        dd[i] = other.at(n)[i] - start[i];
+        dd[i] = wd.at(n)[i] - start[i];
       }
       if (norm_of(dc) == 0) {
         CHECK(norm_of(dd) == 0);
         continue;
       }
-      CHECK(rel_err(dd, dc) < tol);
+      const double err = rel_err(dd, dc);
+      if (ref == nullptr || err < tol) {
+        CHECK(err < tol);
+        continue;
+      }
+      Tensor<double> dr(w.shape());
+      const Tensor<double>& wr = (averaged ? ref->ema : ref->weights).at(n);
+      for (size_t i = 0; i < w.size(); ++i) dr[i] = wr[i] - static_cast<double>(start[i]);
+      const double cpu_err = rel_err(dc, dr), dev_err = rel_err(dd, dr);
+      INFO("against double: cpu " << cpu_err << ", cuda " << dev_err << " (cuda against cpu " << err << ")");
+      CHECK(dev_err < std::max(tol, 4 * cpu_err));
     }
   }
 }
@@ -274,10 +295,18 @@ TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the sam
   auto fwd = [](UNet<float>& m, Generator& d) {
     return [&m, &d](const Var<float>& x, const StepBatch& b) { return m(x, b.t, &b.y, &d); };
   };
+  // The reference in double: the same weights, batches and dropout masks.
+  Generator g2(seed), d2(seed + 1);
+  UNet<double> ref(c, g2);
+  NamedTensors<double> st;
+  for (const auto& [n, t] : cpu.state_dict()) st.emplace_back(n, t.to<double>());
+  ref.load_state_dict(st);
+  auto fwd64 = [&ref, &d2](const Var<double>& x, const StepBatch& b) { return ref(x, b.t, &b.y, &d2); };
   const TrainRun rc = train_steps(cpu, Device::CPU, fwd(cpu, dc), batches, 0.5);
   const TrainRun rd = train_steps(dev, Device::CUDA, fwd(dev, dd), batches, 0.5);
+  const TrainRunOf<double> r64 = train_steps(ref, Device::CPU, fwd64, batches, 0.5);
   for (double n : rc.norms) CHECK(n > 0.5);  // clipping acts
-  check_training(rc, rd, w0);
+  check_training(rc, rd, w0, 1e-3, &r64);
 }
 
 // bf16 autocast (MathMode::BF16) against the FP32 CPU model. Each GEMM and convolution rounds its
