@@ -104,6 +104,30 @@ TEST_CASE("parallel_for, parallel_region and DynamicCounter visit every iteratio
   }
 }
 
+// Workers claim slots: one still asleep when the region's slots are all taken joins later, maybe
+// in a later region. Regions after gaps of 0 to 300 us (a worker awake, spinning, or asleep) with
+// changing teams: each slot of each region runs once, with its own region's team.
+TEST_CASE("regions after gaps with changing teams run each slot exactly once", "[parallel]") {
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  std::mt19937_64 rng(seed);
+  int bad = 0;
+  for (int region = 0; region < 3000; ++region) {
+    const int team = 1 + static_cast<int>(rng() % 4);
+    const int gap_us = static_cast<int>(rng() % 4) * 100;
+    if (gap_us) std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(team));
+    std::atomic<int> wrong_team{0};
+    diffuse::parallel_region(team, [&](int t, int tm) {
+      wrong_team += tm != team;
+      hits[static_cast<size_t>(t)].fetch_add(1);
+    });
+    for (auto& h : hits) bad += h.load() != 1;
+    bad += wrong_team.load();
+  }
+  CHECK(bad == 0);
+}
+
 TEST_CASE("parallel_for uses the threads set and no more than the iterations", "[parallel]") {
   ThreadsGuard guard;
   diffuse::set_num_threads(3);
@@ -113,11 +137,21 @@ TEST_CASE("parallel_for uses the threads set and no more than the iterations", "
   CHECK(diffuse::loop_threads(1000, false) == 1);
   std::vector<std::thread::id> ids(3);
   std::atomic<int> team_seen{0};
+  // Each slot waits for the other two to start: only three threads at once can finish this.
+  std::atomic<int> arrived{0};
+  std::atomic<bool> timed_out{false};
   diffuse::parallel_region(3, [&](int t, int team) {
     ids[static_cast<size_t>(t)] = std::this_thread::get_id();
     team_seen = team;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // all three at once, on different threads
+    arrived.fetch_add(1);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (arrived.load() < 3)
+      if (std::chrono::steady_clock::now() > until) {
+        timed_out = true;
+        break;
+      }
   });
+  CHECK_FALSE(timed_out);
   CHECK(team_seen == 3);
   CHECK(ids[0] == std::this_thread::get_id());
   CHECK(ids[0] != ids[1]);
