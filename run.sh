@@ -18,6 +18,9 @@ Environment:
   DIFFUSE_BUILD_DIR    build directory of build and test (default: build)
   DIFFUSE_DEMO_BUILD_DIR  build directory of demo (default: build-demo); CUDA only when
                        nvidia-smi lists a GPU, and then for that GPU's architecture alone
+  DIFFUSE_REQUIRE_ALL_TESTS  test: 1 (the default once deps has checked every package) fails a
+                       test that would skip for want of torch, numpy, scipy or Fashion-MNIST;
+                       0 lets it skip
   DIFFUSE_CMAKE_ARGS   extra arguments for the cmake configure step,
                        e.g. "-DDIFFUSE_CUDA=OFF"
   CI                   when set, CUDA code is built for sm_80 only and the CPU benchmarks
@@ -57,6 +60,7 @@ deps() {
   done
   if [[ ${#missing[@]} -eq 0 ]]; then
     say "deps: all present"
+    DEPS_VERIFIED=1
     return 0
   fi
   local sudo=()
@@ -67,6 +71,7 @@ deps() {
   say "deps: installing ${missing[*]}"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+  DEPS_VERIFIED=1
 }
 
 configure_and_build() {
@@ -126,6 +131,11 @@ case $cmd in
     [[ $# -eq 0 ]] || die "test takes no arguments"
     deps --test
     configure_and_build
+    # Every reference a test needs is installed: a test that skips for want of one fails instead
+    # (tests/skip.hpp). Set DIFFUSE_REQUIRE_ALL_TESTS=0 to let such tests skip.
+    if [[ ${DEPS_VERIFIED:-0} == 1 && -z ${DIFFUSE_REQUIRE_ALL_TESTS+x} ]]; then
+      export DIFFUSE_REQUIRE_ALL_TESTS=1
+    fi
     # The consumer tests hold a RESOURCE_LOCK, so they never overlap each other.
     say "test: ctest --test-dir $BUILD_DIR --output-on-failure -j$JOBS"
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$JOBS"

@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include "skip.hpp"
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
@@ -155,8 +156,7 @@ TEST_CASE("fid_preprocess replicates grey, resizes as F.interpolate and scales t
 
 TEST_CASE("FID Inception features match pytorch-fid's network in PyTorch (random weights)") {
   if (!have_torch()) {
-    WARN("no python with torch found at configure time: Inception comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: Inception comparison skipped");
   }
   const uint64_t seed = fresh_seed() % 1000000;
   INFO("seed " << seed);

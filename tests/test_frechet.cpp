@@ -26,6 +26,7 @@ namespace fs = std::filesystem;
 using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 #include "temp_files.hpp"
+#include "skip.hpp"
 
 using diffuse::testing::Bytes;
 using diffuse::testing::read_bytes;
@@ -169,8 +170,7 @@ TEST_CASE("gaussian stats files round trip") {
 TEST_CASE("frechet distance matches pytorch-fid with scipy sqrtm") {
   const std::string py = scipy_python();
   if (py.empty()) {
-    WARN("no python with numpy and scipy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): scipy comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with numpy and scipy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): scipy comparison skipped");
   }
   TempDir dir("frechet", "scipy");
   std::mt19937_64 rng(5);

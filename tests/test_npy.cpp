@@ -28,6 +28,7 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 #include "temp_files.hpp"
+#include "skip.hpp"
 
 using diffuse::testing::Bytes;
 using diffuse::testing::read_bytes;
@@ -167,8 +168,7 @@ TEST_CASE("npy round trip of every dtype on random data") {
 TEST_CASE("npy reads files written by numpy and numpy reads ours") {
   const std::string py = numpy_python();
   if (py.empty()) {
-    WARN("no python with numpy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): numpy interop test skipped");
-    return;
+    DIFFUSE_SKIP("no python with numpy (DIFFUSE_TORCH_PYTHON='" DIFFUSE_TORCH_PYTHON "'): numpy interop test skipped");
   }
   TempDir d("npy", "numpy");
   // Each array: dtype, shape, values ref(i) = (37 i mod 251) - 100 (uint8: 37 i mod 251).

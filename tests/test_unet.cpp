@@ -17,6 +17,7 @@
 
 #include "gradcheck.hpp"
 #include "compare.hpp"
+#include "skip.hpp"
 
 using namespace diffuse;
 namespace fs = std::filesystem;
@@ -128,8 +129,7 @@ TEST_CASE("gradcheck: a tiny UNet with attention and class conditioning, in doub
 
 TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
-    WARN("no python with torch found at configure time: PyTorch comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
@@ -189,8 +189,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
 
 TEST_CASE("UNet loads weights written by the PyTorch reference") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
-    WARN("no python with torch found at configure time: PyTorch comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
   const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
   fs::create_directories(dir);
@@ -248,8 +247,7 @@ TEST_CASE("a steady U-Net train step takes no new tensor memory from the system"
 
 TEST_CASE("UNet matches the PyTorch reference in double precision") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
-    WARN("no python with torch found at configure time: PyTorch comparison skipped");
-    return;
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
   const uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
