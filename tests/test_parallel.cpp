@@ -128,6 +128,40 @@ TEST_CASE("regions after gaps with changing teams run each slot exactly once", "
   CHECK(bad == 0);
 }
 
+// slot_local: the GEMM and conv scratch. Slot t of every region must get the same object whichever
+// thread claims it (else a buffer grown on demand keeps growing after warm-up), no two slots of a
+// region may share one, and outside a pooled region each thread has its own.
+TEST_CASE("slot_local gives slot t of every region the same object, and threads outside regions their own",
+          "[parallel]") {
+  struct Tag;
+  constexpr int team = 3;
+  std::vector<int*> first(team, nullptr);
+  std::vector<int> counts(team, 0);
+  int moved = 0, shared = 0;
+  for (int region = 0; region < 500; ++region) {
+    if (region % 50 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // let workers sleep
+    std::vector<int*> seen(team, nullptr);
+    diffuse::parallel_region(team, [&](int t, int) {
+      int& v = diffuse::detail::slot_local<int, Tag>();
+      ++v;
+      seen[static_cast<size_t>(t)] = &v;
+    });
+    for (int t = 0; t < team; ++t) {
+      if (!first[t]) first[t] = seen[t];
+      moved += seen[t] != first[t];
+      for (int u = 0; u < t; ++u) shared += seen[t] == seen[u];
+    }
+  }
+  CHECK(moved == 0);
+  CHECK(shared == 0);
+  for (int t = 0; t < team; ++t) CHECK(*first[t] == 500);  // one increment per region, never lost
+  int* mine = &diffuse::detail::slot_local<int, Tag>();
+  int* other = nullptr;
+  std::thread([&] { other = &diffuse::detail::slot_local<int, Tag>(); }).join();
+  CHECK(mine != other);
+  for (int t = 0; t < team; ++t) CHECK(mine != first[t]);
+}
+
 TEST_CASE("parallel_for uses the threads set and no more than the iterations", "[parallel]") {
   ThreadsGuard guard;
   diffuse::set_num_threads(3);

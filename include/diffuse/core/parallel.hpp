@@ -3,7 +3,7 @@
 // Why not OpenMP: libgomp's idle workers spin for about 300,000 iterations (milliseconds) before
 // they sleep, and only an environment variable read at program start (GOMP_SPINCOUNT) changes
 // that, which a library cannot set. Two trainings on the same two cores then slowed each other
-// 4-30x. These workers spin for a few microseconds (enough to catch the next region of a train
+// 4-30x. These workers spin for 50 microseconds (enough to catch the next region of a train
 // step), then sleep on a futex (std::atomic::wait), so side-by-side runs share the cores.
 //
 // The thread count: set_num_threads(n), else DIFFUSE_NUM_THREADS, else OMP_NUM_THREADS, else the
@@ -36,6 +36,8 @@ namespace diffuse {
 
 namespace detail {
 
+inline constexpr int kMaxThreads = 4096;
+
 // A positive integer from the environment, or 0 when unset; anything else is refused by name.
 inline int thread_count_from_env(const char* name) {
   const char* v = std::getenv(name);
@@ -50,8 +52,9 @@ inline int thread_count_from_env(const char* name) {
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used != s.size() || n < 1 || n > 4096)
-    throw std::invalid_argument(std::string("diffuse: ") + name + "='" + v + "': expected a thread count from 1 to 4096");
+  if (used != s.size() || n < 1 || n > kMaxThreads)
+    throw std::invalid_argument(std::string("diffuse: ") + name + "='" + v + "': expected a thread count from 1 to " +
+                                std::to_string(kMaxThreads));
   return static_cast<int>(n);
 }
 
@@ -75,6 +78,7 @@ inline std::atomic<int>& num_threads_setting() {
 }
 
 inline thread_local bool tl_in_parallel = false;
+inline thread_local int tl_slot = -1;  // the slot of a pooled region this thread runs, else -1
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -101,6 +105,11 @@ inline bool spin_until(Pred&& pred) {
   }
 }
 
+// A region's team-1 worker slots are claimed, not assigned: each woken worker (and the master,
+// once its own slot 0 is done) takes the next unclaimed slot until none is left, so a worker that
+// is still asleep when the others have taken every slot costs the region nothing, and the master
+// waits only for slots that are running. (Assigned slots made every region after a gap wait for
+// a sleeping worker's wake: 10-60 us each, the small train steps' solo cost.)
 class ThreadPool {
  public:
   using Job = void (*)(void* ctx, int thread, int team);
@@ -118,23 +127,24 @@ class ThreadPool {
     ctx_ = ctx;
     team_ = team;
     error_ = nullptr;
-    pending_.store(team - 1, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);
+    region_ = (region_ + 1) & 0xffffffffu;
+    // Publishes the region (job_, ctx_, team_ above) with slot 0 taken by this thread.
+    slots_.store(pack(region_, team, 1), std::memory_order_seq_cst);
     for (int w = 0; w < team - 1; ++w) {
       Worker& wk = *workers_[static_cast<size_t>(w)];
       wk.gen.fetch_add(1, std::memory_order_seq_cst);
       if (wk.sleeping.load(std::memory_order_seq_cst)) wk.gen.notify_one();
     }
     tl_in_parallel = true;
-    try {
-      job(ctx, 0, team);
-    } catch (...) {
-      record_error();
-    }
+    run_slot(0);
+    for (int t; (t = claim(slots_.load(std::memory_order_acquire))) >= 0;) run_slot(t);
     tl_in_parallel = false;
-    // The workers use ctx (the caller's frame): wait for every one before returning or throwing.
-    if (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+    // Every slot is claimed; the claimers use ctx (the caller's frame): wait for them to finish.
+    const auto all_done = [&] { return finished_.load(std::memory_order_acquire) == team; };
+    if (!spin_until(all_done)) {
       master_sleeping_.store(true, std::memory_order_seq_cst);
-      for (int p; (p = pending_.load(std::memory_order_seq_cst)) != 0;) pending_.wait(p, std::memory_order_seq_cst);
+      for (int f; (f = finished_.load(std::memory_order_seq_cst)) != team;) finished_.wait(f, std::memory_order_seq_cst);
       master_sleeping_.store(false, std::memory_order_relaxed);
     }
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
@@ -142,10 +152,36 @@ class ThreadPool {
 
  private:
   struct alignas(64) Worker {
-    std::atomic<uint32_t> gen{0};       // bumped by the master for each region this worker joins
+    std::atomic<uint32_t> gen{0};       // bumped by the master for each region it may join
     std::atomic<bool> sleeping{false};  // true while the worker waits on gen
-    int index = 0;                      // its thread number in a region (1, 2, ...)
   };
+
+  // slots_ holds the region's number, its team and the next unclaimed slot in one word, so a
+  // claim (a compare-and-swap) can only take a slot of the region it read.
+  static uint64_t pack(uint64_t region, int team, int next) {
+    return region << 32 | static_cast<uint64_t>(team) << 16 | static_cast<uint64_t>(next);
+  }
+  // The slot claimed from word w (as later words of the same region), or -1 when none is left.
+  int claim(uint64_t w) {
+    for (;;) {
+      const int team = static_cast<int>(w >> 16 & 0xffff), next = static_cast<int>(w & 0xffff);
+      if (next >= team) return -1;
+      if (slots_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return next;
+    }
+  }
+
+  void run_slot(int t) {
+    const int team = team_;  // read before finishing: then the master may start the next region
+    tl_slot = t;
+    try {
+      job_(ctx_, t, team);
+    } catch (...) {
+      record_error();
+    }
+    tl_slot = -1;
+    if (finished_.fetch_add(1, std::memory_order_seq_cst) + 1 == team && master_sleeping_.load(std::memory_order_seq_cst))
+      finished_.notify_one();
+  }
 
   static void run_inline(Job job, void* ctx) {
     const bool outer = tl_in_parallel;
@@ -168,7 +204,6 @@ class ThreadPool {
     while (static_cast<int>(workers_.size()) < n) {
       workers_.push_back(std::make_unique<Worker>());
       Worker* wk = workers_.back().get();
-      wk->index = static_cast<int>(workers_.size());
       // Never joined: the pool lives until the process ends (see pool()).
       std::thread([this, wk] { work(*wk); }).detach();
     }
@@ -184,13 +219,8 @@ class ThreadPool {
         wk.sleeping.store(false, std::memory_order_relaxed);
       }
       seen = wk.gen.load(std::memory_order_acquire);
-      try {
-        job_(ctx_, wk.index, team_);
-      } catch (...) {
-        record_error();
-      }
-      if (pending_.fetch_sub(1, std::memory_order_seq_cst) == 1 && master_sleeping_.load(std::memory_order_seq_cst))
-        pending_.notify_one();
+      // The latest region's slots, if any is left (a late worker finds none, or a later region's).
+      for (int t; (t = claim(slots_.load(std::memory_order_acquire))) >= 0;) run_slot(t);
     }
   }
 
@@ -199,7 +229,9 @@ class ThreadPool {
   Job job_ = nullptr;
   void* ctx_ = nullptr;
   int team_ = 1;
-  std::atomic<int> pending_{0};  // workers of the current region still running
+  uint64_t region_ = 0;                // the master's count of regions (mod 2^32)
+  std::atomic<uint64_t> slots_{0};     // see pack(): region, team, next unclaimed slot
+  std::atomic<int> finished_{0};       // slots of the current region that have finished
   std::atomic<bool> master_sleeping_{false};
   std::mutex error_mutex_;
   std::exception_ptr error_;
@@ -218,6 +250,19 @@ inline ThreadPool*& pool_ptr() {
 }
 inline ThreadPool& pool() { return *pool_ptr(); }
 
+// Scratch of type T (one per Tag) that belongs to the slot of the pooled region this thread is
+// running, or to the thread outside one. Slot t of every region does the same work whichever
+// thread claims it, so a buffer grown on demand settles after one step; per-thread buffers would
+// keep growing whenever a thread first wins a bigger slot. At most one thread runs a slot at a
+// time, and a region nested in a slot runs inline in it, so the object is never shared.
+template <class T, class Tag>
+inline T& slot_local() {
+  static T* const per_slot = new T[kMaxThreads]();  // value-initialised; never destroyed, as the pool
+  thread_local T own;
+  const int s = tl_slot;
+  return s >= 0 ? per_slot[s] : own;
+}
+
 }  // namespace detail
 
 // The threads the CPU backend uses (see the top of this header for where the number comes from).
@@ -225,8 +270,9 @@ inline int num_threads() { return detail::num_threads_setting().load(std::memory
 
 // Sets the thread count of every later parallel region; 1 runs everything on the calling thread.
 inline void set_num_threads(int n) {
-  if (n < 1 || n > 4096)
-    throw std::invalid_argument("diffuse: set_num_threads(" + std::to_string(n) + "): expected 1 to 4096");
+  if (n < 1 || n > detail::kMaxThreads)
+    throw std::invalid_argument("diffuse: set_num_threads(" + std::to_string(n) + "): expected 1 to " +
+                                std::to_string(detail::kMaxThreads));
   detail::num_threads_setting().store(n, std::memory_order_relaxed);
 }
 

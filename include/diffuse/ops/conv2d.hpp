@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <diffuse/backend/cpu/gemm.hpp>
@@ -94,10 +95,10 @@ inline void col2im_add_block(const T* col, T* dx, const ConvGeom& g, int64_t p0,
   }
 }
 
-// A growing per-thread scratch buffer (no allocation once warm).
-template <class T, int Slot>
+// A growing scratch buffer per region slot (no allocation once warm); Which tells them apart.
+template <class T, int Which>
 inline T* conv_scratch(size_t n) {
-  static thread_local std::vector<T> buf;
+  std::vector<T>& buf = slot_local<std::vector<T>, std::integral_constant<int, Which>>();
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }

@@ -161,7 +161,7 @@ inline constexpr int64_t kGemmPackAMinN = 512;
 
 // A 64-byte aligned float buffer that only grows, from the HostCache: a
 // packed operand made per call (GemmB) reuses the block the last call freed,
-// and the per-thread buffers (gemm_buffer_a / gemm_buffer_b) stop growing.
+// and the per-slot buffers (gemm_buffer_a / gemm_buffer_b) stop growing.
 struct GemmBuffer {
   float* p = nullptr;
   size_t cap = 0;
@@ -182,14 +182,10 @@ struct GemmBuffer {
   }
 };
 
-inline GemmBuffer& gemm_buffer_a() {
-  static thread_local GemmBuffer buf;
-  return buf;
-}
-inline GemmBuffer& gemm_buffer_b() {
-  static thread_local GemmBuffer buf;
-  return buf;
-}
+struct GemmBufferA;
+struct GemmBufferB;
+inline GemmBuffer& gemm_buffer_a() { return slot_local<GemmBuffer, GemmBufferA>(); }
+inline GemmBuffer& gemm_buffer_b() { return slot_local<GemmBuffer, GemmBufferB>(); }
 
 [[gnu::target("avx2,fma")]]
 inline void gemm_transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
