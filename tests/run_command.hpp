@@ -4,12 +4,18 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
+
+#include <fcntl.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace diffuse::testing {
 
@@ -21,6 +27,53 @@ inline int run_command(const std::string& cmd, const std::filesystem::path& log,
   if (out) *out = ss.str();
   UNSCOPED_INFO("$ " << cmd << "\n" << ss.str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+// Starts cmd (one command: the shell exec's it, so the signal reaches the tool itself), waits
+// until its output contains `marker` (at most timeout_s), sends SIGINT and returns its exit
+// status once it has ended; -1 if a signal ended it, or if the marker never came (then it is
+// killed). Waiting for the marker, not a fixed delay, makes the interrupt land mid-training on a
+// slow or loaded machine too.
+inline int run_command_interrupted(const std::string& cmd, const std::filesystem::path& log,
+                                   const std::string& marker, std::string* out = nullptr, int timeout_s = 300) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) _exit(127);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  REQUIRE(pid > 0);
+  const auto read_log = [&] {
+    std::ifstream f(log);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  };
+  bool seen = false;
+  int status = 0;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < until) {
+    if (waitpid(pid, &status, WNOHANG) == pid) break;  // ended before the marker
+    if (read_log().find(marker) != std::string::npos) {
+      seen = true;
+      kill(pid, SIGINT);
+      waitpid(pid, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!seen && waitpid(pid, &status, WNOHANG) == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+  }
+  const std::string text = read_log();
+  if (out) *out = text;
+  UNSCOPED_INFO("$ " << cmd << "  (SIGINT after '" << marker << "': " << (seen ? "sent" : "never seen") << ")\n"
+                     << text);
+  return seen && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 }  // namespace diffuse::testing

@@ -4,6 +4,7 @@
 
 #include <diffuse/diffuse.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -60,28 +61,107 @@ TEST_CASE("q_sample has the right mean and variance") {
   }
 }
 
-TEST_CASE("samplers invert a perfect denoiser of a point mass") {
-  // Data = the constant c: the exact eps given x_t is (x_t - sqrt(abar) c) / sqrt(1 - abar).
-  auto s = NoiseSchedule::linear(100);
-  const double c = 0.7;
-  EpsModel<double> oracle = [&](const Tensor<double>& x, const std::vector<int32_t>& t) {
+// Data = the constant c, so the exact eps given x_t is (x_t - sqrt(abar_t) c) / sqrt(1 - abar_t)
+// and every sampler step is a closed form in x_t and the step's noise z. The tests replay the
+// sampler's draws (x_T first, then one draw per noisy step, from a copy of its generator) and
+// check every step to 1e-12 in double: the answer is exact, so the tolerance is rounding only
+// (values O(1), a few dozen operations per step). The coefficients are written here from the
+// papers with abar alone, not taken from the schedule's posterior fields.
+namespace {
+EpsModel<double> point_mass_oracle(const NoiseSchedule& s, double c) {
+  return [&s, c](const Tensor<double>& x, const std::vector<int32_t>& t) {
     Tensor<double> e(x.shape());
-    for (size_t i = 0; i < x.size(); ++i) e[i] = (x[i] - s.sqrt_abar[t[0]] * c) / s.sqrt_one_minus_abar[t[0]];
+    const int64_t row = x.numel() / x.size(0);
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double ab = s.abar[static_cast<size_t>(t[i / static_cast<size_t>(row)])];
+      e[i] = (x[i] - std::sqrt(ab) * c) / std::sqrt(1 - ab);
+    }
     return e;
   };
-  Generator g(5);
-  for (Variance v : {Variance::FixedSmall, Variance::FixedLarge}) {
-    SampleOptions o;
-    o.variance = v;
-    int calls = 0;
-    Tensor<double> x = ddpm_sample<double>(s, oracle, {64, 2}, g, o, [&](int, const Tensor<double>&) { ++calls; });
-    CHECK(calls == 101);
-    for (double xi : x) CHECK(xi == Approx(c).margin(0.05));
-  }
-  SampleOptions o;
-  o.steps = 10;
-  Tensor<double> x = ddim_sample<double>(s, oracle, {16, 2}, g, o);
-  for (double xi : x) CHECK(xi == Approx(c).margin(1e-9));
+}
+double max_abs_diff(const Tensor<double>& a, const Tensor<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+}  // namespace
+
+TEST_CASE("DDPM with an exact point-mass denoiser takes the closed-form posterior step, for each variance") {
+  // Ho et al. eq. 7: x_{t-1} = c1 x0 + c2 x_t + sigma_t z with x0 = c, c1 = sqrt(abar_{t-1}) beta_t /
+  // (1 - abar_t), c2 = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t); sigma_t^2 = beta_t (1 -
+  // abar_{t-1}) / (1 - abar_t) ("small") or beta_t ("large"); no noise at t = 0, which lands on c.
+  const NoiseSchedule s = NoiseSchedule::linear(100);
+  const double c = 0.7;
+  const EpsModel<double> oracle = point_mass_oracle(s, c);
+  for (const Variance v : {Variance::FixedSmall, Variance::FixedLarge})
+    for (const bool clip : {false, true}) {
+      INFO((v == Variance::FixedSmall ? "small" : "large") << (clip ? ", x0 clipped" : ""));
+      SampleOptions o;
+      o.variance = v;
+      o.clip_x0 = clip;
+      Generator g(5), replay(5);
+      const Shape shape{64, 2};
+      Tensor<double> expect = Tensor<double>::randn(shape, replay);
+      int calls = 0;
+      double worst = 0;
+      const Tensor<double> x = ddpm_sample<double>(s, oracle, shape, g, o, [&](int t, const Tensor<double>& xt) {
+        ++calls;
+        if (t < s.T()) {
+          const double ab = s.abar[t], abp = t > 0 ? s.abar[t - 1] : 1.0, beta = 1 - ab / abp;
+          const double c1 = std::sqrt(abp) * beta / (1 - ab), c2 = std::sqrt(1 - beta) * (1 - abp) / (1 - ab);
+          const double sigma = t == 0 ? 0.0 : std::sqrt(v == Variance::FixedSmall ? beta * (1 - abp) / (1 - ab) : beta);
+          Tensor<double> z;
+          if (t > 0) z = Tensor<double>::randn(shape, replay);
+          for (size_t i = 0; i < expect.size(); ++i) expect[i] = c1 * c + c2 * expect[i] + (t > 0 ? sigma * z[i] : 0.0);
+        }
+        worst = std::max(worst, max_abs_diff(xt, expect));
+      });
+      CHECK(calls == 101);
+      CHECK(worst < 1e-12);
+      for (double xi : x) CHECK(std::abs(xi - c) < 1e-12);
+    }
+}
+
+TEST_CASE("DDIM with an exact point-mass denoiser takes the closed-form step, for eta 0, 0.5 and 1") {
+  // Song et al. eq. 12 and 16: x_p = sqrt(abar_p) x0 + sqrt(1 - abar_p - sigma^2) eps + sigma z with
+  // sigma = eta sqrt((1 - abar_p) / (1 - abar_t)) sqrt(1 - abar_t / abar_p), p the previous kept
+  // timestep (abar_p = 1 after the last). Uniform and trailing spacing, 10 of 100 steps.
+  const NoiseSchedule s = NoiseSchedule::linear(100);
+  const double c = -0.4;
+  const EpsModel<double> oracle = point_mass_oracle(s, c);
+  for (const double eta : {0.0, 0.5, 1.0})
+    for (const Spacing sp : {Spacing::Uniform, Spacing::Trailing}) {
+      INFO("eta " << eta << (sp == Spacing::Uniform ? ", uniform" : ", trailing"));
+      SampleOptions o;
+      o.steps = 10;
+      o.eta = eta;
+      o.spacing = sp;
+      const std::vector<int> ts = sample_timesteps(s.T(), 10, sp);
+      Generator g(9), replay(9);
+      const Shape shape{32, 3};
+      Tensor<double> expect = Tensor<double>::randn(shape, replay);
+      double worst = 0;
+      int noisy = 0;
+      const Tensor<double> x = ddim_sample<double>(s, oracle, shape, g, o, [&](int i, const Tensor<double>& xt) {
+        if (i < static_cast<int>(ts.size())) {
+          const double ab = s.abar[ts[i]], abp = i > 0 ? s.abar[ts[i - 1]] : 1.0;
+          const double sigma = eta * std::sqrt((1 - abp) / (1 - ab)) * std::sqrt(1 - ab / abp);
+          Tensor<double> z;
+          if (sigma > 0) {
+            z = Tensor<double>::randn(shape, replay);
+            ++noisy;
+          }
+          for (size_t k = 0; k < expect.size(); ++k) {
+            const double e = (expect[k] - std::sqrt(ab) * c) / std::sqrt(1 - ab);
+            expect[k] = std::sqrt(abp) * c + std::sqrt(std::max(0.0, 1 - abp - sigma * sigma)) * e + (sigma > 0 ? sigma * z[k] : 0.0);
+          }
+        }
+        worst = std::max(worst, max_abs_diff(xt, expect));
+      });
+      CHECK(worst < 1e-12);
+      CHECK(noisy == (eta > 0 ? 9 : 0));  // every step but the last (abar_p = 1) adds noise when eta > 0
+      for (double xi : x) CHECK(std::abs(xi - c) < 1e-12);
+    }
   CHECK(ddim_timesteps(200, 50)[1] == 4);
   CHECK_THROWS(ddim_timesteps(10, 11));
 }

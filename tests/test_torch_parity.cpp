@@ -1,9 +1,8 @@
-// diffuse against PyTorch (python3-torch) on the 2-D toy model: the timestep
-// embedding, the ToyMLP forward, the epsilon loss, every parameter gradient
-// and one Adam step. Fresh random weights and inputs each run (the seed is
-// printed on failure); the inputs go to tests/torch/toy_mlp_ref.py in a
-// safetensors file and PyTorch's results come back the same way.
-// Skipped, with a warning, when no python can import torch (see tests/CMakeLists.txt).
+// diffuse against PyTorch (python3-torch): on the 2-D toy model the timestep embedding, the
+// ToyMLP forward, the epsilon loss, every parameter gradient and one Adam step; then Adam, AdamW
+// and the EMA over many steps. Fresh random weights and inputs each run (the seed is printed on
+// failure); the inputs go to a script in tests/torch/ in a safetensors file and PyTorch's
+// results come back the same way. Skipped (DIFFUSE_SKIP) when no python can import torch.
 #include <catch2/catch.hpp>
 
 #include <diffuse/diffuse.hpp>
@@ -98,6 +97,97 @@ TEST_CASE("ToyMLP forward, loss, gradients and an Adam step match PyTorch") {
     for (auto& [name, p] : model.named_parameters()) {
       INFO(name);
       CHECK(rel_err(p.value(), ref.tensor<float>("adam." + name)) < 1e-5);
+    }
+  }
+}
+
+// Adam (L2 in the gradient) and AdamW (decoupled decay) over 40 steps, and an EMA with warm-up,
+// against torch.optim and tests/torch/adam_ema_ref.py's EMA. One step cannot test an optimiser
+// (it moves each weight by about lr * sign(g), whatever the betas): here the gradients keep a
+// per-entry mean and change scale from step to step (x0.01 to x10), the betas are not the
+// defaults, and the EMA's decay (0.75) is reached by the warm-up at update 26 of 40, so the
+// moments, both bias corrections, the decay mode and both EMA phases all move the result.
+// Tolerance: double throughout; each step is ~10 roundings (2^-53 ~ 1.1e-16 each) of values that
+// stay O(1) relative to the weights, so 40 steps keep the relative error near 40 * 10 * 1.1e-16
+// ~ 5e-14; 1e-12 leaves 20x for the different operation order, and a dropped term is O(1e-1).
+TEST_CASE("Adam, AdamW and an EMA with warm-up match PyTorch over 40 steps") {
+  if (!have_torch()) {
+    DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
+  }
+  const uint64_t seed = std::random_device{}();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const std::vector<Shape> shapes = {{7, 5}, {13}, {3, 4, 2}};
+  const int steps = 40;
+  AdamOptions ao;
+  ao.lr = 0.05;
+  ao.beta1 = 0.8;
+  ao.beta2 = 0.95;
+  ao.eps = 1e-6;
+  ao.weight_decay = 0.1;
+  const double ema_decay = 0.75;
+
+  std::vector<Tensor<double>> p0, mean;
+  for (const Shape& s : shapes) {
+    p0.push_back(Tensor<double>::randn(s, g));
+    mean.push_back(Tensor<double>::randn(s, g));
+  }
+  std::vector<std::vector<Tensor<double>>> grads(steps);
+  for (int s = 0; s < steps; ++s) {
+    const double scale = std::pow(10.0, -2.0 + 3.0 * g.uniform1());
+    for (size_t k = 0; k < shapes.size(); ++k) {
+      Tensor<double> gr = Tensor<double>::randn(shapes[k], g);
+      for (size_t i = 0; i < gr.size(); ++i) gr.data()[i] = (gr.data()[i] + 2.0 * mean[k].data()[i]) * scale;
+      grads[s].push_back(gr);
+    }
+  }
+  const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
+  fs::create_directories(dir);
+  const std::string in = (dir / "adam_in.safetensors").string(), out = (dir / "adam_out.safetensors").string();
+  {
+    safetensors::Writer w;
+    for (size_t k = 0; k < shapes.size(); ++k) w.add("p.w" + std::to_string(k), p0[k]);
+    for (int s = 0; s < steps; ++s)
+      for (size_t k = 0; k < shapes.size(); ++k) w.add("g." + std::to_string(s) + ".w" + std::to_string(k), grads[s][k]);
+    Tensor<double> opts = Tensor<double>::zeros({7});
+    const double o[7] = {ao.lr, ao.beta1, ao.beta2, ao.eps, ao.weight_decay, ema_decay, double(steps)};
+    std::copy(o, o + 7, opts.data());
+    w.add("opts", opts);
+    w.write(in);
+  }
+  const safetensors::File ref = run_reference("adam_ema_ref.py", in, out);
+
+  for (const bool decoupled : {false, true}) {
+    const std::string mode = decoupled ? "adamw" : "adam";
+    INFO(mode);
+    NamedParams<double> params;
+    for (size_t k = 0; k < shapes.size(); ++k) params.emplace_back("w" + std::to_string(k), Var<double>(p0[k].clone(), true));
+    AdamOptions o = ao;
+    o.decoupled = decoupled;
+    Adam<double> opt(params, o);
+    EMA<double> ema(params, ema_decay);
+    for (int s = 0; s < steps; ++s) {
+      opt.zero_grad();
+      for (size_t k = 0; k < shapes.size(); ++k) {
+        GradSink<double> sink = grad_sink(*params[k].second.node());
+        std::copy(grads[s][k].begin(), grads[s][k].end(), sink.data);
+      }
+      if (decoupled) {
+        opt.step(ema);  // the fused form
+      } else {
+        opt.step();
+        ema.update();
+      }
+    }
+    CHECK(opt.steps() == steps);
+    CHECK(ema.updates() == steps);
+    for (size_t k = 0; k < shapes.size(); ++k) {
+      const std::string n = "w" + std::to_string(k);
+      INFO(n);
+      CHECK(rel_err(params[k].second.value(), ref.tensor<double>(mode + ".p." + n)) < 1e-12);
+      CHECK(rel_err(opt.first_moments()[k], ref.tensor<double>(mode + ".m." + n)) < 1e-12);
+      CHECK(rel_err(opt.second_moments()[k], ref.tensor<double>(mode + ".v." + n)) < 1e-12);
+      CHECK(rel_err(ema.shadow()[k], ref.tensor<double>(mode + ".ema." + n)) < 1e-12);
     }
   }
 }

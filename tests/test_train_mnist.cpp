@@ -9,7 +9,10 @@
 #include <diffuse/diffuse.hpp>
 #include <diffuse/io/idx.hpp>
 #include <diffuse/io/npy.hpp>
+#include <diffuse/io/safetensors.hpp>
+#include <diffuse/io/stb.hpp>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -67,6 +70,25 @@ void write_dataset(const fs::path& dir, size_t n_train, size_t n_test) {
   }
 }
 
+// The spread (max - min) of an 8-bit image file's pixels: 0 for a blank or constant grid, which
+// a sampler that returned zeros (or NaN, written as 0) would produce.
+int png_spread(const fs::path& p) {
+  int w = 0, h = 0, c = 0;
+  unsigned char* px = stbi_load(p.string().c_str(), &w, &h, &c, 1);
+  if (!px) return -1;
+  const auto [lo, hi] = std::minmax_element(px, px + static_cast<ptrdiff_t>(w) * h);
+  const int spread = *hi - *lo;
+  stbi_image_free(px);
+  return spread;
+}
+
+int npy_u8_spread(const fs::path& p) {
+  const std::vector<uint8_t> v = npy::load(p.string()).as<uint8_t>();
+  if (v.empty()) return -1;
+  const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+  return *hi - *lo;
+}
+
 const std::string kCommon = " --ch 8 --T 50 --batch 8 --log-every 2 --sample-batch 10 --seed 3";
 
 }  // namespace
@@ -94,6 +116,10 @@ TEST_CASE("train_mnist writes its files, resumes exactly and saves on Ctrl-C; sa
   CHECK(l.shape == std::vector<int64_t>{20});
   const std::vector<int64_t> labels = l.as<int64_t>();
   for (size_t i = 0; i < labels.size(); ++i) REQUIRE(labels[i] == static_cast<int64_t>(i % 10));
+  // Content, not only shapes: after 6 steps the samples are still mostly noise, but not constant.
+  CHECK(npy_u8_spread(kWork / "straight" / "samples.npy") > 100);
+  CHECK(png_spread(kWork / "straight" / "grid.png") > 100);
+  CHECK(png_spread(kWork / "straight" / "process.png") > 100);
 
   // Split: 3 steps, then resume to 6; same samples, byte for byte.
   const std::string split = (kWork / "split").string();
@@ -114,16 +140,27 @@ TEST_CASE("train_mnist writes its files, resumes exactly and saves on Ctrl-C; sa
                   (kWork / "sampled").string() + "'",
               &out) == 0);
   CHECK(npy::load((kWork / "sampled" / "samples.npy").string()).shape == std::vector<int64_t>{12, 1, 16, 16});
-  CHECK(fs::exists(kWork / "sampled" / "grid.png"));
+  CHECK(npy_u8_spread(kWork / "sampled" / "samples.npy") > 100);
+  CHECK(png_spread(kWork / "sampled" / "grid.png") > 100);
   CHECK(run(kSample + " '" + (kWork / "nope.safetensors").string() + "'", &out) == 1);
   CHECK(out.find("sample: error:") != std::string::npos);
 
-  // Ctrl-C: a long run interrupted saves its checkpoint and exits 130.
+  // Ctrl-C once training is under way (after the first progress line, at step 2): the run saves
+  // its checkpoint at the step it reached and exits 130; the checkpoint resumes from that step.
   const std::string intr = (kWork / "interrupted").string();
-  const int rc = run("timeout --preserve-status -s INT 4 " + kTrain + d + kCommon + " --steps 1000000 --out '" + intr + "'", &out);
+  const int rc = diffuse::testing::run_command_interrupted(
+      kTrain + d + kCommon + " --steps 1000000 --out '" + intr + "'", kWork / "interrupted.log", " images/s  elapsed ",
+      &out);
   CHECK(rc == 130);
   CHECK(out.find("interrupted: checkpoint saved") != std::string::npos);
-  CHECK(fs::exists(fs::path(intr) / "checkpoint.safetensors"));
+  REQUIRE(fs::exists(fs::path(intr) / "checkpoint.safetensors"));
+  const int64_t at = std::stoll(safetensors::File::read(intr + "/checkpoint.safetensors").metadata().at("step"));
+  CHECK(at >= 2);
+  CHECK(at < 1000000);
+  REQUIRE(run(kTrain + d + kCommon + " --samples 0 --steps " + std::to_string(at + 2) + " --out '" + intr +
+                  "' --resume '" + intr + "/checkpoint.safetensors'",
+              &out) == 0);
+  CHECK(out.find("resumed from " + intr + "/checkpoint.safetensors at step " + std::to_string(at)) != std::string::npos);
 
   // One-digit model and a bad data folder.
   REQUIRE(run(kTrain + d + kCommon + " --steps 2 --digit 6 --samples 4 --out '" + (kWork / "six").string() + "'", &out) == 0);

@@ -38,7 +38,7 @@ set(num "[0-9]+\\.[0-9]+")
 foreach(re "predicted classes:(  [0-9]:[0-9]+)+\n"
            "conditional accuracy: ${num} "
            "per digit:(  [0-9]:${num})+\n"
-           "FD-LeNet: -?${num}  floor \\(real train vs test, same N\\): ${num}  ratio -?${num}\n")
+           "FD-LeNet: ${num}  floor \\(real train vs test, same N\\): ${num}  ratio ${num}\n")
   if(NOT o2 MATCHES "${re}")
     message(FATAL_ERROR "score output does not match '${re}'")
   endif()
@@ -54,11 +54,41 @@ string(JSON n GET "${js}" n)
 if(NOT n EQUAL 100)
   message(FATAL_ERROR "score.json says n = ${n}, expected 100")
 endif()
+# Chance is 0.1; one epoch on these bars classifies half the samples right (0.50 here, classes
+# all or nothing), so a classifier or score that ignores its input stays far below the floor.
+set(ACC_FLOOR 0.3)
+# The numbers, not only their presence: the predicted histogram counts every sample, a Frechet
+# distance is positive here (train digits against test digits), the ratio is on fd / fd_floor's side of 1, and
+# the samples are digits the classifier was trained on.
+string(JSON nh LENGTH "${js}" predicted_hist)
+set(total 0)
+math(EXPR last "${nh} - 1")
+foreach(i RANGE ${last})
+  string(JSON c GET "${js}" predicted_hist ${i})
+  math(EXPR total "${total} + ${c}")
+endforeach()
+if(NOT nh EQUAL 10 OR NOT total EQUAL 100)
+  message(FATAL_ERROR "predicted_hist has ${nh} classes summing to ${total}; expected 10 summing to 100")
+endif()
+string(JSON acc GET "${js}" cond_accuracy)
+string(JSON fd GET "${js}" fd)
+string(JSON fdf GET "${js}" fd_floor)
+string(JSON ratio GET "${js}" fd_ratio)
+if(acc LESS ${ACC_FLOOR} OR acc GREATER 1)
+  message(FATAL_ERROR "cond_accuracy ${acc}: expected ${ACC_FLOOR} to 1")
+endif()
+if(NOT fd GREATER 0 OR NOT fdf GREATER 0)
+  message(FATAL_ERROR "fd ${fd}, fd_floor ${fdf}: expected both positive")
+endif()
+# CMake has no float arithmetic: the ratio is checked for its side of 1.
+if(NOT ratio GREATER 0 OR (ratio GREATER 1 AND fd LESS fdf) OR (ratio LESS 1 AND fd GREATER fdf))
+  message(FATAL_ERROR "fd_ratio ${ratio} does not agree with fd ${fd} / fd_floor ${fdf}")
+endif()
 
 # Without labels: no conditional accuracy, still the FD line.
 execute_process(COMMAND ${CLI} score --classifier ${OUT}/lenet16.safetensors --samples ${OUT}/samples.npy --data ${OUT}/data
                 RESULT_VARIABLE rc3 OUTPUT_VARIABLE o3 ERROR_VARIABLE e3)
-if(NOT rc3 EQUAL 0 OR o3 MATCHES "conditional accuracy" OR NOT o3 MATCHES "FD-LeNet: -?${num}  floor")
+if(NOT rc3 EQUAL 0 OR o3 MATCHES "conditional accuracy" OR NOT o3 MATCHES "FD-LeNet: ${num}  floor")
   message(FATAL_ERROR "score without labels (${rc3}):\n${o3}${e3}")
 endif()
 
