@@ -1,6 +1,7 @@
-// fresh_seed(): a new random seed for every run of a kernel test (print it with INFO so a failure
-// can be replayed: DIFFUSE_TEST_SEED=<seed> makes every call return it). Shared by the
-// kernel_cases_*.hpp files; defines no TEST_CASE.
+// fresh_seed(): a new random seed for every run of a randomised test, the one seed mechanism of
+// the suite (print it with INFO so a failure can be replayed: DIFFUSE_TEST_SEED=<seed> makes
+// every call return it). Used by the kernel_cases_*.hpp files and every CPU test that draws its
+// inputs; defines no TEST_CASE.
 #pragma once
 
 #include <cstdint>

@@ -5,6 +5,8 @@
 // Random sequences use a fresh seed (shown with any failure); DIFFUSE_TEST_SEED=<n> repeats one.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include <diffuse/backend/cuda/allocator.hpp>
 #include <diffuse/backend/cuda/check.hpp>
 #include <diffuse/backend/cuda/memory.hpp>  // declares nothing without CUDA, but must compile
@@ -28,11 +30,7 @@ static_assert(DIFFUSE_HAVE_CUDA_RUNTIME == 0 && DIFFUSE_HAVE_CUBLAS == 0 && DIFF
 
 namespace {
 
-std::uint64_t test_seed() {
-  if (const char* s = std::getenv("DIFFUSE_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  std::random_device rd;
-  return (static_cast<std::uint64_t>(rd()) << 32) | rd();
-}
+std::uint64_t test_seed() { return diffuse::testing::fresh_seed(); }
 
 // A "device" of host memory: at most `limit` bytes held at once; frees of unknown pointers throw.
 struct HostBackend {

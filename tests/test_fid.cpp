@@ -6,6 +6,8 @@
 // converts the real one); the weight loader's errors; the image inputs.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "compare.hpp"
 #include "gradcheck.hpp"
 #include "temp_files.hpp"
@@ -30,7 +32,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-uint64_t fresh_seed() { return std::random_device{}(); }
+using diffuse::testing::fresh_seed;
 bool have_torch() { return std::string(DIFFUSE_TORCH_PYTHON).size() > 0; }
 
 // Random uint8 images [n, h, w, c] that look like small pictures: a smooth

@@ -5,6 +5,8 @@
 // tool refuses bad requests with one clear line.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "run_command.hpp"
 
 #include <diffuse/eval/fid.hpp>
@@ -55,7 +57,7 @@ TEST_CASE("fid tool: statistics match PyTorch, inputs agree, errors are clear") 
   }
   fs::remove_all(kWork);
   fs::create_directories(kWork / "pngs");
-  const uint64_t seed = std::random_device{}() % 1000000;
+  const uint64_t seed = diffuse::testing::fresh_seed() % 1000000;
   INFO("seed " << seed);
   std::mt19937 rng(static_cast<uint32_t>(seed));
   // A: 4 colour 24x24 images as NHWC .npy; B: 3 grey 20x20 images as PNG files.

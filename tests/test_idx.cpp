@@ -5,6 +5,8 @@
 // (tests/torch/resize_ref.py) when torch is present.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include <zlib.h>
 
 #include <algorithm>
@@ -264,7 +266,7 @@ TEST_CASE("load_mnist finds the files, pairs images with labels and checks the c
 
 TEST_CASE("IDX write and read round trip, plain and gzipped", "[idx]") {
   TempDir tmp("idx", "roundtrip");
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937 rng(uint32_t(seed ^ (seed >> 32)));
   for (const char* name : {"images-idx3-ubyte", "images-idx3-ubyte.gz"}) {
@@ -302,7 +304,7 @@ TEST_CASE("the npm converter restores every byte and follows the split rule", "[
     DIFFUSE_SKIP("no python3 found: npm converter test skipped");
   }
   TempDir tmp("idx", "npm");
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937 rng(uint32_t(seed ^ (seed >> 32)));
   // Unequal classes (2 to 9 examples) as in the real package; bytes 0 and 255 included.
@@ -440,7 +442,7 @@ TEST_CASE("resize_area and resize_bilinear match PyTorch's F.interpolate", "[res
   if (!have_torch()) {
     DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
   struct Case {

@@ -5,6 +5,10 @@
 // the images, the same choices on resume).
 #include <catch2/catch.hpp>
 
+#include <cstdio>
+
+#include "kernel_seed.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -31,8 +35,13 @@ using diffuse::testing::write_bytes;
 
 namespace {
 
+// One generator for the whole program, its seed printed once (DIFFUSE_TEST_SEED replays it).
 std::mt19937_64& rng() {
-  static std::mt19937_64 r(std::random_device{}());
+  static std::mt19937_64 r([] {
+    const uint64_t seed = diffuse::testing::fresh_seed();
+    std::printf("test_image_data: seed %llu (DIFFUSE_TEST_SEED replays it)\n", static_cast<unsigned long long>(seed));
+    return seed;
+  }());
   return r;
 }
 

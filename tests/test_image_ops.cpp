@@ -4,6 +4,8 @@
 // upsampling against PyTorch (tests/torch/image_ops_ref.py) when torch is present.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "gradcheck.hpp"
 
 #include <cmath>
@@ -29,7 +31,7 @@ namespace {
 
 constexpr double kTol = 1e-6;
 
-uint64_t fresh_seed() { return std::random_device{}(); }
+using diffuse::testing::fresh_seed;
 
 // Group norm of the NCHW view, straight from the definition (double, one group at a time).
 Tensor<double> group_norm_naive(const Tensor<double>& x, const Tensor<double>& gamma, const Tensor<double>& beta,

@@ -5,6 +5,8 @@
 // (tests/torch/pool_ref.py) when torch is present.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "compare.hpp"
 #include "gradcheck.hpp"
 
@@ -31,7 +33,7 @@ namespace {
 
 constexpr double kTol = 1e-6;
 
-uint64_t fresh_seed() { return std::random_device{}(); }
+using diffuse::testing::fresh_seed;
 
 // A random permutation of evenly spaced values: no two elements closer than
 // 4 / n, so no window has a tie and the finite difference (step 1e-6) never

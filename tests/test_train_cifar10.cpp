@@ -7,6 +7,8 @@
 // which must agree.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "archive_writer.hpp"
 #include "run_command.hpp"
 #include "temp_files.hpp"
@@ -119,7 +121,9 @@ const std::string kTiny = " --preset tiny --batch 8 --sampler ddim --ddim-steps 
 TEST_CASE("train_cifar10: tiny learns, writes its files, resumes exactly from the archive, conditions on classes") {
   fs::remove_all(kWork);
   fs::create_directories(kWork);
-  write_cifar(kWork / "data", 8, std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  write_cifar(kWork / "data", 8, static_cast<uint32_t>(seed));
   const std::string folder = " --data " + q(kWork / "data" / "folder");
   const std::string archive = " --data " + q(kWork / "data" / "archive" / "cifar-10-binary.tar.gz");
 
@@ -189,7 +193,9 @@ TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CU
   fs::remove_all(work);
   fs::create_directories(work);
   g_log_dir = work;
-  write_cifar(work / "data", 2, std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  write_cifar(work / "data", 2, static_cast<uint32_t>(seed));
   // Random Inception weights with healthy activations (tests/torch/inception_ref.py: He-scaled,
   // BatchNorm calibrated; PyTorch's default init makes the features vanish), converted as the
   // real ones are, and the statistics of the training images with them (the fid tool reading
@@ -197,13 +203,13 @@ TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CU
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
     DIFFUSE_SKIP("no python with torch found at configure time: FID during training not tested");
   }
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(static_cast<uint32_t>(seed ^ (seed >> 32)));
   std::vector<uint8_t> calib(2 * 8 * 8 * 3);
   for (auto& v : calib) v = static_cast<uint8_t>(rng());
   npy::save<uint8_t>((work / "calib.npy").string(), calib.data(), {2, 8, 8, 3});
   const std::string py = q(DIFFUSE_TORCH_PYTHON), src = DIFFUSE_SOURCE_DIR;
   REQUIRE(run("cd " + q(src + "/tests/torch") + " && " + py + " inception_ref.py " +
-              std::to_string(std::random_device{}() % 1000000) + " " + q(work / "calib.npy") + " " +
+              std::to_string(seed % 1000000) + " " + q(work / "calib.npy") + " " +
               q(work / "w.pth") + " " + q(work / "calib_f.npy")) == 0);
   REQUIRE(run(py + " " + q(src + "/scripts/fid_weights_to_safetensors.py") + " " + q(work / "w.pth") + " " +
               q(work / "inception.safetensors")) == 0);

@@ -4,6 +4,8 @@
 // the checkpoint on Ctrl-C, sampling from the checkpoint, and clear errors.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include "run_command.hpp"
 
 #include <diffuse/diffuse.hpp>
@@ -45,9 +47,9 @@ std::string slurp(const fs::path& p) {
 
 // Ten classes of 28x28 "digits": class k is a bar at angle k * 18 degrees
 // through a random centre, with random grey noise.
-void write_dataset(const fs::path& dir, size_t n_train, size_t n_test) {
+void write_dataset(const fs::path& dir, size_t n_train, size_t n_test, uint64_t seed) {
   fs::create_directories(dir);
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(static_cast<uint32_t>(seed ^ (seed >> 32)));
   for (auto [name, n] : {std::pair<std::string, size_t>{"train", n_train}, {"t10k", n_test}}) {
     IdxImages im;
     im.count = n;
@@ -97,7 +99,9 @@ TEST_CASE("train_mnist writes its files, resumes exactly and saves on Ctrl-C; sa
   fs::remove_all(kWork);
   fs::create_directories(kWork);
   const fs::path data = kWork / "data";
-  write_dataset(data, 200, 40);
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  write_dataset(data, 200, 40, seed);
   const std::string d = " --data '" + data.string() + "'";
 
   // Straight: 6 steps.

@@ -5,6 +5,8 @@
 // weights loaded into diffuse give the same output.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include <diffuse/diffuse.hpp>
 #include <diffuse/models/unet.hpp>
 
@@ -131,7 +133,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
     DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
   fs::create_directories(dir);
@@ -193,7 +195,7 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
   }
   const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
   fs::create_directories(dir);
-  const uint64_t seed = std::random_device{}() % 100000;
+  const uint64_t seed = diffuse::testing::fresh_seed() % 100000;
   INFO("seed " << seed);
   for (auto& [label, c] : parity_configs()) {
     INFO(label);
@@ -249,7 +251,7 @@ TEST_CASE("UNet matches the PyTorch reference in double precision") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
     DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   UNetConfig c = UNetConfig::mnist16("one8");
   c.ch = 16;
