@@ -3,6 +3,10 @@
 // PyTorch's F.conv2d (tests/torch/conv2d_ref.py) on the NCHW view with OIHW weights.
 #include <catch2/catch.hpp>
 
+#include <array>
+
+#include "kernel_seed.hpp"
+
 #include <diffuse/diffuse.hpp>
 
 #include <cmath>
@@ -92,7 +96,9 @@ TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
       {5, 9, 11, 19, 70, 1, 1, {}},
       {2, 8, 8, 300, 24, 3, 3, {1, 1, 1, 1}},  // K = 2700: small blocks
   };
-  Generator g(std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  Generator g(seed);
   for (const Case& c : cases) {
     INFO("C " << c.C << " O " << c.O << " k " << c.kh);
     Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true), w(Tensor<float>::randn({c.O, c.kh, c.kw, c.C}, g), true),
@@ -135,7 +141,7 @@ TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
   if (std::string(DIFFUSE_TORCH_PYTHON).empty()) {
     DIFFUSE_SKIP("no python with torch found at configure time: PyTorch comparison skipped");
   }
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
   const Case cases[] = {
@@ -146,35 +152,47 @@ TEST_CASE("conv2d matches PyTorch F.conv2d, forward and gradients") {
   };
   const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
   fs::create_directories(dir);
-  int idx = 0;
+  // Every case into one file and one python run (starting torch costs a second or two).
+  struct Result {
+    Tensor<float> y, dx, dw, db;
+  };
+  std::vector<Result> ours;
+  std::vector<std::array<int64_t, 4>> opts;
+  opts.reserve(std::size(cases));  // no reallocation: the writer holds pointers into it
+  safetensors::Writer wr;
   for (const Case& c : cases) {
-    INFO("case " << idx);
+    // The weight is drawn in PyTorch's [O, C, kh, kw] and converted as a checkpoint is loaded
+    // (from_torch_layout); its gradient goes back as a checkpoint is saved (to_torch_layout), so
+    // both conversions are checked against PyTorch too, not only against each other.
+    Tensor<float> w_torch = Tensor<float>::randn({c.O, c.C, c.kh, c.kw}, g);
+    for (auto& v : w_torch) v *= 0.1f;
     Var<float> x(Tensor<float>::randn({c.N, c.H, c.W, c.C}, g), true),
-        w(Tensor<float>::randn({c.O, c.kh, c.kw, c.C}, g), true), b(Tensor<float>::randn({c.O}, g), true);
-    for (auto& v : w.value()) v *= 0.1f;
+        w(from_torch_layout(w_torch, ParamLayout::ConvOHWI), true), b(Tensor<float>::randn({c.O}, g), true);
     Var<float> y = conv2d(x, w, b, c.opt);
     Tensor<float> gy = Tensor<float>::randn(y.shape(), g);
     backward(sum(mul(y, Var<float>(gy))));
-    const std::string in = (dir / ("conv_in" + std::to_string(idx) + ".safetensors")).string(),
-                      out = (dir / ("conv_out" + std::to_string(idx) + ".safetensors")).string();
-    {
-      safetensors::Writer wr;
-      wr.add("x", nhwc_to_nchw(x.value()));
-      wr.add("w", to_torch_layout(w.value(), ParamLayout::ConvOHWI));  // PyTorch's [O, C, kh, kw]
-      wr.add("b", b.value());
-      wr.add("gy", nhwc_to_nchw(gy));
-      const int64_t o[4] = {c.opt.stride_h, c.opt.stride_w, c.opt.pad_h, c.opt.pad_w};
-      wr.add_raw("opt", safetensors::DType::I64, {4}, o, sizeof(o));
-      wr.write(in);
-    }
-    const std::string cmd = std::string("cd '") + DIFFUSE_SOURCE_DIR + "/tests/torch' && '" + DIFFUSE_TORCH_PYTHON +
-                            "' conv2d_ref.py '" + in + "' '" + out + "'";
-    REQUIRE(std::system(cmd.c_str()) == 0);
-    const auto ref = safetensors::File::read(out);
-    CHECK(rel_err(nhwc_to_nchw(y.value()), ref.tensor<float>("y")) < 1e-5);
-    CHECK(rel_err(nhwc_to_nchw(x.grad()), ref.tensor<float>("dx")) < 1e-4);
-    CHECK(rel_err(to_torch_layout(w.grad(), ParamLayout::ConvOHWI), ref.tensor<float>("dw")) < 1e-4);
-    CHECK(rel_err(b.grad(), ref.tensor<float>("db")) < 1e-4);
-    ++idx;
+    const std::string k = "c" + std::to_string(ours.size()) + ".";
+    wr.add(k + "x", nhwc_to_nchw(x.value()));
+    wr.add(k + "w", w_torch);
+    wr.add(k + "b", b.value());
+    wr.add(k + "gy", nhwc_to_nchw(gy));
+    opts.push_back({c.opt.stride_h, c.opt.stride_w, c.opt.pad_h, c.opt.pad_w});  // add_raw keeps a pointer
+    wr.add_raw(k + "opt", safetensors::DType::I64, {4}, opts.back().data(), sizeof(int64_t) * 4);
+    ours.push_back({nhwc_to_nchw(y.value()), nhwc_to_nchw(x.grad()), to_torch_layout(w.grad(), ParamLayout::ConvOHWI),
+                    b.grad().clone()});
+  }
+  const std::string in = (dir / "conv_in.safetensors").string(), out = (dir / "conv_out.safetensors").string();
+  wr.write(in);
+  const std::string cmd = std::string("cd '") + DIFFUSE_SOURCE_DIR + "/tests/torch' && '" + DIFFUSE_TORCH_PYTHON +
+                          "' conv2d_ref.py '" + in + "' '" + out + "'";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  const auto ref = safetensors::File::read(out);
+  for (size_t i = 0; i < ours.size(); ++i) {
+    INFO("case " << i);
+    const std::string k = "c" + std::to_string(i) + ".";
+    CHECK(rel_err(ours[i].y, ref.tensor<float>(k + "y")) < 1e-5);
+    CHECK(rel_err(ours[i].dx, ref.tensor<float>(k + "dx")) < 1e-4);
+    CHECK(rel_err(ours[i].dw, ref.tensor<float>(k + "dw")) < 1e-4);
+    CHECK(rel_err(ours[i].db, ref.tensor<float>(k + "db")) < 1e-4);
   }
 }
