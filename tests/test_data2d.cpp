@@ -1,6 +1,8 @@
 // Tests for the 2-D toy datasets, the energy distance and the PNG plotter.
 #include <catch2/catch.hpp>
 
+#include "kernel_seed.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +16,7 @@
 
 #include <diffuse/data/points2d.hpp>
 #include <diffuse/eval/metrics2d.hpp>
+#include <diffuse/viz/image_grid.hpp>
 #include <diffuse/viz/plot.hpp>
 
 using namespace diffuse;
@@ -317,7 +320,7 @@ TEST_CASE("scatter panels write a readable PNG with the points drawn", "[plot]")
 }
 
 TEST_CASE("captions draw inside the box text_width and text_height give", "[plot]") {
-  const auto seed = std::random_device{}();
+  const auto seed = diffuse::testing::fresh_seed();
   INFO("seed " << seed);
   std::mt19937 rng(seed);
   for (int k = 0; k < 50; ++k) {
@@ -354,4 +357,75 @@ TEST_CASE("robust bounds ignore a few outliers", "[plot]") {
   CHECK(b.xmax < 2.0f);
   CHECK(b.ymin > -1.0f);
   CHECK(b.xmax - b.xmin == Approx(b.ymax - b.ymin));  // equal aspect
+}
+
+// to_byte writes samples.npy and the grids: round((v + 1) * 127.5), clamped to [0, 255].
+TEST_CASE("to_byte maps [-1, 1] to 0..255 with rounding and clamps outside", "[plot]") {
+  using diffuse::plot::to_byte;
+  CHECK(to_byte(-1.0f) == 0);
+  CHECK(to_byte(1.0f) == 255);
+  CHECK(to_byte(0.0f) == 128);  // 127.5 rounds away from zero
+  CHECK(to_byte(-3.0f) == 0);
+  CHECK(to_byte(7.0f) == 255);
+  CHECK(to_byte(-1.0f + 1.0f / 127.5f) == 1);
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.2f, 1.2f);
+  for (int i = 0; i < 10000; ++i) {
+    const float v = u(rng);
+    const double want = std::clamp((v + 1.0) * 127.5, 0.0, 255.0);
+    REQUIRE(std::abs(to_byte(v) - want) <= 0.5 + 1e-4);  // float's product may round a half the other way
+  }
+}
+
+// Image k of n goes to row k / cols, column k % cols; each pixel is a scale x scale block of its
+// byte (grey replicated, or RGB in order); gaps and the slots after the last image stay white.
+TEST_CASE("image_grid places every pixel of every image, grey and RGB", "[plot]") {
+  using namespace diffuse::plot;
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (const int64_t c : {int64_t(1), int64_t(3)}) {
+    INFO("channels " << c);
+    const int64_t n = 5, h = 2, w = 3, cols = 2;
+    std::vector<float> px(static_cast<size_t>(n * h * w * c));
+    for (float& v : px) v = u(rng);
+    GridOptions o;
+    o.scale = 2;
+    o.pad = 1;
+    const Canvas cv = image_grid(px.data(), n, h, w, c, cols, o);
+    CHECK(cv.width() == 1 + cols * (w * 2 + 1));
+    CHECK(cv.height() == 1 + 3 * (h * 2 + 1));
+    std::vector<int> covered(static_cast<size_t>(cv.width() * cv.height()), 0);
+    int bad = 0;
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j) {
+          const float* p = px.data() + ((k * h + i) * w + j) * c;
+          const Color want = c == 1 ? Color{to_byte(p[0]), to_byte(p[0]), to_byte(p[0])}
+                                    : Color{to_byte(p[0]), to_byte(p[1]), to_byte(p[2])};
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) {
+              const int x = static_cast<int>(1 + (k % cols) * (w * 2 + 1) + j * 2 + dx);
+              const int y = static_cast<int>(1 + (k / cols) * (h * 2 + 1) + i * 2 + dy);
+              const Color got = cv.get(x, y);
+              bad += got.r != want.r || got.g != want.g || got.b != want.b;
+              covered[static_cast<size_t>(y * cv.width() + x)] = 1;
+            }
+        }
+    CHECK(bad == 0);
+    int not_white = 0;
+    for (int y = 0; y < cv.height(); ++y)
+      for (int x = 0; x < cv.width(); ++x)
+        if (!covered[static_cast<size_t>(y * cv.width() + x)]) {
+          const Color g = cv.get(x, y);
+          not_white += g.r != 255 || g.g != 255 || g.b != 255;
+        }
+    CHECK(not_white == 0);
+  }
+  const std::vector<float> one(12, 0.0f);
+  CHECK_THROWS_WITH(image_grid(one.data(), 1, 2, 3, 2, 1), Catch::Contains("1 or 3 channels"));
+  CHECK_THROWS_WITH(image_grid(one.data(), 0, 2, 3, 1, 1), Catch::Contains("n, h, w, cols > 0"));
 }

@@ -1,18 +1,24 @@
-// Classifier-free guidance against hand computations, label dropout, and a
-// short class-conditional U-Net training whose loss must fall.
+// Classifier-free guidance against hand computations, label dropout, guided sampling with an
+// exact model of point-mass classes, and a short class-conditional U-Net training whose loss must
+// fall and whose labels must matter.
 #include <catch2/catch.hpp>
+
+#include "kernel_seed.hpp"
 
 #include <diffuse/diffuse.hpp>
 #include <diffuse/diffusion/guidance.hpp>
 #include <diffuse/models/unet.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
 using namespace diffuse;
 
 TEST_CASE("guide_combine is (1 + w) cond - w uncond") {
-  Generator g(std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  Generator g(seed);
   const Tensor<double> c = Tensor<double>::randn({3, 4, 4, 1}, g), u = Tensor<double>::randn({3, 4, 4, 1}, g);
   for (double w : {0.0, 1.0, 2.5, -0.5}) {
     Tensor<double> r = c.clone();
@@ -40,7 +46,9 @@ TEST_CASE("the guided model runs cond and null labels in one batch and combines 
       }
     return e;
   };
-  Generator g(std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  Generator g(seed);
   const Tensor<double> x = Tensor<double>::randn({3, 2, 2, 1}, g);
   const std::vector<int32_t> y{0, 4, 9}, t{5, 17, 199};
   const int32_t null_class = 10;
@@ -67,7 +75,7 @@ TEST_CASE("the guided model runs cond and null labels in one batch and combines 
 TEST_CASE("drop_labels replaces labels by the null class at the given rate, reproducibly") {
   std::vector<int32_t> y(20000);
   for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<int32_t>(i % 10);
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = diffuse::testing::fresh_seed();
   Generator g1(seed), g2(seed);
   const std::vector<int32_t> a = drop_labels(y, 0.1, 10, g1), b = drop_labels(y, 0.1, 10, g2);
   CHECK(a == b);
@@ -90,7 +98,9 @@ TEST_CASE("a short class-conditional U-Net training lowers the loss") {
   UNetConfig c = UNetConfig::mnist16("none");
   c.ch = 8;
   c.num_classes = 3;
-  Generator g(std::random_device{}());
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  Generator g(seed);
   UNet<float> m(c, g);
   AdamOptions ao;
   ao.lr = 2e-3;
@@ -134,4 +144,91 @@ TEST_CASE("a short class-conditional U-Net training lowers the loss") {
   }
   INFO("mean loss of the first 10 steps " << first << ", of the last 10 " << last);
   CHECK(last < 0.7 * first);
+
+  // The labels are used: on the same noised batches, the loss with each image's own label is
+  // lower than with the next class's (a model that ignored its labels would give equal losses).
+  // Noise levels above the middle, where the class tells the most about the image; eval mode, so
+  // no dropout makes the two passes differ.
+  NoGrad ng;
+  m.eval();
+  double own = 0, wrong = 0;
+  for (int k = 0; k < 8; ++k) {
+    const Tensor<float> x0 = batch(y);
+    std::vector<int32_t> t(static_cast<size_t>(B)), shifted(y);
+    for (auto& v : shifted) v = (v + 1) % 3;
+    std::vector<uint32_t> r(t.size());
+    g.randint(r.data(), r.size(), 50);
+    for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<int32_t>(50 + r[i]);
+    const Tensor<float> eps = Tensor<float>::randn(x0.shape(), g);
+    const Tensor<float> xt = q_sample(s, x0, t, eps);
+    own += mse(m(Var<float>(xt), t, &y), Var<float>(eps)).value()[0];
+    wrong += mse(m(Var<float>(xt), t, &shifted), Var<float>(eps)).value()[0];
+  }
+  INFO("loss with the images' own labels " << own / 8 << ", with the next class's " << wrong / 8);
+  CHECK(own < wrong);
+}
+
+// K classes, each a point c_k, so both the conditional and the unconditional epsilon are exact:
+// eps_k(x) = (x - sqrt(abar) c_k) / sqrt(1 - abar), and the unconditional one averages them with
+// the posterior class probabilities p(k | x_t) (a softmax of -|x - sqrt(abar) c_k|^2 / (2 (1 - abar))).
+// Guided DDIM must land every sample on its own class's point: exactly for w = 0, and within a
+// small distance for w > 0 (guidance pushes away from the other classes, which vanish near t = 0).
+// A sampler or guided model that lost the labels would land on a random class.
+TEST_CASE("guided DDIM with the exact model of point-mass classes lands each sample on its class") {
+  const NoiseSchedule s = NoiseSchedule::linear(200);
+  const int K = 4, D = 3;
+  const double cls[K][D] = {{0.8, -0.5, 0.1}, {-0.6, 0.7, 0.3}, {0.2, 0.3, -0.9}, {-0.4, -0.6, -0.2}};
+  const int32_t null_class = K;
+  ClassEpsModel<double> f = [&](const Tensor<double>& x, const std::vector<int32_t>& t, const std::vector<int32_t>& y) {
+    Tensor<double> e(x.shape());
+    for (int64_t b = 0; b < x.size(0); ++b) {
+      const double ab = s.abar[static_cast<size_t>(t[static_cast<size_t>(b)])], sa = std::sqrt(ab), so = std::sqrt(1 - ab);
+      const double* xb = x.data() + b * D;
+      double p[K], top = -1e300, z = 0;
+      for (int k = 0; k < K; ++k) {
+        double d2 = 0;
+        for (int j = 0; j < D; ++j) d2 += (xb[j] - sa * cls[k][j]) * (xb[j] - sa * cls[k][j]);
+        p[k] = -d2 / (2 * (1 - ab));
+        top = std::max(top, p[k]);
+      }
+      for (int k = 0; k < K; ++k) z += (p[k] = std::exp(p[k] - top));
+      const int32_t yb = y[static_cast<size_t>(b)];
+      for (int j = 0; j < D; ++j) {
+        double mean_c = 0;  // E[c | x_t] under the class the model is asked for
+        if (yb == null_class)
+          for (int k = 0; k < K; ++k) mean_c += p[k] / z * cls[k][j];
+        else
+          mean_c = cls[yb][j];
+        e[static_cast<size_t>(b * D + j)] = (xb[j] - sa * mean_c) / so;
+      }
+    }
+    return e;
+  };
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  const int64_t B = 64;
+  std::vector<int32_t> y(static_cast<size_t>(B));
+  for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<int32_t>(i % K);
+  for (const double w : {0.0, 1.0, 3.0}) {
+    INFO("guidance " << w);
+    Generator g(seed);
+    SampleOptions o;
+    o.steps = 50;
+    const Tensor<double> x = ddim_sample<double>(s, guided_eps_model<double>(f, y, null_class, w), {B, D}, g, o);
+    int on_own = 0;
+    double worst = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      double best = 1e300;
+      int nearest = -1;
+      for (int k = 0; k < K; ++k) {
+        double d2 = 0;
+        for (int j = 0; j < D; ++j) d2 += (x[static_cast<size_t>(b * D + j)] - cls[k][j]) * (x[static_cast<size_t>(b * D + j)] - cls[k][j]);
+        if (d2 < best) best = d2, nearest = k;
+      }
+      on_own += nearest == y[static_cast<size_t>(b)];
+      if (nearest == y[static_cast<size_t>(b)]) worst = std::max(worst, std::sqrt(best));
+    }
+    CHECK(on_own == B);
+    CHECK(worst < (w == 0 ? 1e-9 : 0.05));  // the points are over 1.2 apart
+  }
 }
