@@ -147,24 +147,24 @@ TEST_CASE("a short class-conditional U-Net training lowers the loss") {
 
   // The labels are used: on the same noised batches, the loss with each image's own label is
   // lower than with the next class's (a model that ignored its labels would give equal losses).
-  // Noise levels above the middle, where the class tells the most about the image; eval mode, so
-  // no dropout makes the two passes differ.
+  // Timesteps 10-59 of 100: there the wrong class costs 6-25% more loss (8 runs); at the noisiest
+  // timesteps eps is nearly x_t and the label hardly matters. Eval mode: no dropout differs.
   NoGrad ng;
   m.eval();
   double own = 0, wrong = 0;
-  for (int k = 0; k < 8; ++k) {
+  for (int k = 0; k < 16; ++k) {
     const Tensor<float> x0 = batch(y);
     std::vector<int32_t> t(static_cast<size_t>(B)), shifted(y);
     for (auto& v : shifted) v = (v + 1) % 3;
     std::vector<uint32_t> r(t.size());
     g.randint(r.data(), r.size(), 50);
-    for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<int32_t>(50 + r[i]);
+    for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<int32_t>(10 + r[i]);
     const Tensor<float> eps = Tensor<float>::randn(x0.shape(), g);
     const Tensor<float> xt = q_sample(s, x0, t, eps);
     own += mse(m(Var<float>(xt), t, &y), Var<float>(eps)).value()[0];
     wrong += mse(m(Var<float>(xt), t, &shifted), Var<float>(eps)).value()[0];
   }
-  INFO("loss with the images' own labels " << own / 8 << ", with the next class's " << wrong / 8);
+  INFO("loss with the images' own labels " << own / 16 << ", with the next class's " << wrong / 16);
   CHECK(own < wrong);
 }
 
