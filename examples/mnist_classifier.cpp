@@ -14,6 +14,7 @@
 #include <diffuse/models/lenet.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #include <diffuse/eval/lenet_score.hpp>
 #include <diffuse/io/npy.hpp>
 
@@ -239,16 +240,20 @@ int main(int argc, char** argv) {
   TrainArgs ta;
   CLI::App* tr = app.add_subcommand("train", "train LeNet on DIR's train split, report the test accuracy");
   tr->add_option("--data", ta.data, "MNIST-format directory (train-* and t10k-* IDX files)")->required();
-  tr->add_option("--size", ta.size, "image size: 16 (resized from 28) or 28")->capture_default_str();
+  tr->add_option("--size", ta.size, "image size: 16 (resized from 28) or 28")
+      ->capture_default_str()
+      ->check(CLI::IsMember({16, 28}));
   tr->add_option("--resize", ta.resize, "resize from 28: area, bilinear")
       ->capture_default_str()
       ->check(CLI::IsMember({"area", "bilinear"}));
   tr->add_option("--epochs", ta.epochs, "training epochs")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--batch", ta.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
-  tr->add_option("--lr", ta.lr, "Adam learning rate (cosine decay to 0)")->capture_default_str();
+  tr->add_option("--lr", ta.lr, "Adam learning rate (cosine decay to 0)")->capture_default_str()->check(diffuse::examples::finite_in(0, 10, true));
   tr->add_option("--c1", ta.c1, "channels of conv1 and conv2")->capture_default_str()->check(CLI::PositiveNumber);
   tr->add_option("--c2", ta.c2, "channels of conv3 and conv4")->capture_default_str()->check(CLI::PositiveNumber);
-  tr->add_option("--weight-decay", ta.weight_decay, "AdamW weight decay (0 = Adam)")->capture_default_str();
+  tr->add_option("--weight-decay", ta.weight_decay, "AdamW weight decay (0 = Adam)")
+      ->capture_default_str()
+      ->check(diffuse::examples::finite_in(0, 1));
   tr->add_option("--shift", ta.shift, "augmentation: random shifts of up to this many pixels (0 = off)")
       ->capture_default_str()
       ->check(CLI::Range(0, 4));

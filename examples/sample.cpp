@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #include "image_common.hpp"
 
 using namespace diffuse;
@@ -26,7 +27,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--guidance", guidance, "guidance weight w: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_in(-1, 100));
   app.add_option("--sampler", sampler,
                  "ddpm (ancestral, all T steps), ddim, euler-a (Euler-ancestral), dpm++2m or dpm++3m (DPM-Solver++ "
                  "multistep, second or third order)")
@@ -43,7 +45,7 @@ int main(int argc, char** argv) {
   app.add_option("--variance", variance, "DDPM variance: large (beta_t) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
-  app.add_option("--eta", eta, "DDIM eta (0 = deterministic)")->capture_default_str();
+  app.add_option("--eta", eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
   app.add_option("--batch", batch, "images per sampling batch")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--seed", seed, "random seed")->capture_default_str();
   app.add_option("--out", out, "output directory")->capture_default_str();
@@ -54,6 +56,7 @@ int main(int argc, char** argv) {
 
   try {
     const Device dev = choose_device(device);  // refuses cuda without a device before loading anything
+    require_writable_folder("--out", out);       // before the sampling, not after it
     const safetensors::File f = safetensors::File::read(checkpoint);
     const ModelInfo info = ModelInfo::from_checkpoint(f);
     Generator init(0);

@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #include "objective_flags.hpp"
 
 using namespace diffuse;
@@ -97,29 +98,36 @@ int main(int argc, char** argv) {
   app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "sampling steps of every sampler but ddpm")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str();
-  app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str();
+  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
+  app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str()->check(finite_in(0, 10, true));
   app.add_option("--lr-decay", a.lr_decay, "learning rate after warmup: cosine (to 0 at the last step), constant")
       ->capture_default_str()
       ->check(CLI::IsMember({"cosine", "constant"}));
-  app.add_option("--warmup", a.warmup, "learning-rate warmup steps")->capture_default_str();
-  app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")->capture_default_str();
-  app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str();
-  app.add_option("--hidden", a.hidden, "MLP width")->capture_default_str();
-  app.add_option("--layers", a.layers, "MLP hidden layers")->capture_default_str();
-  app.add_option("--samples", a.n_samples, "number of points to generate")->capture_default_str();
+  app.add_option("--warmup", a.warmup, "learning-rate warmup steps")->capture_default_str()->check(whole_in(0, kNoMax));
+  app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")
+      ->capture_default_str()
+      ->check(finite_in(0, 1, false, true));
+  app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str()->check(finite_in(0, kInf));
+  app.add_option("--hidden", a.hidden, "MLP width")->capture_default_str()->check(whole_in(1, 65536));
+  app.add_option("--layers", a.layers, "MLP hidden layers")->capture_default_str()->check(whole_in(1, 64));
+  app.add_option("--samples", a.n_samples, "number of points to generate")->capture_default_str()->check(whole_in(0, 100000000));
   app.add_option("--seed", a.seed, "random seed")->capture_default_str();
   app.add_option("--out", a.out, "output directory (checkpoint, train_log.csv, samples, plots)")->capture_default_str();
-  app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end and on Ctrl-C)");
+  app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
+      ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")->capture_default_str();
+  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")
+      ->capture_default_str()
+      ->check(whole_in(1, kNoMax));
   app.add_option("--eval-every", a.eval_every,
                  "every N steps: sample --samples points with the EMA weights and log their energy distance (0 = off)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(0, kNoMax));
   app.add_option("--plot-every", a.plot_every, "every N steps: DIR/progress/samples-<step>.png with the EMA weights (0 = off)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(0, kNoMax));
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
@@ -134,6 +142,7 @@ int main(int argc, char** argv) {
     std::unique_ptr<data2d::Dataset2D> data;
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
+    require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
     if (!a.data.empty())
       data = data2d::load_csv(a.data);
     else if (!a.image.empty())
@@ -146,7 +155,6 @@ int main(int argc, char** argv) {
     so.variance = parse_variance(a.variance);
     so.steps = kind == SamplerKind::DDPM ? 0 : a.ddim_steps;
     so.eta = a.eta;
-    fs::create_directories(a.out);
 
     Generator init(a.seed);
     ToyMLPConfig cfg;

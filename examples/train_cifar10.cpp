@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #include "objective_flags.hpp"
 #include "image_common.hpp"
 
@@ -150,7 +151,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--guidance", a.guidance, "with --class-cond: guidance weight w at sampling, "
                                            "eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_in(-1, 100));
   app.add_option("--T", a.T, "diffusion steps (preset: 1000; tiny 100)")->check(CLI::Range(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear (1e-4..0.02 at T = 1000), cosine or sigmoid")
       ->capture_default_str()
@@ -158,12 +160,14 @@ int main(int argc, char** argv) {
   add_objective_options(app, a.prediction, a.min_snr);
   app.add_option("--ch", a.ch, "U-Net base width (paper 128, small 64, tiny 16)")->check(CLI::PositiveNumber);
   app.add_option("--dropout", a.dropout, "U-Net dropout (preset: 0.1)")->check(CLI::Range(0.0, 0.99));
-  app.add_option("--steps", a.steps, "training steps (paper 800000, small 100000, tiny 200)");
+  app.add_option("--steps", a.steps, "training steps (paper 800000, small 100000, tiny 200)")->check(whole_in(1, kNoMax));
   app.add_option("--batch", a.batch, "batch size (paper and small 128, tiny 16)")->check(CLI::PositiveNumber);
-  app.add_option("--lr", a.lr, "Adam learning rate (preset: 2e-4; tiny 1e-3)");
-  app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps (paper 5000, small 1000, tiny 20)");
-  app.add_option("--ema", a.ema, "EMA decay of the sampling weights, 0 = off (paper 0.9999, small 0.9995, tiny 0.99)");
-  app.add_option("--clip", a.clip, "gradient-norm clipping, 0 = off (preset: 1)");
+  app.add_option("--lr", a.lr, "Adam learning rate (preset: 2e-4; tiny 1e-3)")->check(finite_in(0, 10, true));
+  app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps (paper 5000, small 1000, tiny 20)")
+      ->check(whole_in(0, kNoMax));
+  app.add_option("--ema", a.ema, "EMA decay of the sampling weights, 0 = off (paper 0.9999, small 0.9995, tiny 0.99)")
+      ->check(finite_in(0, 1, false, true));
+  app.add_option("--clip", a.clip, "gradient-norm clipping, 0 = off (preset: 1)")->check(finite_in(0, kInf));
   app.add_option("--data-order", a.order, "batches: epochs (a seeded shuffle, each image once per epoch) or "
                                           "replacement (uniform draws)")
       ->capture_default_str()
@@ -184,17 +188,22 @@ int main(int argc, char** argv) {
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint (bit for bit)");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps, 0: only at the end and on Ctrl-C "
-                                               "(paper 10000, small 5000, tiny 0)");
+                                               "(paper 10000, small 5000, tiny 0)")
+      ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps (preset: 100; tiny 20)");
+  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps (preset: 100; tiny 20)")
+      ->check(whole_in(1, kNoMax));
   app.add_option("--grid-every", a.grid_every, "every N steps: DIR/progress/grid-<step>.png, 100 samples with the EMA "
-                                               "weights, 0 = off (paper 10000, small 5000, tiny 0)");
+                                               "weights, 0 = off (paper 10000, small 5000, tiny 0)")
+      ->check(whole_in(0, kNoMax));
   app.add_option("--fid-every", a.fid_every, "every N steps: FID of --fid-samples EMA samples against --fid-stats, "
-                                             "logged as column fid (paper 50000, small 20000; 0 = off; needs --fid-stats)");
+                                             "logged as column fid (paper 50000, small 20000; 0 = off; needs --fid-stats)")
+      ->check(whole_in(0, kNoMax));
   app.add_option("--fid-samples", a.fid_samples, "samples per FID during training (paper 10000, small 5000); the "
-                                                 "published numbers use 50000 (docs/cifar10.md)");
+                                                 "published numbers use 50000 (docs/cifar10.md)")
+      ->check(whole_in(2, 10000000));
   app.add_option("--fid-stats", a.fid_stats, "pytorch-fid statistics (.npz) of the training set: "
                                              "`fid DATA --save-stats FILE`");
   app.add_option("--fid-weights", a.fid_weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
@@ -205,7 +214,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--fid-steps", a.fid_steps, "steps of the FID sampler (not ddpm)")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--samples", a.samples, "images sampled at the end, 0: none (preset: 100; tiny 16)");
+  app.add_option("--samples", a.samples, "images sampled at the end, 0: none (preset: 100; tiny 16)")
+      ->check(whole_in(0, 10000000));
   app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--sampler", a.sampler,
@@ -218,7 +228,7 @@ int main(int argc, char** argv) {
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t, the paper's) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
-  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str();
+  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
   app.add_flag("--dry-run", a.dry_run, "load and check the data, build the model, print the configuration, exit");
   CLI11_PARSE(app, argc, argv);
 
@@ -249,6 +259,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
+    if (!a.dry_run) require_writable_folder("--out", a.out);  // fails now, not at the first checkpoint
 
     // The data, and the model sized to it.
     std::string kind;

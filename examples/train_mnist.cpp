@@ -11,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #include "objective_flags.hpp"
 #include "mnist_common.hpp"
 
@@ -65,22 +66,28 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
   app.add_option("--guidance", a.guidance, "guidance weight w at sampling: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_in(-1, 100));
   app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
   add_objective_options(app, a.prediction, a.min_snr);
-  app.add_option("--ch", a.ch, "U-Net base width (the reference's MNIST16 model: 32)")->capture_default_str();
+  app.add_option("--ch", a.ch, "U-Net base width (the reference's MNIST16 model: 32)")
+      ->capture_default_str()
+      ->check(whole_in(1, 4096));
   app.add_option("--attn", a.attn, "U-Net attention: none, one8, ho8 (the reference's MNIST16 variants)")
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "one8", "ho8"}));
-  app.add_option("--steps", a.steps, "training steps (default: 3000 for all digits, 1000 with --digit)");
+  app.add_option("--steps", a.steps, "training steps (default: 3000 for all digits, 1000 with --digit)")
+      ->check(whole_in(1, kNoMax));
   app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str();
-  app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps")->capture_default_str();
-  app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")->capture_default_str();
-  app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str();
+  app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str()->check(finite_in(0, 10, true));
+  app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps")->capture_default_str()->check(whole_in(0, kNoMax));
+  app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")
+      ->capture_default_str()
+      ->check(finite_in(0, 1, false, true));
+  app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str()->check(finite_in(0, kInf));
   app.add_option("--seed", a.seed, "random seed")->capture_default_str();
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
@@ -97,24 +104,34 @@ int main(int argc, char** argv) {
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")->capture_default_str();
+  app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")
+      ->capture_default_str()
+      ->check(whole_in(1, kNoMax));
   app.add_option("--data-order", a.order, "batches: replacement (uniform draws) or epochs (a seeded shuffle, each image "
                                           "once per epoch)")
       ->capture_default_str()
       ->check(CLI::IsMember({"replacement", "epochs"}));
   app.add_option("--grid-every", a.grid_every, "every N steps: DIR/progress/grid-<step>.png sampled with the EMA weights "
                                                "(0 = off)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(0, kNoMax));
   app.add_option("--eval-every", a.eval_every, "every N steps: sample --eval-samples images with the EMA weights and log "
                                                "their LeNet accuracy and FD-LeNet (needs the classifier; 0 = off)")
-      ->capture_default_str();
-  app.add_option("--eval-samples", a.eval_samples, "images per evaluation during training")->capture_default_str();
-  app.add_option("--samples", a.samples, "images to sample at the end (default: 500 for all digits, 200 with --digit; 0: none)");
-  app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(0, kNoMax));
+  app.add_option("--eval-samples", a.eval_samples, "images per evaluation during training")
+      ->capture_default_str()
+      ->check(whole_in(2, 1000000));
+  app.add_option("--samples", a.samples, "images to sample at the end (default: 500 for all digits, 200 with --digit; 0: none)")
+      ->check(whole_in(0, 10000000));
+  app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")
+      ->capture_default_str()
+      ->check(whole_in(1, 1000000));
   app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
@@ -124,7 +141,7 @@ int main(int argc, char** argv) {
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
-  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str();
+  app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
   app.add_option("--classifier", a.classifier,
                  "LeNet checkpoint for scoring the samples (default: DATA/lenet<size>.safetensors if present)");
   CLI11_PARSE(app, argc, argv);
@@ -138,6 +155,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
+    require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
     // Data: the training split (one digit, or all with labels).
     const MnistSplit train = load_mnist(a.data, "train");
     Tensor<float> all = to_model_images(train.images, a.size, a.resize);

@@ -1,0 +1,97 @@
+// Checks for the tools' numeric flags and their output folder, run when the command line is
+// parsed, before any work: one line naming the flag, the value and what is allowed.
+//
+// Why not CLI::Range: every comparison with NaN is false, so Range(0.0, 1.0) accepts "nan" (a NaN
+// --ema then quietly switched the EMA off), and it accepts "inf" for an unbounded range. These
+// parse the value strictly and refuse non-finite numbers first.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <system_error>
+#include <unistd.h>
+
+namespace diffuse::examples {
+
+namespace detail {
+
+inline std::string number_text(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", v);
+  return b;
+}
+
+// The whole of s as a double, or false (trailing characters, empty, out of double's range).
+inline bool parse_double(const std::string& s, double& out) {
+  if (s.empty()) return false;
+  errno = 0;
+  char* end = nullptr;
+  out = std::strtod(s.c_str(), &end);
+  return end == s.c_str() + s.size() && errno != ERANGE;
+}
+
+}  // namespace detail
+
+// A finite number from lo to hi; open_lo / open_hi exclude the end (a learning rate of 0 trains
+// nothing, an EMA decay of 1 never moves).
+inline CLI::Validator finite_in(double lo, double hi, bool open_lo = false, bool open_hi = false) {
+  const std::string L = detail::number_text(lo), H = detail::number_text(hi);
+  std::string allowed = "a finite number ";
+  if (std::isinf(hi)) allowed += (open_lo ? "above " : "at least ") + L;
+  else if (!open_lo && !open_hi) allowed += "from " + L + " to " + H;
+  else allowed += (open_lo ? "above " : "at least ") + L + (open_hi ? " and below " : " and at most ") + H;
+  return CLI::Validator(
+      [=](std::string& s) -> std::string {
+        double v = 0;
+        const bool ok = detail::parse_double(s, v) && std::isfinite(v) && (open_lo ? v > lo : v >= lo) &&
+                        (open_hi ? v < hi : v <= hi);
+        return ok ? std::string() : "'" + s + "': expected " + allowed;
+      },
+      std::string("FLOAT in ") + (open_lo ? "(" : "[") + detail::number_text(lo) + ", " + detail::number_text(hi) +
+          (open_hi ? ")" : "]"));
+}
+
+// A whole number in [lo, hi].
+inline CLI::Validator whole_in(long long lo, long long hi) {
+  const std::string allowed = "a whole number from " + std::to_string(lo) +
+                              (hi == std::numeric_limits<long long>::max() ? " up" : " to " + std::to_string(hi));
+  return CLI::Validator(
+      [=](std::string& s) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        const long long v = std::strtoll(s.c_str(), &end, 10);
+        if (s.empty() || end != s.c_str() + s.size() || errno == ERANGE || v < lo || v > hi)
+          return "'" + s + "': expected " + allowed;
+        return {};
+      },
+      "INT >= " + std::to_string(lo));
+}
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+inline constexpr long long kNoMax = std::numeric_limits<long long>::max();
+
+// --out: the folder the run writes, made now and tried with a file, so a read-only or
+// impossible path fails before training rather than at its first checkpoint.
+inline void require_writable_folder(const std::string& flag, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw std::runtime_error(flag + " '" + dir + "': cannot create the folder: " + ec.message());
+  if (!fs::is_directory(dir, ec)) throw std::runtime_error(flag + " '" + dir + "': not a folder");
+  const fs::path probe = fs::path(dir) / (".diffuse-write-test-" + std::to_string(::getpid()));
+  std::FILE* f = std::fopen(probe.c_str(), "wb");
+  if (!f) throw std::runtime_error(flag + " '" + dir + "': the folder is not writable");
+  const bool wrote = std::fputc('x', f) != EOF;
+  const bool closed = std::fclose(f) == 0;
+  fs::remove(probe, ec);
+  if (!wrote || !closed) throw std::runtime_error(flag + " '" + dir + "': writing a file there failed");
+}
+
+}  // namespace diffuse::examples
