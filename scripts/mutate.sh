@@ -4,7 +4,9 @@
 # mutant was killed (the tests failed) or survived (they passed: a hole in the tests).
 #
 #   scripts/mutate.sh [ID...]       all mutants, or the ones named
-#   MUTATE_DIR=/tmp/m scripts/mutate.sh   where the copy and its build live (default build-mutate/)
+#   MUTATE_DIR=/tmp/m scripts/mutate.sh   where the copy and its build live (default
+#                                         $TMPDIR/diffuse-mutate: outside the source tree, whose
+#                                         doxygen run would find a second copy of every image)
 #
 # The copy is configured once (Release, no CUDA toolchain needed: the kernels run through the
 # emulation); each mutant then rebuilds only its test target, so a run of the whole list takes
@@ -13,7 +15,7 @@
 # "old" text is not found exactly once, or it does not compile) or the baseline fails.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-work=${MUTATE_DIR:-$root/build-mutate}
+work=${MUTATE_DIR:-${TMPDIR:-/tmp}/diffuse-mutate}
 src=$work/src
 bld=$work/build
 list=$root/scripts/mutants.tsv
