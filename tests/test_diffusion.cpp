@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
+#include <vector>
 
 using namespace diffuse;
 
@@ -261,6 +263,101 @@ TEST_CASE("safetensors round trip and clear errors") {
   }
   CHECK_THROWS_WITH(safetensors::File::read(path), Catch::Contains("shorter than"));
   CHECK_THROWS_WITH(safetensors::File::read(path + ".missing"), Catch::Contains("cannot open"));
+  std::remove(path.c_str());
+}
+
+namespace {
+// A safetensors file written byte by byte: the 8-byte header length, the JSON header, the data.
+void write_raw_safetensors(const std::string& path, const std::string& header, size_t data_bytes) {
+  std::ofstream o(path, std::ios::binary);
+  const uint64_t n = header.size();
+  o.write(reinterpret_cast<const char*>(&n), 8);
+  o << header;
+  const std::vector<char> zeros(data_bytes, 0);
+  o.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+}
+}  // namespace
+
+TEST_CASE("safetensors and checkpoint files that contradict themselves are refused, naming the problem") {
+  const std::string path = (std::filesystem::temp_directory_path() / "diffuse_test_bad.safetensors").string();
+  INFO(path);
+  const auto error_of = [&] {
+    try {
+      safetensors::File::read(path);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  // Two tensors sharing bytes.
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12);
+  CHECK_THAT(error_of(), Catch::Contains("tensors 'a' and 'b' overlap") && Catch::Contains(path));
+  // One name twice (JSON would keep the second silently).
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16);
+  CHECK_THAT(error_of(), Catch::Contains("tensor 'a' is named twice"));
+  // A shape whose element count wraps around 2^64 to match zero bytes.
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0);
+  CHECK_THAT(error_of(), Catch::Contains("0 bytes for shape"));
+  // Adjacent tensors and an empty one are fine.
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"e":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16);
+  CHECK(error_of() == "(no error)");
+
+  // Checkpoints: metadata numbers parsed strictly, and every tensor accounted for.
+  Generator g(2);
+  ToyMLP<float> m(ToyMLPConfig{2, 16, 3, 8, Activation::SiLU}, g);
+  const auto write_ckpt = [&](const safetensors::Metadata& meta, const std::string& extra = "", bool as_int = false) {
+    safetensors::Writer w;
+    for (const auto& [name, t] : m.state_dict()) w.add(name, t);
+    std::vector<int32_t> ints(16, 1);
+    if (!extra.empty() && !as_int) w.add(extra, Tensor<float>::zeros({2}));
+    if (as_int) {  // the first parameter again, as I32 under its own name
+      safetensors::Writer w2;
+      for (const auto& [name, t] : m.state_dict())
+        if (name == m.state_dict().front().first)
+          w2.add_raw(name, safetensors::DType::I32, t.shape(), ints.data(), static_cast<size_t>(t.numel()) * 4);
+        else
+          w2.add(name, t);
+      w2.metadata = meta;
+      w2.write(path);
+      return;
+    }
+    w.metadata = meta;
+    w.write(path);
+  };
+  const safetensors::Metadata good = {{"format", kCheckpointFormat}, {"step", "12"}, {"rng.seed", "1"}, {"rng.offset", "0"}};
+  const auto load_error = [&] {
+    try {
+      load_checkpoint<float>(path, m, nullptr, nullptr);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  write_ckpt(good);
+  CHECK(load_error() == "(no error)");
+  for (const auto& [key, value, message] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"step", "12abc", "metadata 'step' is '12abc', not a whole number"},
+           {"step", "", "metadata 'step' is '', not a whole number"},
+           {"step", "-3", "metadata 'step' is negative"},
+           {"rng.seed", "-1", "metadata 'rng.seed' is '-1', not a whole number"},
+           {"rng.offset", "99999999999999999999999", "not a whole number in range"}}) {
+    INFO(key << " = '" << value << "'");
+    safetensors::Metadata bad = good;
+    bad[key] = value;
+    write_ckpt(bad);
+    CHECK_THAT(load_error(), Catch::Contains(message) && Catch::Contains(path));
+  }
+  safetensors::Metadata missing = good;
+  missing.erase("step");
+  write_ckpt(missing);
+  CHECK_THAT(load_error(), Catch::Contains("has no metadata 'step'"));
+  write_ckpt(good, "net.99.weight");
+  CHECK_THAT(load_error(), Catch::Contains("has tensor 'net.99.weight' that the model does not have"));
+  write_ckpt(good, "", true);
+  CHECK_THAT(load_error(), Catch::Contains("has dtype I32, expected F32 or F64"));
+  safetensors::Writer twice;
+  twice.add("a", Tensor<float>::zeros({2}));
+  CHECK_THROWS_WITH(twice.add("a", Tensor<float>::zeros({2})), Catch::Contains("duplicate tensor name 'a'"));
   std::remove(path.c_str());
 }
 

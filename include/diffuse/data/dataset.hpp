@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <charconv>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -104,11 +105,21 @@ class TensorDataset : public BatchSource<T> {
       if (it == st.end()) throw std::runtime_error(std::string("diffuse: checkpoint has no '") + k + "' for the epoch order");
       return it->second;
     };
-    if (std::stoull(get("data.seed")) != seed_)
+    // All of the value as a whole number ("12abc" is refused, where std::stoll read 12).
+    auto number = [&](const char* k, auto& out) {
+      const std::string& v = get(k);
+      const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+      if (v.empty() || ec != std::errc() || end != v.data() + v.size())
+        throw std::runtime_error(std::string("diffuse: checkpoint's '") + k + "' is '" + v + "', not a whole number");
+    };
+    uint64_t seed = 0;
+    number("data.seed", seed);
+    if (seed != seed_)
       throw std::runtime_error("diffuse: checkpoint's data order was seeded with " + get("data.seed") + ", this run with " +
                                std::to_string(seed_));
-    epoch_ = std::stoll(get("data.epoch"));
-    pos_ = std::stoll(get("data.position"));
+    number("data.epoch", epoch_);
+    number("data.position", pos_);
+    if (epoch_ < 0) throw std::runtime_error("diffuse: checkpoint's data epoch is negative");
     if (pos_ < 0 || pos_ > size()) throw std::runtime_error("diffuse: checkpoint's data position is outside the data set");
     perm_ = permutation(epoch_);
   }

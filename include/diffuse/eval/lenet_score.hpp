@@ -262,15 +262,7 @@ inline LeNetFile load_lenet(const std::string& path) {
   if (it == m.end() || it->second != kLeNetModel)
     throw std::runtime_error("load_lenet: '" + path + "' is not a LeNet classifier (metadata model is '" +
                              (it == m.end() ? std::string("missing") : it->second) + "', expected " + kLeNetModel + ")");
-  auto num = [&](const char* key) {
-    auto k = m.find(key);
-    if (k == m.end()) throw std::runtime_error("load_lenet: '" + path + "' has no metadata '" + key + "'");
-    try {
-      return std::stoll(k->second);
-    } catch (const std::exception&) {
-      throw std::runtime_error("load_lenet: '" + path + "': metadata '" + key + "' is not a number: " + k->second);
-    }
-  };
+  auto num = [&](const char* key) { return safetensors::metadata_number<int64_t>(m, key, "classifier '" + path + "'"); };
   LeNetConfig c;
   c.size = num("size");
   c.c1 = num("c1");

@@ -53,10 +53,10 @@ void save_checkpoint(const std::string& path, const Module<T>& model, Adam<T>* o
 
 namespace detail {
 inline int64_t meta_int(const safetensors::File& f, const std::string& key) {
-  auto it = f.metadata().find(key);
-  if (it == f.metadata().end())
-    throw std::runtime_error("diffuse: checkpoint '" + f.path() + "' has no metadata '" + key + "'");
-  return std::stoll(it->second);
+  return safetensors::metadata_number<int64_t>(f.metadata(), key, "checkpoint '" + f.path() + "'");
+}
+inline uint64_t meta_uint(const safetensors::File& f, const std::string& key) {
+  return safetensors::metadata_number<uint64_t>(f.metadata(), key, "checkpoint '" + f.path() + "'");
 }
 }  // namespace detail
 
@@ -108,8 +108,8 @@ TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* o
   }
   TrainState st;
   st.step = detail::meta_int(f, "step");
-  st.rng = Generator(static_cast<uint64_t>(std::stoull(f.metadata().at("rng.seed"))),
-                     static_cast<uint64_t>(std::stoull(f.metadata().at("rng.offset"))));
+  if (st.step < 0) throw std::runtime_error("diffuse: checkpoint '" + f.path() + "': metadata 'step' is negative");
+  st.rng = Generator(detail::meta_uint(f, "rng.seed"), detail::meta_uint(f, "rng.offset"));
   st.metadata = f.metadata();
   return st;
 }

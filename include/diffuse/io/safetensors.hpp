@@ -5,13 +5,16 @@
 // never leaves a truncated file under the real name.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <unistd.h>
@@ -73,6 +76,22 @@ struct View {
 };
 
 using Metadata = std::map<std::string, std::string>;
+
+// Metadata value `key` of m as a whole number of type Int, all of it: "12abc", "", " 12", a sign
+// on an unsigned type and values out of range are refused (std::stoll read "12abc" as 12), in one
+// line naming `where` (the file) and the key.
+template <class Int>
+inline Int metadata_number(const Metadata& m, const std::string& key, const std::string& where) {
+  const auto it = m.find(key);
+  if (it == m.end()) throw std::runtime_error("diffuse: " + where + " has no metadata '" + key + "'");
+  const std::string& s = it->second;
+  Int v{};
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || end != s.data() + s.size())
+    throw std::runtime_error("diffuse: " + where + ": metadata '" + key + "' is '" + s + "', not a whole number" +
+                             (ec == std::errc::result_out_of_range ? " in range" : ""));
+  return v;
+}
 
 // A whole file read into memory; views point into it.
 class File {
@@ -148,11 +167,24 @@ DIFFUSE_IMPL_INLINE void File::parse() {
   std::memcpy(&hlen, buf_.data(), 8);
   if (hlen > buf_.size() - 8) bad("header length " + std::to_string(hlen) + " exceeds the file size");
   nlohmann::json h;
+  std::string duplicate;  // JSON keeps the last of two equal keys silently: a name given twice is refused
   try {
-    h = nlohmann::json::parse(buf_.begin() + 8, buf_.begin() + 8 + static_cast<std::ptrdiff_t>(hlen));
+    int depth = 0;
+    std::set<std::string> top;
+    h = nlohmann::json::parse(buf_.begin() + 8, buf_.begin() + 8 + static_cast<std::ptrdiff_t>(hlen),
+                              [&](int, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+                                using E = nlohmann::json::parse_event_t;
+                                if (ev == E::object_start) ++depth;
+                                else if (ev == E::object_end) --depth;
+                                else if (ev == E::key && depth == 1 && !top.insert(parsed.get<std::string>()).second &&
+                                         duplicate.empty())
+                                  duplicate = parsed.get<std::string>();
+                                return true;
+                              });
   } catch (const std::exception& e) {
     bad(std::string("header JSON: ") + e.what());
   }
+  if (!duplicate.empty()) bad("tensor '" + duplicate + "' is named twice in the header");
   if (!h.is_object()) bad("header is not a JSON object");
   const uint8_t* base = buf_.data() + 8 + hlen;
   const uint64_t avail = buf_.size() - 8 - hlen;
@@ -172,9 +204,15 @@ DIFFUSE_IMPL_INLINE void File::parse() {
       for (const auto& d : e.at("shape")) v.shape.push_back(d.get<int64_t>());
       const uint64_t b = e.at("data_offsets").at(0).get<uint64_t>(), en = e.at("data_offsets").at(1).get<uint64_t>();
       if (b > en || en > avail) bad("tensor '" + it.key() + "': data offsets outside the file");
-      for (int64_t d : v.shape)
+      // The element count without overflow: a product that wraps could match any byte count.
+      uint64_t numel = 1;
+      for (int64_t d : v.shape) {
         if (d < 0) bad("tensor '" + it.key() + "': negative dimension");
-      if (en - b != static_cast<uint64_t>(shape_numel(v.shape)) * dtype_size(v.dtype))
+        const uint64_t ud = static_cast<uint64_t>(d);
+        if (ud != 0 && numel > avail / ud) numel = avail + 1;  // more elements than the file has bytes
+        else numel *= ud;
+      }
+      if (numel > avail || en - b != numel * dtype_size(v.dtype))
         bad("tensor '" + it.key() + "': " + std::to_string(en - b) + " bytes for shape " + shape_str(v.shape));
       v.data = base + b;
       v.nbytes = en - b;
@@ -183,6 +221,15 @@ DIFFUSE_IMPL_INLINE void File::parse() {
     }
     views_[it.key()] = v;
   }
+  // No two tensors may share bytes (a file that aliases one tensor's data as another's is
+  // self-contradicting); empty tensors take no bytes.
+  std::vector<std::pair<const View*, const std::string*>> by_start;
+  for (const auto& [name, v] : views_)
+    if (v.nbytes) by_start.push_back({&v, &name});
+  std::sort(by_start.begin(), by_start.end(), [](const auto& x, const auto& y) { return x.first->data < y.first->data; });
+  for (size_t i = 1; i < by_start.size(); ++i)
+    if (by_start[i].first->data < by_start[i - 1].first->data + by_start[i - 1].first->nbytes)
+      bad("tensors '" + *by_start[i - 1].second + "' and '" + *by_start[i].second + "' overlap");
 }
 #endif  // DIFFUSE_DEFINE_IMPL
 

@@ -364,8 +364,8 @@ void TrainerCore<T>::resume_from(const std::string& path) {
   rng_ = st.rng;
   auto offset = [&](std::initializer_list<const char*> keys, Generator& g) {
     for (const char* k : keys)
-      if (auto it = st.metadata.find(k); it != st.metadata.end()) {
-        g = Generator(o_.seed, std::stoull(it->second));
+      if (st.metadata.count(k)) {
+        g = Generator(o_.seed, safetensors::metadata_number<uint64_t>(st.metadata, k, "checkpoint '" + path + "'"));
         return;
       }
   };
