@@ -78,7 +78,13 @@ endif()
 
 if(_diffuse_have_cuda)
   enable_language(CUDA)
+  # CMake 3.25's FindCUDAToolkit marks CUDA::nvToolsExt deprecated whenever the project requires
+  # CMake >= 3.25, and stops with "set_property could not find TARGET CUDA::nvToolsExt" when the
+  # toolkit has no such library (CUDA 13). Nothing here uses it: look with a lower minimum.
+  set(_diffuse_cmake_min "${CMAKE_MINIMUM_REQUIRED_VERSION}")
+  set(CMAKE_MINIMUM_REQUIRED_VERSION 3.24)
   find_package(CUDAToolkit REQUIRED)
+  set(CMAKE_MINIMUM_REQUIRED_VERSION "${_diffuse_cmake_min}")
   set(CMAKE_CUDA_STANDARD 20)
   set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   set(CMAKE_CUDA_EXTENSIONS OFF)
