@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
 using namespace diffuse;
@@ -132,13 +133,16 @@ int main(int argc, char** argv) {
     network.device = choose_device(device);  // refuses cuda without a device before loading anything
     if (b.empty() && save_stats.empty()) throw std::runtime_error("give two inputs A B, or A with --save-stats OUT.npz");
     const auto t0 = std::chrono::steady_clock::now();
+    // A statistics file B is read (and checked) before A's features take minutes to compute.
+    std::optional<GaussianStats> sb_first;
+    if (!b.empty() && ends_with(b, ".npz")) sb_first = statistics_of(b, network, batch, split);
     const GaussianStats sa = statistics_of(a, network, batch, split);
     if (!save_stats.empty()) {
       save_gaussian_stats(save_stats, sa);
       std::printf("wrote statistics of %s to %s\n", a.c_str(), save_stats.c_str());
     }
     if (b.empty()) return 0;
-    const GaussianStats sb = statistics_of(b, network, batch, split);
+    const GaussianStats sb = sb_first ? *sb_first : statistics_of(b, network, batch, split);
     const double fid = frechet_distance(sa, sb);
     std::printf("time %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     std::printf("FID: %.6f\n", fid);

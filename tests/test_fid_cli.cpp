@@ -127,6 +127,15 @@ TEST_CASE("fid tool: statistics match PyTorch, inputs agree, errors are clear") 
   CHECK(out.find("--save-stats") != std::string::npos);
   CHECK(run(q(kFid) + " " + q(p("w.pth")) + " " + q(p("a.npz")), &out) == 1);
   CHECK(out.find("neither a folder") != std::string::npos);
+  // Statistics with a NaN: refused when read, before A's features are computed (A here is a
+  // folder that does not exist, whose error would come first if A were read first).
+  {
+    GaussianStats bad = ours;
+    bad.mu(7) = std::nan("");
+    save_gaussian_stats(p("nan.npz"), bad);
+  }
+  CHECK(run(q(kFid) + " " + q(p("no_such_folder")) + " " + q(p("nan.npz")) + W, &out) == 1);
+  CHECK(out.find("nan.npz: mu[7] is not finite") != std::string::npos);
   CHECK(run(q(kFid) + " --help", &out) == 0);
   CHECK(out.find("pytorch-fid") != std::string::npos);
 }

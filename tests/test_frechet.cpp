@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -165,6 +166,19 @@ TEST_CASE("gaussian stats files round trip") {
   const GaussianStats r = load_gaussian_stats(dir / "s.npz");
   CHECK(r.mu == s.mu);
   CHECK(r.sigma == s.sigma);
+  // Non-finite values and a negative variance are refused when the file is read.
+  GaussianStats bad = s;
+  bad.sigma(3, 5) = std::numeric_limits<double>::infinity();
+  save_gaussian_stats(dir / "inf.npz", bad);
+  CHECK_THAT(error_of([&] { load_gaussian_stats(dir / "inf.npz"); }), Contains("inf.npz: sigma[3, 5] is not finite"));
+  bad = s;
+  bad.mu(2) = std::nan("");
+  save_gaussian_stats(dir / "nan.npz", bad);
+  CHECK_THAT(error_of([&] { load_gaussian_stats(dir / "nan.npz"); }), Contains("nan.npz: mu[2] is not finite"));
+  bad = s;
+  bad.sigma(4, 4) = -1.0;
+  save_gaussian_stats(dir / "neg.npz", bad);
+  CHECK_THAT(error_of([&] { load_gaussian_stats(dir / "neg.npz"); }), Contains("sigma[4, 4] is negative"));
 }
 
 TEST_CASE("frechet distance matches pytorch-fid with scipy sqrtm") {

@@ -157,6 +157,19 @@ DIFFUSE_IMPL_INLINE GaussianStats load_gaussian_stats(const std::string& path) {
   const std::vector<double> mv = mu.as<double>(), sv = sg.as<double>();
   s.mu = Eigen::Map<const Eigen::VectorXd>(mv.data(), d);
   s.sigma = Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(sv.data(), d, d);
+  // Checked here, when the file is read, not minutes later when a distance is taken.
+  for (int64_t i = 0; i < d; ++i)
+    if (!std::isfinite(s.mu(i)))
+      throw std::runtime_error("load_gaussian_stats: " + path + ": mu[" + std::to_string(i) + "] is not finite");
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      if (!std::isfinite(s.sigma(i, j)))
+        throw std::runtime_error("load_gaussian_stats: " + path + ": sigma[" + std::to_string(i) + ", " +
+                                 std::to_string(j) + "] is not finite");
+  for (int64_t i = 0; i < d; ++i)
+    if (s.sigma(i, i) < 0)
+      throw std::runtime_error("load_gaussian_stats: " + path + ": sigma[" + std::to_string(i) + ", " +
+                               std::to_string(i) + "] is negative: not a covariance");
   return s;
 }
 
