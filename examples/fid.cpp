@@ -15,6 +15,7 @@
 #include <diffuse/eval/fid.hpp>
 
 #include "device_choice.hpp"
+#include "flag_checks.hpp"
 #if DIFFUSE_EMULATED_CUDA
 #include <diffuse/backend/cuda_emulation.hpp>
 #endif
@@ -120,7 +121,9 @@ int main(int argc, char** argv) {
   app.add_option("A", a, "first image set or statistics")->required();
   app.add_option("B", b, "second image set or statistics");
   app.add_option("--weights", network.weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
-  app.add_option("--batch", batch, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch", batch, "images per forward pass")
+      ->capture_default_str()
+      ->check(diffuse::examples::positive_whole());
   app.add_option("--device", device, "run the Inception network on cpu or cuda (default: cuda when a CUDA device is "
                                      "usable, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));

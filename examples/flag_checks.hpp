@@ -77,6 +77,25 @@ inline CLI::Validator whole_in(long long lo, long long hi) {
 inline constexpr double kInf = std::numeric_limits<double>::infinity();
 inline constexpr long long kNoMax = std::numeric_limits<long long>::max();
 
+// A whole number from 1 up (CLI::PositiveNumber's message printed the largest double in full).
+inline CLI::Validator positive_whole() { return whole_in(1, kNoMax); }
+
+// A seed: a whole number from 0 to 2^64 - 1. CLI11 reads "-1" into a uint64_t as 2^64 - 1, so a
+// negative seed would silently be another seed.
+inline CLI::Validator seed_value() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        const bool digits = !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
+        (void)std::strtoull(s.c_str(), &end, 10);
+        if (!digits || end != s.c_str() + s.size() || errno == ERANGE)
+          return "'" + s + "': expected a whole number from 0 to 18446744073709551615";
+        return {};
+      },
+      "UINT");
+}
+
 // --out: the folder the run writes, made now and tried with a file, so a read-only or
 // impossible path fails before training rather than at its first checkpoint.
 inline void require_writable_folder(const std::string& flag, const std::string& dir) {

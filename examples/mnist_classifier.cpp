@@ -246,18 +246,24 @@ int main(int argc, char** argv) {
   tr->add_option("--resize", ta.resize, "resize from 28: area, bilinear")
       ->capture_default_str()
       ->check(CLI::IsMember({"area", "bilinear"}));
-  tr->add_option("--epochs", ta.epochs, "training epochs")->capture_default_str()->check(CLI::PositiveNumber);
-  tr->add_option("--batch", ta.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--epochs", ta.epochs, "training epochs")
+      ->capture_default_str()
+      ->check(diffuse::examples::positive_whole());
+  tr->add_option("--batch", ta.batch, "batch size")->capture_default_str()->check(diffuse::examples::positive_whole());
   tr->add_option("--lr", ta.lr, "Adam learning rate (cosine decay to 0)")->capture_default_str()->check(diffuse::examples::finite_in(0, 10, true));
-  tr->add_option("--c1", ta.c1, "channels of conv1 and conv2")->capture_default_str()->check(CLI::PositiveNumber);
-  tr->add_option("--c2", ta.c2, "channels of conv3 and conv4")->capture_default_str()->check(CLI::PositiveNumber);
+  tr->add_option("--c1", ta.c1, "channels of conv1 and conv2")
+      ->capture_default_str()
+      ->check(diffuse::examples::positive_whole());
+  tr->add_option("--c2", ta.c2, "channels of conv3 and conv4")
+      ->capture_default_str()
+      ->check(diffuse::examples::positive_whole());
   tr->add_option("--weight-decay", ta.weight_decay, "AdamW weight decay (0 = Adam)")
       ->capture_default_str()
       ->check(diffuse::examples::finite_in(0, 1));
   tr->add_option("--shift", ta.shift, "augmentation: random shifts of up to this many pixels (0 = off)")
       ->capture_default_str()
-      ->check(CLI::Range(0, 4));
-  tr->add_option("--seed", ta.seed, "random seed")->capture_default_str();
+      ->check(diffuse::examples::whole_in(0, 4));
+  tr->add_option("--seed", ta.seed, "random seed")->capture_default_str()->check(diffuse::examples::seed_value());
   tr->add_option("--out", ta.out, "classifier file (default: DIR/lenet<size>.safetensors)");
   tr->add_option("--device", ta.device, "train on cpu or cuda (default: cuda when a CUDA device is usable, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -268,7 +274,9 @@ int main(int argc, char** argv) {
   sc->add_option("--labels", sa.labels, "int64 [N] .npy: the class each sample was asked for");
   sc->add_option("--data", sa.data, "MNIST-format directory: the real digits for FD and its floor")->required();
   sc->add_option("--json", sa.json, "also write the numbers to this JSON file");
-  sc->add_option("--seed", sa.seed, "seed of the real train digits drawn for the floor")->capture_default_str();
+  sc->add_option("--seed", sa.seed, "seed of the real train digits drawn for the floor")
+      ->capture_default_str()
+      ->check(diffuse::examples::seed_value());
   sc->add_option("--device", sa.device, "run the classifier on cpu or cuda (default: cuda when usable, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);

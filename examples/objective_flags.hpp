@@ -4,6 +4,8 @@
 #include <CLI/CLI.hpp>
 #include <diffuse/diffusion/objectives.hpp>
 
+#include "flag_checks.hpp"
+
 #include <string>
 
 namespace diffuse::examples {
@@ -15,7 +17,7 @@ inline void add_objective_options(CLI::App& app, std::string& prediction, double
       ->check(CLI::IsMember({"eps", "x0", "v"}));
   app.add_option("--min-snr", min_snr, "min-SNR-gamma loss weighting with this gamma (5 in Hang et al. 2023); 0: off")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1e6));
+      ->check(finite_in(0, 1e6));  // CLI::Range would let NaN through
 }
 
 inline Objective objective_from_flags(const std::string& prediction, double min_snr) {

@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   app.add_option("checkpoint", checkpoint, "checkpoint.safetensors written by train_mnist or train_cifar10")->required();
   app.add_option("-n,--n", n, "number of images (class-conditional: the classes in turn)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--guidance", guidance, "guidance weight w: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str()
       ->check(finite_in(-1, 100));
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--steps", steps, "steps = network evaluations of every sampler but ddpm (which takes T)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--spacing", spacing,
                  "their timesteps: uniform (i T / steps, DDIM's), linspace (T-1 down to 0), trailing (from T-1), "
                  "quadratic")
@@ -46,8 +46,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
   app.add_option("--eta", eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
-  app.add_option("--batch", batch, "images per sampling batch")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--seed", seed, "random seed")->capture_default_str();
+  app.add_option("--batch", batch, "images per sampling batch")->capture_default_str()->check(positive_whole());
+  app.add_option("--seed", seed, "random seed")->capture_default_str()->check(diffuse::examples::seed_value());
   app.add_option("--out", out, "output directory")->capture_default_str();
   app.add_option("--device", device, "run the network on cpu or cuda (default: cuda when a CUDA device is usable, else cpu)")
       ->check(CLI::IsMember({"cpu", "cuda"}));

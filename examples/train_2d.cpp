@@ -84,9 +84,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--data", a.data, "your own points: a CSV file with x,y per line (overrides --dataset)");
   app.add_option("--image", a.image, "your own shape: an image whose dark pixels become points (overrides --dataset)");
-  app.add_option("--steps", a.steps, "training steps")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
+  app.add_option("--steps", a.steps, "training steps")->capture_default_str()->check(positive_whole());
+  app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(positive_whole());
+  app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(whole_in(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
@@ -94,10 +94,12 @@ int main(int argc, char** argv) {
   app.add_option("--sampler", a.sampler, "sampler: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
-  app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")->capture_default_str();
+  app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"small", "large"}));
   app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "sampling steps of every sampler but ddpm")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--eta", a.eta, "DDIM eta (0 = deterministic)")->capture_default_str()->check(finite_in(0, 1));
   app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str()->check(finite_in(0, 10, true));
   app.add_option("--lr-decay", a.lr_decay, "learning rate after warmup: cosine (to 0 at the last step), constant")
@@ -111,13 +113,13 @@ int main(int argc, char** argv) {
   app.add_option("--hidden", a.hidden, "MLP width")->capture_default_str()->check(whole_in(1, 65536));
   app.add_option("--layers", a.layers, "MLP hidden layers")->capture_default_str()->check(whole_in(1, 64));
   app.add_option("--samples", a.n_samples, "number of points to generate")->capture_default_str()->check(whole_in(0, 100000000));
-  app.add_option("--seed", a.seed, "random seed")->capture_default_str();
+  app.add_option("--seed", a.seed, "random seed")->capture_default_str()->check(diffuse::examples::seed_value());
   app.add_option("--out", a.out, "output directory (checkpoint, train_log.csv, samples, plots)")->capture_default_str();
   app.add_option("--save-every", a.save_every, "also checkpoint every N steps (0 = only at the end and on Ctrl-C)")
       ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")
       ->capture_default_str()
       ->check(whole_in(1, kNoMax));
@@ -237,6 +239,7 @@ int main(int argc, char** argv) {
     Tensor<float> s;
     Generator srng(a.seed, uint64_t(2) << 40);
     trainer.with_ema_weights([&] { s = sample(srng, obs); });
+    std::printf("sampled %zu points with %s, %d steps\n", n, a.sampler.c_str(), total);
 
     // Quality: energy distance in the model's (normalised) space, averaged
     // over kEvalSets held-out sets. One draw is too noisy to judge by: two

@@ -148,20 +148,20 @@ int main(int argc, char** argv) {
   app.add_flag("--no-flip", a.no_flip, "no random horizontal flips (the recipe flips)");
   app.add_option("--label-dropout", a.label_dropout, "with --class-cond: probability of the null class in training")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(finite_in(0, 1));
   app.add_option("--guidance", a.guidance, "with --class-cond: guidance weight w at sampling, "
                                            "eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str()
       ->check(finite_in(-1, 100));
-  app.add_option("--T", a.T, "diffusion steps (preset: 1000; tiny 100)")->check(CLI::Range(2, 100000));
+  app.add_option("--T", a.T, "diffusion steps (preset: 1000; tiny 100)")->check(whole_in(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear (1e-4..0.02 at T = 1000), cosine or sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
   add_objective_options(app, a.prediction, a.min_snr);
-  app.add_option("--ch", a.ch, "U-Net base width (paper 128, small 64, tiny 16)")->check(CLI::PositiveNumber);
-  app.add_option("--dropout", a.dropout, "U-Net dropout (preset: 0.1)")->check(CLI::Range(0.0, 0.99));
+  app.add_option("--ch", a.ch, "U-Net base width (paper 128, small 64, tiny 16)")->check(positive_whole());
+  app.add_option("--dropout", a.dropout, "U-Net dropout (preset: 0.1)")->check(finite_in(0, 1, false, true));
   app.add_option("--steps", a.steps, "training steps (paper 800000, small 100000, tiny 200)")->check(whole_in(1, kNoMax));
-  app.add_option("--batch", a.batch, "batch size (paper and small 128, tiny 16)")->check(CLI::PositiveNumber);
+  app.add_option("--batch", a.batch, "batch size (paper and small 128, tiny 16)")->check(positive_whole());
   app.add_option("--lr", a.lr, "Adam learning rate (preset: 2e-4; tiny 1e-3)")->check(finite_in(0, 10, true));
   app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps (paper 5000, small 1000, tiny 20)")
       ->check(whole_in(0, kNoMax));
@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
                                           "replacement (uniform draws)")
       ->capture_default_str()
       ->check(CLI::IsMember({"replacement", "epochs"}));
-  app.add_option("--seed", a.seed, "random seed")->capture_default_str();
+  app.add_option("--seed", a.seed, "random seed")->capture_default_str()->check(diffuse::examples::seed_value());
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
       ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps (preset: 100; tiny 20)")
       ->check(whole_in(1, kNoMax));
   app.add_option("--grid-every", a.grid_every, "every N steps: DIR/progress/grid-<step>.png, 100 samples with the EMA "
@@ -208,23 +208,23 @@ int main(int argc, char** argv) {
                                              "`fid DATA --save-stats FILE`");
   app.add_option("--fid-weights", a.fid_weights, "pytorch-fid's Inception weights as safetensors")->capture_default_str();
   app.add_option("--fid-batch", a.fid_batch, "images per Inception forward pass")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--fid-sampler", a.fid_sampler, "sampler for the FID samples: ddpm, ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--fid-steps", a.fid_steps, "steps of the FID sampler (not ddpm)")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--samples", a.samples, "images sampled at the end, 0: none (preset: 100; tiny 16)")
       ->check(whole_in(0, 10000000));
   app.add_option("--sample-batch", a.sample_batch, "images per sampling batch")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--sampler", a.sampler,
                  "sampler for grids and the final samples: ddpm (T steps), ddim, euler-a, dpm++2m, dpm++3m")
       ->capture_default_str()
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "steps of the sampler (not ddpm)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t, the paper's) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));
@@ -356,8 +356,9 @@ int main(int argc, char** argv) {
     req.eta = a.eta;
     req.variance = a.variance;
     req.batch = a.sample_batch;
-    if (req.steps > r.T || a.fid_steps > r.T)
-      throw std::invalid_argument("--sample-steps and --fid-steps must be at most T = " + std::to_string(r.T));
+    if (req.steps > r.T) throw std::invalid_argument("--sample-steps must be at most T = " + std::to_string(r.T));
+    if (r.fid_every > 0 && a.fid_sampler != "ddpm" && a.fid_steps > r.T)  // unused without FID evaluations
+      throw std::invalid_argument("--fid-steps must be at most T = " + std::to_string(r.T));
     const int64_t grid_n = info.unet.num_classes > 0 ? 10 * info.unet.num_classes : 100;
     auto grid_name = [&](int64_t step) {
       char name[64];

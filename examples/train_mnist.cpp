@@ -61,14 +61,14 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"area", "bilinear"}));
   app.add_option("--digit", a.digit, "train on this digit only (unconditional model); -1: all ten, class-conditional")
       ->capture_default_str()
-      ->check(CLI::Range(-1, 9));
+      ->check(whole_in(-1, 9));
   app.add_option("--label-dropout", a.label_dropout, "probability of training with the null class (classifier-free guidance)")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(finite_in(0, 1));
   app.add_option("--guidance", a.guidance, "guidance weight w at sampling: eps = (1+w) eps(x,y) - w eps(x,null); 0 = off")
       ->capture_default_str()
       ->check(finite_in(-1, 100));
-  app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(CLI::Range(2, 100000));
+  app.add_option("--T", a.T, "diffusion steps")->capture_default_str()->check(whole_in(2, 100000));
   app.add_option("--schedule", a.schedule, "noise schedule: linear, cosine, sigmoid")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "sigmoid"}));
@@ -81,14 +81,14 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "one8", "ho8"}));
   app.add_option("--steps", a.steps, "training steps (default: 3000 for all digits, 1000 with --digit)")
       ->check(whole_in(1, kNoMax));
-  app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch", a.batch, "batch size")->capture_default_str()->check(positive_whole());
   app.add_option("--lr", a.lr, "Adam learning rate")->capture_default_str()->check(finite_in(0, 10, true));
   app.add_option("--warmup", a.warmup, "linear learning-rate warmup steps")->capture_default_str()->check(whole_in(0, kNoMax));
   app.add_option("--ema", a.ema, "EMA decay of the weights used for sampling (0 = off)")
       ->capture_default_str()
       ->check(finite_in(0, 1, false, true));
   app.add_option("--clip", a.clip, "gradient-norm clipping (0 = off)")->capture_default_str()->check(finite_in(0, kInf));
-  app.add_option("--seed", a.seed, "random seed")->capture_default_str();
+  app.add_option("--seed", a.seed, "random seed")->capture_default_str()->check(diffuse::examples::seed_value());
   app.add_option("--device", a.device, "train and sample on cpu or cuda (default: cuda when a CUDA device is usable, "
                                        "else cpu); checkpoints are the same files on both")
       ->check(CLI::IsMember({"cpu", "cuda"}));
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
       ->check(whole_in(0, kNoMax));
   app.add_option("--keep", a.keep, "checkpoints kept: checkpoint.safetensors and the K-1 before it (checkpoint-<step>)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--log-every", a.log_every, "progress line and train_log.csv row every N steps")
       ->capture_default_str()
       ->check(whole_in(1, kNoMax));
@@ -137,7 +137,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"ddpm", "ddim", "euler-a", "dpm++2m", "dpm++3m"}));
   app.add_option("--sample-steps,--ddim-steps", a.ddim_steps, "sampling steps of every sampler but ddpm")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(positive_whole());
   app.add_option("--variance", a.variance, "DDPM variance: large (beta_t) or small (posterior)")
       ->capture_default_str()
       ->check(CLI::IsMember({"small", "large"}));

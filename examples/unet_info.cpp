@@ -3,6 +3,8 @@
 #include <CLI/CLI.hpp>
 #include <diffuse/diffuse.hpp>
 
+#include "flag_checks.hpp"
+
 #include <cstdio>
 #include <string>
 
@@ -16,9 +18,12 @@ int main(int argc, char** argv) {
   app.add_option("--config", preset, "mnist16 (no attention), mnist16-one8, mnist16-ho8, cifar10")
       ->capture_default_str()
       ->check(CLI::IsMember({"mnist16", "mnist16-one8", "mnist16-ho8", "cifar10"}));
-  app.add_option("--ch", ch, "override the base width (0 = the configuration's)");
-  app.add_option("--classes", classes, "class-conditional with this many classes (+1 null class)");
-  app.add_option("--heads", heads, "attention heads (0 = the configuration's)");
+  app.add_option("--ch", ch, "override the base width (0 = the configuration's)")
+      ->check(diffuse::examples::whole_in(0, 65536));
+  app.add_option("--classes", classes, "class-conditional with this many classes (+1 null class)")
+      ->check(diffuse::examples::whole_in(0, 1 << 20));
+  app.add_option("--heads", heads, "attention heads (0 = the configuration's); they must divide the attention blocks' channels")
+      ->check(diffuse::examples::whole_in(0, 65536));
   app.add_flag("--quiet,-q", quiet, "print the total only");
   CLI11_PARSE(app, argc, argv);
   try {

@@ -40,21 +40,25 @@ def write_safetensors(tensors, path):
     os.replace(tmp, path)  # never a half-written file under the final name
 
 
+def convert(sd, out, source="pt_inception-2015-12-05.pth"):
+    """Writes the floating-point tensors of state dict sd to out; returns (tensors, values, skipped)."""
+    if not isinstance(sd, dict) or "Conv2d_1a_3x3.conv.weight" not in sd:
+        sys.exit(f"error: {source} is not pytorch-fid's Inception state dict (no Conv2d_1a_3x3.conv.weight)")
+    keep = {k: v for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()}
+    skipped = [k for k in sd if k not in keep]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_safetensors(keep, out)
+    return len(keep), sum(v.numel() for v in keep.values()), len(skipped)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pth", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     ap.add_argument("out", help="output .safetensors")
     a = ap.parse_args()
-    sd = torch.load(a.pth, map_location="cpu")
-    if not isinstance(sd, dict) or "Conv2d_1a_3x3.conv.weight" not in sd:
-        sys.exit(f"error: {a.pth} is not pytorch-fid's Inception state dict (no Conv2d_1a_3x3.conv.weight)")
-    keep = {k: v for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()}
-    skipped = [k for k in sd if k not in keep]
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    write_safetensors(keep, a.out)
-    total = sum(v.numel() for v in keep.values())
-    print(f"wrote {a.out}: {len(keep)} tensors, {total:,} values" +
-          (f" ({len(skipped)} integer tensors left out)" if skipped else ""))
+    n, total, skipped = convert(torch.load(a.pth, map_location="cpu"), a.out, a.pth)
+    print(f"wrote {a.out}: {n} tensors, {total:,} values" +
+          (f" ({skipped} integer tensors left out)" if skipped else ""))
 
 
 if __name__ == "__main__":

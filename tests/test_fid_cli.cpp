@@ -80,10 +80,9 @@ TEST_CASE("fid tool: statistics match PyTorch, inputs agree, errors are clear") 
     REQUIRE(stbi_write_png(p("pngs/b" + std::to_string(i) + ".png").c_str(), 20, 20, 1, b.data() + i * 400, 20) != 0);
 
   const std::string py = q(DIFFUSE_TORCH_PYTHON), src = DIFFUSE_SOURCE_DIR;
-  REQUIRE(run("cd " + q(src + "/tests/torch") + " && " + py + " inception_ref.py " + std::to_string(seed) + " " +
-              q(p("a.npy")) + " " + q(p("w.pth")) + " " + q(p("a_feat.npy")) + " " + q(p("a_ref.npz"))) == 0);
-  REQUIRE(run(py + " " + q(src + "/scripts/fid_weights_to_safetensors.py") + " " + q(p("w.pth")) + " " +
-              q(p("w.safetensors"))) == 0);
+  REQUIRE(run("cd " + q(src + "/tests/torch") + " && " + py + " inception_ref.py --seed " + std::to_string(seed) +
+              " --pth " + q(p("w.pth")) + " --safetensors " + q(p("w.safetensors")) + " --images " + q(p("a.npy")) +
+              " --features " + q(p("a_feat.npy")) + " --stats " + q(p("a.npy") + ":" + p("a_ref.npz"))) == 0);
   const std::string W = " --weights " + q(p("w.safetensors"));
 
   std::string out;

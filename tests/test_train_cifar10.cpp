@@ -172,9 +172,38 @@ TEST_CASE("train_cifar10: tiny learns, writes its files, resumes exactly from th
   REQUIRE(labels.size() == 20);
   for (size_t i = 0; i < labels.size(); ++i) CHECK(labels[i] == static_cast<int64_t>(i % 10));
 
+  // The flags no other run gives (issue 22), with their effects: the configuration line shows
+  // --dropout, --no-flip and --warmup; the checkpoint records the objective and --label-dropout's
+  // class-conditional model; --save-every 2 --keep 2 keeps checkpoint-00000002 beside the last;
+  // --grid-every 4 writes a grid; --sampler ddpm --variance small samples.
+  const std::string flags = folder + " --preset tiny --batch 8 --T 40 --seed 5 --class-cond --label-dropout 0.3" +
+                            " --dropout 0.2 --no-flip --data-order replacement --prediction v --min-snr 5 --warmup 2" +
+                            " --attention full --sample-batch 8";
+  const fs::path fl = kWork / "flags";
+  REQUIRE(run(kTrain + flags + " --sampler ddpm --variance small --save-every 2 --keep 2 --grid-every 4 --samples 4" +
+                  " --steps 4 --out " + q(fl),
+              &out) == 0);
+  CHECK(out.find("images 32x32x3, U-Net") != std::string::npos);  // no ", flips"
+  CHECK(out.find("dropout 0.20), T=40 linear, batch 8, lr 0.001, warmup 2,") != std::string::npos);
+  CHECK(fs::exists(fl / "checkpoint-00000002.safetensors"));
+  CHECK(fs::exists(fl / "progress" / "grid-00000004.png"));
+  CHECK(npy::load((fl / "samples.npy").string()).shape == std::vector<int64_t>{4, 3, 32, 32});
+  {
+    const safetensors::File ck = safetensors::File::read((fl / "checkpoint.safetensors").string());
+    CHECK(ck.metadata().at("prediction") == "v");
+    CHECK(ck.metadata().at("min_snr_gamma").rfind("5", 0) == 0);
+    CHECK(ck.contains("class_emb.weight"));
+  }
+  REQUIRE(run(kTrain + flags + " --sampler euler-a --sample-steps 3 --samples 2 --steps 1 --out " + q(kWork / "flags_euler"),
+              &out) == 0);
+  CHECK(out.find("sampled 2 images on cpu") != std::string::npos);
+  CHECK(out.find("(euler-a)") != std::string::npos);
+
   // Bad requests: one line each, exit 1.
   CHECK(run(kTrain + " --data " + q(kWork / "missing") + kTiny + " --steps 1", &out) == 1);
   CHECK(out.find("train_cifar10: error: --data") != std::string::npos);
+  CHECK(run(kTrain + folder + " --preset tiny --T 40 --sampler ddim --sample-steps 50 --steps 1", &out) == 1);
+  CHECK(out.find("--sample-steps must be at most T = 40") != std::string::npos);
   CHECK(run(kTrain + folder + kTiny + " --steps 1 --fid-every 1", &out) == 1);
   CHECK(out.find("--fid-every needs --fid-stats") != std::string::npos);
   CHECK(run(kTrain + folder + kTiny + " --steps 1 --fid-every 1 --fid-stats " + q(kWork / "none.npz"), &out) == 1);
@@ -208,20 +237,27 @@ TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CU
   for (auto& v : calib) v = static_cast<uint8_t>(rng());
   npy::save<uint8_t>((work / "calib.npy").string(), calib.data(), {2, 8, 8, 3});
   const std::string py = q(DIFFUSE_TORCH_PYTHON), src = DIFFUSE_SOURCE_DIR;
-  REQUIRE(run("cd " + q(src + "/tests/torch") + " && " + py + " inception_ref.py " +
-              std::to_string(seed % 1000000) + " " + q(work / "calib.npy") + " " +
-              q(work / "w.pth") + " " + q(work / "calib_f.npy")) == 0);
-  REQUIRE(run(py + " " + q(src + "/scripts/fid_weights_to_safetensors.py") + " " + q(work / "w.pth") + " " +
-              q(work / "inception.safetensors")) == 0);
+  REQUIRE(run("cd " + q(src + "/tests/torch") + " && " + py + " inception_ref.py --seed " +
+              std::to_string(seed % 1000000) + " --pth " + q(work / "w.pth") + " --safetensors " +
+              q(work / "inception.safetensors") + " --images " + q(work / "calib.npy") + " --features " +
+              q(work / "calib_f.npy")) == 0);
   std::string out;
   const std::string weights = " --weights " + q(work / "inception.safetensors");
   REQUIRE(run(kFid + " " + q(work / "data" / "folder") + weights + " --batch 5 --device cpu --save-stats " +
                   q(work / "train.npz"),
               &out) == 0);
   CHECK(out.find("CIFAR-10 train split") != std::string::npos);
+  CHECK(out.find("10 images 32x32, RGB") != std::string::npos);  // 5 training batches of 2
+  // --split test: the archive's test_batch.bin only.
+  REQUIRE(run(kFid + " " + q(work / "data" / "archive") + weights + " --split test --batch 5 --device cpu --save-stats " +
+                  q(work / "test.npz"),
+              &out) == 0);
+  CHECK(out.find("CIFAR-10 test split") != std::string::npos);
+  CHECK(out.find("2 images 32x32, RGB") != std::string::npos);
 
   const std::string args = " --data " + q(work / "data" / "archive") +
                            " --preset tiny --batch 4 --seed 5 --steps 1 --fid-every 1 --fid-samples 2 --fid-steps 2 --samples 0" +
+                           " --fid-sampler dpm++2m --fid-batch 1" +
                            " --fid-stats " + q(work / "train.npz") + " --fid-weights " +
                            q(work / "inception.safetensors");
   REQUIRE(run(kTrain + args + " --device cpu --out " + q(work / "cpu"), &out) == 0);

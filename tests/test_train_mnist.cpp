@@ -32,10 +32,11 @@ namespace {
 const fs::path kWork = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "train_mnist_cli";
 const std::string kTrain = std::string(DIFFUSE_BINARY_DIR) + "/examples/train_mnist";
 const std::string kSample = std::string(DIFFUSE_BINARY_DIR) + "/examples/sample";
+const std::string kClassifier = std::string(DIFFUSE_BINARY_DIR) + "/examples/mnist_classifier";
 
 // Runs a command, returns its exit status and puts stdout+stderr in out.
-int run(const std::string& cmd, std::string* out = nullptr) {
-  return diffuse::testing::run_command(cmd, kWork / "last_command.log", out);
+int run(const std::string& cmd, std::string* out = nullptr, const fs::path& log = kWork / "last_command.log") {
+  return diffuse::testing::run_command(cmd, log, out);
 }
 
 std::string slurp(const fs::path& p) {
@@ -172,4 +173,89 @@ TEST_CASE("train_mnist writes its files, resumes exactly and saves on Ctrl-C; sa
   CHECK(six == std::vector<int64_t>(4, 6));
   CHECK(run(kTrain + " --data '" + (kWork / "missing").string() + "' --steps 1", &out) == 1);
   CHECK(out.find("train_mnist: error:") != std::string::npos);
+}
+
+// The flags no other test gives (issue 22: every flag exercised once with a valid value), each
+// checked for its effect where the outputs show it.
+TEST_CASE("train_mnist: attention, resize, data order, objective, checkpoints kept, grids and evaluations") {
+  const fs::path work = kWork.parent_path() / "train_mnist_flags";  // not under kWork: the other case clears it
+  fs::remove_all(work);
+  fs::create_directories(work);
+  const fs::path data = work / "data";
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  write_dataset(data, 200, 40, seed);
+  auto run = [&](const std::string& cmd, std::string* o = nullptr) { return ::run(cmd, o, work / "last_command.log"); };
+  const std::string d = " --data '" + data.string() + "'";
+  // A small judge for --eval-every (its accuracy does not matter here, only that it scores).
+  const fs::path lenet = work / "lenet.safetensors";
+  std::string out;
+  REQUIRE(run(kClassifier + " train" + d + " --epochs 1 --c1 4 --c2 8 --out '" + lenet.string() + "'", &out) == 0);
+
+  const fs::path a = work / "a";
+  REQUIRE(run(kTrain + d + kCommon + " --resize bilinear --attn one8 --data-order epochs --label-dropout 0.5" +
+                  " --prediction x0 --min-snr 5 --warmup 2 --save-every 2 --keep 2 --grid-every 3 --eval-every 3" +
+                  " --eval-samples 10 --classifier '" + lenet.string() + "' --sampler dpm++3m --sample-steps 4" +
+                  " --attention full --samples 10 --steps 6 --out '" + a.string() + "'",
+              &out) == 0);
+  CHECK(out.find("at 16x16 (bilinear)") != std::string::npos);
+  CHECK(out.find("(dpm++3m, guidance 0.30)") != std::string::npos);
+  // --save-every 2 --keep 2: the final checkpoint (step 6) and the one before it (step 4) only.
+  CHECK(fs::exists(a / "checkpoint-00000004.safetensors"));
+  CHECK_FALSE(fs::exists(a / "checkpoint-00000002.safetensors"));
+  const safetensors::File ck = safetensors::File::read((a / "checkpoint.safetensors").string());
+  CHECK(ck.metadata().at("step") == "6");
+  CHECK(ck.metadata().at("prediction") == "x0");
+  CHECK(ck.metadata().at("min_snr_gamma").rfind("5", 0) == 0);
+  CHECK(ck.metadata().at("model").find("\"resize\":\"bilinear\"") != std::string::npos);
+  // --attn one8: one attention block, at 8x8.
+  const std::vector<std::string> names = ck.names();
+  const auto q_weights = std::count_if(names.begin(), names.end(), [](const std::string& n) {
+    return n.find(".q.weight") != std::string::npos && n.rfind("ema.", 0) != 0 && n.rfind("optim.", 0) != 0;
+  });
+  CHECK(q_weights == 1);
+  // --grid-every 3: grids at steps 3 and 6 with content.
+  CHECK(png_spread(a / "progress" / "grid-00000003.png") > 100);
+  CHECK(png_spread(a / "progress" / "grid-00000006.png") > 100);
+  // --eval-every 3: accuracy and FD-LeNet in train_log.csv at steps 3 and 6, nowhere else.
+  std::istringstream log(slurp(a / "train_log.csv"));
+  std::string line;
+  std::getline(log, line);
+  REQUIRE(line == "step,loss,lr,grad_norm,images_per_s,elapsed_s,accuracy,fd_lenet");
+  std::vector<std::string> evaluated;
+  while (std::getline(log, line)) {
+    const std::string fd = line.substr(line.rfind(',') + 1);
+    if (!fd.empty()) {
+      evaluated.push_back(line.substr(0, line.find(',')));
+      CHECK(std::stod(fd) > 0);
+    }
+  }
+  CHECK(evaluated == std::vector<std::string>{"3", "6"});
+
+  // --size 28 with DDPM's small variance; sample with --variance, --spacing, --raw, --n.
+  const fs::path b = work / "b";
+  REQUIRE(run(kTrain + d + kCommon + " --size 28 --variance small --samples 10 --steps 2 --out '" + b.string() + "'",
+              &out) == 0);
+  CHECK(npy::load((b / "samples.npy").string()).shape == std::vector<int64_t>{10, 1, 28, 28});
+  const fs::path c = work / "c";
+  REQUIRE(run(kSample + " '" + (b / "checkpoint.safetensors").string() + "' --n 6 --raw --variance small --out '" +
+                  c.string() + "'",
+              &out) == 0);
+  CHECK(npy::load((c / "samples.npy").string()).shape == std::vector<int64_t>{6, 1, 28, 28});
+  CHECK(npy_u8_spread(c / "samples.npy") > 100);
+  // --raw samples with the raw weights: other images than the EMA's from the same seed.
+  REQUIRE(run(kSample + " '" + (b / "checkpoint.safetensors").string() + "' --n 6 --variance small --out '" +
+                  (work / "c_ema").string() + "'") == 0);
+  CHECK(slurp(c / "samples.npy") != slurp(work / "c_ema" / "samples.npy"));
+  // --spacing: trailing and quadratic pick other timesteps than uniform, so other images.
+  std::vector<std::string> by_spacing;
+  for (const char* sp : {"uniform", "trailing", "quadratic"}) {
+    const fs::path e = work / (std::string("spacing_") + sp);
+    REQUIRE(run(kSample + " '" + (b / "checkpoint.safetensors").string() + "' -n 4 --sampler ddim --steps 4 --spacing " +
+                    sp + " --out '" + e.string() + "'") == 0);
+    by_spacing.push_back(slurp(e / "samples.npy"));
+  }
+  CHECK(by_spacing[0] != by_spacing[1]);
+  CHECK(by_spacing[0] != by_spacing[2]);
+  CHECK(by_spacing[1] != by_spacing[2]);
 }

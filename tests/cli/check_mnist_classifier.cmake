@@ -103,3 +103,29 @@ endif()
 if(NOT e4 MATCHES "^mnist_classifier: error: [^\n]*samples28.npy: images are 28x28 but the classifier [^\n]* takes 16x16\n$")
   message(FATAL_ERROR "unexpected error message for wrong-size samples: ${e4}")
 endif()
+
+# The other flags, valid (issue 22: every flag exercised once): a narrower network, another
+# learning rate, AdamW, no shifts, bilinear resizing and a seed; then the floor drawn with another
+# seed, which differs from seed 0's (the real digits drawn for it are others).
+execute_process(COMMAND ${CLI} train --data ${OUT}/data --epochs 1 --batch 8 --c1 4 --c2 8 --lr 0.003 --weight-decay 0.01
+                        --shift 0 --resize bilinear --seed 7 --device cpu --out ${OUT}/lenet_flags.safetensors
+                RESULT_VARIABLE rc5 OUTPUT_VARIABLE o5 ERROR_VARIABLE e5)
+message("${o5}${e5}")
+if(NOT rc5 EQUAL 0 OR NOT o5 MATCHES "test accuracy [0-9.]+ \\(" OR NOT EXISTS ${OUT}/lenet_flags.safetensors)
+  message(FATAL_ERROR "mnist_classifier train with --c1/--c2/--lr/--weight-decay/--shift/--resize/--seed (${rc5})")
+endif()
+file(READ ${OUT}/lenet_flags.safetensors head OFFSET 8 LIMIT 4096)
+if(NOT head MATCHES "\"seed\": *\"7\"" OR NOT head MATCHES "\"resize\": *\"bilinear\"")
+  message(FATAL_ERROR "the classifier file does not record --seed 7 and --resize bilinear")
+endif()
+execute_process(COMMAND ${CLI} score --classifier ${OUT}/lenet16.safetensors --samples ${OUT}/samples.npy --data ${OUT}/data
+                        --seed 3 --device cpu
+                RESULT_VARIABLE rc6 OUTPUT_VARIABLE o6 ERROR_VARIABLE e6)
+if(NOT rc6 EQUAL 0 OR NOT o6 MATCHES "floor \\(real train vs test, same N\\): (${num})" OR NOT o3 MATCHES "floor \\(real")
+  message(FATAL_ERROR "score --seed 3 (${rc6}):\n${o6}${e6}")
+endif()
+set(floor3 ${CMAKE_MATCH_1})
+string(REGEX MATCH "same N\\): (${num})" _m "${o3}")
+if(floor3 STREQUAL CMAKE_MATCH_1)
+  message(FATAL_ERROR "score --seed 3 gave the same floor as seed 0 (${floor3}): the seed is not used")
+endif()

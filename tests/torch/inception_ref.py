@@ -1,6 +1,7 @@
-"""PyTorch reference for the FID network test (tests/test_fid.cpp).
+"""PyTorch reference for the FID tests (test_fid, test_fid_cli, test_train_cifar10), in one launch.
 
-    inception_ref.py SEED IMAGES.npy WEIGHTS_OUT.pth FEATURES_OUT.npy [STATS_OUT.npz]
+    inception_ref.py --seed SEED --pth WEIGHTS_OUT.pth [--safetensors WEIGHTS_OUT.safetensors]
+                     [--images IMAGES.npy --features FEATURES_OUT.npy] ... [--stats IMAGES.npy:STATS_OUT.npz]
 
 Builds pytorch-fid's InceptionV3 the way pytorch-fid's fid_inception_v3() does
 (torchvision's inception_v3 with 1008 classes and no aux head, Mixed_5b..5d,
@@ -14,13 +15,19 @@ random weights instead of the real ones (not available here):
     U(0.8, 1.25), mean + N(0, 0.1) standard deviations), so the activations
     keep a healthy scale through all 94 layers without being exactly normalised.
 Saves the whole state dict with torch.save under pytorch-fid's key names
-(fc.* and num_batches_tracked included, as in the real file) and writes the
-2,048 pool features of the images in IMAGES.npy (uint8, [N, H, W, C], C = 1 or
-3), preprocessed as pytorch-fid does: /255, grayscale replicated to RGB,
-F.interpolate to 299x299 bilinear (align_corners=False), 2x - 1. With
-STATS_OUT, also the float64 mean and N-1 covariance of those features
-(numpy.savez_compressed, pytorch-fid's layout).
+(fc.* and num_batches_tracked included, as in the real file); with --safetensors
+also converts it with scripts/fid_weights_to_safetensors.py's convert(), the
+code a user runs on the real file (here in the same process: one python launch
+per test). For each --images (uint8, [N, H, W, C], C = 1 or 3) writes the 2,048
+pool features to the --features that follows it, preprocessed as pytorch-fid
+does: /255, grayscale replicated to RGB, F.interpolate to 299x299 bilinear
+(align_corners=False), 2x - 1; --stats IMAGES.npy:OUT.npz also writes the
+float64 mean and N-1 covariance of those images' features (numpy.savez_compressed, pytorch-fid's
+layout).
 """
+import argparse
+import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -118,16 +125,18 @@ def randomise(net, gen):
             m.running_var *= torch.exp(torch.empty(n).uniform_(np.log(0.8), np.log(1.25), generator=gen))
 
 
-def main(seed, images_path, weights_out, features_out, stats_out=None):
-    torch.set_num_threads(2)
-    gen = torch.Generator().manual_seed(int(seed))
-    net = fid_inception()
-    randomise(net, gen)
-    torch.save(net.state_dict(), weights_out)
+def load_converter():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts", "fid_weights_to_safetensors.py")
+    spec = importlib.util.spec_from_file_location("fid_weights_to_safetensors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
+
+def features_of(net, images_path):
     im = np.load(images_path)
     if im.dtype != np.uint8 or im.ndim != 4 or im.shape[3] not in (1, 3):
-        sys.exit(f"inception_ref: expected uint8 [N, H, W, C] images, got {im.dtype} {im.shape}")
+        sys.exit(f"inception_ref: {images_path}: expected uint8 [N, H, W, C] images, got {im.dtype} {im.shape}")
     x = torch.from_numpy(im).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
@@ -135,13 +144,40 @@ def main(seed, images_path, weights_out, features_out, stats_out=None):
         feats = pool_features(net, x)
     feats = feats.numpy().astype(np.float32)
     spread = feats.std(0).mean() / (np.abs(feats).mean() + 1e-30)
-    print(f"inception_ref: features {feats.shape}, mean |f| {np.abs(feats).mean():.4g}, "
+    print(f"inception_ref: {os.path.basename(images_path)}: features {feats.shape}, mean |f| {np.abs(feats).mean():.4g}, "
           f"nonzero {np.count_nonzero(feats) / feats.size:.3f}, spread across images {spread:.3g}")
-    np.save(features_out, feats)
-    if stats_out:
-        act = feats.astype(np.float64)
-        np.savez_compressed(stats_out, mu=np.mean(act, axis=0), sigma=np.cov(act, rowvar=False))
+    return feats
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--pth", required=True, help="the random weights, torch.save'd")
+    ap.add_argument("--safetensors", help="the same weights converted for examples/fid")
+    ap.add_argument("--images", action="append", default=[])
+    ap.add_argument("--features", action="append", default=[])
+    ap.add_argument("--stats", action="append", default=[], help="IMAGES:STATS_OUT.npz for one of the --images")
+    a = ap.parse_args()
+    if len(a.images) != len(a.features):
+        sys.exit("inception_ref: every --images needs its --features")
+    stats = dict(s.rsplit(":", 1) for s in a.stats)
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(a.seed)
+    net = fid_inception()
+    randomise(net, gen)
+    torch.save(net.state_dict(), a.pth)
+    if a.safetensors:
+        n, total, _ = load_converter().convert(net.state_dict(), a.safetensors, a.pth)
+        print(f"inception_ref: wrote {a.safetensors}: {n} tensors, {total:,} values")
+    for images, features in zip(a.images, a.features):
+        feats = features_of(net, images)
+        np.save(features, feats)
+        if images in stats:
+            act = feats.astype(np.float64)
+            np.savez_compressed(stats.pop(images), mu=np.mean(act, axis=0), sigma=np.cov(act, rowvar=False))
+    if stats:
+        sys.exit(f"inception_ref: --stats for images not given: {sorted(stats)}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

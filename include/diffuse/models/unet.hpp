@@ -113,6 +113,9 @@ class AttnBlock : public Module<T> {
  public:
   AttnBlock(int64_t c, int64_t groups, int64_t heads, Generator& g)
       : norm(groups, c, 1e-6), q(c, c, 1, g), k(c, c, 1, g), v(c, c, 1, g), proj(c, c, 1, g), heads_(heads) {
+    if (heads < 1 || c % heads != 0)
+      throw std::invalid_argument("diffuse: UNet attention: " + std::to_string(heads) + " heads do not divide " +
+                                  std::to_string(c) + " channels");
     proj.zero_();
     this->register_module("norm", norm);
     this->register_module("q", q);
@@ -141,6 +144,9 @@ class UNet : public Module<T> {
   UNet(const UNetConfig& c, Generator& g) : cfg_(c) {
     const int64_t ch = c.ch, tdim = 4 * ch, L = static_cast<int64_t>(c.ch_mult.size());
     if (L == 0 || c.ch <= 0 || c.num_res_blocks <= 0) throw std::invalid_argument("diffuse: UNet needs ch, ch_mult, num_res_blocks");
+    if (c.num_classes < 0) throw std::invalid_argument("diffuse: UNet num_classes " + std::to_string(c.num_classes) + " < 0");
+    if (!(c.dropout >= 0 && c.dropout < 1))
+      throw std::invalid_argument("diffuse: UNet dropout " + std::to_string(c.dropout) + " outside [0, 1)");
     if (c.resolution % (int64_t(1) << (L - 1)) != 0)
       throw std::invalid_argument("diffuse: UNet resolution " + std::to_string(c.resolution) + " is not divisible by 2^" +
                                   std::to_string(L - 1));

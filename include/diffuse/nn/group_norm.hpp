@@ -2,6 +2,9 @@
 // first), with the SiLU after it fused when asked.
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
 #include <diffuse/nn/module.hpp>
 #include <diffuse/ops/group_norm.hpp>
 
@@ -11,6 +14,10 @@ template <class T>
 class GroupNorm : public Module<T> {
  public:
   GroupNorm(int64_t groups, int64_t channels, double eps = 1e-5) : groups_(groups), eps_(eps) {
+    // Refused here, when the model is built, rather than at its first forward pass.
+    if (groups <= 0 || channels <= 0 || channels % groups != 0)
+      throw std::invalid_argument("diffuse: GroupNorm: " + std::to_string(channels) +
+                                  " channels cannot be split into " + std::to_string(groups) + " groups");
     weight = this->register_parameter("weight", Tensor<T>::full({channels}, T(1)));
     bias = this->register_parameter("bias", Tensor<T>::full({channels}, T(0)));
   }
