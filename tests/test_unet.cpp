@@ -160,8 +160,16 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
   INFO("seed " << seed);
   const fs::path dir = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "torch_parity";
   fs::create_directories(dir);
+  // Every configuration's inputs first, then one python launch for all of them.
+  struct Ours {
+    std::string label, res;
+    UNetConfig c;
+    Tensor<float> out;
+    std::vector<std::pair<std::string, Tensor<float>>> grads;  // PyTorch's layouts
+  };
+  std::vector<Ours> ours;
+  std::string jobs;
   for (auto& [label, c] : parity_configs()) {
-    INFO(label);
     Generator g(seed);
     UNet<float> m(c, g);
     randomise(m, g, 0.05f);
@@ -185,25 +193,33 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
       if (!y.empty()) w.add_raw("y", safetensors::DType::I32, {B}, y.data(), y.size() * sizeof(int32_t));
       w.write(in);
     }
-    REQUIRE(run_python("forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'") == 0);
-    const auto ref = safetensors::File::read(res);
+    jobs += " forward '" + cfg_json(c) + "' '" + in + "' '" + res + "'";
+    Ours o{label, res, c, nhwc_to_nchw(out.value()), {}};
+    for (auto& [name, p] : m.named_parameters()) o.grads.emplace_back(name, to_torch_layout(p.grad(), p.layout()));
+    ours.push_back(std::move(o));
+  }
+  REQUIRE(run_python(jobs) == 0);
+  for (const Ours& o : ours) {
+    INFO(o.label);
+    const auto ref = safetensors::File::read(o.res);
     // Bounds (float_sums_tolerance): the longest chain is every convolution, attention and
-    // linear layer of the model in turn (conv_depth), the widest sum a 3x3 convolution over the
-    // widest concatenation (K); the backward doubles the chain.
-    const double Kmax = unet_widest_sum(c), depth = unet_depth(c);
-    const double eo = rel_err(nhwc_to_nchw(out.value()), ref.tensor<float>("out"));
+    // linear layer of the model in turn (unet_depth), the widest sum a 3x3 convolution over the
+    // widest concatenation (unet_widest_sum); the backward doubles the chain.
+    const double Kmax = unet_widest_sum(o.c), depth = unet_depth(o.c);
+    const double eo = rel_err(o.out, ref.tensor<float>("out"));
     CHECK(eo < float_sums_tolerance(Kmax, depth));
     // Relative to each parameter's own gradient, except where that is zero up
     // to rounding: the key bias of attention has an exactly zero gradient (a
     // constant added to every key's logit for one query cancels in the
     // softmax), so there the scale is that of all gradients together.
     double total = 0;
-    for (auto& [name, p] : m.named_parameters())
+    for (auto& [name, a] : o.grads)
       for (float v : ref.tensor<float>("grad." + name)) total += double(v) * v;
     double worst = 0;
     std::string worst_name;
-    for (auto& [name, p] : m.named_parameters()) {
-      const Tensor<float> r = ref.tensor<float>("grad." + name), a = to_torch_layout(p.grad(), p.layout());
+    for (auto& [name, a] : o.grads) {
+      const Tensor<float> r = ref.tensor<float>("grad." + name);
+      REQUIRE(r.shape() == a.shape());
       double num = 0, den = 0;
       for (size_t i = 0; i < r.size(); ++i) {
         num += (double(a[i]) - r[i]) * (double(a[i]) - r[i]);
@@ -213,7 +229,7 @@ TEST_CASE("UNet matches the PyTorch reference, forward and every gradient") {
       if (e > worst) worst = e, worst_name = name;
     }
     INFO("worst gradient " << worst_name);
-    std::printf("UNet %s vs PyTorch: out %.2g (bound %.2g), worst gradient %.2g (%.2g, %s)\n", label.c_str(), eo,
+    std::printf("UNet %s vs PyTorch: out %.2g (bound %.2g), worst gradient %.2g (%.2g, %s)\n", o.label.c_str(), eo,
                 float_sums_tolerance(Kmax, depth), worst, float_sums_tolerance(Kmax, 2 * depth), worst_name.c_str());
     CHECK(worst < float_sums_tolerance(Kmax, 2 * depth));
   }
@@ -227,12 +243,15 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
   fs::create_directories(dir);
   const uint64_t seed = diffuse::testing::fresh_seed() % 100000;
   INFO("seed " << seed);
+  const int64_t B = 2;
+  std::vector<Tensor<float>> xs;
+  std::vector<std::vector<int32_t>> ys;
+  std::string jobs;
+  const std::vector<int32_t> t{17, 930};
   for (auto& [label, c] : parity_configs()) {
-    INFO(label);
     Generator g(seed);
-    const int64_t B = 2;
     Tensor<float> x = Tensor<float>::randn({B, c.resolution, c.resolution, c.in_ch}, g);
-    std::vector<int32_t> t{17, 930}, y;
+    std::vector<int32_t> y;
     if (c.num_classes > 0) y = {7, static_cast<int32_t>(c.num_classes)};
     const std::string in = (dir / ("unet_x_" + label + ".safetensors")).string(),
                       wts = (dir / ("unet_torch_weights_" + label + ".safetensors")).string(),
@@ -244,16 +263,27 @@ TEST_CASE("UNet loads weights written by the PyTorch reference") {
       if (!y.empty()) w.add_raw("y", safetensors::DType::I32, {B}, y.data(), y.size() * sizeof(int32_t));
       w.write(in);
     }
-    REQUIRE(run_python("init '" + cfg_json(c) + "' " + std::to_string(seed) + " '" + in + "' '" + wts + "' '" + res +
-                       "'") == 0);
+    jobs += " init '" + cfg_json(c) + "' " + std::to_string(seed) + " '" + in + "' '" + wts + "' '" + res + "'";
+    xs.push_back(x);
+    ys.push_back(y);
+  }
+  REQUIRE(run_python(jobs) == 0);  // one launch for every configuration
+  size_t i = 0;
+  for (auto& [label, c] : parity_configs()) {
+    INFO(label);
+    Generator g(seed);
     UNet<float> m(c, g);
-    load_weights(safetensors::File::read(wts), m);  // every name and shape must match, nothing extra
+    load_weights(safetensors::File::read((dir / ("unet_torch_weights_" + label + ".safetensors")).string()), m);
     NoGrad ng;
-    const Tensor<float> out = m(Var<float>(x), t, y.empty() ? nullptr : &y).value();
-    const double eo = rel_err(nhwc_to_nchw(out), safetensors::File::read(res).tensor<float>("out"));
+    const std::vector<int32_t>& y = ys[i];
+    const Tensor<float> out = m(Var<float>(xs[i]), t, y.empty() ? nullptr : &y).value();
+    ++i;
+    const double eo = rel_err(nhwc_to_nchw(out),
+                              safetensors::File::read((dir / ("unet_torch_out_" + label + ".safetensors")).string())
+                                  .tensor<float>("out"));
     std::printf("UNet %s with PyTorch's weights: out %.2g (bound %.2g)\n", label.c_str(), eo,
                 float_sums_tolerance(unet_widest_sum(c), unet_depth(c)));
-    CHECK(eo < float_sums_tolerance(unet_widest_sum(c), unet_depth(c)));
+    CHECK(eo < float_sums_tolerance(unet_widest_sum(c), unet_depth(c)));  // every name and shape matched above
   }
 }
 

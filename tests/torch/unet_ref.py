@@ -8,6 +8,8 @@ classes ResBlock, AttnBlock, Downsample, Upsample, UNet; NCHW).
     unet_ref.py init CFG SEED X W R  a fresh reference model (torch.manual_seed(SEED),
                                      its own init): W its state dict, R its output
                                      "out" on "x", "t" from X
+Several jobs may follow one another in one launch (`forward CFG IN OUT init CFG SEED X W R ...`):
+starting torch costs a second or two, so each test runs python once.
 CFG is JSON: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, groups,
 resolution, mid_attn, attn_only_first, in_ch, out_ch. Dropout runs in eval mode.
 """
@@ -22,10 +24,13 @@ import torch.nn.functional as F
 import safetensors_io as st
 
 
+EMB_DTYPE = torch.float32  # float64 for the double-precision comparison (set per job by run())
+
+
 def timestep_embedding(t, dim):
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-    args = t.float()[:, None] * freqs[None, :]
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=EMB_DTYPE) / (half - 1))
+    args = t.to(EMB_DTYPE)[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
@@ -171,32 +176,27 @@ def build(cfg):
                 num_classes=cfg.get("num_classes", 0))
 
 
-def main():
-    torch.set_num_threads(2)
-    mode, cfg = sys.argv[1], json.loads(sys.argv[2])
+def run(mode, args):
+    global EMB_DTYPE
+    EMB_DTYPE = torch.float32
+    cfg = json.loads(args[0])
     if mode == "forward":
-        d = st.load(sys.argv[3])
+        d = st.load(args[1])
         model = build(cfg).eval()
-        if d["x"].dtype == torch.float64:  # the double-precision comparison
+        if d["x"].dtype == torch.float64:  # the double-precision comparison: the embedding too
             model = model.double()
-            global timestep_embedding  # the same formula, evaluated in double
-
-            def timestep_embedding(t, dim):
-                half = dim // 2
-                freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))
-                args = t.double()[:, None] * freqs[None, :]
-                return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+            EMB_DTYPE = torch.float64
         model.load_state_dict({k: v for k, v in d.items() if k not in ("x", "t", "y", "gy")}, strict=True)
         out = model(d["x"], d["t"].long(), d["y"].long() if "y" in d else None)
         (out * d["gy"]).sum().backward()
         res = {"out": out}
         for name, p in model.named_parameters():
             res["grad." + name] = p.grad
-        st.save(res, sys.argv[4])
+        st.save(res, args[2])
     elif mode == "init":
-        torch.manual_seed(int(sys.argv[3]))
+        torch.manual_seed(int(args[1]))
         model = build(cfg).eval()
-        d = st.load(sys.argv[4])
+        d = st.load(args[2])
         with torch.no_grad():
             # The reference zero-initialises conv2, proj and conv_out; give them
             # values so the comparison exercises every layer.
@@ -204,10 +204,20 @@ def main():
                 if name.endswith(("conv2.weight", "proj.weight", "conv_out.weight")):
                     p.normal_(0, 0.05)
             out = model(d["x"], d["t"].long(), d["y"].long() if "y" in d else None)
-        st.save(dict(model.state_dict()), sys.argv[5])
-        st.save({"out": out}, sys.argv[6])
-    else:
-        sys.exit("unet_ref.py: unknown mode " + mode)
+        st.save(dict(model.state_dict()), args[3])
+        st.save({"out": out}, args[4])
+
+
+def main():
+    torch.set_num_threads(2)
+    argv = sys.argv[1:]
+    nargs = {"forward": 3, "init": 5}
+    while argv:
+        mode = argv[0]
+        if mode not in nargs or len(argv) < 1 + nargs[mode]:
+            sys.exit("unet_ref.py: expected forward CFG IN OUT or init CFG SEED X W R, got " + " ".join(argv[:2]))
+        run(mode, argv[1:1 + nargs[mode]])
+        argv = argv[1 + nargs[mode]:]
 
 
 if __name__ == "__main__":
