@@ -135,6 +135,7 @@ int main(int argc, char** argv) {
   try {
     network.device = choose_device(device);  // refuses cuda without a device before loading anything
     if (b.empty() && save_stats.empty()) throw std::runtime_error("give two inputs A B, or A with --save-stats OUT.npz");
+    if (!save_stats.empty()) diffuse::examples::require_writable_file("--save-stats", save_stats);
     const auto t0 = std::chrono::steady_clock::now();
     // A statistics file B is read (and checked) before A's features take minutes to compute.
     std::optional<GaussianStats> sb_first;

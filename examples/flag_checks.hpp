@@ -113,4 +113,25 @@ inline void require_writable_folder(const std::string& flag, const std::string& 
   if (!wrote || !closed) throw std::runtime_error(flag + " '" + dir + "': writing a file there failed");
 }
 
+// An output file named by a flag (--save-stats, --json, a classifier's --out): its folder is made
+// now and a probe file written there, so an impossible or read-only path fails before the work
+// whose result it would hold, not after.
+inline void require_writable_file(const std::string& flag, const std::string& file) {
+  namespace fs = std::filesystem;
+  const fs::path parent = fs::path(file).parent_path();
+  std::error_code ec;
+  if (fs::is_directory(file, ec)) throw std::runtime_error(flag + " '" + file + "': is a folder, not a file");
+  if (!parent.empty()) {
+    fs::create_directories(parent, ec);
+    if (ec) throw std::runtime_error(flag + " '" + file + "': cannot create its folder: " + ec.message());
+  }
+  const fs::path probe = (parent.empty() ? fs::path(".") : parent) / (".diffuse-write-test-" + std::to_string(::getpid()));
+  std::FILE* f = std::fopen(probe.c_str(), "wb");
+  if (!f) throw std::runtime_error(flag + " '" + file + "': its folder is not writable");
+  const bool wrote = std::fputc('x', f) != EOF;
+  const bool closed = std::fclose(f) == 0;
+  fs::remove(probe, ec);
+  if (!wrote || !closed) throw std::runtime_error(flag + " '" + file + "': writing a file there failed");
+}
+
 }  // namespace diffuse::examples

@@ -58,11 +58,15 @@ void shift_image(const uint8_t* src, uint8_t* dst, int64_t s, int64_t dy, int64_
 
 int train(const TrainArgs& a) {
   if (a.size != 16 && a.size != 28) throw std::invalid_argument("--size must be 16 or 28, not " + std::to_string(a.size));
+  const std::string out =
+      a.out.empty() ? (fs::path(a.data) / ("lenet" + std::to_string(a.size) + ".safetensors")).string() : a.out;
+  // Before training, not after it (the default goes beside the data: checked once that folder exists,
+  // so a missing --data is reported as such and nothing is created).
+  if (!a.out.empty() || fs::is_directory(a.data)) diffuse::examples::require_writable_file("--out", out);
   const MnistSplit tr = load_mnist(a.data, "train"), te = load_mnist(a.data, "test");
   const int64_t S = a.size, px = S * S, n = static_cast<int64_t>(tr.images.count);
   const std::vector<uint8_t> train_px = mnist_at_size(tr.images, S, a.resize);
   const std::vector<uint8_t> test_px = mnist_at_size(te.images, S, a.resize);
-  const std::string out = a.out.empty() ? (fs::path(a.data) / ("lenet" + std::to_string(S) + ".safetensors")).string() : a.out;
   const Device dev = diffuse::examples::choose_device(a.device);
 
   Generator init(a.seed);
@@ -164,6 +168,7 @@ std::vector<uint8_t> read_samples(const std::string& path, int64_t& n, int64_t& 
 }
 
 int score(const ScoreArgs& a) {
+  if (!a.json.empty()) diffuse::examples::require_writable_file("--json", a.json);
   const Device dev = diffuse::examples::choose_device(a.device);
   const LeNetFile clf = load_lenet(a.classifier);
   clf.net->to(dev);
