@@ -230,9 +230,7 @@ int score(const ScoreArgs& a) {
                               {"fd_floor", r.fd_floor},
                               {"fd_ratio", r.fd / r.fd_floor},
                               {"n_reference", r.n_reference}};
-    std::ofstream f(a.json);
-    f << j.dump(2) << '\n';
-    if (!f) throw std::runtime_error("cannot write '" + a.json + "'");
+    write_file_atomically(a.json, j.dump(2) + '\n');
   }
   return 0;
 }

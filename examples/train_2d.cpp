@@ -22,6 +22,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "device_choice.hpp"
 #include "flag_checks.hpp"
@@ -254,10 +255,9 @@ int main(int argc, char** argv) {
     data->to_data_space(out.data(), n);
     data->to_data_space(shown.data(), n);
     {
-      const std::string p = (fs::path(a.out) / "samples.csv").string();
-      std::ofstream o(p);
+      std::ostringstream o;
       for (size_t i = 0; i < n; ++i) o << out[2 * i] << ',' << out[2 * i + 1] << '\n';
-      if (!o) throw std::runtime_error("cannot write '" + p + "'");
+      write_file_atomically((fs::path(a.out) / "samples.csv").string(), o.str());
     }
     plot::scatter_panels({{"data", shown.data(), n, plot::kBlue}, {"samples", out.data(), n, plot::kOrange}}, 360,
                          (fs::path(a.out) / "samples.png").string());

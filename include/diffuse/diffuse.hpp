@@ -69,6 +69,7 @@
 #include <diffuse/train/trainer.hpp>
 
 // io: file formats
+#include <diffuse/io/atomic_file.hpp>
 #include <diffuse/io/checkpoint.hpp>
 #include <diffuse/io/idx.hpp>
 #include <diffuse/io/npy.hpp>

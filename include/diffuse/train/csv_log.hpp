@@ -4,8 +4,10 @@
 // so the file always describes one training history.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include <diffuse/core/config.hpp>
+#include <diffuse/io/atomic_file.hpp>
 
 namespace diffuse {
 
@@ -70,13 +73,9 @@ DIFFUSE_IMPL_INLINE CsvLog::CsvLog(std::string path, std::vector<std::string> co
       std::fprintf(stderr, "diffuse: %s had other columns; kept as %s\n", path_.c_str(), old.c_str());
     }
   }
-  const std::string tmp = path_ + ".tmp";
-  {
-    std::ofstream o(tmp, std::ios::trunc);
-    for (const auto& l : kept) o << l << '\n';
-    if (!o) throw std::runtime_error("diffuse: cannot write '" + tmp + "'");
-  }
-  fs::rename(tmp, path_);
+  std::string text;
+  for (const auto& l : kept) text += l + '\n';
+  write_file_atomically(path_, text);  // the kept rows, whole or not at all
   f_ = std::fopen(path_.c_str(), "a");
   if (!f_) throw std::runtime_error("diffuse: cannot append to '" + path_ + "'");
 }
@@ -95,8 +94,14 @@ DIFFUSE_IMPL_INLINE void CsvLog::row(int64_t step, const std::map<std::string, d
     line += b;
   }
   if (used != values.size()) throw std::invalid_argument("diffuse: a log row has a figure that is not a column of " + path_);
-  std::fprintf(f_, "%s\n", line.c_str());
-  std::fflush(f_);
+  // Checked: a full disk stops the run with the file's name and the reason, rather than a log
+  // that silently ends (or a row cut in half) while training goes on.
+  const int wrote = std::fprintf(f_, "%s\n", line.c_str());
+  if (wrote < 0 || std::fflush(f_) != 0) {
+    const int err = errno ? errno : EIO;
+    std::clearerr(f_);
+    throw std::runtime_error("diffuse: cannot append to '" + path_ + "': " + std::strerror(err));
+  }
 }
 #endif  // DIFFUSE_DEFINE_IMPL
 

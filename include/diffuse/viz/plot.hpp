@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/io/atomic_file.hpp>
 #include <diffuse/io/stb.hpp>
 
 // stb_easy_font is all static functions and data: each translation unit gets
@@ -182,8 +183,16 @@ class Canvas {
 
   void write_png(const std::string& path) const {
     if (px_.empty()) throw std::runtime_error("write_png: empty canvas for '" + path + "'");
-    if (!stbi_write_png(path.c_str(), w_, h_, 3, px_.data(), 3 * w_))
-      throw std::runtime_error("write_png: cannot write '" + path + "'");
+    // Encoded in memory, then written whole through write_file_atomically (stb's file writer
+    // does not check its writes).
+    std::vector<unsigned char> png;
+    auto append = [](void* ctx, void* data, int size) {
+      auto* v = static_cast<std::vector<unsigned char>*>(ctx);
+      v->insert(v->end(), static_cast<unsigned char*>(data), static_cast<unsigned char*>(data) + size);
+    };
+    if (!stbi_write_png_to_func(append, &png, w_, h_, 3, px_.data(), 3 * w_))
+      throw std::runtime_error("write_png: cannot encode '" + path + "'");
+    write_file_atomically(path, png.data(), png.size());
   }
 
  private:
