@@ -275,9 +275,24 @@ TEST_CASE("image folders: mixed sizes, undecodable and damaged files, empty fold
   fs::create_directories(d.path / "huge");
   Bytes huge = png_file(1, 1, 8, 0, random_bytes(1));
   const uint8_t big[8] = {0, 0, 0x4E, 0x20, 0, 0, 0x4E, 0x20};
-  std::copy(big, big + 8, huge.begin() + 16);  // IHDR width and height (its CRC is not checked by the reader)
+  std::copy(big, big + 8, huge.begin() + 16);  // IHDR width and height, with a CRC that matches them
+  const uint32_t crc = static_cast<uint32_t>(crc32(crc32(0L, nullptr, 0), huge.data() + 12, 17));
+  for (int k = 0; k < 4; ++k) huge[29 + static_cast<size_t>(k)] = static_cast<uint8_t>(crc >> (24 - 8 * k));
   write_bytes(d / "huge/a.png", huge);
-  CHECK_THROWS_WITH(load_image_folder(d / "huge"), Contains("a.png") && Contains("damaged"));
+  CHECK_THROWS_WITH(load_image_folder(d / "huge"), Contains("a.png") && Contains("claims 20000x20000 pixels"));
+
+  // A PNG whose pixel data was damaged: stb would decode it (it ignores CRCs); the chunk check
+  // refuses it, naming the chunk. And one cut short of its IEND chunk.
+  fs::create_directories(d.path / "crc");
+  Bytes bad = png_file(5, 4, 8, 0, random_bytes(20));
+  bad[8 + 25 + 8 + 2] ^= 0x01;  // a byte of IDAT's data (after the signature, IHDR and IDAT's header)
+  write_bytes(d / "crc/a.png", bad);
+  CHECK_THROWS_WITH(load_image_folder(d / "crc"), Contains("a.png") && Contains("CRC of its IDAT chunk"));
+  fs::create_directories(d.path / "no_iend");
+  Bytes cut = png_file(5, 4, 8, 0, random_bytes(20));
+  cut.resize(cut.size() - 12);  // the IEND chunk
+  write_bytes(d / "no_iend/a.png", cut);
+  CHECK_THROWS_WITH(load_image_folder(d / "no_iend"), Contains("a.png") && Contains("truncated PNG"));
 
   // Pixel data that does not decode after a good header.
   fs::create_directories(d.path / "truncated");

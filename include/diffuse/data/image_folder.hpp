@@ -13,7 +13,7 @@
 // what pytorch-fid does). channels 0 keeps 1 when every image is grey, else 3 (grey ones
 // replicated); channels 1 refuses colour images (no colour-to-grey conversion). All images must
 // have one size.
-// Every header is read and checked before any pixel is decoded; an image that claims more pixels
+// Every header is read and checked before any pixel is decoded (a PNG's chunk CRCs too); an image that claims more pixels
 // than its file could encode (deflate and JPEG stay under 2,048:1) is refused before allocating.
 #pragma once
 
@@ -21,12 +21,16 @@
 #include <cctype>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <diffuse/data/image_set.hpp>
 #include <diffuse/io/stb.hpp>
+
+#include <zlib.h>
 
 namespace diffuse {
 
@@ -45,6 +49,32 @@ inline std::vector<std::filesystem::path> image_files_in(const std::filesystem::
     if (e.is_regular_file() && is_image_file(e.path())) files.push_back(e.path());
   std::sort(files.begin(), files.end());
   return files;
+}
+
+// A PNG file's chunk structure, checked before stb decodes it (stb ignores the CRCs, so a damaged
+// file decoded to wrong pixels): the signature, every chunk inside the file, every chunk's CRC-32
+// over its type and data, and an IEND chunk (else the file was cut short).
+inline void check_png_chunks(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  const std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (b.size() < 8 || !std::equal(sig, sig + 8, b.begin())) return;  // not a PNG inside: stb says what it is
+  auto be32 = [&](size_t at) {
+    return (uint32_t(b[at]) << 24) | (uint32_t(b[at + 1]) << 16) | (uint32_t(b[at + 2]) << 8) | uint32_t(b[at + 3]);
+  };
+  size_t at = 8;
+  while (true) {
+    if (b.size() - at < 12) image_set_error(p.string(), "truncated PNG (no IEND chunk)");
+    const uint64_t len = be32(at);
+    if (len > b.size() - at - 12)
+      image_set_error(p.string(), "truncated PNG: a chunk of " + std::to_string(len) + " bytes runs past the end");
+    const std::string type(reinterpret_cast<const char*>(&b[at + 4]), 4);
+    const uint32_t want = be32(at + 8 + static_cast<size_t>(len));
+    const uint32_t got = static_cast<uint32_t>(::crc32(::crc32(0L, nullptr, 0), &b[at + 4], static_cast<uInt>(len + 4)));
+    if (got != want) image_set_error(p.string(), "damaged PNG: the CRC of its " + type + " chunk does not match");
+    at += 12 + static_cast<size_t>(len);
+    if (type == "IEND") return;
+  }
 }
 
 }  // namespace detail
@@ -78,6 +108,7 @@ inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) 
   bool colour = false;
   for (const fs::path& p : files) {
     int w = 0, h = 0, comp = 0;
+    detail::check_png_chunks(p);
     if (!stbi_info(p.string().c_str(), &w, &h, &comp))
       detail::image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
     const auto bytes = fs::file_size(p);
