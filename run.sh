@@ -10,6 +10,9 @@ Usage: ./run.sh <command> [args...]
                        reference used by the tests); uses sudo when not root
   build                deps + configure build/ (Release) + build everything
   test                 deps --test + build + ctest
+  sanitize             deps --test + build the readers', writers' and trainer's tests with
+                       AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/)
+                       and run them; any report fails (CI runs it after test)
   demo [flags...]      deps + configure build-demo/ + build train_2d alone, then
                        build-demo/examples/train_2d --out out/2d [flags...]
   -h, --help           this text
@@ -139,6 +142,40 @@ case $cmd in
     # The consumer tests hold a RESOURCE_LOCK, so they never overlap each other.
     say "test: ctest --test-dir $BUILD_DIR --output-on-failure -j$JOBS"
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$JOBS"
+    ;;
+  sanitize)
+    [[ $# -eq 0 ]] || die "sanitize takes no arguments"
+    start=$SECONDS
+    deps --test
+    # The tests of every reader and writer (IDX and gzip, npy/npz, image folders and CIFAR-10,
+    # safetensors and checkpoints, FID statistics, atomic writes), the training loop and the
+    # thread pool, built with ASan + UBSan at -O1 (assertions on): the code is the library's
+    # float instantiations too, compiled in this tree with the same flags.
+    dir=${DIFFUSE_SANITIZE_BUILD_DIR:-build-sanitize}
+    san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+    targets=(test_idx test_npy test_image_data test_atomic_file test_diffusion test_frechet test_trainer test_parallel
+             fuzz_corpus)
+    say "sanitize: configure $dir"
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g" -DCMAKE_CXX_FLAGS="$san" \
+          -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" -DDIFFUSE_CUDA=OFF -DDIFFUSE_BUILD_BENCHMARKS=OFF \
+          -DDIFFUSE_BUILD_EXAMPLES=OFF -DDIFFUSE_BUILD_DOCS=OFF -DDIFFUSE_NATIVE=OFF >/dev/null
+    say "sanitize: build ${targets[*]}"
+    cmake --build "$dir" -j"$JOBS" --target "${targets[@]}"
+    export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    [[ ${DEPS_VERIFIED:-0} == 1 && -z ${DIFFUSE_REQUIRE_ALL_TESTS+x} ]] && export DIFFUSE_REQUIRE_ALL_TESTS=1
+    failed=()
+    for t in "${targets[@]}"; do
+      [[ $t == fuzz_corpus ]] && continue
+      say "sanitize: $t"
+      "$dir/tests/$t" || failed+=("$t")
+    done
+    for c in tests/corpus/*/; do  # every fuzz input kept, through its reader
+      r=$(basename "$c")
+      say "sanitize: fuzz corpus $r"
+      "$dir/tests/fuzz_corpus" "$r" "$c" > /dev/null || failed+=("fuzz_corpus $r")
+    done
+    ((${#failed[@]} == 0)) || die "sanitize: reports or failures in ${failed[*]}"
+    say "sanitize: ${#targets[@]} test programs clean under ASan + UBSan in $((SECONDS - start)) s"
     ;;
   demo)
     start=$SECONDS

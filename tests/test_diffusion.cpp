@@ -305,22 +305,18 @@ TEST_CASE("safetensors and checkpoint files that contradict themselves are refus
   // Checkpoints: metadata numbers parsed strictly, and every tensor accounted for.
   Generator g(2);
   ToyMLP<float> m(ToyMLPConfig{2, 16, 3, 8, Activation::SiLU}, g);
+  // The model's state as a checkpoint; extra: one more tensor the model does not have; as_int: the
+  // first parameter stored as I32 (the Writer keeps pointers: state and ints outlive write()).
   const auto write_ckpt = [&](const safetensors::Metadata& meta, const std::string& extra = "", bool as_int = false) {
+    const auto state = m.state_dict();
+    const std::vector<int32_t> ints(static_cast<size_t>(state.front().second.numel()), 1);
     safetensors::Writer w;
-    for (const auto& [name, t] : m.state_dict()) w.add(name, t);
-    std::vector<int32_t> ints(16, 1);
-    if (!extra.empty() && !as_int) w.add(extra, Tensor<float>::zeros({2}));
-    if (as_int) {  // the first parameter again, as I32 under its own name
-      safetensors::Writer w2;
-      for (const auto& [name, t] : m.state_dict())
-        if (name == m.state_dict().front().first)
-          w2.add_raw(name, safetensors::DType::I32, t.shape(), ints.data(), static_cast<size_t>(t.numel()) * 4);
-        else
-          w2.add(name, t);
-      w2.metadata = meta;
-      w2.write(path);
-      return;
-    }
+    for (const auto& [name, t] : state)
+      if (as_int && name == state.front().first)
+        w.add_raw(name, safetensors::DType::I32, t.shape(), ints.data(), ints.size() * sizeof(int32_t));
+      else
+        w.add(name, t);
+    if (!extra.empty()) w.add(extra, Tensor<float>::zeros({2}));
     w.metadata = meta;
     w.write(path);
   };

@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "compare.hpp"
@@ -229,6 +231,46 @@ TEST_CASE("malformed IDX files give one clear error naming the file", "[idx]") {
   CHECK(read_idx_images(path).pixels == body);
   write_bytes(path, images);
   CHECK(read_idx_images(path).pixels == body);
+}
+
+// A short file whose header claims a huge body: refused, and the memory taken on the way stays
+// near what the file holds (was: one 64 MiB step allocated and zero-filled first; found by
+// scripts/fuzz.sh). Measured as the peak resident size of a child process, plain and gzipped.
+TEST_CASE("an IDX header that claims far more than the file holds costs no large allocation", "[idx]") {
+  TempDir d("idx", "claims");
+  std::vector<uint8_t> f{0, 0, 8, 3, 0x3B, 0x9A, 0xCA, 0x00, 0, 0, 0, 28, 0, 0, 0, 28};  // 1e9 images of 28x28
+  for (int i = 0; i < 60; ++i) f.push_back(static_cast<uint8_t>(i));
+  write_bytes(d / "plain-images-idx3-ubyte", f);
+  {
+    gzFile gz = gzopen((d / "gz-images-idx3-ubyte.gz").c_str(), "wb");
+    REQUIRE(gz);
+    REQUIRE(gzwrite(gz, f.data(), static_cast<unsigned>(f.size())) == static_cast<int>(f.size()));
+    REQUIRE(gzclose(gz) == Z_OK);
+  }
+  for (const std::string name : {"plain-images-idx3-ubyte", "gz-images-idx3-ubyte.gz"}) {
+    INFO(name);
+    std::fflush(nullptr);
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      rusage before{}, after{};
+      getrusage(RUSAGE_SELF, &before);
+      bool refused = false;
+      try {
+        (void)read_idx_images(d / name);
+      } catch (const std::runtime_error& e) {
+        refused = std::string(e.what()).find("truncated") != std::string::npos;
+      }
+      getrusage(RUSAGE_SELF, &after);
+      const long grown_kb = after.ru_maxrss - before.ru_maxrss;  // Linux: kilobytes
+      _exit(!refused ? 1 : grown_kb > 8 * 1024 ? 2 : 0);
+    }
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    INFO("child: 0 refused within 8 MiB, 1 not refused as truncated, 2 took more memory");
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
 }
 
 TEST_CASE("load_mnist finds the files, pairs images with labels and checks the classes", "[idx][mnist]") {
