@@ -351,6 +351,42 @@ TEST_CASE("safetensors and checkpoint files that contradict themselves are refus
   CHECK_THAT(load_error(), Catch::Contains("has tensor 'net.99.weight' that the model does not have"));
   write_ckpt(good, "", true);
   CHECK_THAT(load_error(), Catch::Contains("has dtype I32, expected F32 or F64"));
+  // A NaN weight, an infinite EMA weight, a negative second moment: refused, naming the tensor.
+  {
+    const auto state = m.state_dict();
+    const std::string first = state.front().first;
+    Tensor<float> nan_w = state.front().second.clone();
+    nan_w[3] = std::nanf("");
+    safetensors::Writer w;
+    for (const auto& [name, t] : state) w.add(name, name == first ? nan_w : t);
+    w.metadata = good;
+    w.write(path);
+    CHECK_THAT(load_error(), Catch::Contains("tensor '" + first + "' has a non-finite value at element 3"));
+  }
+  {
+    Adam<float> opt(m.named_parameters(), AdamOptions{});
+    EMA<float> ema(m.named_parameters(), 0.9);
+    save_checkpoint(path, m, &opt, &ema, 5, Generator(3));
+    CHECK_NOTHROW(load_checkpoint<float>(path, m, &opt, &ema));
+    const safetensors::File f = safetensors::File::read(path);
+    for (const std::string key : {std::string("ema.") + m.named_parameters().front().first,
+                                  std::string("optim.exp_avg_sq.") + m.named_parameters().front().first}) {
+      INFO(key);
+      safetensors::Writer w;
+      std::vector<Tensor<float>> kept;
+      for (const std::string& name : f.names()) {
+        Tensor<float> t = f.tensor<float>(name);
+        if (name == key) t[0] = key[0] == 'e' ? INFINITY : -1.0f;
+        kept.push_back(t);
+        w.add(name, kept.back());
+      }
+      w.metadata = f.metadata();
+      w.write(path);
+      CHECK_THROWS_WITH(load_checkpoint<float>(path, m, &opt, &ema),
+                        Catch::Contains("tensor '" + key + "' has a " + (key[0] == 'e' ? "non-finite" : "negative") +
+                                        " value at element 0"));
+    }
+  }
   safetensors::Writer twice;
   twice.add("a", Tensor<float>::zeros({2}));
   CHECK_THROWS_WITH(twice.add("a", Tensor<float>::zeros({2})), Catch::Contains("duplicate tensor name 'a'"));

@@ -7,6 +7,8 @@
 // save (nn/module.hpp's ParamLayout), and back onto each parameter's device to load.
 #pragma once
 
+#include <cmath>
+
 #include <map>
 #include <optional>
 #include <set>
@@ -60,7 +62,22 @@ inline uint64_t meta_uint(const safetensors::File& f, const std::string& key) {
 }
 }  // namespace detail
 
-// Loads model weights (strict: every parameter and buffer present with its shape). Other
+namespace detail {
+// A checkpoint's tensors are finite (a NaN weight would resume into a NaN loss, or sample
+// noise); second moments are not negative either (Adam takes their square root).
+template <class T>
+void require_finite(const Tensor<T>& host, const std::string& path, const std::string& key, bool non_negative = false) {
+  const T* d = host.data();
+  for (int64_t i = 0; i < host.numel(); ++i)
+    if (!std::isfinite(static_cast<double>(d[i])) || (non_negative && d[i] < T(0)))
+      throw std::runtime_error("diffuse: '" + path + "': tensor '" + key + "' has " +
+                               (std::isfinite(static_cast<double>(d[i])) ? "a negative" : "a non-finite") +
+                               " value at element " + std::to_string(i));
+}
+}  // namespace detail
+
+// Loads model weights (strict: every parameter and buffer present with its shape, every value
+// finite). Other
 // tensors in the file are ignored only if they belong to the ema./optim. groups.
 template <class T>
 void load_weights(const safetensors::File& f, Module<T>& model, const std::string& prefix = "") {
@@ -76,6 +93,7 @@ void load_weights(const safetensors::File& f, Module<T>& model, const std::strin
                                ", the model expects " + shape_str(want));
     Tensor<T> host(want);
     f.copy_converted(v, key, host.data());
+    detail::require_finite(host, f.path(), key);
     p.node()->value.copy_from(from_torch_layout(host, p.layout()));
   }
   if (prefix.empty())
@@ -90,10 +108,12 @@ TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* o
   load_weights(f, model);
   const auto params = model.named_parameters();
   // A tensor of parameter k's PyTorch shape from the file, in its layout, on its device.
-  auto state = [&](size_t k, const std::string& key) {
+  auto state = [&](size_t k, const std::string& key, bool non_negative = false) {
     const Var<T>& p = params[k].second;
     const Shape want = torch_shape(p.value().shape(), p.layout());
-    return from_torch_layout(f.tensor<T>(key, &want), p.layout()).to(p.device());
+    const Tensor<T> host = f.tensor<T>(key, &want);
+    detail::require_finite(host, f.path(), key, non_negative);
+    return from_torch_layout(host, p.layout()).to(p.device());
   };
   if (ema) {
     for (size_t k = 0; k < params.size(); ++k) ema->shadow()[k] = state(k, "ema." + params[k].first);
@@ -102,7 +122,7 @@ TrainState load_checkpoint(const std::string& path, Module<T>& model, Adam<T>* o
   if (opt) {
     for (size_t k = 0; k < params.size(); ++k) {
       opt->first_moments()[k] = state(k, "optim.exp_avg." + params[k].first);
-      opt->second_moments()[k] = state(k, "optim.exp_avg_sq." + params[k].first);
+      opt->second_moments()[k] = state(k, "optim.exp_avg_sq." + params[k].first, true);
     }
     opt->set_steps(detail::meta_int(f, "optim.step"));
   }
