@@ -301,6 +301,13 @@ TEST_CASE("image folders: mixed sizes, undecodable and damaged files, empty fold
   write_bytes(d / "truncated/a.png", t);
   CHECK_THROWS_WITH(load_image_folder(d / "truncated"), Contains("a.png"));
 
+  // A PPM whose width has 10 digits: stb would overflow an int reading it (undefined behaviour,
+  // found by scripts/fuzz.sh: tests/corpus/png/crash-ppm-10-digit-size); refused before stb.
+  fs::create_directories(d.path / "pnm");
+  const std::string ppm = "P6\n6655555555 5\n255\n";
+  write_bytes(d / "pnm/a.ppm", Bytes(ppm.begin(), ppm.end()));
+  CHECK_THROWS_WITH(load_image_folder(d / "pnm"), Contains("a.ppm") && Contains("more than 9 digits"));
+
   fs::create_directories(d.path / "empty/sub");
   CHECK_THROWS_WITH(load_image_folder(d / "empty"), Contains("empty") && Contains("no image files"));
   CHECK_THROWS_WITH(load_image_folder(d / "nosuch"), Contains("nosuch") && Contains("not a folder"));

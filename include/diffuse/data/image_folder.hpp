@@ -54,11 +54,7 @@ inline std::vector<std::filesystem::path> image_files_in(const std::filesystem::
 // A PNG file's chunk structure, checked before stb decodes it (stb ignores the CRCs, so a damaged
 // file decoded to wrong pixels): the signature, every chunk inside the file, every chunk's CRC-32
 // over its type and data, and an IEND chunk (else the file was cut short).
-inline void check_png_chunks(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  const std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (b.size() < 8 || !std::equal(sig, sig + 8, b.begin())) return;  // not a PNG inside: stb says what it is
+inline void check_png_chunks(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
   auto be32 = [&](size_t at) {
     return (uint32_t(b[at]) << 24) | (uint32_t(b[at + 1]) << 16) | (uint32_t(b[at + 2]) << 8) | uint32_t(b[at + 3]);
   };
@@ -75,6 +71,34 @@ inline void check_png_chunks(const std::filesystem::path& p) {
     at += 12 + static_cast<size_t>(len);
     if (type == "IEND") return;
   }
+}
+
+// A binary PGM/PPM header (P5, P6): width, height and maximum value, each at most 9 digits. stb
+// reads them into an int without an overflow check (undefined behaviour on a 10-digit size;
+// found by scripts/fuzz.sh).
+inline void check_pnm_header(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
+  size_t at = 2;
+  for (int field = 0; field < 3; ++field) {
+    while (at < b.size() && (std::isspace(b[at]) || b[at] == '#')) {
+      if (b[at] == '#')
+        while (at < b.size() && b[at] != '\n') ++at;
+      else
+        ++at;
+    }
+    size_t digits = 0;
+    while (at < b.size() && std::isdigit(b[at])) ++at, ++digits;
+    if (digits > 9) image_set_error(p.string(), "damaged PGM/PPM header: a number of more than 9 digits");
+    if (digits == 0) return;  // not a number: stb refuses the header itself
+  }
+}
+
+// The checks stb leaves out, by the file's content (stb decodes by content, not extension).
+inline void check_image_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  const std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  if (b.size() >= 8 && std::equal(sig, sig + 8, b.begin())) check_png_chunks(p, b);
+  else if (b.size() >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) check_pnm_header(p, b);
 }
 
 }  // namespace detail
@@ -108,7 +132,7 @@ inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) 
   bool colour = false;
   for (const fs::path& p : files) {
     int w = 0, h = 0, comp = 0;
-    detail::check_png_chunks(p);
+    detail::check_image_bytes(p);
     if (!stbi_info(p.string().c_str(), &w, &h, &comp))
       detail::image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
     const auto bytes = fs::file_size(p);
