@@ -308,6 +308,14 @@ TEST_CASE("image folders: mixed sizes, undecodable and damaged files, empty fold
   write_bytes(d / "pnm/a.ppm", Bytes(ppm.begin(), ppm.end()));
   CHECK_THROWS_WITH(load_image_folder(d / "pnm"), Contains("a.ppm") && Contains("more than 9 digits"));
 
+  // A JPEG whose Huffman table claims more than 256 codes: stb would write past its 257-entry
+  // table (found by scripts/fuzz.sh: tests/corpus/png/crash-jpeg-huffman-257-codes); refused.
+  fs::create_directories(d.path / "jpeg");
+  const Bytes jpg{0xFF, 0xD8, 0xFF, 0xC4, 0x00, 0x13, 0x00, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20, 0x20,
+                  0x20, 0, 0, 0, 0, 0, 0, 0xFF, 0xD9};
+  write_bytes(d / "jpeg/a.jpg", jpg);
+  CHECK_THROWS_WITH(load_image_folder(d / "jpeg"), Contains("a.jpg") && Contains("Huffman table of 320 codes"));
+
   fs::create_directories(d.path / "empty/sub");
   CHECK_THROWS_WITH(load_image_folder(d / "empty"), Contains("empty") && Contains("no image files"));
   CHECK_THROWS_WITH(load_image_folder(d / "nosuch"), Contains("nosuch") && Contains("not a folder"));

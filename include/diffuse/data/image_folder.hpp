@@ -92,6 +92,40 @@ inline void check_pnm_header(const std::filesystem::path& p, const std::vector<u
   }
 }
 
+// A JPEG's Huffman tables (DHT segments, wherever they are: progressive files have them between
+// scans): each may define at most 256 codes. stb fills a 257-entry array from the counts without
+// checking their sum (an out-of-bounds write on a damaged file; found by scripts/fuzz.sh).
+inline void check_jpeg_huffman(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
+  size_t at = 0;
+  while (at < b.size() && b[at] == 0xFF) ++at;
+  ++at;  // SOI (0xD8), with any fill bytes before it
+  while (at < b.size()) {
+    if (b[at] != 0xFF) {  // entropy-coded data after a scan: on to the next marker
+      ++at;
+      continue;
+    }
+    while (at < b.size() && b[at] == 0xFF) ++at;
+    if (at >= b.size()) return;
+    const unsigned m = b[at++];
+    if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD7)) continue;  // a stuffed byte, TEM, RSTn
+    if (m == 0xD9) return;                                             // EOI
+    if (at + 2 > b.size()) return;  // cut short: stb reports it
+    const size_t len = (size_t(b[at]) << 8) | b[at + 1];
+    if (len < 2) return;
+    const size_t end = std::min(b.size(), at + len);  // stb reads a segment cut short as zeros
+    if (m == 0xC4) {
+      for (size_t q = at + 2; q < end;) {
+        size_t n = 0;  // bytes past the end count as 0, as stb reads them
+        for (size_t i = 0; i < 16; ++i) n += q + 1 + i < b.size() ? b[q + 1 + i] : 0;
+        if (n > 256)
+          image_set_error(p.string(), "damaged JPEG: a Huffman table of " + std::to_string(n) + " codes (at most 256)");
+        q += 17 + n;
+      }
+    }
+    at = end;
+  }
+}
+
 // The checks stb leaves out, by the file's content (stb decodes by content, not extension).
 inline void check_image_bytes(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
@@ -99,6 +133,7 @@ inline void check_image_bytes(const std::filesystem::path& p) {
   static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (b.size() >= 8 && std::equal(sig, sig + 8, b.begin())) check_png_chunks(p, b);
   else if (b.size() >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) check_pnm_header(p, b);
+  else if (!b.empty() && b[0] == 0xFF) check_jpeg_huffman(p, b);
 }
 
 }  // namespace detail
