@@ -298,6 +298,11 @@ TEST_CASE("safetensors and checkpoint files that contradict themselves are refus
   // A shape whose element count wraps around 2^64 to match zero bytes.
   write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0);
   CHECK_THAT(error_of(), Catch::Contains("0 bytes for shape"));
+  // Bytes that belong to no tensor: a hole between two, or data after the last.
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})", 20);
+  CHECK_THAT(error_of(), Catch::Contains("bytes 8 to 12 before tensor 'b' belong to no tensor"));
+  write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 16);
+  CHECK_THAT(error_of(), Catch::Contains("8 bytes after the last tensor belong to no tensor"));
   // Adjacent tensors and an empty one are fine.
   write_raw_safetensors(path, R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"e":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16);
   CHECK(error_of() == "(no error)");
@@ -369,7 +374,7 @@ TEST_CASE("safetensors and checkpoint files that contradict themselves are refus
     save_checkpoint(path, m, &opt, &ema, 5, Generator(3));
     CHECK_NOTHROW(load_checkpoint<float>(path, m, &opt, &ema));
     const safetensors::File f = safetensors::File::read(path);
-    for (const std::string key : {std::string("ema.") + m.named_parameters().front().first,
+    for (const std::string& key : {std::string("ema.") + m.named_parameters().front().first,
                                   std::string("optim.exp_avg_sq.") + m.named_parameters().front().first}) {
       INFO(key);
       safetensors::Writer w;

@@ -230,6 +230,18 @@ DIFFUSE_IMPL_INLINE void File::parse() {
   for (size_t i = 1; i < by_start.size(); ++i)
     if (by_start[i].first->data < by_start[i - 1].first->data + by_start[i - 1].first->nbytes)
       bad("tensors '" + *by_start[i - 1].second + "' and '" + *by_start[i].second + "' overlap");
+  // Nor may bytes belong to no tensor (the format's rule: the buffer is entirely indexed, no holes):
+  // a hole or trailing data means the header and the data disagree.
+  uint64_t at = 0;
+  for (const auto& [v, name] : by_start) {
+    const uint64_t start = static_cast<uint64_t>(v->data - base);
+    if (start != at)
+      bad("bytes " + std::to_string(at) + " to " + std::to_string(start) + " before tensor '" + *name +
+          "' belong to no tensor");
+    at = start + v->nbytes;
+  }
+  if (at != avail)
+    bad(std::to_string(avail - at) + " bytes after the last tensor belong to no tensor");
 }
 #endif  // DIFFUSE_DEFINE_IMPL
 
