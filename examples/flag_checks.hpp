@@ -96,6 +96,20 @@ inline CLI::Validator seed_value() {
       "UINT");
 }
 
+namespace detail {
+// Writes and removes a probe file in dir; the errors start with what (the flag and its value).
+inline void probe_write(const std::string& what, const std::filesystem::path& dir, const char* not_writable) {
+  const std::filesystem::path probe = dir / (".diffuse-write-test-" + std::to_string(::getpid()));
+  std::FILE* f = std::fopen(probe.c_str(), "wb");
+  if (!f) throw std::runtime_error(what + not_writable);
+  const bool wrote = std::fputc('x', f) != EOF;
+  const bool closed = std::fclose(f) == 0;
+  std::error_code ec;
+  std::filesystem::remove(probe, ec);
+  if (!wrote || !closed) throw std::runtime_error(what + ": writing a file there failed");
+}
+}  // namespace detail
+
 // --out: the folder the run writes, made now and tried with a file, so a read-only or
 // impossible path fails before training rather than at its first checkpoint.
 inline void require_writable_folder(const std::string& flag, const std::string& dir) {
@@ -104,13 +118,7 @@ inline void require_writable_folder(const std::string& flag, const std::string& 
   fs::create_directories(dir, ec);
   if (ec) throw std::runtime_error(flag + " '" + dir + "': cannot create the folder: " + ec.message());
   if (!fs::is_directory(dir, ec)) throw std::runtime_error(flag + " '" + dir + "': not a folder");
-  const fs::path probe = fs::path(dir) / (".diffuse-write-test-" + std::to_string(::getpid()));
-  std::FILE* f = std::fopen(probe.c_str(), "wb");
-  if (!f) throw std::runtime_error(flag + " '" + dir + "': the folder is not writable");
-  const bool wrote = std::fputc('x', f) != EOF;
-  const bool closed = std::fclose(f) == 0;
-  fs::remove(probe, ec);
-  if (!wrote || !closed) throw std::runtime_error(flag + " '" + dir + "': writing a file there failed");
+  detail::probe_write(flag + " '" + dir + "'", dir, ": the folder is not writable");
 }
 
 // An output file named by a flag (--save-stats, --json, a classifier's --out): its folder is made
@@ -125,13 +133,7 @@ inline void require_writable_file(const std::string& flag, const std::string& fi
     fs::create_directories(parent, ec);
     if (ec) throw std::runtime_error(flag + " '" + file + "': cannot create its folder: " + ec.message());
   }
-  const fs::path probe = (parent.empty() ? fs::path(".") : parent) / (".diffuse-write-test-" + std::to_string(::getpid()));
-  std::FILE* f = std::fopen(probe.c_str(), "wb");
-  if (!f) throw std::runtime_error(flag + " '" + file + "': its folder is not writable");
-  const bool wrote = std::fputc('x', f) != EOF;
-  const bool closed = std::fclose(f) == 0;
-  fs::remove(probe, ec);
-  if (!wrote || !closed) throw std::runtime_error(flag + " '" + file + "': writing a file there failed");
+  detail::probe_write(flag + " '" + file + "'", parent.empty() ? fs::path(".") : parent, ": its folder is not writable");
 }
 
 }  // namespace diffuse::examples
