@@ -11,11 +11,13 @@
 //       float first, as the CPU's T(1) / T(1 - p)); p == 1 gives zeros. The mask is not stored:
 //       the backward regenerates it from the same (seed, offset).
 //
-// Dropout and the Generator: the launchers take (seed, offset), not the Generator; the caller
-// draws the offset exactly as the CPU op does,
-//     if (training && p > 0) { off = gen.advance(n); dropout_forward(x, y, n, p, gen.seed, off); }
-// (not training or p == 0: the CPU returns x itself and draws nothing), and keeps (seed, off) for
-// the backward. Draw i of n comes from Philox block off + i / 4, lane i % 4, as Generator::uniform.
+// Dropout and the Generator: the launchers take (seed, where the draw lies), not the Generator; the
+// caller takes the draw exactly as the CPU op does,
+//     if (training && p > 0) { at = gen.take(n); dropout_forward(x, y, n, p, gen.seed, at); }
+// (not training or p == 0: the CPU returns x itself and draws nothing), and keeps (seed, at) for
+// the backward. Draw i of n comes from Philox block off + i / 4, lane i % 4, as Generator::uniform
+// (i shifted by at.first in a data-parallel rank's share, core/rng.hpp); an offset alone is a
+// DrawPos with first 0.
 //
 // Input gradients are written (=), or added (+=) when the launcher's accumulate flag is set.
 // All launchers: device pointers, `block` threads per block and at most `max_blocks` blocks
@@ -176,12 +178,17 @@ inline void concat_channels_backward(const T* dy, T* da, T* db, std::int64_t P, 
 // gradient, written or added to out. The two differ only in the accumulate branch, so one kernel.
 template <class T>
 __global__ void dropout_kernel(const T* __restrict__ in, T* __restrict__ out, std::int64_t n, std::uint64_t seed,
-                               std::uint64_t off, double keep_below, float scale, bool accumulate) {
-  const std::int64_t blocks = (n + 3) / 4, stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+                               DrawPos at, double keep_below, float scale, bool accumulate) {
+  const std::int64_t blocks = static_cast<std::int64_t>(draw_blocks(at.first, static_cast<std::uint64_t>(n)));
+  const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+  const std::uint64_t b0 = at.first / 4, end = at.first + static_cast<std::uint64_t>(n);
   for (std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += stride) {
-    const Philox4 b = philox4x32_10(off + static_cast<std::uint64_t>(j), seed);
-    for (std::int64_t l = 0; l < 4 && 4 * j + l < n; ++l) {
-      const std::int64_t i = 4 * j + l;
+    const std::uint64_t blk = b0 + static_cast<std::uint64_t>(j);
+    const Philox4 b = philox4x32_10(at.offset + blk, seed);
+    for (unsigned l = 0; l < 4; ++l) {
+      const std::uint64_t e = 4 * blk + l;
+      if (e < at.first || e >= end) continue;
+      const std::int64_t i = static_cast<std::int64_t>(e - at.first);
       // double comparison: the CPU compares double(u) < 1.0 - p (a float 1 - p could round across a u).
       const bool keep = static_cast<double>(uint_to_uniform(b.v[l])) < keep_below;
       const float v = keep ? static_cast<float>(in[i]) * scale : 0.0f;
@@ -198,32 +205,32 @@ inline void dropout_check(const char* op, std::int64_t n, double p) {
 // The CPU's scale T(1) / T(1 - p), T = float; 0 for p == 1 (all dropped, as PyTorch).
 inline float dropout_scale(double p) { return p >= 1.0 ? 0.0f : 1.0f / static_cast<float>(1.0 - p); }
 inline dim3 dropout_grid(const char* op, std::int64_t n, unsigned block, unsigned max_blocks) {
-  return image_grid(op, (n + 3) / 4, block, max_blocks);
+  return image_grid(op, (n + 3) / 4 + 1, block, max_blocks);  // + 1: a share that starts inside a block
 }
 }  // namespace detail
 
-// y = dropout(x) for n elements with the mask of the Philox uniforms at (seed, off); see the top
-// of this file for how the caller takes `off` from the Generator.
+// y = dropout(x) for n elements with the mask of the Philox uniforms at (seed, at); see the top
+// of this file for how the caller takes `at` from the Generator.
 template <class T>
-inline void dropout_forward(const T* x, T* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+inline void dropout_forward(const T* x, T* y, std::int64_t n, double p, std::uint64_t seed, DrawPos at,
                             cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
   detail::dropout_check("dropout_forward", n, p);
   const dim3 grid = detail::dropout_grid("dropout_forward", n, block, max_blocks);
   if (n == 0) return;
-  cuda::launch(dropout_kernel<T>, grid, dim3(block), 0, stream, x, y, n, seed, off, 1.0 - p, detail::dropout_scale(p),
+  cuda::launch(dropout_kernel<T>, grid, dim3(block), 0, stream, x, y, n, seed, at, 1.0 - p, detail::dropout_scale(p),
                false);
 }
 
 // dx (= or += when accumulate) = dropout's gradient of dy, the mask regenerated from the forward's
-// (seed, off) and p.
+// (seed, at) and p.
 template <class T>
-inline void dropout_backward(const T* dy, T* dx, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+inline void dropout_backward(const T* dy, T* dx, std::int64_t n, double p, std::uint64_t seed, DrawPos at,
                              bool accumulate = false, cuda::stream_t stream = {}, unsigned block = 256,
                              unsigned max_blocks = 65535) {
   detail::dropout_check("dropout_backward", n, p);
   const dim3 grid = detail::dropout_grid("dropout_backward", n, block, max_blocks);
   if (n == 0) return;
-  cuda::launch(dropout_kernel<T>, grid, dim3(block), 0, stream, dy, dx, n, seed, off, 1.0 - p,
+  cuda::launch(dropout_kernel<T>, grid, dim3(block), 0, stream, dy, dx, n, seed, at, 1.0 - p,
                detail::dropout_scale(p), accumulate);
 }
 

@@ -176,6 +176,37 @@ TEST_CASE("kernel image dropout draws the CPU dropout's mask and matches its for
   CHECK_THROWS_AS(k::dropout_backward(null, null, -1, 0.5, 1, 0), std::invalid_argument);
 }
 
+TEST_CASE("kernel image dropout of a data-parallel rank's share is that share of the whole batch's dropout") {
+  using namespace diffuse::testing;
+  using namespace diffuse::testing::image_cases;
+  namespace k = diffuse::kernels;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  for (const std::int64_t n : {1, 3, 6, 1001}) {
+    for (const std::uint32_t parts : {2u, 3u}) {
+      const std::size_t un = static_cast<std::size_t>(n), whole = un * parts;
+      const std::uint64_t s = gen(), off = gen() >> 24;
+      const std::vector<float> x = randn(gen, whole), dy = randn(gen, whole);
+      const DropoutRef ref = cpu_dropout(x, dy, 0.3, s, off, nullptr);  // one process, the whole batch
+      for (std::uint32_t part = 0; part < parts; ++part) {
+        INFO("n " << n << " part " << part << " of " << parts);
+        diffuse::Generator g(s, off);
+        g.part = part, g.parts = parts;
+        const diffuse::DrawPos at = g.take(un);
+        CHECK(g.offset == ref.offset_after);
+        const std::vector<float> xs(x.begin() + part * n, x.begin() + (part + 1) * n);
+        const std::vector<float> dys(dy.begin() + part * n, dy.begin() + (part + 1) * n);
+        DeviceBuffer<float> dx_in(xs), dy_out(un), ddy(dys), ddx(un);
+        k::dropout_forward(dx_in.get(), dy_out.get(), n, 0.3, s, at, {}, 32, 2);
+        k::dropout_backward(ddy.get(), ddx.get(), n, 0.3, s, at, false, {}, 32, 2);
+        CHECK(count_unequal(dy_out.to_host(), std::vector<float>(ref.y.begin() + part * n, ref.y.begin() + (part + 1) * n)) == 0);
+        CHECK(count_unequal(ddx.to_host(), std::vector<float>(ref.dx.begin() + part * n, ref.dx.begin() + (part + 1) * n)) == 0);
+      }
+    }
+  }
+}
+
 TEST_CASE("kernel image timestep_embedding matches the CPU timestep_embedding") {
   using namespace diffuse::testing;
   using namespace diffuse::testing::image_cases;

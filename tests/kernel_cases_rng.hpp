@@ -56,3 +56,43 @@ TEST_CASE("kernels philox_normal and philox_uniform draw the CPU Generator's num
   diffuse::Generator g(1);
   CHECK_THROWS(diffuse::kernels::philox_normal(g, static_cast<float*>(nullptr), -1));
 }
+
+TEST_CASE("kernels philox_normal_at and philox_uniform_at draw a data-parallel rank's share of the CPU's draw") {
+  using namespace diffuse::testing;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 pick(seed);
+  // A share starts at element part * n of the whole draw: inside a Philox block unless 4 | part n.
+  for (std::int64_t n : {1, 2, 3, 5, 6, 1001, 4099}) {
+    for (std::uint32_t parts : {2u, 3u, 4u}) {
+      const std::uint64_t s = pick(), off = pick() >> 20;
+      const std::size_t whole = static_cast<std::size_t>(n) * parts;
+      std::vector<float> zc(whole), uc(whole);
+      diffuse::Generator one(s, off);  // one process: the whole normal draw, then the whole uniform draw
+      one.normal(zc.data(), whole);
+      one.uniform(uc.data(), whole);
+      for (std::uint32_t part = 0; part < parts; ++part) {
+        INFO("n " << n << " part " << part << " of " << parts);
+        diffuse::Generator share(s, off);
+        share.part = part, share.parts = parts;
+        DeviceBuffer<float> zd(static_cast<size_t>(n)), ud(static_cast<size_t>(n));
+        diffuse::kernels::philox_normal(share, zd.get(), n, {}, 64, 3);
+        diffuse::kernels::philox_uniform(share, ud.get(), n, {}, 64, 3);
+        CHECK(share.offset == one.offset);  // past both whole draws
+        const std::vector<float> z = zd.to_host(), u = ud.to_host();
+        size_t bad_u = 0, bad_z = 0;
+        for (size_t i = 0; i < z.size(); ++i) {
+          const size_t w = part * static_cast<size_t>(n) + i;
+          bad_u += !(u[i] == uc[w]);
+#ifdef __CUDACC__
+          bad_z += !(std::fabs(z[i] - zc[w]) <= 16 * FLT_EPSILON * 6.0f);
+#else
+          bad_z += !(z[i] == zc[w]);
+#endif
+        }
+        CHECK(bad_u == 0);
+        CHECK(bad_z == 0);
+      }
+    }
+  }
+}

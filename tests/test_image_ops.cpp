@@ -371,6 +371,35 @@ TEST_CASE("dropout: reproducible, kept fraction 1 - p, scaled by 1 / (1 - p), id
   CHECK_THROWS_WITH(dropout(x, -0.1, e, true), Catch::Contains("[0, 1]"));
 }
 
+TEST_CASE("dropout of a data-parallel rank's share of a batch is that share of the whole batch's dropout") {
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const int64_t rows = 6, row = 5;  // 30 elements; halves and thirds start inside Philox blocks
+  Var<double> x(Tensor<double>::randn({rows, 1, 1, row}, g), true);
+  Generator one(seed, 9);
+  Var<double> y = dropout(x, 0.4, one, true);
+  const Tensor<double> dy = Tensor<double>::randn(y.shape(), g);
+  Tape<double>::current().backward(y, &dy);
+  for (uint32_t parts : {2u, 3u}) {
+    const int64_t share = rows / parts;
+    for (uint32_t part = 0; part < parts; ++part) {
+      INFO("part " << part << " of " << parts);
+      Tensor<double> xs({share, 1, 1, row}), dys({share, 1, 1, row});
+      std::copy(x.value().begin() + part * share * row, x.value().begin() + (part + 1) * share * row, xs.begin());
+      std::copy(dy.begin() + part * share * row, dy.begin() + (part + 1) * share * row, dys.begin());
+      Var<double> xv(xs, true);
+      Generator mine(seed, 9);
+      mine.part = part, mine.parts = parts;
+      Var<double> ys = dropout(xv, 0.4, mine, true);
+      CHECK(mine.offset == one.offset);
+      Tape<double>::current().backward(ys, &dys);
+      CHECK(std::equal(ys.value().begin(), ys.value().end(), y.value().begin() + part * share * row));
+      CHECK(std::equal(xv.grad().begin(), xv.grad().end(), x.grad().begin() + part * share * row));
+    }
+  }
+}
+
 TEST_CASE("dropout: the backward uses the forward's mask") {
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);

@@ -153,3 +153,38 @@ TEST_CASE("NoGrad records nothing") {
   }
   CHECK(Tape<double>::current().size() == 0);
 }
+
+TEST_CASE("backward(loss, leaf_done) names each leaf once, after its last use, with its final gradient") {
+  Generator g(23);
+  auto w = rand_var({3, 3}, g), b = rand_var({1, 3}, g), x = rand_var({4, 3}, g);
+  Var<double> c(Tensor<double>::randn({4, 3}, g));  // a constant: no gradient, never named
+  // w is read twice (two matmuls), b once, x once at the start: each named when its last reader ran.
+  auto loss_of = [&] { return sum(mul(add(matmul(silu(matmul(x, w)), w), b), c)); };
+  Tape<double>::current().clear();
+  Var<double> loss = loss_of();
+  std::vector<std::pair<const Node<double>*, Tensor<double>>> named;
+  backward(loss, [&](const Node<double>* n) { named.emplace_back(n, n->grad.clone()); });
+  REQUIRE(named.size() == 3);
+  // A later reader runs earlier in the backward: b (read last) first, x (read first) last.
+  CHECK(named[0].first == b.node());
+  CHECK(named[2].first == x.node());
+  CHECK(named[1].first == w.node());
+  for (auto& [n, grad_then] : named) {  // nothing was added after the call
+    const Tensor<double>& now = n->grad;
+    CHECK(std::equal(now.begin(), now.end(), grad_then.begin()));
+  }
+  // The same gradients as without the hook.
+  std::vector<Tensor<double>> with_hook{w.grad().clone(), b.grad().clone(), x.grad().clone()};
+  for (auto* v : {&w, &b, &x}) v->zero_grad();
+  backward(loss_of());
+  CHECK(std::equal(w.grad().begin(), w.grad().end(), with_hook[0].begin()));
+  CHECK(std::equal(b.grad().begin(), b.grad().end(), with_hook[1].begin()));
+  CHECK(std::equal(x.grad().begin(), x.grad().end(), with_hook[2].begin()));
+  // An op recorded without its inputs: the tape cannot tell when a leaf is final, so it names none.
+  Var<double> y = mul(w, w);
+  Var<double> z(y.value().clone(), true);
+  Tape<double>::current().record(z.node_ptr(), [y](const Tensor<double>& gz) { (void)gz; });
+  int calls = 0;
+  backward(sum(z), [&](const Node<double>*) { ++calls; });
+  CHECK(calls == 0);
+}

@@ -5,7 +5,9 @@
 #include <catch2/catch.hpp>
 #include <diffuse/core/parallel.hpp>
 
+#include <algorithm>
 #include <array>
+#include <stdexcept>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -202,4 +204,42 @@ TEST_CASE("randint stays below hi and covers the range", "[rng]") {
     ++counts[static_cast<size_t>(v)];
   }
   for (size_t c : counts) CHECK(c > 9000);  // expected 10000, sd ~95
+}
+
+TEST_CASE("a generator shared by data-parallel ranks draws each rank's slice of the one process's draw", "[rng]") {
+  // Part p of P, drawing n numbers, gets elements [p n, (p + 1) n) of the draw of P n numbers
+  // that one process makes at the same offset, and every part ends where that process ends; a
+  // part that starts inside a Philox block (4 does not divide p n) too.
+  std::mt19937_64 pick(std::random_device{}());
+  for (size_t n : {size_t{1}, size_t{2}, size_t{3}, size_t{5}, size_t{7}, size_t{64}, size_t{1001}, size_t{70001}}) {
+    for (uint32_t parts : {1u, 2u, 3u, 4u}) {
+      const uint64_t seed = pick(), off = pick() >> 24;
+      const size_t whole = n * parts;
+      diffuse::Generator one(seed, off);
+      std::vector<float> z(whole), u(whole);
+      std::vector<uint32_t> k(whole);
+      one.normal(z.data(), whole);
+      one.uniform(u.data(), whole);
+      one.randint(k.data(), whole, 1000);
+      for (uint32_t part = 0; part < parts; ++part) {
+        INFO("n " << n << " part " << part << " of " << parts);
+        diffuse::Generator g(seed, off);
+        g.part = part, g.parts = parts;
+        std::vector<float> zs(n), us(n);
+        std::vector<uint32_t> ks(n);
+        g.normal(zs.data(), n);
+        g.uniform(us.data(), n);
+        g.randint(ks.data(), n, 1000);
+        CHECK(g.offset == one.offset);
+        const size_t at = part * n;
+        CHECK(std::equal(zs.begin(), zs.end(), z.begin() + static_cast<std::ptrdiff_t>(at)));
+        CHECK(std::equal(us.begin(), us.end(), u.begin() + static_cast<std::ptrdiff_t>(at)));
+        CHECK(std::equal(ks.begin(), ks.end(), k.begin() + static_cast<std::ptrdiff_t>(at)));
+      }
+    }
+  }
+  // A whole-draw offset (Generator::advance) has no meaning for a share.
+  diffuse::Generator g(1);
+  g.parts = 2;
+  CHECK_THROWS_AS(g.advance(4), std::logic_error);
 }

@@ -68,6 +68,11 @@
 #include <diffuse/train/stop_signals.hpp>
 #include <diffuse/train/trainer.hpp>
 
+// distributed: data parallelism over processes (MPI with diffuse::mpi; NCCL on CUDA)
+#include <diffuse/distributed/communicator.hpp>
+#include <diffuse/distributed/grad_reducer.hpp>
+#include <diffuse/distributed/launch.hpp>
+
 // io: file formats
 #include <diffuse/io/atomic_file.hpp>
 #include <diffuse/io/checkpoint.hpp>

@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -55,6 +56,25 @@ struct SamplerStep {
   float a = 0, b = 1, ra = 0, rb = 0, c1 = 0, c2 = 0, cx0 = 0, ceps = 0, lim = 1, sigma = 0;
 };
 
+// A float array on the device, for the collectives.
+struct DeviceArray {
+  float* p = nullptr;
+  std::int64_t n = 0;
+};
+
+// Collectives among the processes of a data-parallel run on device arrays (NCCL), queued on a
+// stream of their own behind everything queued so far on the backend's stream, so that the work
+// queued after them overlaps them; wait() makes the backend's stream wait for all of them.
+class CudaCollectives {
+ public:
+  virtual ~CudaCollectives() = default;
+  // Each array becomes the average over the ranks of that array, in place.
+  virtual void all_reduce_mean(const std::vector<DeviceArray>& arrays) = 0;
+  // Each array takes rank root's values.
+  virtual void broadcast(const std::vector<DeviceArray>& arrays, int root) = 0;
+  virtual void wait() = 0;
+};
+
 class CudaBackend {
  public:
   virtual ~CudaBackend() = default;
@@ -74,6 +94,17 @@ class CudaBackend {
   // the device and returns the time per entry kind divided by `steps`, then starts afresh.
   virtual void set_profiling(bool on) = 0;
   virtual std::string profile_table(std::int64_t steps) = 0;
+  // The devices this process can see, and the one it uses (chosen before any other use; 0 unless set).
+  virtual int device_count() = 0;
+  virtual void set_device(int device) = 0;
+
+  // ------------------------------------------------------------------ NCCL (data parallelism)
+  // "" when this program can run NCCL's collectives, else why not (built without NCCL, the emulation).
+  virtual std::string nccl_unavailable_reason() const = 0;
+  // A fresh NCCL unique id, as bytes: rank 0 makes it, the other ranks receive it from rank 0.
+  virtual std::vector<unsigned char> nccl_unique_id() = 0;
+  // This process's member of the NCCL communicator of `size` ranks named by id (every rank calls it).
+  virtual std::unique_ptr<CudaCollectives> nccl_init(const std::vector<unsigned char>& id, int rank, int size) = 0;
 
   // ------------------------------------------------------------------ pointwise
   virtual void fill(float* y, std::int64_t n, float v) = 0;
@@ -164,10 +195,12 @@ class CudaBackend {
                                   std::int64_t C) = 0;
   virtual void upsample_nearest2x_backward(const float* g, float* dx, std::int64_t N, std::int64_t H, std::int64_t W,
                                            std::int64_t C, bool acc) = 0;
-  // The CPU's dropout mask: uniform draw i of (seed, off) below 1 - p keeps element i (scaled).
-  virtual void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off) = 0;
+  // The CPU's dropout mask: uniform draw i of (seed, off) below 1 - p keeps element i (scaled); i
+  // counted from `first` (0 but in a data-parallel rank's share of a draw, core/rng.hpp's DrawPos).
+  virtual void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+                       std::uint64_t first) = 0;
   virtual void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed,
-                                std::uint64_t off, bool acc) = 0;
+                                std::uint64_t off, std::uint64_t first, bool acc) = 0;
   // y = x + b[n, :] over the HW pixels of image n; backward db (+)= sum over pixels.
   virtual void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                                 std::int64_t C) = 0;
@@ -208,9 +241,10 @@ class CudaBackend {
   virtual void timestep_embedding(const std::int32_t* t, float* out, std::int64_t n, std::int64_t dim) = 0;
 
   // ------------------------------------------------------------------ random numbers, diffusion
-  // The CPU Generator's Philox streams: element i of a draw at (seed, off) (rng.hpp).
-  virtual void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) = 0;
-  virtual void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) = 0;
+  // The CPU Generator's Philox streams: elements first .. first + n - 1 of a draw at (seed, off)
+  // (core/rng.hpp; first is 0 but in a data-parallel rank's share of a draw).
+  virtual void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) = 0;
+  virtual void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) = 0;
   // xt = coef[t_b] x0 + coef[T + t_b] eps per sample b (row elements each); coef [2 T] holds
   // sqrt(abar) then sqrt(1 - abar) as floats.
   virtual void q_sample(const float* x0, const float* eps, const std::int32_t* t, const float* coef, std::int64_t T,

@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -93,9 +94,15 @@ template <class T>
 class Tape {
  public:
   using Backward = std::function<void(const Tensor<T>& grad_out)>;
+  // Called during backward() with each leaf (a node no op on the tape produced, e.g. a parameter)
+  // as soon as its gradient is final: after the last op that reads it has run (data parallelism
+  // sends those gradients while the backward goes on, distributed/grad_reducer.hpp).
+  using LeafDone = std::function<void(const Node<T>* leaf)>;
   struct Entry {
     std::shared_ptr<Node<T>> out;
     Backward fn;
+    uint32_t in_begin = 0, in_count = 0;  // the inputs that need a gradient: inputs_[in_begin, + in_count)
+    bool inputs_known = false;            // false: recorded without them (no LeafDone calls then)
   };
 
   static Tape& current() {
@@ -107,19 +114,60 @@ class Tape {
     return on;
   }
 
-  void record(const std::shared_ptr<Node<T>>& out, Backward fn) { entries_.push_back({out, std::move(fn)}); }
+  // An op's backward, with the inputs it sends gradients to (make_result does this).
+  void record(const std::shared_ptr<Node<T>>& out, Backward fn, std::initializer_list<const Var<T>*> inputs) {
+    Entry e{out, std::move(fn), static_cast<uint32_t>(inputs_.size()), 0, true};
+    for (const Var<T>* v : inputs)
+      if (v->requires_grad()) inputs_.push_back(v->node()), ++e.in_count;
+    entries_.push_back(std::move(e));
+  }
+  void record(const std::shared_ptr<Node<T>>& out, Backward fn, const std::vector<Var<T>>& inputs) {
+    Entry e{out, std::move(fn), static_cast<uint32_t>(inputs_.size()), 0, true};
+    for (const Var<T>& v : inputs)
+      if (v.requires_grad()) inputs_.push_back(v.node()), ++e.in_count;
+    entries_.push_back(std::move(e));
+  }
+  // An op's backward without its inputs: correct gradients, but no LeafDone calls in that backward.
+  void record(const std::shared_ptr<Node<T>>& out, Backward fn) { entries_.push_back({out, std::move(fn), 0, 0, false}); }
   size_t size() const { return entries_.size(); }
-  void clear() { entries_.clear(); }
+  void clear() {
+    entries_.clear();
+    inputs_.clear();
+  }
 
-  // Seeds d(loss)/d(loss) = 1 (or `seed` for a non-scalar root) and runs the tape backwards.
-  void backward(const Var<T>& root, const Tensor<T>* seed = nullptr);
+  // Seeds d(loss)/d(loss) = 1 (or `seed` for a non-scalar root) and runs the tape backwards;
+  // leaf_done, when given, hears of each leaf whose gradient is final.
+  void backward(const Var<T>& root, const Tensor<T>* seed = nullptr, const LeafDone* leaf_done = nullptr);
 
  private:
+  // (entry index, leaf) for each leaf read by an op of the tape, where the index is that of the
+  // first entry reading it (the last to run), in ascending index order; empty when some entry
+  // was recorded without its inputs.
+  std::vector<std::pair<size_t, const Node<T>*>> leaf_last_uses() const;
+
   std::vector<Entry> entries_;
+  std::vector<Node<T>*> inputs_;
 };
 
 template <class T>
-void Tape<T>::backward(const Var<T>& root, const Tensor<T>* seed) {
+std::vector<std::pair<size_t, const Node<T>*>> Tape<T>::leaf_last_uses() const {
+  std::vector<std::pair<size_t, const Node<T>*>> uses;
+  std::unordered_set<const Node<T>*> produced;
+  for (const Entry& e : entries_) {
+    if (!e.inputs_known) return {};
+    produced.insert(e.out.get());
+  }
+  std::unordered_set<const Node<T>*> seen;
+  for (size_t i = 0; i < entries_.size(); ++i)
+    for (uint32_t k = 0; k < entries_[i].in_count; ++k) {
+      const Node<T>* n = inputs_[entries_[i].in_begin + k];
+      if (!produced.count(n) && seen.insert(n).second) uses.emplace_back(i, n);
+    }
+  return uses;  // ascending: the tape, running backwards, takes them from the back
+}
+
+template <class T>
+void Tape<T>::backward(const Var<T>& root, const Tensor<T>* seed, const LeafDone* leaf_done) {
   Node<T>& r = *root.node();
   if (!r.requires_grad) throw std::logic_error("diffuse: backward() on a value that does not require grad");
   if (seed && (seed->shape() != r.value.shape() || seed->device() != r.value.device()))
@@ -150,17 +198,21 @@ void Tape<T>::backward(const Var<T>& root, const Tensor<T>* seed) {
   } else {
     std::fill(s.data, s.data + n, T(1));
   }
+  std::vector<std::pair<size_t, const Node<T>*>> uses;
+  if (leaf_done && *leaf_done) uses = leaf_last_uses();
   // Each entry is released as soon as it has run: its closure (and the
   // activations it saved) and the gradient of its output, which no later
   // entry reads. So memory falls during the backward instead of holding
   // every activation and every intermediate gradient to the end (as PyTorch
   // frees non-leaf gradients). Leaves keep their gradients.
-  for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
-    if (it->out->has_grad) it->fn(it->out->grad);
-    it->fn = nullptr;
-    it->out->grad = Tensor<T>();
-    it->out->has_grad = false;
-    it->out.reset();
+  for (size_t i = entries_.size(); i-- > 0;) {
+    Entry& e = entries_[i];
+    if (e.out->has_grad) e.fn(e.out->grad);
+    e.fn = nullptr;
+    e.out->grad = Tensor<T>();
+    e.out->has_grad = false;
+    e.out.reset();
+    for (; !uses.empty() && uses.back().first == i; uses.pop_back()) (*leaf_done)(uses.back().second);
   }
   clear();
 }
@@ -190,6 +242,11 @@ template <class T>
 inline void backward(const Var<T>& loss) {
   Tape<T>::current().backward(loss);
 }
+// The same, telling leaf_done of each leaf (parameter) whose gradient is final (Tape::LeafDone).
+template <class T>
+inline void backward(const Var<T>& loss, const typename Tape<T>::LeafDone& leaf_done) {
+  Tape<T>::current().backward(loss, nullptr, &leaf_done);
+}
 
 // Builds an op's result. If gradients are on and any input requires one, the
 // result requires one too and `make_backward()` (called only then) is recorded.
@@ -200,7 +257,7 @@ inline Var<T> make_result(Tensor<T> value, std::initializer_list<const Var<T>*> 
   if (Tape<T>::grad_enabled())
     for (const Var<T>* v : inputs) need = need || v->requires_grad();
   Var<T> out(std::move(value), need);
-  if (need) Tape<T>::current().record(out.node_ptr(), make_backward());
+  if (need) Tape<T>::current().record(out.node_ptr(), make_backward(), inputs);
   return out;
 }
 

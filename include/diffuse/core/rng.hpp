@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <algorithm>
 
 #include <diffuse/core/config.hpp>
 #include <diffuse/core/parallel.hpp>
@@ -78,54 +80,86 @@ DIFFUSE_HD inline void philox_normal4(uint64_t seed, uint64_t ctr, float out[4])
   }
 }
 
+// Where a draw of n numbers lies in its stream: element i is element first + i of the numbers
+// that start at block `offset` (block offset + (first + i) / 4, lane (first + i) % 4). `first` is
+// 0 except in one process's share of a data-parallel draw (Generator::part).
+struct DrawPos {
+  uint64_t offset = 0;
+  uint64_t first = 0;
+  // An offset alone: a whole draw.
+  DIFFUSE_HD constexpr DrawPos(uint64_t off = 0, uint64_t first_element = 0) : offset(off), first(first_element) {}
+};
+
+// The Philox blocks that hold elements [first, first + n) of a draw, counted from block first / 4.
+DIFFUSE_HD inline uint64_t draw_blocks(uint64_t first, uint64_t n) { return n == 0 ? 0 : (first + n - 1) / 4 - first / 4 + 1; }
+
 // A stream: the seed plus how many Philox blocks have been used. Each draw of
 // n numbers takes ceil(n / 4) blocks. The state is two integers, saved in checkpoints.
+//
+// Data parallelism: with parts = N > 1 the generator is process `part`'s share of a stream that N
+// processes draw from together, each for its 1/N of every batch. A draw of n numbers then gives
+// elements [part n, (part + 1) n) of the draw of N n numbers that one process with the whole batch
+// makes, and the stream moves past all N n of them: the N shares of every batch-shaped draw (the
+// noise, the timesteps, the dropout masks, the examples drawn) are exactly the single process's,
+// and the offset, which checkpoints hold, is the single process's whatever N is.
 struct Generator {
   uint64_t seed = 0;
   uint64_t offset = 0;
+  uint32_t part = 0, parts = 1;  // not part of the state: the process's place among the ranks
 
   Generator() = default;
   explicit Generator(uint64_t s, uint64_t off = 0) : seed(s), offset(off) {}
 
-  // Reserve the blocks for n numbers; returns the offset at which the draw starts.
+  // Reserves a draw of n numbers (this process's share of one, with parts > 1); where it lies.
+  DrawPos take(uint64_t n) {
+    const DrawPos d{offset, static_cast<uint64_t>(part) * n};
+    offset += (n * parts + 3) / 4;
+    return d;
+  }
+  // The offset of a whole draw of n numbers (a generator that is not shared: parts == 1).
   uint64_t advance(uint64_t n) {
-    const uint64_t start = offset;
-    offset += (n + 3) / 4;
-    return start;
+    if (parts != 1) throw std::logic_error("diffuse: Generator::advance on a generator shared by data-parallel ranks");
+    return take(n).offset;
   }
 
   template <class T>
   void normal(T* out, size_t n) {
-    const uint64_t off = advance(n);
-    const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
-    parallel_for(blocks, n > (1u << 16), [&](int64_t j) {
+    for_blocks(take(n), n, [&](const uint64_t ctr, const size_t i, const unsigned l0, const unsigned l1) {
       float z[4];
-      philox_normal4(seed, off + static_cast<uint64_t>(j), z);
-      const size_t i0 = static_cast<size_t>(j) * 4;
-      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(z[l]);
+      philox_normal4(seed, ctr, z);
+      for (unsigned l = l0; l < l1; ++l) out[i + l - l0] = static_cast<T>(z[l]);
     });
   }
   template <class T>
   void uniform(T* out, size_t n) {
-    const uint64_t off = advance(n);
-    const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
-    parallel_for(blocks, n > (1u << 16), [&](int64_t j) {
-      const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
-      const size_t i0 = static_cast<size_t>(j) * 4;
-      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<T>(uint_to_uniform(b.v[l]));
+    for_blocks(take(n), n, [&](const uint64_t ctr, const size_t i, const unsigned l0, const unsigned l1) {
+      const Philox4 b = philox4x32_10(ctr, seed);
+      for (unsigned l = l0; l < l1; ++l) out[i + l - l0] = static_cast<T>(uint_to_uniform(b.v[l]));
     });
   }
   // Integers uniform in [0, hi) (hi small: the modulo bias is below 2^-32 * hi).
   template <class I>
   void randint(I* out, size_t n, uint32_t hi) {
-    const uint64_t off = advance(n);
-    for (size_t i0 = 0; i0 < n; i0 += 4) {
-      const Philox4 b = philox4x32_10(off + i0 / 4, seed);
-      for (size_t l = 0; l < 4 && i0 + l < n; ++l) out[i0 + l] = static_cast<I>(static_cast<uint64_t>(b.v[l]) * hi >> 32);
-    }
+    for_blocks(take(n), n, [&](const uint64_t ctr, const size_t i, const unsigned l0, const unsigned l1) {
+      const Philox4 b = philox4x32_10(ctr, seed);
+      for (unsigned l = l0; l < l1; ++l) out[i + l - l0] = static_cast<I>(static_cast<uint64_t>(b.v[l]) * hi >> 32);
+    }, false);
   }
   float uniform1() { float u; uniform(&u, 1); return u; }
   float normal1() { float z; normal(&z, 1); return z; }
+
+  // f(counter, i, l0, l1) for each Philox block of the draw at d: lanes [l0, l1) of block
+  // `counter` are elements i, i + 1, ... of the output.
+  template <class F>
+  static void for_blocks(const DrawPos d, const size_t n, F&& f, const bool may_parallel = true) {
+    const uint64_t b0 = d.first / 4, blocks = draw_blocks(d.first, n);
+    parallel_for(static_cast<int64_t>(blocks), may_parallel && n > (1u << 16), [&](int64_t j) {
+      const uint64_t blk = b0 + static_cast<uint64_t>(j);
+      const uint64_t e0 = std::max<uint64_t>(blk * 4, d.first), e1 = std::min<uint64_t>(blk * 4 + 4, d.first + n);
+      f(d.offset + blk, static_cast<size_t>(e0 - d.first), static_cast<unsigned>(e0 - blk * 4),
+        static_cast<unsigned>(e1 - blk * 4));
+    });
+  }
 };
 
 }  // namespace diffuse

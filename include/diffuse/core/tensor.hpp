@@ -243,9 +243,9 @@ class Tensor {
       else g.uniform(t.data(), t.size());
     } else if constexpr (std::is_same_v<T, float>) {
       backend::CudaBackend& be = backend::require_cuda(normal ? "randn" : "rand");
-      const uint64_t off = g.advance(t.size());
-      if (normal) be.normal(t.data(), t.numel(), g.seed, off);
-      else be.uniform(t.data(), t.numel(), g.seed, off);
+      const DrawPos at = g.take(t.size());
+      if (normal) be.normal(t.data(), t.numel(), g.seed, at.offset, at.first);
+      else be.uniform(t.data(), t.numel(), g.seed, at.offset, at.first);
     } else {
       t.copy_from(draw(t.shape_, g, Device::CPU, normal));
     }

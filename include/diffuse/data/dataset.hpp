@@ -35,6 +35,9 @@ class BatchSource {
  public:
   virtual ~BatchSource() = default;
   // Fills `out` with B examples; `g` is the training stream (the loop draws the noise from it next).
+  // With data parallelism g is this rank's share of the stream (g.part of g.parts, core/rng.hpp):
+  // a source then gives this rank's B of the B * parts examples one process would get, and moves
+  // past all of them. Draws from g do that by themselves; other orders must (TensorDataset's epochs).
   virtual void next(int64_t B, Generator& g, Batch<T>& out) = 0;
   virtual bool has_labels() const { return false; }
   virtual SourceState state() const { return {}; }
@@ -78,6 +81,9 @@ class TensorDataset : public BatchSource<T> {
     if (order_ == DataOrder::with_replacement) {
       g.randint(idx_.data(), idx_.size(), static_cast<uint32_t>(N));
     } else {
+      // A generator shared by data-parallel ranks (core/rng.hpp): the batch of the one process is
+      // B * parts examples, this rank's share the part-th B of them; every rank moves past all.
+      skip(B * g.part);
       for (auto& i : idx_) {
         if (perm_.empty() || pos_ == N) {
           if (pos_ == N) ++epoch_, pos_ = 0;
@@ -85,6 +91,7 @@ class TensorDataset : public BatchSource<T> {
         }
         i = perm_[static_cast<size_t>(pos_++)];
       }
+      skip(B * (g.parts - 1 - g.part));
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t i = idx_[static_cast<size_t>(b)];
@@ -144,6 +151,16 @@ class TensorDataset : public BatchSource<T> {
   }
 
  private:
+  // Moves k places along the epoch order (as drawing k examples would).
+  void skip(int64_t k) {
+    const int64_t N = size();
+    while (k > 0) {
+      if (pos_ == N) ++epoch_, pos_ = 0, perm_.clear();
+      const int64_t s = std::min(k, N - pos_);
+      pos_ += s, k -= s;
+    }
+  }
+
   Tensor<T> data_;
   std::vector<int32_t> labels_;
   DataOrder order_;

@@ -15,31 +15,34 @@
 namespace diffuse {
 
 namespace detail {
-// f(i, keep) for every element of a dropout mask: keep when uniform draw i of
-// (seed, off) is below 1 - p. Draws go 4 per Philox block, as Generator::uniform,
-// so the mask is that of gen.uniform() at the same offset, in any thread count.
+// f(i, keep) for every element of a dropout mask: keep when uniform draw i of (seed, at) is
+// below 1 - p. Draws go 4 per Philox block, as Generator::uniform, so the mask is that of
+// gen.uniform() at the same place in the stream, in any thread count.
 template <class F>
-inline void dropout_mask(uint64_t seed, uint64_t off, size_t n, double p, F&& f) {
-  const int64_t blocks = static_cast<int64_t>((n + 3) / 4);
+inline void dropout_mask(uint64_t seed, DrawPos at, size_t n, double p, F&& f) {
   const double keep_below = 1.0 - p;
-  parallel_for(blocks, n >= kParallelMin / 4, [&](int64_t j) {
-    const Philox4 b = philox4x32_10(off + static_cast<uint64_t>(j), seed);
-    const size_t i0 = static_cast<size_t>(j) * 4;
-    for (size_t l = 0; l < 4 && i0 + l < n; ++l) f(i0 + l, static_cast<double>(uint_to_uniform(b.v[l])) < keep_below);
+  const uint64_t b0 = at.first / 4, end = at.first + n;
+  parallel_for(static_cast<int64_t>(draw_blocks(at.first, n)), n >= kParallelMin / 4, [&](int64_t j) {
+    const uint64_t blk = b0 + static_cast<uint64_t>(j);
+    const Philox4 b = philox4x32_10(at.offset + blk, seed);
+    for (unsigned l = 0; l < 4; ++l) {
+      const uint64_t e = 4 * blk + l;
+      if (e >= at.first && e < end) f(static_cast<size_t>(e - at.first), static_cast<double>(uint_to_uniform(b.v[l])) < keep_below);
+    }
   });
 }
 }  // namespace detail
 
 namespace detail {
-inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, uint64_t off) {
+inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, DrawPos at) {
   backend::CudaBackend& be = backend::require_cuda("dropout");
   const int64_t n = x.value().numel();
   Tensor<float> out(x.shape(), Device::CUDA);
-  be.dropout(x.value().data(), out.data(), n, p, seed, off);
-  return make_result<float>(std::move(out), {&x}, [x, n, p, seed, off]() {
-    return [x, n, p, seed, off](const Tensor<float>& g) {
+  be.dropout(x.value().data(), out.data(), n, p, seed, at.offset, at.first);
+  return make_result<float>(std::move(out), {&x}, [x, n, p, seed, at]() {
+    return [x, n, p, seed, at](const Tensor<float>& g) {
       GradSink<float> s = grad_sink(*x.node());
-      backend::cuda_backend()->dropout_backward(g.data(), s.data, n, p, seed, off, s.accumulate);
+      backend::cuda_backend()->dropout_backward(g.data(), s.data, n, p, seed, at.offset, at.first, s.accumulate);
     };
   });
 }
@@ -47,29 +50,31 @@ inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, uin
 
 // F.dropout(x, p, training): each element zeroed with probability p, the rest
 // scaled by 1 / (1 - p). The mask comes from gen (which advances by ceil(n / 4)
-// blocks); the backward regenerates it from the same (seed, offset) instead of
-// storing it. Not training, or p == 0: returns x itself and draws nothing.
+// blocks, or past all the ranks' shares of the draw, core/rng.hpp); the backward
+// regenerates it from the same place in the stream instead of storing it.
+// Not training, or p == 0: returns x itself and draws nothing.
 template <class T>
 Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
   if (!(p >= 0.0 && p <= 1.0))
     throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(p));
   if (!training || p == 0.0) return x;
   const size_t n = x.value().size();
-  const uint64_t seed = gen.seed, off = gen.advance(n);
+  const uint64_t seed = gen.seed;
+  const DrawPos at = gen.take(n);
   if (x.device() == Device::CUDA) {
-    if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, off);
+    if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, at);
     else detail::cuda_float_only("dropout");
   }
   const T scale = p >= 1.0 ? T(0) : T(1) / static_cast<T>(1.0 - p);  // p == 1: all zeros, as PyTorch
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   T* od = out.data();
-  detail::dropout_mask(seed, off, n, p, [&](size_t i, bool keep) { od[i] = keep ? xd[i] * scale : T(0); });
-  return make_result<T>(std::move(out), {&x}, [x, seed, off, n, p, scale]() {
-    return [x, seed, off, n, p, scale](const Tensor<T>& g) {
+  detail::dropout_mask(seed, at, n, p, [&](size_t i, bool keep) { od[i] = keep ? xd[i] * scale : T(0); });
+  return make_result<T>(std::move(out), {&x}, [x, seed, at, n, p, scale]() {
+    return [x, seed, at, n, p, scale](const Tensor<T>& g) {
       GradSink<T> s = grad_sink(*x.node());
       const T* gd = g.data();
-      detail::dropout_mask(seed, off, n, p, [&](size_t i, bool keep) { s.put(i, keep ? gd[i] * scale : T(0)); });
+      detail::dropout_mask(seed, at, n, p, [&](size_t i, bool keep) { s.put(i, keep ? gd[i] * scale : T(0)); });
     };
   });
 }

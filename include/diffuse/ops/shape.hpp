@@ -39,7 +39,7 @@ inline Var<float> concat_cuda(const std::vector<Var<float>>& xs, const Shape& os
         GradSink<float> s = grad_sink(*xs[k].node());
         be.copy_2d(g.data() + offs[k], row, s.data, w, outer, w, s.accumulate);
       }
-    });
+    }, xs);
   return res;
 }
 }  // namespace detail
@@ -96,7 +96,7 @@ Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
         for (int64_t o = 0; o < outer; ++o)
           for (int64_t j = 0; j < w; ++j) s.put(static_cast<size_t>(o * w + j), g[o * row + offs[k] + j]);
       }
-    });
+    }, xs);
   }
   return res;
 }

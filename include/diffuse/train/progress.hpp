@@ -37,15 +37,18 @@ class Progress {
   ~Progress() { finish(); }
 
   bool bar_enabled() const { return bar_; }
+  // Data parallelism: the line says how many processes the images/s (of the whole batch) are from.
+  void set_ranks(int n) { ranks_ = n; }
 
   // The line: every figure of the last window.
   void line(int64_t step, double loss, double lr, double grad_norm, double images_per_s, double elapsed_s,
             double eta_s) {
     if (!out_) return;
     clear_bar();
-    std::fprintf(out_, "step %*lld/%lld  loss %.4f  lr %.2e  grad %.3f  %.0f images/s  elapsed %s  ETA %s\n",
+    const std::string on = ranks_ > 1 ? " on " + std::to_string(ranks_) + " ranks" : "";
+    std::fprintf(out_, "step %*lld/%lld  loss %.4f  lr %.2e  grad %.3f  %.0f images/s%s  elapsed %s  ETA %s\n",
                  width(), static_cast<long long>(step), static_cast<long long>(total_), loss, lr, grad_norm,
-                 images_per_s, format_duration(elapsed_s).c_str(), format_duration(eta_s).c_str());
+                 images_per_s, on.c_str(), format_duration(elapsed_s).c_str(), format_duration(eta_s).c_str());
     std::fflush(out_);
   }
   // Any other message (evaluations, checkpoints), below the bar.
@@ -68,6 +71,7 @@ class Progress {
   }
   FILE* out_;
   int64_t total_;
+  int ranks_ = 1;
   bool bar_, drawn_ = false;
   std::chrono::steady_clock::time_point last_{};
 };

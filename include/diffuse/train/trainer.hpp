@@ -34,6 +34,8 @@
 #include <diffuse/diffusion/objectives.hpp>
 #include <diffuse/diffusion/q_sample.hpp>
 #include <diffuse/diffusion/schedule.hpp>
+#include <diffuse/distributed/communicator.hpp>
+#include <diffuse/distributed/grad_reducer.hpp>
 #include <diffuse/io/checkpoint.hpp>
 #include <diffuse/optim/adam.hpp>
 #include <diffuse/optim/clip_grad_norm.hpp>
@@ -49,7 +51,7 @@ enum class LrDecay { constant, cosine };  // after the warmup: constant, or cosi
 
 struct TrainOptions {
   int64_t steps = 1000;
-  int64_t batch = 64;
+  int64_t batch = 64;                 // the whole batch: with N processes (comm) each takes batch / N
   double lr = 1e-3;
   int64_t warmup = 0;                 // linear warmup steps
   LrDecay lr_decay = LrDecay::constant;
@@ -71,6 +73,13 @@ struct TrainOptions {
   FILE* log = stdout;                 // progress output; null: silent
   ProgressBar bar = ProgressBar::automatic;
   bool handle_signals = true;         // SIGINT/SIGTERM stop the run with a checkpoint
+  // Data parallelism: the processes that train this model together (init_distributed(),
+  // distributed/launch.hpp); null: this process alone. Each rank takes its share of every batch
+  // and of every random draw, the gradients are averaged over the ranks before clipping, so N
+  // ranks train as one process with the whole batch (up to the order of float sums). Rank 0
+  // prints, writes the log and the checkpoints and runs the callbacks; every rank resumes from
+  // the same checkpoint.
+  Communicator* comm = nullptr;
 };
 
 // One finished step: `step` is the number of steps done (1 after the first).
@@ -110,6 +119,9 @@ class TrainerCore {
   const TrainOptions& options() const { return o_; }
   int64_t step() const { return step_; }
   Generator& rng() { return rng_; }
+  // This process's place among the data-parallel ranks (0 of 1 alone).
+  int rank() const { return rank_; }
+  int ranks() const { return ranks_; }
   std::string checkpoint_path() const { return (std::filesystem::path(o_.out) / "checkpoint.safetensors").string(); }
 
   // Runs fn with the EMA weights in the model (the live weights when EMA is off) in eval()
@@ -129,7 +141,8 @@ class TrainerCore {
     fn();
   }
 
-  // Writes the checkpoint for the current step now (the loop does this on its own).
+  // Writes the checkpoint for the current step now (the loop does this on its own); with data
+  // parallelism only rank 0 writes (the others return "").
   std::string save();
 
   TrainResult run();
@@ -148,8 +161,17 @@ class TrainerCore {
     o_.identity["prediction"] = prediction_name(o_.objective.prediction);
     loss_weights(sched_, {}, o_.objective);  // validates gamma
     if (o_.objective.min_snr_gamma > 0) o_.identity["min_snr_gamma"] = std::to_string(o_.objective.min_snr_gamma);
-    if (!o_.out.empty()) std::filesystem::create_directories(o_.out);
+    if (o_.comm) {
+      ranks_ = o_.comm->size(), rank_ = o_.comm->rank();
+      if (o_.batch % ranks_ != 0)
+        throw std::invalid_argument(o_.name + ": batch " + std::to_string(o_.batch) + " does not divide among " +
+                                    std::to_string(ranks_) + " processes (give a multiple of " +
+                                    std::to_string(ranks_) + ")");
+      if (rank_ != 0) o_.log = nullptr;  // rank 0 speaks for all
+    }
+    if (!o_.out.empty() && rank_ == 0) std::filesystem::create_directories(o_.out);
     if (!o_.resume.empty()) resume_from(o_.resume);
+    for (Generator* g : {&rng_, &label_rng_, &dropout_rng_}) g->part = static_cast<uint32_t>(rank_), g->parts = static_cast<uint32_t>(ranks_);
   }
 
   // The objective's loss of one noised batch (labels, when the data has them, after dropout).
@@ -186,6 +208,21 @@ class TrainerCore {
     return "last good checkpoint: " + checkpoint_path() + " at step " + std::to_string(saved_step_);
   }
   void resume_from(const std::string& path);
+  // Data parallelism: every rank starts from rank 0's weights and EMA, at the same step.
+  void agree_on_start();
+  // Data parallelism, at each checkpoint: the ranks' weights should be bit for bit the same (the
+  // same averaged gradients, the same update); if a collective ever rounded differently on some
+  // rank, rank 0's weights, EMA and moments are copied to all, with a message.
+  void check_replicas();
+  // The tensors every rank must hold alike: weights and buffers, the EMA, and Adam's moments.
+  std::vector<Tensor<T>*> replicated(bool moments);
+  // OR of `flag` over the ranks (the flag itself alone).
+  bool any_rank(bool flag) {
+    if (!o_.comm) return flag;
+    double f = flag ? 1.0 : 0.0;
+    o_.comm->all_reduce(&f, 1, ReduceOp::max);
+    return f > 0;
+  }
 
   Module<T>& model_;
   NoiseSchedule sched_;
@@ -195,6 +232,8 @@ class TrainerCore {
   EMA<T> ema_;
   Generator rng_, label_rng_, dropout_rng_;
   int64_t step_ = 0, saved_step_ = -1;
+  int rank_ = 0, ranks_ = 1;
+  std::unique_ptr<GradReducer<T>> reducer_;
   bool resumed_ = false, stop_requested_ = false;
   std::vector<std::pair<int64_t, std::function<void()>>> callbacks_;
   std::vector<std::pair<int64_t, std::function<std::map<std::string, double>()>>> evals_;
@@ -205,7 +244,7 @@ class TrainerCore {
 
 template <class T>
 std::string TrainerCore<T>::save() {
-  if (o_.out.empty()) return {};
+  if (o_.out.empty() || rank_ != 0) return {};
   namespace fs = std::filesystem;
   const std::string path = checkpoint_path();
   if (o_.keep > 1 && saved_step_ >= 0 && saved_step_ != step_ && fs::exists(path)) {
@@ -226,13 +265,21 @@ template <class T>
 TrainResult TrainerCore<T>::run() {
   namespace fs = std::filesystem;
   using clock = std::chrono::steady_clock;
-  Progress progress(o_.log, o_.steps, o_.bar);
-  if (!o_.out.empty()) {
+  // Under an MPI launcher a rank's output is a pseudo-terminal whatever mpirun's is: no bar unless asked.
+  Progress progress(o_.log, o_.steps, o_.comm && o_.bar == ProgressBar::automatic ? ProgressBar::off : o_.bar);
+  if (!o_.out.empty() && rank_ == 0) {
     std::vector<std::string> cols{"loss", "lr", "grad_norm", "images_per_s", "elapsed_s"};
     cols.insert(cols.end(), eval_columns_.begin(), eval_columns_.end());
     log_ = std::make_unique<CsvLog>((fs::path(o_.out) / "train_log.csv").string(), cols, resumed_ ? step_ : -1);
   }
   StopSignals signals(o_.handle_signals);
+  progress.set_ranks(ranks_);
+  if (o_.comm) {
+    if (!reducer_) reducer_ = std::make_unique<GradReducer<T>>(*o_.comm, opt_.params());
+    agree_on_start();
+  }
+  const typename Tape<T>::LeafDone leaf_done = [this](const Node<T>* n) { reducer_->ready(n); };
+  const int64_t B = o_.batch / ranks_;  // this rank's share of the batch
   model_.train();
   TrainResult res;
   res.start_step = step_;
@@ -249,17 +296,29 @@ TrainResult TrainerCore<T>::run() {
     return done > 0 ? trained_s() / done * static_cast<double>(o_.steps - step_) : NAN;
   };
 
-  while (step_ < o_.steps && !signals.requested() && !stop_requested_) {
-    data_.next(o_.batch, rng_, batch);
+  // Every rank stops at the same step: a signal or request on any of them stops all.
+  bool stop = any_rank(signals.requested() || stop_requested_);
+  while (step_ < o_.steps && !stop) {
+    data_.next(B, rng_, batch);
     std::vector<int32_t> labels =
         o_.label_dropout > 0 ? drop_labels(batch.labels, o_.label_dropout, o_.null_class, label_rng_) : batch.labels;
     const Labels* y = labels.empty() ? nullptr : &labels;
     const NoisedBatch<T> nb = make_noised_batch(sched_, batch.x0.to(dev), rng_);
     opt_.zero_grad();
     Var<T> loss = compute_loss(nb, y);
-    backward(loss);
+    if (reducer_) {  // the gradients averaged over the ranks, the first buckets during the backward
+      reducer_->begin();
+      backward(loss, leaf_done);
+      reducer_->finish();
+    } else {
+      backward(loss);
+    }
     const double norm = clip_grad_norm(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity());
-    const double lv = static_cast<double>(loss.value().cpu()[0]);
+    double lv = static_cast<double>(loss.value().cpu()[0]);
+    if (o_.comm) {  // the loss of the whole batch: the mean of the ranks' means
+      o_.comm->all_reduce(&lv, 1, ReduceOp::sum);
+      lv /= ranks_;
+    }
     if (!std::isfinite(lv) || !std::isfinite(norm)) {
       progress.finish();
       throw std::runtime_error(o_.name + ": " + (std::isfinite(lv) ? "gradient norm" : "loss") + " is " +
@@ -277,11 +336,11 @@ TrainResult TrainerCore<T>::run() {
     const StepInfo info{step_, lv, lr, norm};
     for (auto& h : step_hooks_) h(info);
 
-    // Evaluations and callbacks (their time is not training time).
+    // Evaluations and callbacks, on rank 0 (their time is not training time).
     std::map<std::string, double> figures;
     const auto t_cb = clock::now();
     for (auto& [n, fn] : evals_)
-      if (step_ % n == 0) {
+      if (step_ % n == 0 && rank_ == 0) {
         const auto r = fn();
         std::string msg = "eval at step " + std::to_string(step_) + ":";
         for (const auto& [k, v] : r) {
@@ -293,7 +352,7 @@ TrainResult TrainerCore<T>::run() {
         progress.message(msg);
       }
     for (auto& [n, fn] : callbacks_)
-      if (step_ % n == 0) fn();
+      if (step_ % n == 0 && rank_ == 0) fn();
     const double cb = std::chrono::duration<double>(clock::now() - t_cb).count();
     paused += cb, paused_window += cb;
 
@@ -309,7 +368,9 @@ TrainResult TrainerCore<T>::run() {
       t_window = clock::now();
     }
     if (log_ && !figures.empty()) log_->row(step_, figures);
-    if (o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps) {
+    stop = any_rank(signals.requested() || stop_requested_);
+    if (o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps && !stop) {
+      check_replicas();
       res.checkpoint = save();
     }
     progress.bar(step_, lv, eta());
@@ -317,8 +378,9 @@ TrainResult TrainerCore<T>::run() {
   progress.finish();
   res.step = step_;
   res.seconds = trained_s();
+  check_replicas();
   res.checkpoint = save();
-  if (signals.requested() || stop_requested_) {
+  if (stop) {
     res.status = TrainStatus::interrupted;
     res.signal = signals.requested();
     const std::string at = " at step " + std::to_string(step_);
@@ -341,6 +403,70 @@ void TrainerCore<T>::prune() const {
   std::sort(old.begin(), old.end());  // zero-padded steps sort by name
   const size_t allowed = static_cast<size_t>(o_.keep - 1);
   for (size_t i = 0; i + allowed < old.size(); ++i) fs::remove(old[i]);
+}
+
+template <class T>
+std::vector<Tensor<T>*> TrainerCore<T>::replicated(bool moments) {
+  std::vector<Tensor<T>*> ts;
+  for (auto& [n, v] : model_.named_state()) ts.push_back(&v.node()->value);  // parameters and buffers
+  if (o_.ema > 0)
+    for (Tensor<T>& t : ema_.shadow()) ts.push_back(&t);
+  if (moments) {
+    for (Tensor<T>& t : opt_.first_moments()) ts.push_back(&t);
+    for (Tensor<T>& t : opt_.second_moments()) ts.push_back(&t);
+  }
+  return ts;
+}
+
+template <class T>
+void TrainerCore<T>::agree_on_start() {
+  reducer_->broadcast(replicated(false), 0);
+  // Where each rank stands: the step and every stream's position must be rank 0's.
+  uint64_t mine[5] = {static_cast<uint64_t>(step_), rng_.offset, label_rng_.offset, dropout_rng_.offset,
+                      static_cast<uint64_t>(opt_.steps())};
+  uint64_t root[5];
+  std::copy(mine, mine + 5, root);
+  o_.comm->broadcast(root, sizeof root, 0);
+  const bool same = std::equal(mine, mine + 5, root);
+  double differ = same ? 0.0 : 1.0;
+  o_.comm->all_reduce(&differ, 1, ReduceOp::max);
+  if (differ > 0)
+    throw std::runtime_error(o_.name + ": the ranks do not start from the same state" +
+                             (same ? std::string()
+                                   : " (rank " + std::to_string(rank_) + " is at step " + std::to_string(step_) +
+                                         ", rank 0 at step " + std::to_string(root[0]) + ")") +
+                             ": give every rank the same --resume checkpoint");
+}
+
+template <class T>
+void TrainerCore<T>::check_replicas() {
+  if (!o_.comm) return;
+  // The sum of the weights' squares in double, computed alike on every rank from its own copy.
+  double sq = 0;
+  const NamedParams<T>& ps = opt_.params();
+  if (detail::params_device(ps, "check_replicas") == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::vector<backend::ParamSlot> slots;
+      for (const auto& [n, p] : ps) {
+        backend::ParamSlot sl;
+        sl.g = p.value().data();
+        sl.n = p.value().numel();
+        slots.push_back(sl);
+      }
+      sq = backend::require_cuda("check_replicas").grad_sq_norm(slots);
+    }
+  } else {
+    for (const auto& [n, p] : ps)
+      for (size_t i = 0; i < p.value().size(); ++i) sq += static_cast<double>(p.value().data()[i]) * p.value().data()[i];
+  }
+  double lo = sq, hi = sq;
+  o_.comm->all_reduce(&lo, 1, ReduceOp::min);
+  o_.comm->all_reduce(&hi, 1, ReduceOp::max);
+  if (lo == hi) return;
+  reducer_->broadcast(replicated(true), 0);
+  if (o_.log)
+    std::fprintf(o_.log, "%s: the ranks' weights differed at step %lld (sum of squares %.17g to %.17g); rank 0's "
+                 "copied to all\n", o_.name.c_str(), static_cast<long long>(step_), lo, hi);
 }
 
 template <class T>

@@ -1,4 +1,4 @@
-// Checked CUDA, cuBLAS and cuDNN calls:
+// Checked CUDA, cuBLAS, cuDNN and NCCL calls:
 //
 //   DIFFUSE_CUDA_CHECK(cudaMalloc(&p, bytes));
 //   DIFFUSE_CUBLAS_CHECK(cublasSgemm(handle, ...));
@@ -13,8 +13,10 @@
 // or when DIFFUSE_WITH_CUDA is defined (diffuse::cuda defines it), DIFFUSE_CUBLAS_CHECK and
 // DIFFUSE_CUDNN_CHECK when, in addition, <cublas_v2.h> / <cudnn.h> are on the include path. In a
 // build without them the header still compiles (a g++ CPU build may include it); using a macro
-// whose library is missing fails to compile with a message saying so. DIFFUSE_HAVE_CUDA_RUNTIME,
-// DIFFUSE_HAVE_CUBLAS and DIFFUSE_HAVE_CUDNN say (0 or 1) which ones are available.
+// whose library is missing fails to compile with a message saying so. DIFFUSE_NCCL_CHECK exists
+// where, in addition, DIFFUSE_WITH_NCCL is defined (diffuse::cuda defines it when CMake found NCCL).
+// DIFFUSE_HAVE_CUDA_RUNTIME, DIFFUSE_HAVE_CUBLAS, DIFFUSE_HAVE_CUDNN and DIFFUSE_HAVE_NCCL say (0 or
+// 1) which ones are available.
 //
 // A translation unit that includes the CUDA headers cannot also use the CPU emulation of
 // <diffuse/backend/cuda/emulation.hpp> (both define dim3, threadIdx, ...): compile kernels with nvcc, or
@@ -110,4 +112,22 @@ inline void check_cudnn(cudnnStatus_t s, const char* call, const char* file, int
 #define DIFFUSE_HAVE_CUDNN 0
 #define DIFFUSE_CUDNN_CHECK(call) \
   static_assert(false, "DIFFUSE_CUDNN_CHECK needs <cudnn.h> and the CUDA runtime (diffuse::cuda with cuDNN found)")
+#endif
+
+// ---------------------------------------------------------------- NCCL (only where it is linked)
+#if DIFFUSE_HAVE_CUDA_RUNTIME && defined(DIFFUSE_WITH_NCCL) && DIFFUSE_WITH_NCCL && __has_include(<nccl.h>)
+#include <nccl.h>
+#define DIFFUSE_HAVE_NCCL 1
+
+namespace diffuse::cuda::detail {
+inline void check_nccl(ncclResult_t r, const char* call, const char* file, int line) {
+  if (r != ncclSuccess && r != ncclInProgress) check_failed("NCCL", call, file, line, ncclGetErrorString(r), ncclGetLastError(nullptr));
+}
+}  // namespace diffuse::cuda::detail
+
+#define DIFFUSE_NCCL_CHECK(call) ::diffuse::cuda::detail::check_nccl((call), #call, __FILE__, __LINE__)
+#else
+#define DIFFUSE_HAVE_NCCL 0
+#define DIFFUSE_NCCL_CHECK(call) \
+  static_assert(false, "DIFFUSE_NCCL_CHECK needs <nccl.h> and the CUDA runtime (diffuse::cuda with NCCL found)")
 #endif

@@ -57,6 +57,72 @@ inline namespace cuda_runtime_world {
 inline namespace emulation_world {
 #endif
 
+#if DIFFUSE_HAVE_NCCL
+// NCCL's collectives on a non-blocking stream of their own: each call first makes that stream wait
+// for what the backend's stream has queued so far (an event), so the collectives overlap the work
+// queued after them; wait() makes the backend's stream wait for the collectives in turn.
+class NcclCollectives final : public CudaCollectives {
+ public:
+  NcclCollectives(const std::vector<unsigned char>& id, int rank, int size, cuda::stream_t compute)
+      : compute_(compute) {
+    if (id.size() != sizeof(ncclUniqueId))
+      throw std::invalid_argument("diffuse: NCCL: a unique id of " + std::to_string(id.size()) + " bytes (expected " +
+                                  std::to_string(sizeof(ncclUniqueId)) + ")");
+    ncclUniqueId uid;
+    std::memcpy(&uid, id.data(), sizeof uid);
+    DIFFUSE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    DIFFUSE_CUDA_CHECK(cudaEventCreateWithFlags(&queued_, cudaEventDisableTiming));
+    DIFFUSE_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    DIFFUSE_NCCL_CHECK(ncclCommInitRank(&comm_, size, uid, rank));
+  }
+  NcclCollectives(const NcclCollectives&) = delete;
+  NcclCollectives& operator=(const NcclCollectives&) = delete;
+  ~NcclCollectives() override {
+    if (comm_) ncclCommDestroy(comm_);
+    if (done_) cudaEventDestroy(done_);
+    if (queued_) cudaEventDestroy(queued_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  void all_reduce_mean(const std::vector<DeviceArray>& arrays) override {
+    group(arrays, [&](const DeviceArray& a) {
+      DIFFUSE_NCCL_CHECK(ncclAllReduce(a.p, a.p, static_cast<size_t>(a.n), ncclFloat, ncclAvg, comm_, stream_));
+    });
+  }
+  void broadcast(const std::vector<DeviceArray>& arrays, int root) override {
+    group(arrays, [&](const DeviceArray& a) {
+      DIFFUSE_NCCL_CHECK(ncclBroadcast(a.p, a.p, static_cast<size_t>(a.n), ncclFloat, root, comm_, stream_));
+    });
+  }
+  void wait() override {
+    if (!pending_) return;
+    DIFFUSE_CUDA_CHECK(cudaEventRecord(done_, stream_));
+    DIFFUSE_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0));
+    pending_ = false;
+  }
+
+ private:
+  // One NCCL group per 256 arrays (one launch each), behind the compute stream's work so far.
+  template <class F>
+  void group(const std::vector<DeviceArray>& arrays, F&& op) {
+    DIFFUSE_CUDA_CHECK(cudaEventRecord(queued_, compute_));
+    DIFFUSE_CUDA_CHECK(cudaStreamWaitEvent(stream_, queued_, 0));
+    for (size_t i = 0; i < arrays.size(); i += 256) {
+      DIFFUSE_NCCL_CHECK(ncclGroupStart());
+      for (size_t k = i; k < std::min(arrays.size(), i + 256); ++k)
+        if (arrays[k].n > 0) op(arrays[k]);
+      DIFFUSE_NCCL_CHECK(ncclGroupEnd());
+    }
+    pending_ = true;
+  }
+
+  cuda::stream_t compute_;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t queued_ = nullptr, done_ = nullptr;
+  ncclComm_t comm_ = nullptr;
+  bool pending_ = false;
+};
+#endif
+
 class CudaBackendImpl final : public CudaBackend {
  public:
   CudaBackendImpl() = default;
@@ -110,6 +176,51 @@ class CudaBackendImpl final : public CudaBackend {
     std::string t = profiler_.table(steps);
     profiler_.reset();
     return t;
+  }
+  int device_count() override {
+#ifdef __CUDACC__
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+#else
+    return 1;
+#endif
+  }
+  void set_device(int device) override {
+    if (device < 0 || device >= device_count())
+      throw std::invalid_argument("diffuse: CUDA device " + std::to_string(device) + " does not exist (" +
+                                  std::to_string(device_count()) + " visible)");
+#ifdef __CUDACC__
+    DIFFUSE_CUDA_CHECK(cudaSetDevice(device));
+#endif
+  }
+
+  // ------------------------------------------------------------------ NCCL
+  std::string nccl_unavailable_reason() const override {
+#if DIFFUSE_HAVE_NCCL
+    return "";
+#elif defined(__CUDACC__)
+    return "this program was built without NCCL (CMake did not find nccl.h and libnccl)";
+#else
+    return "the CPU emulation of CUDA has no NCCL";
+#endif
+  }
+  std::vector<unsigned char> nccl_unique_id() override {
+#if DIFFUSE_HAVE_NCCL
+    ncclUniqueId id;
+    DIFFUSE_NCCL_CHECK(ncclGetUniqueId(&id));
+    const auto* b = reinterpret_cast<const unsigned char*>(&id);
+    return std::vector<unsigned char>(b, b + sizeof id);
+#else
+    throw std::runtime_error("diffuse: NCCL: " + nccl_unavailable_reason());
+#endif
+  }
+  std::unique_ptr<CudaCollectives> nccl_init(const std::vector<unsigned char>& id, int rank, int size) override {
+#if DIFFUSE_HAVE_NCCL
+    return std::make_unique<NcclCollectives>(id, rank, size, stream_);
+#else
+    (void)id, (void)rank, (void)size;
+    throw std::runtime_error("diffuse: NCCL: " + nccl_unavailable_reason());
+#endif
   }
 
   // ------------------------------------------------------------------ pointwise
@@ -362,14 +473,15 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "upsample bwd");
     kernels::upsample_nearest2x_backward(g, dx, N, H, W, C, acc, stream_);
   }
-  void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off) override {
+  void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+               std::uint64_t first) override {
     cuda::ProfileScope ps(prof_, "dropout");
-    kernels::dropout_forward(x, y, n, p, seed, off, stream_);
+    kernels::dropout_forward(x, y, n, p, seed, DrawPos(off, first), stream_);
   }
   void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-                        bool acc) override {
+                        std::uint64_t first, bool acc) override {
     cuda::ProfileScope ps(prof_, "dropout bwd");
-    kernels::dropout_backward(g, dx, n, p, seed, off, acc, stream_);
+    kernels::dropout_backward(g, dx, n, p, seed, DrawPos(off, first), acc, stream_);
   }
   void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                         std::int64_t C) override {
@@ -465,15 +577,13 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // ------------------------------------------------------------------ random numbers, diffusion
-  void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) override {
+  void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) override {
     cuda::ProfileScope ps(prof_, "randn");
-    Generator g(seed, off);
-    kernels::philox_normal(g, out, n, stream_);
+    kernels::philox_normal_at(out, n, seed, DrawPos(off, first), stream_);
   }
-  void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off) override {
+  void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) override {
     cuda::ProfileScope ps(prof_, "rand");
-    Generator g(seed, off);
-    kernels::philox_uniform(g, out, n, stream_);
+    kernels::philox_uniform_at(out, n, seed, DrawPos(off, first), stream_);
   }
   void q_sample(const float* x0, const float* eps, const std::int32_t* t, const float* coef, std::int64_t T, float* xt,
                 std::int64_t batch, std::int64_t row) override {
