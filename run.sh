@@ -6,9 +6,10 @@ usage() {
   cat <<'USAGE'
 Usage: ./run.sh <command> [args...]
 
-  deps [--test]        install missing Debian packages (--test: also the PyTorch
-                       reference used by the tests); uses sudo when not root
-  build                deps + configure build/ (Release) + build everything
+  deps [--mpi|--test]  install missing Debian packages (--mpi: also Open MPI, with which
+                       the trainers run as data-parallel ranks under mpirun; --test: that
+                       and the PyTorch reference used by the tests); uses sudo when not root
+  build                deps --mpi + configure build/ (Release) + build everything
   test                 deps --test + build + ctest
   sanitize             deps --test + build the readers', writers' and trainer's tests with
                        AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize/)
@@ -38,6 +39,7 @@ JOBS=$(nproc 2>/dev/null || echo 2)
 
 BASE_PKGS=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
            libstb-dev zlib1g-dev libminizip-dev libarchive-dev libcli11-dev)
+MPI_PKGS=(libopenmpi-dev openmpi-bin)  # data parallelism (docs/distributed.md); not needed by the demo
 TEST_PKGS=(python3-torch python3-torchvision python3-numpy python3-scipy libopenblas0-openmp dataset-fashion-mnist
            doxygen)
 
@@ -47,7 +49,9 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 deps() {
   local pkgs=("${BASE_PKGS[@]}")
   if [[ ${1:-} == --test ]]; then
-    pkgs+=("${TEST_PKGS[@]}")
+    pkgs+=("${MPI_PKGS[@]}" "${TEST_PKGS[@]}")
+  elif [[ ${1:-} == --mpi ]]; then
+    pkgs+=("${MPI_PKGS[@]}")
   elif [[ $# -gt 0 ]]; then
     die "deps: unknown argument '$1'"
   fi
@@ -127,7 +131,7 @@ case $cmd in
     ;;
   build)
     [[ $# -eq 0 ]] || die "build takes no arguments"
-    deps
+    deps --mpi
     configure_and_build
     ;;
   test)

@@ -27,6 +27,7 @@
 #include "device_choice.hpp"
 #include "flag_checks.hpp"
 #include "objective_flags.hpp"
+#include "ranks.hpp"
 
 using namespace diffuse;
 using namespace diffuse::examples;
@@ -141,11 +142,13 @@ int main(int argc, char** argv) {
   app.add_flag("--tf32", a.tf32, "the same as --precision tf32");
   CLI11_PARSE(app, argc, argv);
 
+  Ranks ranks;
   try {
+    ranks = start_ranks(argc, argv);  // mpirun -np N: this process is one of N ranks
     std::unique_ptr<data2d::Dataset2D> data;
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
-    require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
+    if (ranks.lead()) require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
     if (!a.data.empty())
       data = data2d::load_csv(a.data);
     else if (!a.image.empty())
@@ -188,10 +191,12 @@ int main(int argc, char** argv) {
     o.resume = a.resume;
     o.identity = {{"config", config_json(a)}};
     o.metadata = {{"dataset", data->name()}};
+    o.comm = ranks.comm.get();
     Trainer<float, ToyMLP<float>> trainer(model, sched, source, o);
-    std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps, on %s\n", data->name().c_str(),
-                static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(),
-                static_cast<long long>(a.batch), static_cast<long long>(a.steps), device_description(dev).c_str());
+    if (ranks.lead())
+      std::printf("train_2d: %s, %lld parameters, T=%d %s, batch %lld, %lld steps, on %s%s\n", data->name().c_str(),
+                  static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(), static_cast<long long>(a.batch),
+                  static_cast<long long>(a.steps), device_description(dev).c_str(), ranks.describe().c_str());
     std::fflush(stdout);
 
     // Sampling, with the weights the model holds now, from a stream of its own.
@@ -229,6 +234,7 @@ int main(int argc, char** argv) {
 
     const TrainResult r = trainer.run();
     if (r.status == TrainStatus::interrupted) return 130;
+    if (!ranks.lead()) return 0;  // rank 0 samples and writes
 
     // Sample with the EMA weights, on the training device; frames of the process for the plot.
     const int nframes = 6;
@@ -278,7 +284,6 @@ int main(int argc, char** argv) {
                 e.floor, e.noise, e.samples / e.floor);
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_2d: error: %s\n", e.what());
-    return 1;
+    return ranks.fail("train_2d", e);
   }
 }

@@ -16,6 +16,7 @@
 #include "flag_checks.hpp"
 #include "objective_flags.hpp"
 #include "image_common.hpp"
+#include "ranks.hpp"
 
 #include <diffuse/data/augment.hpp>
 #include <diffuse/data/image_folder.hpp>
@@ -232,7 +233,9 @@ int main(int argc, char** argv) {
   app.add_flag("--dry-run", a.dry_run, "load and check the data, build the model, print the configuration, exit");
   CLI11_PARSE(app, argc, argv);
 
+  Ranks ranks;
   try {
+    ranks = start_ranks(argc, argv);  // mpirun -np N: this process is one of N ranks
     Recipe r = preset(a.preset);
     auto pick = [](auto flag, auto dflt) { return flag < 0 ? dflt : flag; };
     r.T = pick(a.T, r.T);
@@ -259,7 +262,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
-    if (!a.dry_run) require_writable_folder("--out", a.out);  // fails now, not at the first checkpoint
+    if (!a.dry_run && ranks.lead()) require_writable_folder("--out", a.out);  // fails now, not at the first checkpoint
 
     // The data, and the model sized to it.
     std::string kind;
@@ -332,16 +335,18 @@ int main(int argc, char** argv) {
     o.out = a.out;
     o.resume = a.resume;
     o.identity = {{"model", info.json()}};
+    o.comm = ranks.comm.get();
     Trainer<float, UNet<float>> trainer(model, sched, source, o);
-    std::printf("train_cifar10: preset %s, %s (%s): %lld images %lldx%lldx%lld%s, U-Net %lld parameters (ch %lld, "
-                "dropout %.2f), T=%d %s, batch %lld, lr %g, warmup %lld, clip %g, EMA %g, %lld steps, on %s\n",
+    if (ranks.lead())
+      std::printf("train_cifar10: preset %s, %s (%s): %lld images %lldx%lldx%lld%s, U-Net %lld parameters (ch %lld, "
+                "dropout %.2f), T=%d %s, batch %lld, lr %g, warmup %lld, clip %g, EMA %g, %lld steps, on %s%s\n",
                 a.preset.c_str(), a.data.c_str(), kind.c_str(), static_cast<long long>(set.n),
                 static_cast<long long>(set.width), static_cast<long long>(set.height),
                 static_cast<long long>(set.channels), a.no_flip ? "" : ", flips",
                 static_cast<long long>(model.num_parameters()), static_cast<long long>(info.unet.ch), info.unet.dropout,
                 r.T, a.schedule.c_str(), static_cast<long long>(r.batch), r.lr, static_cast<long long>(r.warmup), r.clip, r.ema,
-                static_cast<long long>(r.steps), device_description(dev).c_str());
-    if (r.fid_every > 0)
+                static_cast<long long>(r.steps), device_description(dev).c_str(), ranks.describe().c_str());
+    if (r.fid_every > 0 && ranks.lead())
       std::printf("FID every %lld steps: %lld EMA samples (%s%s) against %s\n", static_cast<long long>(r.fid_every),
                   static_cast<long long>(r.fid_samples), a.fid_sampler.c_str(),
                   a.fid_sampler != "ddpm" ? (" " + std::to_string(a.fid_steps) + " steps").c_str() : "",
@@ -403,6 +408,7 @@ int main(int argc, char** argv) {
 
     const TrainResult tr = trainer.run();
     if (tr.status == TrainStatus::interrupted) return 130;
+    if (!ranks.lead()) return 0;  // rank 0 samples and writes
     std::printf("trained %lld steps in %.0f s; checkpoint %s\n", static_cast<long long>(tr.step - tr.start_step),
                 tr.seconds, tr.checkpoint.c_str());
     if (r.samples <= 0) return 0;
@@ -419,7 +425,6 @@ int main(int argc, char** argv) {
                 a.out.c_str());
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_cifar10: error: %s\n", e.what());
-    return 1;
+    return ranks.fail("train_cifar10", e);
   }
 }

@@ -14,6 +14,7 @@
 #include "flag_checks.hpp"
 #include "objective_flags.hpp"
 #include "mnist_common.hpp"
+#include "ranks.hpp"
 
 #include <diffuse/eval/lenet_score.hpp>
 #include <diffuse/train/trainer.hpp>
@@ -147,7 +148,9 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   const auto t_start = std::chrono::steady_clock::now();
+  Ranks ranks;
   try {
+    ranks = start_ranks(argc, argv);  // mpirun -np N: this process is one of N ranks
     // Defaults sized so that a run fits the goals on 2 cores (docs/results.md):
     // all digits in under 30 minutes, one digit in under 10, sampling included.
     if (a.steps <= 0) a.steps = a.digit < 0 ? 3000 : 1000;
@@ -155,7 +158,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
-    require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
+    if (ranks.lead()) require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
     // Data: the training split (one digit, or all with labels).
     const MnistSplit train = load_mnist(a.data, "train");
     Tensor<float> all = to_model_images(train.images, a.size, a.resize);
@@ -210,13 +213,15 @@ int main(int argc, char** argv) {
     o.out = a.out;
     o.resume = a.resume;
     o.identity = {{"model", info.json()}};
+    o.comm = ranks.comm.get();
     Trainer<float, UNet<float>> trainer(model, sched, source, o);
-    std::printf("train_mnist: %s, %lld images of %s at %lldx%lld (%s), U-Net %lld parameters, T=%d %s, batch %lld, "
-                "%lld steps, on %s\n",
+    if (ranks.lead())
+      std::printf("train_mnist: %s, %lld images of %s at %lldx%lld (%s), U-Net %lld parameters, T=%d %s, batch %lld, "
+                "%lld steps, on %s%s\n",
                 a.data.c_str(), static_cast<long long>(N), a.digit < 0 ? "all digits" : ("digit " + std::to_string(a.digit)).c_str(),
                 static_cast<long long>(S), static_cast<long long>(S), a.resize.c_str(),
                 static_cast<long long>(model.num_parameters()), a.T, a.schedule.c_str(), static_cast<long long>(a.batch),
-                static_cast<long long>(a.steps), device_description(dev).c_str());
+                static_cast<long long>(a.steps), device_description(dev).c_str(), ranks.describe().c_str());
     std::fflush(stdout);
 
     SampleRequest req;
@@ -272,6 +277,7 @@ int main(int argc, char** argv) {
 
     const TrainResult tr = trainer.run();
     if (tr.status == TrainStatus::interrupted) return 130;
+    if (!ranks.lead()) return 0;  // rank 0 samples and scores
     std::printf("trained %lld steps in %.0f s; checkpoint %s\n", static_cast<long long>(tr.step - tr.start_step),
                 tr.seconds, tr.checkpoint.c_str());
     if (a.samples <= 0) return 0;
@@ -312,7 +318,6 @@ int main(int argc, char** argv) {
     std::printf("total time %.0f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_mnist: error: %s\n", e.what());
-    return 1;
+    return ranks.fail("train_mnist", e);
   }
 }

@@ -10,7 +10,8 @@
 #
 # What it packs: test_kernels_cuda, test_cuda_memory, test_backend_ops_cuda, test_backend_models_cuda
 # (the CUDA tests: every kernel and every op against the CPU backend, device memory, the library's
-# models and one written in the test trained on both devices), bench_kernels_cuda, bench_unet_cuda
+# models and one written in the test trained on both devices, data-parallel training with one
+# rank over NCCL against the plain loop), bench_kernels_cuda, bench_unet_cuda
 # (also --profile: device time by backend entry),
 # libbenchmark (the GPU machine may lack it), train_2d (cpu vs cuda, resume across devices),
 # train_mnist and sample with the MNIST files of data/mnist when there (20 steps on the CPU and on
@@ -37,7 +38,10 @@ done
 BUILD=build-gpu-sm$ARCH
 TARGETS=(test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda bench_kernels_cuda bench_unet_cuda
          train_mnist sample train_2d fid train_cifar10)
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF >/dev/null
+# Without MPI: the GPU machine has no Open MPI to start ranks or to load libmpi from (data
+# parallelism runs there with one rank: NCCL through SingleProcess, test_backend_models_cuda).
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFUSE_NATIVE=OFF \
+      -DDIFFUSE_MPI=OFF >/dev/null
 cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -71,7 +75,13 @@ cd "$(dirname "$0")"
 LOG=${1:-logs}
 mkdir -p "$LOG"
 export LD_LIBRARY_PATH=$PWD:${LD_LIBRARY_PATH:-}
+# NCCL (libnccl.so.2, linked by every CUDA program): the machine's, else PyTorch's wheel's.
+if ! ldconfig -p | grep -q libnccl.so.2; then
+  nccl=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib'))" 2>/dev/null)
+  [[ -n $nccl ]] && export LD_LIBRARY_PATH=$nccl:$LD_LIBRARY_PATH
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG"/summary.txt
+ldd ./test_backend_models_cuda | grep -E "nccl|not found" | tee -a "$LOG"/summary.txt
 step() {  # log-name command...
   local name=$1 s=$EPOCHREALTIME rc
   shift

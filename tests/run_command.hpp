@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -29,13 +30,13 @@ inline int run_command(const std::string& cmd, const std::filesystem::path& log,
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
-// Starts cmd (one command: the shell exec's it, so the signal reaches the tool itself), waits
-// until its output contains `marker` (at most timeout_s), sends SIGINT and returns its exit
-// status once it has ended; -1 if a signal ended it, or if the marker never came (then it is
-// killed). Waiting for the marker, not a fixed delay, makes the interrupt land mid-training on a
-// slow or loaded machine too.
-inline int run_command_interrupted(const std::string& cmd, const std::filesystem::path& log,
-                                   const std::string& marker, std::string* out = nullptr, int timeout_s = 300) {
+// Starts cmd (one command: the shell exec's it, so a signal reaches the tool itself), waits until
+// its output contains `marker` (at most timeout_s), then calls act(pid) and returns the command's
+// exit status once it has ended (at most timeout_s after act); -1 if a signal ended it, if the
+// marker never came or if it did not end in time (then it is killed). Waiting for the marker,
+// not a fixed delay, makes act land mid-training on a slow or loaded machine too.
+inline int run_command_until(const std::string& cmd, const std::filesystem::path& log, const std::string& marker,
+                             const std::function<void(pid_t)>& act, std::string* out = nullptr, int timeout_s = 300) {
   const pid_t pid = fork();
   if (pid == 0) {
     const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -52,28 +53,37 @@ inline int run_command_interrupted(const std::string& cmd, const std::filesystem
     ss << f.rdbuf();
     return ss.str();
   };
-  bool seen = false;
+  bool seen = false, ended = false;
   int status = 0;
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   while (std::chrono::steady_clock::now() < until) {
-    if (waitpid(pid, &status, WNOHANG) == pid) break;  // ended before the marker
-    if (read_log().find(marker) != std::string::npos) {
-      seen = true;
-      kill(pid, SIGINT);
-      waitpid(pid, &status, 0);
+    if (waitpid(pid, &status, WNOHANG) == pid) {
+      ended = true;
       break;
+    }
+    if (!seen && read_log().find(marker) != std::string::npos) {
+      seen = true;
+      act(pid);
+      until = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  if (!seen && waitpid(pid, &status, WNOHANG) == 0) {
+  if (!ended) {
     kill(pid, SIGKILL);
     waitpid(pid, &status, 0);
   }
   const std::string text = read_log();
   if (out) *out = text;
-  UNSCOPED_INFO("$ " << cmd << "  (SIGINT after '" << marker << "': " << (seen ? "sent" : "never seen") << ")\n"
+  UNSCOPED_INFO("$ " << cmd << "  (at '" << marker << "': " << (seen ? "acted" : "never seen") << "; "
+                     << (ended ? "ended" : "killed: it did not end in time") << ")\n"
                      << text);
-  return seen && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return seen && ended && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// run_command_until with SIGINT as the act: Ctrl-C mid-run.
+inline int run_command_interrupted(const std::string& cmd, const std::filesystem::path& log,
+                                   const std::string& marker, std::string* out = nullptr, int timeout_s = 300) {
+  return run_command_until(cmd, log, marker, [](pid_t pid) { kill(pid, SIGINT); }, out, timeout_s);
 }
 
 }  // namespace diffuse::testing
