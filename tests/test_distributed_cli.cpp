@@ -98,22 +98,27 @@ TEST_CASE("train_mnist: two ranks under mpirun train as one process; rank 0 alon
   REQUIRE(run(kBin + "train_mnist" + flags + " --out " + q(kWork / "one"), &one_out) == 0);
   REQUIRE(run(kMpi + kBin + "train_mnist" + flags + " --out " + q(kWork / "two"), &two_out) == 0);
   // One header and one progress line per step, from rank 0, saying how many ranks; no bar.
-  CHECK(count(two_out, "train_mnist: ") == 1);
+  CHECK(count(two_out, " images of all digits at 16x16") == 1);
+  CHECK(count(two_out, "train_mnist: gradients averaged over 2 ranks through the host collectives, in 1 bucket") == 1);
   CHECK(two_out.find("2 ranks (MPI (") != std::string::npos);
   CHECK(count(two_out, "images/s on 2 ranks") == 20);
   CHECK(count(two_out, "trained 20 steps") == 1);
   CHECK(two_out.find('\r') == std::string::npos);
   CHECK(one_out.find(" ranks") == std::string::npos);
-  // The same losses, step by step: the ranks' means averaged are the batch's mean, summed in
-  // another order (about 1e-7 apart; the weights drift apart by rounding, slowly, over the steps).
-  const std::vector<double> l1 = log_column(kWork / "one" / "train_log.csv", "loss");
-  const std::vector<double> l2 = log_column(kWork / "two" / "train_log.csv", "loss");
-  REQUIRE(l1.size() == 20);
-  REQUIRE(l2.size() == 20);
-  for (size_t s = 0; s < l1.size(); ++s) CHECK(std::abs(l2[s] - l1[s]) < 1e-5 * l1[s]);
+  // The same losses and gradient norms, step by step, up to the order of the sums over the batch
+  // (K = B H W = 8 x 16 x 16 terms) through 20 steps: float_sums_tolerance(K, 20), 4.8e-5, as
+  // tests/test_distributed.cpp derives it (seen about 1e-7).
+  const double bound = diffuse::testing::float_sums_tolerance(8.0 * 16 * 16, 20);
+  for (const char* col : {"loss", "grad_norm"}) {
+    const std::vector<double> v1 = log_column(kWork / "one" / "train_log.csv", col);
+    const std::vector<double> v2 = log_column(kWork / "two" / "train_log.csv", col);
+    REQUIRE(v1.size() == 20);
+    REQUIRE(v2.size() == 20);
+    for (size_t s = 0; s < v1.size(); ++s) CHECK(std::abs(v2[s] - v1[s]) < bound * v1[s]);
+  }
   // The checkpoints: every stream and the data order at the same place; weights, EMA and Adam's
-  // moments equal up to the rounding of those sums (tests/test_distributed.cpp bounds it on the
-  // first step; 20 steps here, seen ~1e-7).
+  // moments within the same bound (relative to the whole tensors, which is looser than to what the
+  // run changed: the weights' drift is checked that way in test_distributed).
   const auto a = safetensors::File::read((kWork / "one" / "checkpoint.safetensors").string());
   const auto b = safetensors::File::read((kWork / "two" / "checkpoint.safetensors").string());
   CHECK(a.metadata() == b.metadata());
@@ -126,8 +131,9 @@ TEST_CASE("train_mnist: two ranks under mpirun train as one process; rank 0 alon
   }
   const int64_t n = static_cast<int64_t>(wa.size());
   const double err = diffuse::testing::rel_err(Tensor<float>::from(wb, {n}), Tensor<float>::from(wa, {n}));
-  std::printf("train_mnist, 20 steps: two ranks vs one process, checkpoint tensors within %.2e (bound 1e-5)\n", err);
-  CHECK(err < 1e-5);
+  std::printf("train_mnist, 20 steps: two ranks vs one process, checkpoint tensors within %.2e (bound %.2e)\n", err,
+              bound);
+  CHECK(err < bound);
   // Only rank 0 wrote: the folder holds what one process writes.
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(kWork / "two")) files.push_back(e.path().filename().string());
@@ -181,7 +187,8 @@ TEST_CASE("train_2d and train_cifar10 run as two ranks under mpirun") {
   fs::remove_all(d2);
   REQUIRE(run(kMpi + kBin + "train_2d --device cpu --steps 60 --batch 64 --log-every 20 --samples 200 --out " + q(d2),
               &out) == 0);
-  CHECK(count(out, "train_2d: ") == 1);
+  CHECK(count(out, " parameters, T=") == 1);
+  CHECK(count(out, "train_2d: gradients averaged over 2 ranks") == 1);
   CHECK(count(out, "images/s on 2 ranks") == 3);
   CHECK(count(out, "samples/floor") == 1);
   for (const char* f : {"samples.csv", "samples.png", "process.png", "checkpoint.safetensors", "train_log.csv"})
@@ -200,4 +207,15 @@ TEST_CASE("train_2d and train_cifar10 run as two ranks under mpirun") {
   CHECK(count(out, "train_cifar10: preset tiny") == 1);
   CHECK(count(out, "images/s on 2 ranks") == 2);
   for (const char* f : {"grid.png", "samples.npy", "checkpoint.safetensors"}) CHECK(fs::exists(dc / f));
+}
+
+TEST_CASE("a trainer built without MPI refuses to run as one of several ranks") {
+  // train_cifar10_emulated is train_cifar10 built without diffuse::mpi (tests/CMakeLists.txt).
+  fs::create_directories(kWork);
+  std::string out;
+  CHECK(run(kMpi + std::string(DIFFUSE_BINARY_DIR) + "/tests/train_cifar10_emulated --dry-run --out " +
+                q(kWork / "no_mpi"),
+            &out) != 0);
+  CHECK(count(out, "started as one of 2 processes by an MPI launcher, but this program was built without MPI") == 2);
+  CHECK_FALSE(fs::exists(kWork / "no_mpi"));
 }

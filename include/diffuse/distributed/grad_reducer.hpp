@@ -51,10 +51,11 @@ class GradReducer {
     pending_.assign(buckets_.size(), 0);
   }
 
-  // How the gradients travel: "NCCL", "MPI" (or the communicator's kind), or through host memory.
+  // How the gradients travel, for the run's first line.
   std::string road() const {
-    if (device_ == Device::CPU) return "host collectives";
-    return nccl_ ? std::string("NCCL") : "host memory (" + why_no_nccl_ + ")";
+    if (device_ == Device::CPU) return "the host collectives";
+    return nccl_ ? std::string("NCCL, overlapped with the backward")
+                 : "host memory, not NCCL (" + why_no_nccl_ + ")";
   }
   size_t buckets() const { return buckets_.size(); }
 

@@ -275,7 +275,13 @@ TrainResult TrainerCore<T>::run() {
   StopSignals signals(o_.handle_signals);
   progress.set_ranks(ranks_);
   if (o_.comm) {
-    if (!reducer_) reducer_ = std::make_unique<GradReducer<T>>(*o_.comm, opt_.params());
+    if (!reducer_) {
+      reducer_ = std::make_unique<GradReducer<T>>(*o_.comm, opt_.params());
+      if (o_.log)
+        std::fprintf(o_.log, "%s: gradients averaged over %d %s through %s, in %zu %s of up to 25 MB\n", o_.name.c_str(),
+                     ranks_, ranks_ == 1 ? "rank" : "ranks", reducer_->road().c_str(), reducer_->buckets(),
+                     reducer_->buckets() == 1 ? "bucket" : "buckets");
+    }
     agree_on_start();
   }
   const typename Tape<T>::LeafDone leaf_done = [this](const Node<T>* n) { reducer_->ready(n); };
