@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -243,6 +244,29 @@ TEST_CASE("image loader keeps the dark pixels, y up", "[data2d][image]") {
 
   const std::string missing = temp_path("missing.png");
   REQUIRE_THROWS_WITH(data2d::load_image(missing), Contains(missing));
+}
+
+TEST_CASE("image loader (train_2d --image) checks a file's headers before stb decodes it", "[data2d][image]") {
+  // The checks of image folders: the files fuzzing found stb misreading, and a damaged PNG.
+  const std::string corpus = std::string(DIFFUSE_SOURCE_DIR) + "/tests/corpus/png/";
+  CHECK_THROWS_WITH(data2d::load_image(corpus + "crash-ppm-10-digit-size"),
+                    Contains("load_image: ") && Contains("crash-ppm-10-digit-size"));
+  CHECK_THROWS_WITH(data2d::load_image(corpus + "crash-jpeg-huffman-257-codes"),
+                    Contains("load_image: ") && Contains("Huffman"));
+  const int W = 8, H = 8;
+  std::vector<unsigned char> grey(W * H, 0);
+  const std::string path = temp_path("damaged.png");
+  REQUIRE(stbi_write_png(path.c_str(), W, H, 1, grey.data(), W) != 0);
+  {  // one byte of the image data changed: its chunk's CRC no longer holds
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    std::string b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const size_t idat = b.find("IDAT");
+    REQUIRE(idat != std::string::npos);
+    f.seekp(static_cast<std::streamoff>(idat + 6));
+    f.put(static_cast<char>(b[idat + 6] ^ 0x5a));
+  }
+  CHECK_THROWS_WITH(data2d::load_image(path), Contains("load_image: ") && Contains("damaged.png") && Contains("CRC"));
+  std::remove(path.c_str());
 }
 
 TEST_CASE("energy distance", "[metrics]") {

@@ -17,6 +17,7 @@
 #include <diffuse/io/npy.hpp>
 
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -251,6 +252,18 @@ TEST_CASE("load_fid_weights names the first missing, misshapen or foreign tensor
   write(dir / "extra.safetensors", "", "", "AuxLogits.conv0.conv.weight");
   CHECK_THROWS_WITH(load_fid_weights(dir / "extra.safetensors", other),
                     Catch::Contains("unexpected tensor 'AuxLogits.conv0.conv.weight'"));
+  // A weight that is not a number: refused when read, not after minutes of features.
+  {
+    safetensors::Writer w;
+    for (auto& [n, v] : net.state_dict()) {
+      Tensor<float> t = v.clone();
+      if (n == "Mixed_7c.branch_pool.conv.weight") t[11] = std::numeric_limits<float>::infinity();
+      w.add(n, t);
+    }
+    w.write(dir / "inf.safetensors");
+  }
+  CHECK_THROWS_WITH(load_fid_weights(dir / "inf.safetensors", other),
+                    Catch::Contains("tensor 'Mixed_7c.branch_pool.conv.weight' has a non-finite value at element 11"));
 }
 
 TEST_CASE("image inputs: .npy in both layouts and folders of images") {

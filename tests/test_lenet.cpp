@@ -287,6 +287,30 @@ TEST_CASE("score_samples counts classes and scores the reference itself at FD 0"
   w.add("x", Tensor<float>::zeros({1}));
   w.write(d / "other.safetensors");
   CHECK_THAT(error_of([&] { load_lenet(d / "other.safetensors"); }), Contains("is not a LeNet classifier"));
+  // A file that lies about itself: metadata that describes a far larger network than its tensors
+  // (refused before that network is allocated), a test accuracy that is no number, a NaN weight.
+  auto rewrite = [&](const std::string& name, const std::string& key, const std::string& value, bool nan = false) {
+    const safetensors::File src = safetensors::File::read(d / "c.safetensors");
+    safetensors::Writer out;
+    for (const std::string& n : src.names()) {
+      Tensor<float> t = src.tensor<float>(n);
+      if (nan && n == "fc1.weight") t[7] = std::nanf("");
+      out.add(n, t);
+    }
+    out.metadata = src.metadata();
+    if (!key.empty()) out.metadata[key] = value;
+    out.write(d / name);
+    return std::string(d / name);
+  };
+  CHECK_THAT(error_of([&] { load_lenet(rewrite("huge.safetensors", "hidden", "1000000000")); }),
+             Contains("its metadata describes a LeNet of") && Contains("parameters, the file holds"));
+  CHECK_THAT(error_of([&] { load_lenet(rewrite("acc.safetensors", "test_accuracy", "0.9abc")); }),
+             Contains("metadata 'test_accuracy' is '0.9abc', not a number from 0 to 1"));
+  CHECK_THAT(error_of([&] { load_lenet(rewrite("acc2.safetensors", "test_accuracy", "7")); }),
+             Contains("not a number from 0 to 1"));
+  CHECK_THAT(error_of([&] { load_lenet(rewrite("nan.safetensors", "", "", true)); }),
+             Contains("tensor 'fc1.weight' has a non-finite value at element 7"));
+  CHECK(load_lenet(rewrite("same.safetensors", "", "")).test_accuracy == 0.875);  // the rewrite itself is sound
 }
 
 // Not run by itself (hidden): writes DIFFUSE_CLI_DIR/{data/, samples.npy,

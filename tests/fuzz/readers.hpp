@@ -8,6 +8,7 @@
 #include <diffuse/data/image_folder.hpp>
 #include <diffuse/data/image_set.hpp>
 #include <diffuse/data/points2d.hpp>
+#include <diffuse/eval/fid.hpp>
 #include <diffuse/eval/frechet.hpp>
 #include <diffuse/eval/lenet_score.hpp>
 #include <diffuse/io/checkpoint.hpp>
@@ -58,6 +59,16 @@ inline ToyMLPConfig tiny_mlp() {
 }
 inline LeNetConfig tiny_lenet() { return LeNetConfig{8, 2, 3, 4, 10}; }
 
+// The FID network weights are read into: pytorch-fid's InceptionV3, built once per process (its
+// 24M weights take seconds to make; reading a file into it is what is fuzzed).
+inline FidInceptionV3<float>& inception() {
+  static FidInceptionV3<float>* net = [] {
+    Generator g(1);
+    return new FidInceptionV3<float>(g);  // never destroyed: the fuzzer ends the process
+  }();
+  return *net;
+}
+
 // Valid files to start fuzzing from, written by the library itself (corpus_main --make-seeds).
 inline void make_seeds(const std::filesystem::path& corpus) {
   Generator g(1);
@@ -69,6 +80,16 @@ inline void make_seeds(const std::filesystem::path& corpus) {
   LeNet<float> net(tiny_lenet(), g);
   std::filesystem::create_directories(corpus / "lenet");
   save_lenet((corpus / "lenet" / "seed-tiny").string(), net, "area", 0.5);
+  // Inception weights: the first tensors pytorch-fid's file holds, with their shapes (a whole
+  // file is 95 MB; the reader refuses these at the first missing tensor).
+  std::filesystem::create_directories(corpus / "inception_weights");
+  safetensors::Writer w;
+  size_t k = 0;
+  for (auto& [name, t] : inception().state_dict()) {
+    if (++k > 5) break;
+    w.add(name, t);
+  }
+  w.write((corpus / "inception_weights" / "seed-first5").string());
 }
 
 // name -> the reader, given the bytes.
@@ -100,6 +121,8 @@ inline const std::map<std::string, std::function<void(const uint8_t*, size_t)>>&
          (void)load_checkpoint(put("checkpoint.safetensors", d, n), m, &opt, &ema);
        }},
       {"lenet", [](const uint8_t* d, size_t n) { (void)load_lenet(put("lenet.safetensors", d, n)); }},
+      {"inception_weights", [](const uint8_t* d, size_t n) { load_fid_weights(put("inception.safetensors", d, n), inception()); }},
+      {"image_points", [](const uint8_t* d, size_t n) { (void)data2d::load_image(put("shape.png", d, n)); }},
       {"csv_points", [](const uint8_t* d, size_t n) { (void)data2d::read_csv_points(put("points.csv", d, n)); }},
   };
   return r;

@@ -136,6 +136,19 @@ inline void check_image_bytes(const std::filesystem::path& p) {
   else if (!b.empty() && b[0] == 0xFF) check_jpeg_huffman(p, b);
 }
 
+// An image file's size and channels from its header, after the checks above, refusing one that
+// claims more pixels than its file could encode (deflate and JPEG stay under 2,048:1): what may be
+// given to stb to decode.
+inline void checked_image_info(const std::filesystem::path& p, int& w, int& h, int& comp) {
+  check_image_bytes(p);
+  if (!stbi_info(p.string().c_str(), &w, &h, &comp))
+    image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
+  const auto bytes = std::filesystem::file_size(p);
+  if (static_cast<double>(w) * h * comp > 2048.0 * static_cast<double>(bytes) + 65536.0)
+    image_set_error(p.string(), "claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels in " +
+                                    std::to_string(bytes) + " bytes: a damaged file");
+}
+
 }  // namespace detail
 
 inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) {
@@ -167,13 +180,7 @@ inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) 
   bool colour = false;
   for (const fs::path& p : files) {
     int w = 0, h = 0, comp = 0;
-    detail::check_image_bytes(p);
-    if (!stbi_info(p.string().c_str(), &w, &h, &comp))
-      detail::image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
-    const auto bytes = fs::file_size(p);
-    if (static_cast<double>(w) * h * comp > 2048.0 * static_cast<double>(bytes) + 65536.0)
-      detail::image_set_error(p.string(), "claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels in " +
-                                              std::to_string(bytes) + " bytes: a damaged file");
+    detail::checked_image_info(p, w, h, comp);
     if (s.n == 0) {
       s.width = w;
       s.height = h;

@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include <diffuse/data/image_folder.hpp>
 #include <diffuse/io/stb.hpp>
 #include <diffuse/core/rng.hpp>
 
@@ -427,6 +428,14 @@ inline std::unique_ptr<Dataset2D> load_csv(const std::string& path) {
 // square and one scale is used for both axes).
 inline std::unique_ptr<Dataset2D> load_image(const std::string& path, float threshold = 0.5f) {
   int w = 0, h = 0, comp = 0;
+  if (!std::filesystem::is_regular_file(path)) throw std::runtime_error("load_image: cannot read '" + path + "': no such file");
+  // The header checks of image folders (PNG chunks and CRCs, PNM and JPEG headers stb would
+  // misread, a pixel count the file cannot justify) before stb decodes anything.
+  try {
+    ::diffuse::detail::checked_image_info(path, w, h, comp);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(std::string("load_image: ") + e.what());
+  }
   unsigned char* rgba = stbi_load(path.c_str(), &w, &h, &comp, 4);
   if (!rgba) {
     const char* why = stbi_failure_reason();

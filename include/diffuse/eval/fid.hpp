@@ -3,8 +3,8 @@
 // statistics and distance (frechet.hpp).
 //
 //   load_fid_weights(path, net)      pytorch-fid's state dict converted to safetensors
-//                                    (scripts/fid_weights_to_safetensors.py), every name
-//                                    and shape checked
+//                                    (scripts/fid_weights_to_safetensors.py), every name,
+//                                    shape and value (finite) checked
 //   fid_preprocess(images)           uint8 NHWC -> float [N, 299, 299, 3] in [-1, 1]
 //   fid_features(net, images, ...)   [N, 2048] pool features, in batches, with progress
 //   fid_statistics(features)         mean and N-1 covariance in double (gaussian_stats)
@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -62,6 +63,10 @@ inline void load_fid_weights(const std::string& path, FidInceptionV3<float>& net
                                ", expected " + shape_str(want));
     Tensor<float> host(want);
     f.copy_converted(v, name, host.data());
+    for (int64_t i = 0; i < host.numel(); ++i)  // a NaN would surface as a NaN FID, after minutes of features
+      if (!std::isfinite(host.data()[i]))
+        throw std::runtime_error("fid weights '" + path + "': tensor '" + name + "' has a non-finite value at element " +
+                                 std::to_string(i));
     p.node()->value.copy_from(from_torch_layout(host, p.layout()));
   }
   for (const std::string& n : f.names()) {

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -269,13 +270,31 @@ inline LeNetFile load_lenet(const std::string& path) {
   c.c2 = num("c2");
   c.hidden = num("hidden");
   c.classes = num("classes");
+  // The network the metadata describes must fit in the file: a claim of a huge one is refused
+  // before it is allocated (the weights are then checked tensor by tensor).
+  double held = 0;
+  for (const std::string& n : f.names()) {
+    double e = 1;
+    for (int64_t d : f.at(n).shape) e *= static_cast<double>(d);
+    held += e;
+  }
+  if (c.size >= 4 && c.c1 >= 1 && c.c2 >= 1 && c.hidden >= 1 && c.classes >= 1 && c.parameters() > held)
+    throw std::runtime_error("load_lenet: '" + path + "': its metadata describes a LeNet of " +
+                             std::to_string(static_cast<long long>(c.parameters())) + " parameters, the file holds " +
+                             std::to_string(static_cast<long long>(held)) + " values");
   LeNetFile r;
   Generator g(0);
   r.net = std::make_unique<LeNet<float>>(c, g);
   load_weights(f, *r.net);
   r.metadata = m;
   if (m.count("resize")) r.resize = m.at("resize");
-  if (m.count("test_accuracy")) r.test_accuracy = std::stod(m.at("test_accuracy"));
+  if (m.count("test_accuracy")) {  // all of it a number (std::stod read "0.9abc" as 0.9)
+    const std::string& v = m.at("test_accuracy");
+    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), r.test_accuracy);
+    if (v.empty() || ec != std::errc() || end != v.data() + v.size() || !(r.test_accuracy >= 0 && r.test_accuracy <= 1))
+      throw std::runtime_error("load_lenet: '" + path + "': metadata 'test_accuracy' is '" + v +
+                               "', not a number from 0 to 1");
+  }
   return r;
 }
 

@@ -46,6 +46,12 @@ struct LeNetConfig {
   int64_t c1 = 64, c2 = 128;  // conv1/conv2 and conv3/conv4 channels
   int64_t hidden = 128;  // width of the penultimate features
   int64_t classes = 10;
+  // The number of parameters (in double: a file's claim is checked with it before anything is made).
+  double parameters() const {
+    const double q = static_cast<double>(size / 4), a = static_cast<double>(c1), b = static_cast<double>(c2),
+                 h = static_cast<double>(hidden), k = static_cast<double>(classes);
+    return (9 * a + a) + (9 * a * a + a) + (9 * a * b + b) + (9 * b * b + b) + (q * q * b * h + h) + (h * k + k);
+  }
 };
 
 template <class T>

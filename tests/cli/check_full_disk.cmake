@@ -1,0 +1,41 @@
+# A tool on a full disk (issue 21): train_2d writes its files into OUT, then runs again with every
+# file it writes limited to 64 KiB (bash's `ulimit -f 64`, SIGXFSZ ignored, so a write past the
+# limit fails with EFBIG as it would on a full disk). The second run must end with one error line
+# naming the file and the reason and a non-zero exit (not a crash, not 0), and leave the first
+# run's checkpoint and pictures whole and no temporary file behind.
+#   -DTRAIN_2D=<path> -DOUT=<folder>
+file(REMOVE_RECURSE "${OUT}")
+set(args --steps 200 --samples 200 --log-every 100 --out "${OUT}")
+execute_process(COMMAND "${TRAIN_2D}" ${args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc STREQUAL "0")
+  message(FATAL_ERROR "the first run failed (${rc}):\n${out}${err}")
+endif()
+set(kept checkpoint.safetensors samples.png samples.csv)
+foreach(f ${kept})
+  file(SHA256 "${OUT}/${f}" before_${f})
+endforeach()
+string(REPLACE ";" " " line "${args}")
+execute_process(COMMAND /bin/bash -c "trap '' XFSZ; ulimit -f 64; exec '${TRAIN_2D}' ${line}"
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}${err}")
+if(rc EQUAL 0 OR NOT rc MATCHES "^[0-9]+$")
+  message(FATAL_ERROR "on a full disk train_2d ended with '${rc}'; expected an error exit")
+endif()
+if(NOT err MATCHES "train_2d: error: [^\n]*'[^']*checkpoint.safetensors[^']*'[^\n]*File too large")
+  message(FATAL_ERROR "the error does not name the checkpoint and the reason:\n${err}")
+endif()
+string(REGEX MATCHALL "\n" lines "${err}")
+list(LENGTH lines n)
+if(n GREATER 1)
+  message(FATAL_ERROR "expected one error line, got ${n}:\n${err}")
+endif()
+foreach(f ${kept})
+  file(SHA256 "${OUT}/${f}" after)
+  if(NOT after STREQUAL before_${f})
+    message(FATAL_ERROR "${f} changed on the full disk")
+  endif()
+endforeach()
+file(GLOB tmp "${OUT}/*.tmp")
+if(tmp)
+  message(FATAL_ERROR "temporary files left: ${tmp}")
+endif()
