@@ -136,6 +136,7 @@ case $cmd in
     ;;
   test)
     [[ $# -eq 0 ]] || die "test takes no arguments"
+    start=$SECONDS
     deps --test
     configure_and_build
     # Every reference a test needs is installed: a test that skips for want of one fails instead
@@ -145,7 +146,9 @@ case $cmd in
     fi
     # The consumer tests hold a RESOURCE_LOCK, so they never overlap each other.
     say "test: ctest --test-dir $BUILD_DIR --output-on-failure -j$JOBS"
+    built=$SECONDS
     ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$JOBS"
+    say "test: deps and build $((built - start)) s, ctest $((SECONDS - built)) s"
     ;;
   sanitize)
     [[ $# -eq 0 ]] || die "sanitize takes no arguments"
