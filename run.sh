@@ -38,7 +38,7 @@ BUILD_DIR=${DIFFUSE_BUILD_DIR:-build}
 JOBS=$(nproc 2>/dev/null || echo 2)
 
 BASE_PKGS=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
-           libstb-dev zlib1g-dev libminizip-dev libarchive-dev libcli11-dev)
+           libstb-dev zlib1g-dev libminizip-dev libarchive-dev libcli11-dev libturbojpeg0-dev)
 MPI_PKGS=(libopenmpi-dev openmpi-bin)  # data parallelism (docs/distributed.md); not needed by the demo
 TEST_PKGS=(python3-torch python3-torchvision python3-numpy python3-scipy libopenblas0-openmp dataset-fashion-mnist
            doxygen)

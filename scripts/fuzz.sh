@@ -40,7 +40,7 @@ work=${FUZZ_DIR:-${TMPDIR:-/tmp}/diffuse-fuzz}
 mkdir -p "$work"
 flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I"$root/include" -I/usr/include/eigen3 -I/usr/include/stb)
-libs=(-larchive -lminizip -lz -lpthread)
+libs=(-larchive -lminizip -lz -lturbojpeg -lpthread)
 exe=$work/fuzz_reader
 echo "==> build $exe"
 $cxx "${flags[@]}" "$root/tests/fuzz/fuzz_reader.cpp" -o "$exe" "${libs[@]}"

@@ -55,7 +55,7 @@ if compgen -G "data/mnist/*-ubyte.gz" >/dev/null; then  # scripts/get_mnist.sh m
 fi
 lib=$(ldd "$OUT"/bench_unet_cuda | awk '/libbenchmark/ {print $3}')
 [[ -n $lib ]] && cp "$lib" "$OUT"/
-for l in libminizip libarchive; do  # .npz files, .tar.gz archives: the GPU machine may lack them
+for l in libminizip libarchive libturbojpeg; do  # .npz, .tar.gz, JPEG: the GPU machine may lack them
   lib=$(ldd "$OUT"/fid | awk -v l="$l" '$0 ~ l {print $3}')
   [[ -n $lib ]] && cp "$lib" "$OUT"/
 done

@@ -15,9 +15,9 @@
 namespace diffuse::testing {
 
 inline void write_archive(const std::string& path, const std::vector<std::pair<std::string, std::vector<uint8_t>>>& members,
-                          bool gzip = true) {
+                          const std::string& filter = "gzip") {  // a libarchive filter name, or "" for none
   archive* a = archive_write_new();
-  if (gzip) archive_write_add_filter_gzip(a);
+  if (!filter.empty()) REQUIRE(archive_write_add_filter_by_name(a, filter.c_str()) == ARCHIVE_OK);
   archive_write_set_format_pax_restricted(a);
   REQUIRE(archive_write_open_filename(a, path.c_str()) == ARCHIVE_OK);
   for (const auto& [name, bytes] : members) {

@@ -7,9 +7,10 @@
 //
 // Files with the extensions below, sorted by name (not recursive). Subfolders of image files
 // instead of images make a labelled set, torchvision's ImageFolder convention: class k is the
-// k-th subfolder in name order (class_names). Decoding is stb_image's: PNG of any colour type
-// (palette expanded, 16 bits per sample reduced to the high byte), JPEG (baseline and
-// progressive), BMP, PGM/PPM. An alpha channel is dropped, not composited (PIL's convert("RGB"),
+// k-th subfolder in name order (class_names). Decoding: JPEG (baseline and progressive) by
+// libjpeg-turbo (io/jpeg.hpp: PIL's decoder, so pytorch-fid's pixels), PNG of any colour type
+// (palette expanded, 16 bits per sample reduced to the high byte), BMP and 8-bit PGM/PPM by
+// stb_image. An alpha channel is dropped, not composited (PIL's convert("RGB"),
 // what pytorch-fid does). channels 0 keeps 1 when every image is grey, else 3 (grey ones
 // replicated); channels 1 refuses colour images (no colour-to-grey conversion). All images must
 // have one size.
@@ -23,11 +24,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <diffuse/data/image_set.hpp>
+#include <diffuse/io/jpeg.hpp>
 #include <diffuse/io/stb.hpp>
 
 #include <zlib.h>
@@ -73,80 +76,87 @@ inline void check_png_chunks(const std::filesystem::path& p, const std::vector<u
   }
 }
 
-// A binary PGM/PPM header (P5, P6): width, height and maximum value, each at most 9 digits. stb
-// reads them into an int without an overflow check (undefined behaviour on a 10-digit size;
-// found by scripts/fuzz.sh).
+// A binary PGM/PPM header (P5, P6): width, height and maximum value, each at most 9 digits, and
+// 8 bits per sample. stb reads the numbers into an int without an overflow check (undefined
+// behaviour on a 10-digit size), and a 16-bit file (maximum value over 255) whose channels it
+// converts overruns its buffer (a PGM read as RGB, or as RGBA by train_2d --image); both found by
+// scripts/fuzz.sh.
 inline void check_pnm_header(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
+  // stb's own reading of the header, step for step (stbi__pnm_info): c is the character in hand,
+  // `at` the next one; a comment runs to a newline or a carriage return.
   size_t at = 2;
+  auto eof = [&] { return at >= b.size(); };
+  auto get = [&]() -> unsigned char { return eof() ? 0 : b[at++]; };
+  auto space = [](unsigned char ch) { return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\v' || ch == '\f' || ch == '\r'; };
+  unsigned char c = get();
   for (int field = 0; field < 3; ++field) {
-    while (at < b.size() && (std::isspace(b[at]) || b[at] == '#')) {
-      if (b[at] == '#')
-        while (at < b.size() && b[at] != '\n') ++at;
-      else
-        ++at;
+    for (;;) {  // stbi__pnm_skip_whitespace
+      while (!eof() && space(c)) c = get();
+      if (eof() || c != '#') break;
+      while (!eof() && c != '\n' && c != '\r') c = get();
     }
-    size_t digits = 0;
-    while (at < b.size() && std::isdigit(b[at])) ++at, ++digits;
-    if (digits > 9) image_set_error(p.string(), "damaged PGM/PPM header: a number of more than 9 digits");
-    if (digits == 0) return;  // not a number: stb refuses the header itself
+    long value = 0;
+    int digits = 0;
+    while (!eof() && c >= '0' && c <= '9') {  // stbi__pnm_getinteger, which has no overflow check
+      if (++digits > 9) image_set_error(p.string(), "damaged PGM/PPM header: a number of more than 9 digits");
+      value = value * 10 + (c - '0');
+      c = get();
+    }
+    if (field == 2 && value > 255)
+      image_set_error(p.string(), "a 16-bit PGM/PPM (maximum value " + std::to_string(value) +
+                                      "): only 8-bit ones are read (save it with 8 bits per sample)");
   }
 }
 
-// A JPEG's Huffman tables (DHT segments, wherever they are: progressive files have them between
-// scans): each may define at most 256 codes. stb fills a 257-entry array from the counts without
-// checking their sum (an out-of-bounds write on a damaged file; found by scripts/fuzz.sh).
-inline void check_jpeg_huffman(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
-  size_t at = 0;
-  while (at < b.size() && b[at] == 0xFF) ++at;
-  ++at;  // SOI (0xD8), with any fill bytes before it
-  while (at < b.size()) {
-    if (b[at] != 0xFF) {  // entropy-coded data after a scan: on to the next marker
-      ++at;
-      continue;
-    }
-    while (at < b.size() && b[at] == 0xFF) ++at;
-    if (at >= b.size()) return;
-    const unsigned m = b[at++];
-    if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD7)) continue;  // a stuffed byte, TEM, RSTn
-    if (m == 0xD9) return;                                             // EOI
-    if (at + 2 > b.size()) return;  // cut short: stb reports it
-    const size_t len = (size_t(b[at]) << 8) | b[at + 1];
-    if (len < 2) return;
-    const size_t end = std::min(b.size(), at + len);  // stb reads a segment cut short as zeros
-    if (m == 0xC4) {
-      for (size_t q = at + 2; q < end;) {
-        size_t n = 0;  // bytes past the end count as 0, as stb reads them
-        for (size_t i = 0; i < 16; ++i) n += q + 1 + i < b.size() ? b[q + 1 + i] : 0;
-        if (n > 256)
-          image_set_error(p.string(), "damaged JPEG: a Huffman table of " + std::to_string(n) + " codes (at most 256)");
-        q += 17 + n;
-      }
-    }
-    at = end;
-  }
+// A file's bytes, all of them: the checks below and stb read the same buffer (stb reading a file
+// itself can only rewind within its first 128 bytes, so after a failed JPEG test it took bytes
+// 128 on for a PPM header that none of these checks had seen; found by scripts/fuzz.sh).
+inline std::vector<unsigned char> image_file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  if (!f) image_set_error(p.string(), "cannot open");
+  std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) image_set_error(p.string(), "cannot read");
+  if (b.size() > 0x7fffffffu) image_set_error(p.string(), "larger than 2 GiB: not an image this reads");
+  return b;
 }
 
 // The checks stb leaves out, by the file's content (stb decodes by content, not extension).
-inline void check_image_bytes(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  const std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+inline void check_image_bytes(const std::filesystem::path& p, const std::vector<unsigned char>& b) {
   static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (b.size() >= 8 && std::equal(sig, sig + 8, b.begin())) check_png_chunks(p, b);
   else if (b.size() >= 2 && b[0] == 'P' && (b[1] == '5' || b[1] == '6')) check_pnm_header(p, b);
-  else if (!b.empty() && b[0] == 0xFF) check_jpeg_huffman(p, b);
 }
 
-// An image file's size and channels from its header, after the checks above, refusing one that
-// claims more pixels than its file could encode (deflate and JPEG stay under 2,048:1): what may be
-// given to stb to decode.
-inline void checked_image_info(const std::filesystem::path& p, int& w, int& h, int& comp) {
-  check_image_bytes(p);
-  if (!stbi_info(p.string().c_str(), &w, &h, &comp))
-    image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
-  const auto bytes = std::filesystem::file_size(p);
-  if (static_cast<double>(w) * h * comp > 2048.0 * static_cast<double>(bytes) + 65536.0)
+// An image's size and channels from its header (libjpeg-turbo's for a JPEG, io/jpeg.hpp; stb's,
+// after the checks above, for the rest), refusing one that claims more pixels than its file could
+// encode (deflate and JPEG stay under 2,048:1): what may then be decoded (decode_image).
+inline void checked_image_info(const std::filesystem::path& p, const std::vector<unsigned char>& b, int& w, int& h,
+                               int& comp) {
+  if (jpeg::is_jpeg(b.data(), b.size())) {
+    const jpeg::Info i = jpeg::read_info(b.data(), b.size(), p.string());
+    w = i.width, h = i.height, comp = i.channels;
+  } else {
+    check_image_bytes(p, b);
+    if (!stbi_info_from_memory(b.data(), static_cast<int>(b.size()), &w, &h, &comp))
+      image_set_error(p.string(), std::string("cannot read image: ") + stbi_failure_reason());
+  }
+  if (static_cast<double>(w) * h * comp > 2048.0 * static_cast<double>(b.size()) + 65536.0)
     image_set_error(p.string(), "claims " + std::to_string(w) + "x" + std::to_string(h) + " pixels in " +
-                                    std::to_string(bytes) + " bytes: a damaged file");
+                                    std::to_string(b.size()) + " bytes: a damaged file");
+}
+
+// The pixels of checked bytes as rows of `channels` channels (1, 3, or 4 with an opaque alpha):
+// libjpeg-turbo for a JPEG, stb for the rest, each converting the channels. Refuses a decode whose
+// size differs from (w, h), the header's.
+inline std::vector<unsigned char> decode_image(const std::filesystem::path& p, const std::vector<unsigned char>& b,
+                                               int w, int h, int channels) {
+  if (jpeg::is_jpeg(b.data(), b.size())) return jpeg::decode(b.data(), b.size(), channels, p.string());
+  int dw = 0, dh = 0, comp = 0;
+  unsigned char* px = stbi_load_from_memory(b.data(), static_cast<int>(b.size()), &dw, &dh, &comp, channels);
+  if (!px) image_set_error(p.string(), std::string("cannot decode image: ") + stbi_failure_reason());
+  const std::unique_ptr<unsigned char, void (*)(void*)> owned(px, stbi_image_free);
+  if (dw != w || dh != h) image_set_error(p.string(), "decodes to another size than its header says");
+  return std::vector<unsigned char>(px, px + static_cast<size_t>(w) * static_cast<size_t>(h) * static_cast<size_t>(channels));
 }
 
 }  // namespace detail
@@ -180,7 +190,7 @@ inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) 
   bool colour = false;
   for (const fs::path& p : files) {
     int w = 0, h = 0, comp = 0;
-    detail::checked_image_info(p, w, h, comp);
+    detail::checked_image_info(p, detail::image_file_bytes(p), w, h, comp);
     if (s.n == 0) {
       s.width = w;
       s.height = h;
@@ -202,15 +212,13 @@ inline ImageSet load_image_folder(const std::string& dir, int64_t channels = 0) 
   const size_t per = static_cast<size_t>(s.width) * static_cast<size_t>(s.height) * static_cast<size_t>(s.channels);
   s.pixels.resize(per * files.size());
   for (size_t i = 0; i < files.size(); ++i) {
+    // Read and checked again: the file may have changed since its header was read.
+    const std::vector<unsigned char> b = detail::image_file_bytes(files[i]);
     int w = 0, h = 0, comp = 0;
-    unsigned char* px = stbi_load(files[i].string().c_str(), &w, &h, &comp, static_cast<int>(s.channels));
-    if (!px) detail::image_set_error(files[i].string(), std::string("cannot decode image: ") + stbi_failure_reason());
-    if (w != s.width || h != s.height) {  // the header said otherwise: the file changed under us
-      stbi_image_free(px);
-      detail::image_set_error(files[i].string(), "changed size while being read");
-    }
-    std::copy(px, px + per, s.pixels.begin() + static_cast<std::ptrdiff_t>(i * per));
-    stbi_image_free(px);
+    detail::checked_image_info(files[i], b, w, h, comp);
+    if (w != s.width || h != s.height) detail::image_set_error(files[i].string(), "changed size while being read");
+    const std::vector<unsigned char> px = detail::decode_image(files[i], b, w, h, static_cast<int>(s.channels));
+    std::copy(px.begin(), px.end(), s.pixels.begin() + static_cast<std::ptrdiff_t>(i * per));
   }
   if (!labels.empty()) {
     s.labels = std::move(labels);

@@ -422,29 +422,26 @@ inline std::unique_ptr<Dataset2D> load_csv(const std::string& path) {
   return std::make_unique<PointSet>(std::filesystem::path(path).stem().string(), read_csv_points(path));
 }
 
-// Any image stb_image reads (PNG, JPEG, BMP, GIF, ...). A pixel is "dark" when
+// A PNG, JPEG, BMP or binary PGM/PPM (what stb_image decodes here, io/stb.hpp). A pixel is "dark" when
 // its luminance (Rec. 601, composited over white so transparent backgrounds
 // count as paper) is below threshold * 255. Aspect ratio is kept (pixels are
 // square and one scale is used for both axes).
 inline std::unique_ptr<Dataset2D> load_image(const std::string& path, float threshold = 0.5f) {
   int w = 0, h = 0, comp = 0;
   if (!std::filesystem::is_regular_file(path)) throw std::runtime_error("load_image: cannot read '" + path + "': no such file");
-  // The header checks of image folders (PNG chunks and CRCs, PNM and JPEG headers stb would
-  // misread, a pixel count the file cannot justify) before stb decodes anything.
+  // The checks of image folders (PNG chunks and CRCs, PNM and JPEG headers stb would misread, a
+  // pixel count the file cannot justify) before stb decodes the same bytes.
+  std::vector<unsigned char> pixels;
   try {
-    ::diffuse::detail::checked_image_info(path, w, h, comp);
+    const std::vector<unsigned char> bytes = ::diffuse::detail::image_file_bytes(path);
+    ::diffuse::detail::checked_image_info(path, bytes, w, h, comp);
+    pixels = ::diffuse::detail::decode_image(path, bytes, w, h, 4);
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(std::string("load_image: ") + e.what());
   }
-  unsigned char* rgba = stbi_load(path.c_str(), &w, &h, &comp, 4);
-  if (!rgba) {
-    const char* why = stbi_failure_reason();
-    throw std::runtime_error("load_image: cannot read '" + path + "': " + (why ? why : "unknown error"));
-  }
-  if (static_cast<uint64_t>(w) * static_cast<uint64_t>(h) > 0xFFFFFFFFull) {
-    stbi_image_free(rgba);
+  const unsigned char* rgba = pixels.data();
+  if (static_cast<uint64_t>(w) * static_cast<uint64_t>(h) > 0xFFFFFFFFull)
     throw std::runtime_error("load_image: '" + path + "' is too large");
-  }
   std::vector<uint32_t> dark;
   const float cut = threshold * 255.0f;
   for (int r = 0; r < h; ++r)
@@ -454,7 +451,6 @@ inline std::unique_ptr<Dataset2D> load_image(const std::string& path, float thre
       const float a = p[3] / 255.0f;
       if (a * lum + (1.0f - a) * 255.0f < cut) dark.push_back(static_cast<uint32_t>(r * w + c));
     }
-  stbi_image_free(rgba);
   if (dark.empty())
     throw std::runtime_error("load_image: '" + path + "' has no dark pixel (luminance < " +
                              std::to_string(threshold) + " * 255)");

@@ -1,4 +1,4 @@
-// stb_image (read any common format) and stb_image_write (PNG out), compiled
+// stb_image (read PNG, BMP, PGM/PPM) and stb_image_write (PNG out), compiled
 // into every translation unit that includes this header.
 //
 // Why static: the library is header-only, so there is no single .cpp to own
@@ -36,6 +36,12 @@
 #ifndef STBI_INCLUDE_STB_IMAGE_H
 #define STB_IMAGE_STATIC
 #define STB_IMAGE_IMPLEMENTATION
+// Only the formats the library reads with stb (image folders, train_2d --image; JPEG goes to
+// libjpeg-turbo, io/jpeg.hpp): stb guesses a file's format from its content, so every decoder it
+// has would be one a damaged file could reach.
+#define STBI_ONLY_PNG
+#define STBI_ONLY_BMP
+#define STBI_ONLY_PNM
 #if __has_include(<stb_image.h>)
 #include <stb_image.h>
 #else
