@@ -5,6 +5,7 @@
 //   silu_backward                     the backward of diffuse::silu (silu_forward is in silu.cuh)
 //   add_row_bias, row_bias_backward   the bias of linear / conv2d: y [rows, C] += b [C]; db += column sums
 //   add_channel_bias(_backward)       diffuse::add_channel_bias: x [N, HW, C] + b [N, C]; db = pixel sums
+//   conv_epilogue                     conv2d's bias + a channel bias + a residual in one pass (the ResBlock)
 //   bias_silu_forward / _backward     the epilogue of diffuse::linear_act(..., Activation::SiLU)
 //   mse_forward, mse_backward         diffuse::mse
 //   gather_rows_add(_backward)        add(y, gather_rows(table, idx)) (the class embedding)
@@ -209,6 +210,38 @@ inline void add_channel_bias(const T* x, const T* b, T* y, std::int64_t N, std::
   if (n == 0) return;
   cuda::launch(add_channel_bias_kernel<T>, elementwise_detail::flat_grid(n, block, max_blocks), dim3(block), 0, stream,
                x, b, y, n, C, HW * C);
+}
+
+// The epilogue of a convolution and what follows it in a ResBlock, in one pass over the output:
+// y = ((src + b[c]) + cb[n, c]) + res, each term optional (null), summed in float in that order
+// (the order of conv2d's bias, add_channel_bias and add, so the result is theirs bit for bit).
+// src is the convolution's result: y itself (in place), or the bf16 buffer of a BF16 plan, which
+// this converts on the way.
+template <class S, class T>
+__global__ void conv_epilogue_kernel(const S* src, const T* b, const T* cb, const T* res, T* y, std::int64_t n,
+                                     std::int64_t C, std::int64_t HWC) {
+  const std::int64_t stride = elementwise_detail::grid_stride();
+  std::int64_t i = elementwise_detail::first_index();
+  elementwise_detail::StrideDivMod col(i, stride, C), sample(i, stride, HWC);
+  for (; i < n; i += stride, col.advance(), sample.advance()) {
+    float v = static_cast<float>(src[i]);
+    if (b) v = v + static_cast<float>(b[col.r]);
+    if (cb) v = v + static_cast<float>(cb[sample.q * C + col.r]);
+    if (res) v = v + static_cast<float>(res[i]);
+    y[i] = static_cast<T>(v);
+  }
+}
+
+// y [N, HW, C] = src + b [C] + cb [N, C] + res [N, HW, C] (see the kernel); src may be y.
+template <class S, class T>
+inline void conv_epilogue(const S* src, const T* b, const T* cb, const T* res, T* y, std::int64_t N, std::int64_t HW,
+                          std::int64_t C, cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
+  if (N < 0 || HW < 0 || C < 0) throw std::invalid_argument("conv_epilogue: negative size");
+  const std::int64_t n = N * HW * C;
+  elementwise_detail::check_flat("conv_epilogue", n, block, max_blocks);
+  if (n == 0) return;
+  cuda::launch(conv_epilogue_kernel<S, T>, elementwise_detail::flat_grid(n, block, max_blocks), dim3(block), 0, stream,
+               src, b, cb, res, y, n, C, HW * C);
 }
 
 // Column sums of dy viewed as [batch, rows, C]. Block (tile, chunk, sample) takes the channels

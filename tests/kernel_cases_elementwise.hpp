@@ -23,6 +23,8 @@
 #include <random>
 #include <vector>
 
+#include <diffuse/backend/cuda/bf16.hpp>
+
 #include "device_buffer.hpp"
 #include "kernel_reference_elementwise.hpp"
 #include "kernel_seed.hpp"
@@ -202,6 +204,62 @@ TEST_CASE("kernel elementwise add_row_bias and row_bias_backward match the CPU b
       }
     }
   }
+}
+
+TEST_CASE("kernel elementwise conv_epilogue adds the bias, a channel bias and a residual in the CPU's order") {
+  // The definition: y = ((src + b[c]) + cb[n, c]) + res in float, each term optional; what the CPU
+  // backend computes for conv2d(x, w, b, opt, cb, res) once the convolution is done (test_conv2d
+  // shows that equals the unfused ops bit for bit). src in place (float) or a BF16 plan's result.
+  using namespace diffuse::testing;
+  using namespace diffuse::testing::elementwise_cases;
+  namespace k = diffuse::kernels;
+  using diffuse::bf16;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  struct Size {
+    std::int64_t N, HW, C;
+  };
+  for (Size s : {Size{1, 1, 1}, Size{3, 7, 5}, Size{2, 33, 128}}) {
+    for (unsigned max_blocks : {1u, 1024u}) {
+      for (int terms = 0; terms < 8; ++terms) {  // bit 0: b, bit 1: cb, bit 2: res
+        const bool hb = terms & 1, hcb = terms & 2, hres = terms & 4;
+        INFO("N " << s.N << " HW " << s.HW << " C " << s.C << " max_blocks " << max_blocks << " b " << hb << " cb "
+                  << hcb << " res " << hres);
+        const std::size_t n = static_cast<std::size_t>(s.N * s.HW * s.C);
+        const std::vector<float> y = normal_values(gen, n), b = normal_values(gen, static_cast<std::size_t>(s.C)),
+                                 cb = normal_values(gen, static_cast<std::size_t>(s.N * s.C)),
+                                 res = normal_values(gen, n);
+        std::vector<bf16> yb(n);
+        for (std::size_t i = 0; i < n; ++i) yb[i] = bf16(y[i]);
+        auto reference = [&](bool from_bf16) {
+          std::vector<float> r(n);
+          for (std::size_t i = 0; i < n; ++i) {
+            const std::size_t c = i % static_cast<std::size_t>(s.C), smp = i / static_cast<std::size_t>(s.HW * s.C);
+            float v = from_bf16 ? static_cast<float>(yb[i]) : y[i];
+            if (hb) v = v + b[c];
+            if (hcb) v = v + cb[smp * static_cast<std::size_t>(s.C) + c];
+            if (hres) v = v + res[i];
+            r[i] = v;
+          }
+          return r;
+        };
+        DeviceBuffer<float> db(b), dcb(cb), dres(res), dy(y), dout(n);
+        DeviceBuffer<bf16> dyb(yb);
+        const float* pb = hb ? db.get() : nullptr;
+        const float* pcb = hcb ? dcb.get() : nullptr;
+        const float* pres = hres ? dres.get() : nullptr;
+        k::conv_epilogue(dy.get(), pb, pcb, pres, dy.get(), s.N, s.HW, s.C, {}, 128, max_blocks);  // in place
+        const std::vector<float> got = dy.to_host(), ref = reference(false);
+        DIFFUSE_EW_CHECK(got, ref, exact);
+        k::conv_epilogue(dyb.get(), pb, pcb, pres, dout.get(), s.N, s.HW, s.C, {}, 128, max_blocks);  // from bf16
+        const std::vector<float> got16 = dout.to_host(), ref16 = reference(true);
+        DIFFUSE_EW_CHECK(got16, ref16, exact);
+      }
+    }
+  }
+  float* null = nullptr;
+  CHECK_THROWS_AS(k::conv_epilogue(null, null, null, null, null, -1, 1, 1), std::invalid_argument);
 }
 
 TEST_CASE("kernel elementwise add_channel_bias and channel_bias_backward match the CPU backend's add_channel_bias") {

@@ -142,6 +142,18 @@ TEST_CASE("backend ops: conv2d") {
     check_op(std::string("conv2d ") + c.what,
              [opt](const auto& v) { return conv2d(v[0], v[1], v.size() > 2 ? v[2] : Var<float>(), opt); }, inputs_of(t));
   }
+  // The fused epilogue (the ResBlock's): a channel bias [N, O], a residual of the output's shape,
+  // both, and without the convolution's own bias; 3x3 (cuDNN, then the epilogue kernel).
+  const Conv2dOptions same{1, 1, 1, 1};
+  const Tensor<float> x = randn_t({2, 5, 6, 3}, g), w = randn_t({4, 3, 3, 3}, g), b = randn_t({4}, g);
+  const Tensor<float> cb = randn_t({2, 4}, g), res = randn_t({2, 5, 6, 4}, g);
+  check_op("conv2d + channel bias", [same](const auto& v) { return conv2d(v[0], v[1], v[2], same, v[3], Var<float>()); },
+           inputs_of({x, w, b, cb}));
+  check_op("conv2d + residual", [same](const auto& v) { return conv2d(v[0], v[1], v[2], same, Var<float>(), v[3]); },
+           inputs_of({x, w, b, res}));
+  check_op("conv2d + channel bias + residual, no bias",
+           [same](const auto& v) { return conv2d(v[0], v[1], Var<float>(), same, v[2], v[3]); },
+           inputs_of({x, w, cb, res}));
 }
 
 // MathMode::BF16 on the device against the CPU's FP32: the ops whose products round their

@@ -89,6 +89,50 @@ TEST_CASE("gradcheck: conv2d, every kernel shape, stride and padding") {
   }
 }
 
+TEST_CASE("conv2d with a channel bias and a residual: the unfused ops' numbers, and their gradients") {
+  // The fused epilogue adds the same terms in the same order as conv2d, add_channel_bias and add:
+  // bit for bit the same output and gradients in float; and its gradients by finite differences.
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (const Conv2dOptions o : {Conv2dOptions{1, 1, 1, 1}, Conv2dOptions{1, 1, 0, 0}}) {
+    const int64_t k = o.pad_h == 1 ? 3 : 1;
+    Var<float> x(Tensor<float>::randn({2, 5, 4, 3}, g), true), w(Tensor<float>::randn({6, k, k, 3}, g), true);
+    Var<float> b(Tensor<float>::randn({6}, g), true), cb(Tensor<float>::randn({2, 6}, g), true);
+    Var<float> r(Tensor<float>::randn({2, 5, 4, 6}, g), true);
+    const Tensor<float> gy = Tensor<float>::randn({2, 5, 4, 6}, g);
+    auto grads = [&](const Var<float>& y) {
+      for (Var<float>* v : {&x, &w, &b, &cb, &r}) v->zero_grad();
+      Tape<float>::current().backward(y, &gy);
+      std::vector<Tensor<float>> out{y.value().clone()};
+      for (Var<float>* v : {&x, &w, &b, &cb, &r}) out.push_back(v->grad().clone());
+      return out;
+    };
+    const auto fused = grads(conv2d(x, w, b, o, cb, r));
+    const auto plain = grads(add(r, add_channel_bias(conv2d(x, w, b, o), cb)));
+    for (size_t i = 0; i < fused.size(); ++i) {
+      INFO("tensor " << i << " (output, then the gradients of x, w, b, cb, residual)");
+      CHECK(std::equal(fused[i].begin(), fused[i].end(), plain[i].begin()));
+    }
+    auto xd = rand_var({2, 5, 4, 3}, g), wd = rand_var({6, k, k, 3}, g), bd = rand_var({6}, g);
+    auto cbd = rand_var({2, 6}, g), rd = rand_var({2, 5, 4, 6}, g);
+    CHECK(max_gradcheck_error([o](auto& v) { return conv2d(v[0], v[1], v[2], o, v[3], v[4]); }, {xd, wd, bd, cbd, rd},
+                              seed) < 1e-6);
+  }
+  // The residual may be the input itself (the ResBlock without a skip convolution): x's gradient
+  // then gets both contributions.
+  auto xs = rand_var({2, 4, 4, 5}, g), ws = rand_var({5, 3, 3, 5}, g);
+  CHECK(max_gradcheck_error([](auto& v) { return conv2d(v[0], v[1], Var<double>(), Conv2dOptions{1, 1, 1, 1},
+                                                        Var<double>(), v[0]); },
+                            {xs, ws}, seed) < 1e-6);
+  Var<float> x(Tensor<float>::randn({2, 5, 4, 3}, g)), w(Tensor<float>::randn({6, 3, 3, 3}, g));
+  CHECK_THROWS_WITH(conv2d(x, w, Var<float>(), Conv2dOptions{1, 1, 1, 1}, Var<float>(Tensor<float>::randn({2, 5}, g)),
+                           Var<float>()),
+                    Catch::Contains("channel bias [2, 5]: expected [2, 6]"));
+  CHECK_THROWS_WITH(conv2d(x, w, Var<float>(), Conv2dOptions{1, 1, 1, 1}, Var<float>(), x),
+                    Catch::Contains("residual [2, 5, 4, 3]: expected the output's shape [2, 5, 4, 6]"));
+}
+
 TEST_CASE("conv2d float matches the direct loop across blocks and threads") {
   // Enough output pixels for several im2col blocks per thread, channel
   // counts off the GEMM tile sizes, and every path (pointwise, 3x3, strided).

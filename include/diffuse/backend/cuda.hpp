@@ -174,7 +174,11 @@ class CudaBackend {
   virtual void permute(const float* x, float* y, int ndim, const std::int64_t* x_shape, const int* perm, bool acc) = 0;
 
   // ------------------------------------------------------------------ image ops, NHWC
-  virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, float* y) = 0;  // b may be null
+  // y = conv(x, w) + b [+ cb [N, O] per sample and channel] [+ res, y's shape]: the bias and what
+  // follows the convolution in a ResBlock added in one pass over y, in that order (b, cb, res may
+  // be null).
+  virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb,
+                      const float* res, float* y) = 0;
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
                                bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db) = 0;
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.

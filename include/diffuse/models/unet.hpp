@@ -88,13 +88,16 @@ class ResBlock : public Module<T> {
     }
   }
   // temb_act = SiLU(temb), shared by all blocks. rng: dropout on when given.
+  // The reference's h = conv1(silu(norm1(x))) + temb_proj(temb)[:, :, None, None];
+  // h = conv2(dropout(silu(norm2(h)))); return skip(x) + h, with the time embedding and the skip
+  // connection added in the convolutions' epilogues (the same sums: ops/conv2d.hpp).
   Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
-    Var<T> h = conv1(norm1(x, true));
-    h = add_channel_bias(h, temb_proj(temb_act));
+    const Var<T> t = temb_proj(temb_act);
+    Var<T> h = conv1(norm1(x, true), t, Var<T>());
     h = norm2(h, true);
     if (rng && dropout_ > 0) h = dropout(h, dropout_, *rng, true);
-    h = conv2(h);
-    return add(skip ? (*skip)(x) : x, h);
+    const Var<T> s = skip ? (*skip)(x) : x;
+    return conv2(h, Var<T>(), s);
   }
 
   GroupNorm<T> norm1;

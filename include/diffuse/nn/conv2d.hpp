@@ -28,6 +28,12 @@ class Conv2d : public Module<T> {
     if (bias) this->bias = this->register_parameter("bias", uniform({out}, bound, g));
   }
   Var<T> operator()(const Var<T>& x) const { return conv2d(x, weight, bias, opt_); }
+  // The convolution with a bias per sample and channel (cb [N, out]) and / or a residual of the
+  // output's shape added in its epilogue, either undefined for none: conv, add_channel_bias and
+  // add fused (ops/conv2d.hpp), the same numbers.
+  Var<T> operator()(const Var<T>& x, const Var<T>& cb, const Var<T>& res) const {
+    return conv2d(x, weight, bias, opt_, cb, res);
+  }
   // Zero weights and bias: the reference zero-initialises the last conv of
   // each residual branch and of the output so that blocks start as identities.
   void zero_() {

@@ -15,6 +15,23 @@
 namespace diffuse {
 
 namespace detail {
+// db[n, c] (+)= the sum of g [N, HW, C] over the pixels of sample n: add_channel_bias's bias
+// gradient (and the fused convolution's, ops/conv2d.hpp). Tasks of (sample, 64 channels):
+// contiguous reads per pixel, sums in double, no reduction across threads.
+template <class T>
+void channel_bias_grad(const T* gd, GradSink<T>& s, int64_t N, int64_t HW, int64_t C) {
+  constexpr int64_t kBlock = 64;
+  const int64_t nblk = (C + kBlock - 1) / kBlock;
+  parallel_for(N * nblk, N * HW * C >= kParallelMin, [&](int64_t t) {
+    const int64_t nn = t / nblk, c0 = (t % nblk) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
+    double acc[kBlock] = {};
+    const T* gp = gd + nn * HW * C + c0;
+    for (int64_t p = 0; p < HW; ++p)
+      for (int64_t c = 0; c < cb; ++c) acc[c] += gp[p * C + c];
+    for (int64_t c = 0; c < cb; ++c) s.put(static_cast<size_t>(nn * C + c0 + c), acc[c]);
+  });
+}
+
 inline Var<float> add_channel_bias_cuda(const Var<float>& x, const Var<float>& b, int64_t N, int64_t HW, int64_t C) {
   backend::CudaBackend& be = backend::require_cuda("add_channel_bias");
   Tensor<float> out(x.shape(), Device::CUDA);
@@ -66,18 +83,8 @@ Var<T> add_channel_bias(const Var<T>& x, const Var<T>& b) {
         parallel_for(n, n >= detail::kParallelMin, [&](size_t i) { s.put(i, gd[i]); });
       }
       if (b.requires_grad()) {
-        // Tasks of (sample, 64 channels): contiguous reads per pixel, no reduction across threads.
         GradSink<T> s = grad_sink(*b.node());
-        constexpr int64_t kBlock = 64;
-        const int64_t nblk = (C + kBlock - 1) / kBlock;
-        parallel_for(N * nblk, n >= detail::kParallelMin, [&](int64_t t) {
-          const int64_t nn = t / nblk, c0 = (t % nblk) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
-          double acc[kBlock] = {};
-          const T* gp = gd + nn * HW * C + c0;
-          for (int64_t p = 0; p < HW; ++p)
-            for (int64_t c = 0; c < cb; ++c) acc[c] += gp[p * C + c];
-          for (int64_t c = 0; c < cb; ++c) s.put(static_cast<size_t>(nn * C + c0 + c), acc[c]);
-        });
+        detail::channel_bias_grad(gd, s, N, HW, C);
       }
     };
   });

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <diffuse/backend/cpu/gemm.hpp>
+#include <diffuse/ops/channel_bias.hpp>
 #include <diffuse/ops/common.hpp>
 
 namespace diffuse {
@@ -190,29 +191,47 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   }
 }
 
-inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, const ConvGeom& g) {
+inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, const Var<float>& cb,
+                              const Var<float>& res, const ConvGeom& g) {
   backend::CudaBackend& be = backend::require_cuda("conv2d");
   const backend::ConvDesc d{g.N, g.H, g.W, g.C, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw};
-  const bool has_b = b.defined();
+  const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
   Tensor<float> y({g.N, g.Ho, g.Wo, g.O}, Device::CUDA);
-  be.conv2d(d, x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data());
-  return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, d]() {
-    return [x, w, b, has_b, d](const Tensor<float>& dy) {
+  be.conv2d(d, x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr,
+            has_cb ? cb.value().data() : nullptr, has_res ? res.value().data() : nullptr, y.data());
+  return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
+                            [x, w, b, cb, res, has_b, has_cb, has_res, d]() {
+    return [x, w, b, cb, res, has_b, has_cb, has_res, d](const Tensor<float>& dy) {
+      backend::CudaBackend& be = *backend::cuda_backend();
       GradSink<float> sx{}, sw{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
       if (w.requires_grad()) sw = grad_sink(*w.node());
       if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
-      backend::cuda_backend()->conv2d_backward(d, x.value().data(), w.value().data(), dy.data(), sx.data, sx.accumulate,
-                                               sw.data, sw.accumulate, sb.data, sb.accumulate);
+      be.conv2d_backward(d, x.value().data(), w.value().data(), dy.data(), sx.data, sx.accumulate, sw.data,
+                         sw.accumulate, sb.data, sb.accumulate);
+      if (has_cb && cb.requires_grad()) {
+        GradSink<float> s = grad_sink(*cb.node());
+        be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
+      }
+      if (has_res && res.requires_grad()) {
+        GradSink<float> s = grad_sink(*res.node());
+        be.copy(dy.data(), s.data, dy.numel(), s.accumulate);
+      }
     };
   });
 }
 
 }  // namespace detail
 
-// y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, kh, kw, C] (OHWI), b [O] (or undefined).
+// y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, kh, kw, C] (OHWI), b [O] (or undefined),
+// then, fused, what a ResBlock adds to a convolution's output: + cb[n, o] (a bias per sample and
+// channel, cb [N, O]: the time embedding) and + res (a tensor of y's shape: the skip
+// connection); either may be undefined. The same sums in the same order as conv2d, then
+// add_channel_bias, then add, so the same numbers; on the device they are one pass over y instead
+// of three (and the conversion from bf16 in that pass too), and the backward copies no gradient.
 template <class T>
-Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
+Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt, const Var<T>& cb,
+              const Var<T>& res) {
   if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(3) != x.size(3))
     throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,kh,kw,C] (OHWI); got x " +
                                 shape_str(x.shape()) + ", weight " + shape_str(w.shape()));
@@ -225,18 +244,40 @@ Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOpt
   if (g.H + 2 * g.ph < g.kh || g.W + 2 * g.pw < g.kw)
     throw std::invalid_argument("diffuse: conv2d kernel " + shape_str(w.shape()) + " larger than the padded input " +
                                 shape_str(x.shape()));
-  const bool has_b = b.defined();
+  const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
   if (has_b && (b.value().dim() != 1 || b.size(0) != g.O))
     throw std::invalid_argument("diffuse: conv2d bias " + shape_str(b.shape()) + " for " + std::to_string(g.O) +
                                 " output channels");
-  if (detail::op_device("conv2d", {&x, &w, &b}) == Device::CUDA) {
-    if constexpr (std::is_same_v<T, float>) return detail::conv2d_cuda(x, w, b, g);
+  if (has_cb && cb.shape() != Shape{g.N, g.O})
+    throw std::invalid_argument("diffuse: conv2d channel bias " + shape_str(cb.shape()) + ": expected [" +
+                                std::to_string(g.N) + ", " + std::to_string(g.O) + "] (samples, output channels)");
+  if (has_res && res.shape() != Shape{g.N, g.Ho, g.Wo, g.O})
+    throw std::invalid_argument("diffuse: conv2d residual " + shape_str(res.shape()) + ": expected the output's shape " +
+                                shape_str(Shape{g.N, g.Ho, g.Wo, g.O}));
+  if (detail::op_device("conv2d", {&x, &w, &b, &cb, &res}) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) return detail::conv2d_cuda(x, w, b, cb, res, g);
     else detail::cuda_float_only("conv2d");
   }
   Tensor<T> y({g.N, g.Ho, g.Wo, g.O});
   detail::conv_forward(x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr, y.data(), g);
-  return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x}, [x, w, b, has_b, g]() {
-    return [x, w, b, has_b, g](const Tensor<T>& dy) {
+  if (has_cb || has_res) {  // the bias is in y already; then cb, then res, as the unfused ops add them
+    const int64_t HW = g.Ho * g.Wo, O = g.O;
+    const T* cbd = has_cb ? cb.value().data() : nullptr;
+    const T* rd = has_res ? res.value().data() : nullptr;
+    T* yd = y.data();
+    parallel_for(g.N * HW, y.size() >= detail::kParallelMin, [&](int64_t r) {
+      T* yr = yd + r * O;
+      if (cbd) {
+        const T* c = cbd + (r / HW) * O;
+        for (int64_t o = 0; o < O; ++o) yr[o] = yr[o] + c[o];
+      }
+      if (rd)
+        for (int64_t o = 0; o < O; ++o) yr[o] = yr[o] + rd[r * O + o];
+    });
+  }
+  return make_result<T>(std::move(y), {&x, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
+                        [x, w, b, cb, res, has_b, has_cb, has_res, g]() {
+    return [x, w, b, cb, res, has_b, has_cb, has_res, g](const Tensor<T>& dy) {
       GradSink<T> sx{}, sw{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
       if (w.requires_grad()) sw = grad_sink(*w.node());
@@ -252,8 +293,22 @@ Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOpt
         for (size_t i = 0; i < dw_tmp.size(); ++i) sw.data[i] += dw_tmp[i];
       if (db_tmp.defined())
         for (size_t i = 0; i < db_tmp.size(); ++i) sb.data[i] += db_tmp[i];
+      const T* gd = dy.data();
+      if (has_cb && cb.requires_grad()) {
+        GradSink<T> s = grad_sink(*cb.node());
+        detail::channel_bias_grad(gd, s, g.N, g.Ho * g.Wo, g.O);
+      }
+      if (has_res && res.requires_grad()) {
+        GradSink<T> s = grad_sink(*res.node());
+        parallel_for(dy.size(), dy.size() >= detail::kParallelMin, [&](size_t i) { s.put(i, gd[i]); });
+      }
     };
   });
+}
+
+template <class T>
+Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt) {
+  return conv2d(x, w, b, opt, Var<T>(), Var<T>());
 }
 
 template <class T>
@@ -262,6 +317,8 @@ Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, int64_t stride 
 }
 
 // Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> conv2d<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b,
+    const Conv2dOptions& opt, const Var<float>& cb, const Var<float>& res))
 DIFFUSE_FLOAT_INSTANCE(Var<float> conv2d<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b,
     const Conv2dOptions& opt))
 DIFFUSE_FLOAT_INSTANCE(Var<float> conv2d<float>(const Var<float>& x, const Var<float>& w, const Var<float>& b,

@@ -388,21 +388,23 @@ class CudaBackendImpl final : public CudaBackend {
   // MathMode::BF16: the operands are rounded into bf16 copies (kernels/convert.cuh), cuDNN
   // convolves those with float accumulation into a bf16 result, which is widened (or added, for
   // gradients) into the float tensor. The float activations and weights are not touched.
-  void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, float* y) override {
+  void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb, const float* res,
+              float* y) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     cuda::ProfileScope ps(prof_, "conv2d");
+    const std::int64_t HW = d.Ho() * d.Wo();
     if (plan.bf16_tensors()) {
-      const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
+      const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * HW * d.O;
       Bf16Scratch t(scratch(Bf16Scratch::bytes({nx, nw, ny})));
       bf16 *xb = t.take(nx), *wb = t.take(nw), *yb = t.take(ny);
       kernels::convert(x, xb, nx, false, stream_);
       kernels::convert(w, wb, nw, false, stream_);
       plan.forward(dnn(), xb, wb, yb);
-      kernels::convert(yb, y, ny, false, stream_);
+      kernels::conv_epilogue(yb, b, cb, res, y, d.N, HW, d.O, stream_);  // to float, with the additions
     } else {
       plan.forward(dnn(), x, w, y);
+      if (b || cb || res) kernels::conv_epilogue(y, b, cb, res, y, d.N, HW, d.O, stream_);
     }
-    if (b) kernels::add_row_bias(y, b, d.N * d.Ho() * d.Wo(), d.O, stream_);
   }
   void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
                        float* dw, bool acc_dw, float* db, bool acc_db) override {
