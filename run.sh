@@ -38,7 +38,8 @@ BUILD_DIR=${DIFFUSE_BUILD_DIR:-build}
 JOBS=$(nproc 2>/dev/null || echo 2)
 
 BASE_PKGS=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev
-           libstb-dev zlib1g-dev libminizip-dev libarchive-dev libcli11-dev libturbojpeg0-dev)
+           libstb-dev zlib1g-dev libminizip-dev libarchive-dev libcli11-dev libturbojpeg0-dev
+           ninja-build)
 MPI_PKGS=(libopenmpi-dev openmpi-bin)  # data parallelism (docs/distributed.md); not needed by the demo
 TEST_PKGS=(python3-torch python3-torchvision python3-numpy python3-scipy libopenblas0-openmp dataset-fashion-mnist
            doxygen)
@@ -81,8 +82,19 @@ deps() {
   DEPS_VERIFIED=1
 }
 
+# Ninja for a new build tree: it compiles a target's files while the libraries it links are still
+# being built (Make waits for them: the sanitizer build took 513 s with Make, 296 s with Ninja on
+# 2 cores). A tree configured before keeps its generator (CMake refuses to switch).
+generator_args() {
+  [[ -f $1/CMakeCache.txt ]] && return 0
+  command -v ninja >/dev/null 2>&1 && printf '%s\n' -G Ninja
+  return 0
+}
+
 configure_and_build() {
   local args=(-S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release)
+  mapfile -t gen < <(generator_args "$BUILD_DIR")
+  args+=("${gen[@]}")
   if [[ -n ${CI:-} ]]; then
     # CI has 2 cores and 20 minutes: one CUDA architecture, and of the benchmarks only the GPU
     # ones (nvcc must compile them; the CPU ones are built by `./run.sh build`).
@@ -105,6 +117,8 @@ demo_build() {
   local dir=${DIFFUSE_DEMO_BUILD_DIR:-build-demo}
   local args=(-S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DDIFFUSE_BUILD_TESTS=OFF
               -DDIFFUSE_BUILD_BENCHMARKS=OFF -DDIFFUSE_BUILD_DOCS=OFF)
+  mapfile -t gen < <(generator_args "$dir")
+  args+=("${gen[@]}")
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     args+=(-DDIFFUSE_CUDA=AUTO -DCMAKE_CUDA_ARCHITECTURES=native)
   else
@@ -163,7 +177,8 @@ case $cmd in
     targets=(test_idx test_npy test_image_data test_atomic_file test_diffusion test_frechet test_trainer test_parallel
              fuzz_corpus)
     say "sanitize: configure $dir"
-    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g" -DCMAKE_CXX_FLAGS="$san" \
+    mapfile -t gen < <(generator_args "$dir")
+    cmake -S . -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEASE="-O1 -g" -DCMAKE_CXX_FLAGS="$san" \
           -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" -DDIFFUSE_CUDA=OFF -DDIFFUSE_BUILD_BENCHMARKS=OFF \
           -DDIFFUSE_BUILD_EXAMPLES=OFF -DDIFFUSE_BUILD_DOCS=OFF -DDIFFUSE_NATIVE=OFF >/dev/null
     say "sanitize: build ${targets[*]}"

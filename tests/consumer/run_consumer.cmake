@@ -7,6 +7,8 @@
 #   -DINSTALL_PREFIX=dir          where to install it (package mode; wiped first)
 #   -DWORK_DIR=dir                scratch directory (wiped first)
 #   -DCXX_COMPILER=path -DGENERATOR=name [-DMAKE_PROGRAM=path] [-DBUILD_TYPE=cfg]
+#   [-DCONSUMER_BUILD_TYPE=cfg]   the consumer's own build type (default BUILD_TYPE); BUILD_TYPE
+#                                 is the main build's (what package mode installs)
 #
 # Any failing step is fatal.
 cmake_minimum_required(VERSION 3.25)
@@ -35,7 +37,14 @@ set(config_args "")
 set(build_type_arg "")
 if(BUILD_TYPE)
   set(config_args --config "${BUILD_TYPE}")
-  set(build_type_arg "-DCMAKE_BUILD_TYPE=${BUILD_TYPE}")
+endif()
+if(NOT DEFINED CONSUMER_BUILD_TYPE)
+  set(CONSUMER_BUILD_TYPE "${BUILD_TYPE}")
+endif()
+set(consumer_config_args "")
+if(CONSUMER_BUILD_TYPE)
+  set(consumer_config_args --config "${CONSUMER_BUILD_TYPE}")
+  set(build_type_arg "-DCMAKE_BUILD_TYPE=${CONSUMER_BUILD_TYPE}")
 endif()
 
 file(REMOVE_RECURSE "${WORK_DIR}")
@@ -86,7 +95,7 @@ endif()
 
 message(STATUS "consumer: building")
 execute_process(
-  COMMAND "${CMAKE_COMMAND}" --build "${WORK_DIR}/build" ${config_args}
+  COMMAND "${CMAKE_COMMAND}" --build "${WORK_DIR}/build" ${consumer_config_args}
   COMMAND_ERROR_IS_FATAL ANY)
 
 set(exe "${WORK_DIR}/build/bin/diffuse_consumer")

@@ -1,7 +1,7 @@
 // CPU emulation of the part of the CUDA execution model that diffuse's kernels use, so that the
 // same kernel source, compiled by g++ instead of nvcc, runs (and is tested) on the CPU.
 //
-// Model: the threads of one block are fibers (ucontext) on one host thread, run round-robin;
+// Model: the threads of one block are fibers on one host thread, run round-robin;
 // each runs until it reaches a barrier, a warp intrinsic or its end. __syncthreads() releases
 // when every thread of the block waits at the same call; a warp intrinsic releases when every
 // non-exited lane named in its mask waits at the same intrinsic with the same mask (the sm_70+
@@ -52,6 +52,51 @@ the emulation defines dim3, threadIdx, ... itself. Compile kernels either with n
 #include <vector>
 
 #include <diffuse/core/parallel.hpp>
+
+// How a fiber's stack is switched. On x86-64 a few instructions (below): glibc's swapcontext
+// also saves and restores the signal mask, a system call per switch, and every thread of every
+// block switches at least twice (half the time of an emulated Inception forward went there).
+// Elsewhere, under AddressSanitizer (which follows swapcontext, not hand-made switches), or with
+// DIFFUSE_EMU_UCONTEXT defined: ucontext.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(DIFFUSE_EMU_UCONTEXT)
+#define DIFFUSE_EMU_FAST_SWITCH 1
+// diffuse_emu_switch_stack(save, to): pushes the callee-saved registers, MXCSR and the x87 control
+// word (what the System V ABI says a call preserves), stores the stack pointer in *save, loads
+// `to` (a stack saved the same way, or a new one made by Fiber::start), pops that stack's and
+// returns there. Weak and in a COMDAT group, as every file that includes this header defines it.
+extern "C" void diffuse_emu_switch_stack(void** save, void* to);
+__asm__(R"(
+  .pushsection .text.diffuse_emu_switch_stack,"axG",@progbits,diffuse_emu_switch_stack,comdat
+  .weak diffuse_emu_switch_stack
+  .type diffuse_emu_switch_stack,@function
+diffuse_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size diffuse_emu_switch_stack, .-diffuse_emu_switch_stack
+  .popsection
+)");
+#else
+#define DIFFUSE_EMU_FAST_SWITCH 0
+#endif
 
 // ---------------------------------------------------------------- CUDA spellings
 // Kernels are templates (nvcc ignores `inline` on __global__), so __global__ needs no `inline`;
@@ -198,7 +243,10 @@ class Bytes {
 };
 
 // One thread of a block: its context and stack, allocated once and reused by later blocks. Not
-// movable: glibc's ucontext_t points into itself.
+// movable: glibc's ucontext_t points into itself. With the fast switch a fiber loops: it runs a
+// thread, marks it exited and switches back; switched to again, it runs the next thread assigned
+// to it, so a stack is prepared only for a fiber's first thread (or after it was abandoned
+// mid-kernel by an error).
 struct Fiber {
   Fiber(const Fiber&) = delete;
   Fiber& operator=(const Fiber&) = delete;
@@ -213,6 +261,31 @@ struct Fiber {
   }
   ~Fiber() { munmap(mapping, stack_size + page); }
 
+#if DIFFUSE_EMU_FAST_SWITCH
+  // A new stack whose first switch "returns" into `run` with the stack aligned as after a call:
+  // the return address at a 16-byte boundary, below it six zero registers and this thread's
+  // MXCSR and x87 control word (the layout diffuse_emu_switch_stack pops).
+  void start(void (*run)()) {
+    auto* top = reinterpret_cast<std::uint64_t*>(mapping + page + stack_size);  // 16-byte aligned (pages)
+    std::uint64_t* p = top - 2;                            // [top-16]: return address, [top-8]: unused
+    p[0] = reinterpret_cast<std::uint64_t>(run);
+    p[1] = 0;
+    p -= 6;                                                // rbp, rbx, r12-r15: zero
+    std::fill(p, p + 6, std::uint64_t{0});
+    p -= 2;                                                // MXCSR and the x87 control word
+    std::memset(p, 0, 16);
+    std::uint32_t mxcsr = 0;
+    std::uint16_t fpucw = 0;
+    __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ volatile("fnstcw %0" : "=m"(fpucw));
+    std::memcpy(p, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<std::byte*>(p) + 4, &fpucw, 2);
+    sp = p;
+    idle = false;
+  }
+  void* sp = nullptr;  // the saved stack pointer while the fiber is switched out
+  bool idle = false;   // switched out at the top of its loop: ready for another thread as it is
+#endif
   ucontext_t ctx{};
   std::byte* mapping = nullptr;
   std::size_t page = 0, stack_size = 0;
@@ -249,11 +322,15 @@ class Scheduler {
       Fiber& f = *fibers_[i];
       f.thread_idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
       f.state = State::runnable;
+#if DIFFUSE_EMU_FAST_SWITCH
+      if (!f.idle) f.start(&Scheduler::fiber_loop);
+#else
       f.ctx.uc_stack.ss_sp = f.mapping + f.page;
       f.ctx.uc_stack.ss_size = f.stack_size;
       f.ctx.uc_stack.ss_flags = 0;
       f.ctx.uc_link = &main_;
       makecontext(&f.ctx, &Scheduler::entry, 0);
+#endif
     }
     slots_.clear();
     static_used_ = 0;
@@ -275,7 +352,11 @@ class Scheduler {
         if (f.state != State::runnable) continue;
         ran = true;
         current_ = &f;
+#if DIFFUSE_EMU_FAST_SWITCH
+        diffuse_emu_switch_stack(&main_sp_, f.sp);
+#else
         swapcontext(&main_, &f.ctx);
+#endif
         current_ = nullptr;
         if (error_) std::rethrow_exception(error_);  // the other fibers are abandoned mid-kernel
         switch (f.state) {
@@ -342,17 +423,34 @@ class Scheduler {
     std::size_t offset;
   };
 
-  static void entry() {
+  // Runs the current thread's body; an exception ends the block (run_block rethrows it).
+  static void run_thread() {
     Scheduler& s = *active();
     try {
       (*s.body_)();
     } catch (...) {
       if (!s.error_) s.error_ = std::current_exception();
     }
-    s.current_->state = State::exited;  // returning resumes uc_link: the scheduler
+    s.current_->state = State::exited;
   }
 
+#if DIFFUSE_EMU_FAST_SWITCH
+  // A fiber's whole life: it never returns (nothing is above it on its stack).
+  [[noreturn]] static void fiber_loop() {
+    for (;;) {
+      run_thread();
+      Scheduler& s = *active();
+      Fiber& f = *s.current_;
+      f.idle = true;
+      diffuse_emu_switch_stack(&f.sp, s.main_sp_);
+      f.idle = false;  // switched to again: the next thread assigned to this fiber
+    }
+  }
+  void yield(Fiber& f) { diffuse_emu_switch_stack(&f.sp, main_sp_); }
+#else
+  static void entry() { run_thread(); }  // returning resumes uc_link: the scheduler
   void yield(Fiber& f) { swapcontext(&f.ctx, &main_); }
+#endif
 
   unsigned linear(const Fiber& f) const { return f.thread_idx.x + block_.x * (f.thread_idx.y + block_.y * f.thread_idx.z); }
   std::string who(const Fiber& f) const { return "block " + str(block_idx_) + " thread " + str(f.thread_idx); }
@@ -442,6 +540,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Fiber>> fibers_;
   std::size_t stack_bytes_ = 0;
   ucontext_t main_{};
+  void* main_sp_ = nullptr;  // the scheduler's stack while a fiber runs (fast switch)
   Fiber* current_ = nullptr;
   const std::function<void()>* body_ = nullptr;
   std::exception_ptr error_;
