@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <sstream>
 #include <string>
@@ -254,6 +255,24 @@ TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CU
               &out) == 0);
   CHECK(out.find("CIFAR-10 test split") != std::string::npos);
   CHECK(out.find("2 images 32x32, RGB") != std::string::npos);
+
+  // Damaged statistics through --fid-stats: refused before any training, naming the file, and
+  // no checkpoint written (a cut-off .npz, and an .npy that is not statistics at all).
+  {
+    std::ifstream in(work / "train.npz", std::ios::binary);
+    const std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream(work / "cut.npz", std::ios::binary).write(whole.data(), static_cast<std::streamsize>(whole.size() / 2));
+    for (const fs::path bad : {work / "cut.npz", work / "calib.npy"}) {
+      const fs::path o = work / ("bad_" + bad.stem().string());
+      REQUIRE(run(kTrain + " --data " + q(work / "data" / "archive") + " --preset tiny --batch 4 --steps 1 --fid-every 1" +
+                      " --fid-stats " + q(bad) + " --fid-weights " + q(work / "inception.safetensors") +
+                      " --device cpu --out " + q(o),
+                  &out) == 1);
+      INFO(out);
+      CHECK(out.find(bad.string()) != std::string::npos);
+      CHECK_FALSE(fs::exists(o / "checkpoint.safetensors"));
+    }
+  }
 
   const std::string args = " --data " + q(work / "data" / "archive") +
                            " --preset tiny --batch 4 --seed 5 --steps 1 --fid-every 1 --fid-samples 2 --fid-steps 2 --samples 0" +
