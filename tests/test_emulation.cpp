@@ -21,6 +21,13 @@
 #include "kernel_cases_rng.hpp"
 #include "kernel_cases_q_sample.hpp"
 
+// Built twice: with the x86-64 stack switch (the default there) and as test_emulation_ucontext.
+#if defined(DIFFUSE_EMU_UCONTEXT)
+static_assert(DIFFUSE_EMU_FAST_SWITCH == 0, "test_emulation_ucontext must run the ucontext fibers");
+#elif defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+static_assert(DIFFUSE_EMU_FAST_SWITCH == 1, "the emulation should use its own stack switch on x86-64");
+#endif
+
 using diffuse::cuda::launch;
 using diffuse::testing::DeviceBuffer;
 using diffuse::testing::fresh_seed;
