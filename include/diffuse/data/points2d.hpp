@@ -422,7 +422,8 @@ inline std::unique_ptr<Dataset2D> load_csv(const std::string& path) {
   return std::make_unique<PointSet>(std::filesystem::path(path).stem().string(), read_csv_points(path));
 }
 
-// A PNG, JPEG, BMP or binary PGM/PPM (what stb_image decodes here, io/stb.hpp). A pixel is "dark" when
+// A PNG, JPEG, BMP or binary PGM/PPM (JPEG by libjpeg-turbo, io/jpeg.hpp; the rest by stb_image,
+// io/stb.hpp), read as image folders read a file (data/image_folder.hpp). A pixel is "dark" when
 // its luminance (Rec. 601, composited over white so transparent backgrounds
 // count as paper) is below threshold * 255. Aspect ratio is kept (pixels are
 // square and one scale is used for both axes).
@@ -435,13 +436,13 @@ inline std::unique_ptr<Dataset2D> load_image(const std::string& path, float thre
   try {
     const std::vector<unsigned char> bytes = ::diffuse::detail::image_file_bytes(path);
     ::diffuse::detail::checked_image_info(path, bytes, w, h, comp);
+    if (static_cast<uint64_t>(w) * static_cast<uint64_t>(h) > 0xFFFFFFFFull)  // pixel indices are 32-bit
+      throw std::runtime_error("'" + path + "' is too large");
     pixels = ::diffuse::detail::decode_image(path, bytes, w, h, 4);
   } catch (const std::runtime_error& e) {
     throw std::runtime_error(std::string("load_image: ") + e.what());
   }
   const unsigned char* rgba = pixels.data();
-  if (static_cast<uint64_t>(w) * static_cast<uint64_t>(h) > 0xFFFFFFFFull)
-    throw std::runtime_error("load_image: '" + path + "' is too large");
   std::vector<uint32_t> dark;
   const float cut = threshold * 255.0f;
   for (int r = 0; r < h; ++r)
