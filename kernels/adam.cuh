@@ -13,11 +13,14 @@
 //   ema = d ema + (1 - d) p                     (when the tensor has an EMA copy)
 //
 // The bias corrections depend on the step t and are computed on the host in double, as the CPU
-// backend does (adam_step_args).
+// backend does (adam_step_args). With a guard (a StepRecord on the device, optim/step_record.hpp)
+// the kernels do nothing once the record has seen a non-finite step: the training loop queues
+// its steps without reading the loss back, and the weights stay those of the last good step.
 #pragma once
 
 #include <diffuse/backend/cuda/device.hpp>
 #include <diffuse/backend/cuda/launch.hpp>
+#include <diffuse/optim/step_record.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -49,8 +52,12 @@ struct AdamChunk {
 template <class T>
 struct AdamStepArgs {
   T step_size, bc2_sqrt, b1, b2, eps, lr, wd, ema_decay;
-  int decoupled;  // 1: AdamW, 0: Adam with L2 added to the gradient
+  int decoupled;                      // 1: AdamW, 0: Adam with L2 added to the gradient
+  const StepRecord* guard = nullptr;  // on the device; skip the step once guard->bad_step != 0
 };
+
+// Whether a guarded step is to be skipped (read by every block: one cached load).
+__device__ __forceinline__ bool step_guard_bad(const StepRecord* guard) { return guard && guard->bad_step != 0.0; }
 
 // Step t (1-based, the value after the increment), as Adam<T>::step computes its scalars.
 template <class T>
@@ -105,6 +112,7 @@ __device__ __forceinline__ bool adam_aligned16(const void* a, const void* b, con
 template <class T>
 __global__ void adam_ema_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
                                 std::int64_t num_chunks, AdamStepArgs<T> a) {
+  if (step_guard_bad(a.guard)) return;
   for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const AdamChunk ch = chunks[c];
     const AdamTensor<T> t = tensors[ch.tensor];
@@ -159,7 +167,8 @@ inline void adam_ema_step(const AdamTensor<T>* tensors, const AdamChunk* chunks,
 // for an EMA updated apart from the optimiser step).
 template <class T>
 __global__ void ema_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
-                           std::int64_t num_chunks, T decay) {
+                           std::int64_t num_chunks, T decay, const StepRecord* guard) {
+  if (step_guard_bad(guard)) return;
   for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const AdamChunk ch = chunks[c];
     const AdamTensor<T> t = tensors[ch.tensor];
@@ -172,14 +181,15 @@ __global__ void ema_kernel(const AdamTensor<T>* __restrict__ tensors, const Adam
 
 template <class T>
 inline void ema_step(const AdamTensor<T>* tensors, const AdamChunk* chunks, std::int64_t num_chunks, T decay,
-                     cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 4096) {
+                     cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 4096,
+                     const StepRecord* guard = nullptr) {
   if (num_chunks < 0) throw std::invalid_argument("ema_step: negative chunk count");
   if (block == 0 || block > 1024 || max_blocks == 0)
     throw std::invalid_argument("ema_step: block must be in [1, 1024] and max_blocks at least 1");
   if (num_chunks == 0) return;
   const std::int64_t blocks = std::min<std::int64_t>(num_chunks, max_blocks);
   cuda::launch(ema_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(block), 0, stream, tensors, chunks, num_chunks,
-               decay);
+               decay, guard);
 }
 
 }  // namespace diffuse::kernels

@@ -9,6 +9,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <random>
 #include <vector>
@@ -193,4 +194,117 @@ TEST_CASE("kernels grad_sq_partials, grad_scale and grad_zero match the CPU back
       }
     }
   }
+}
+
+// The training loop's device-side bookkeeping (optim/step_record.hpp): the record's step from the
+// partials, the clipping by the recorded factor, and the guarded Adam and EMA kernels, which must
+// leave everything untouched once the record saw a non-finite loss.
+TEST_CASE("kernels step_record_finish, grad_scale_recorded and the guarded Adam/EMA follow step_record_add") {
+  using namespace diffuse::testing;
+  using diffuse::StepRecord;
+  using diffuse::kernels::AdamTensor;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const std::vector<std::int64_t> sizes = {1, 31, 0, 1000, 4097, 70001};
+  std::vector<std::unique_ptr<DeviceBuffer<float>>> grads, ws, ms, vs, es;
+  std::vector<std::vector<float>> g0;
+  std::vector<AdamTensor<float>> table;
+  for (std::int64_t n : sizes) {
+    std::vector<float> g(static_cast<size_t>(n)), w(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    for (float& x : g) x = 0.3f * normal(gen);
+    for (float& x : w) x = normal(gen);
+    for (float& x : v) x = 1e-3f * std::fabs(normal(gen));
+    g0.push_back(g);
+    grads.push_back(std::make_unique<DeviceBuffer<float>>(g));
+    ws.push_back(std::make_unique<DeviceBuffer<float>>(w));
+    ms.push_back(std::make_unique<DeviceBuffer<float>>(g));
+    vs.push_back(std::make_unique<DeviceBuffer<float>>(v));
+    es.push_back(std::make_unique<DeviceBuffer<float>>(w));
+    table.push_back(AdamTensor<float>{ws.back()->get(), grads.back()->get(), ms.back()->get(), vs.back()->get(),
+                                      es.back()->get(), n});
+  }
+  const std::vector<diffuse::kernels::AdamChunk> chunks = diffuse::kernels::plan_adam_chunks(sizes, 4096);
+  const auto nc = static_cast<std::int64_t>(chunks.size());
+  DeviceBuffer<AdamTensor<float>> dtable(table);
+  DeviceBuffer<diffuse::kernels::AdamChunk> dchunks(chunks);
+  DeviceBuffer<double> partials(chunks.size());
+  DeviceBuffer<StepRecord> record(std::vector<StepRecord>(1));
+  StepRecord ref;  // the host's record, from the same partials added in the same order
+  std::vector<std::vector<float>> gref = g0;
+  double norm0 = 0;
+  {
+    std::vector<std::vector<float>> probe = g0;
+    norm0 = cpu_clip_grad_norm(probe, 1e30);
+  }
+  const double max_norm = 0.37 * norm0;
+  auto all = [&](const std::vector<std::unique_ptr<DeviceBuffer<float>>>& b) {
+    std::vector<std::vector<float>> h;
+    for (auto& x : b) h.push_back(x->to_host());
+    return h;
+  };
+  auto record_step = [&](float loss_value, std::int64_t step) {
+    DeviceBuffer<float> loss(std::vector<float>{loss_value});
+    diffuse::kernels::grad_sq_partials(dtable.get(), dchunks.get(), nc, partials.get());
+    const std::vector<double> part = partials.to_host();
+    double sq = 0;
+    for (double p : part) sq += p;
+    diffuse::kernels::step_record_finish(partials.get(), nc, loss.get(), max_norm, step, record.get());
+    diffuse::kernels::grad_scale_recorded(dtable.get(), dchunks.get(), nc, record.get());
+    diffuse::step_record_add(ref, sq, static_cast<double>(loss_value), max_norm, static_cast<double>(step));
+    const StepRecord got = record.to_host()[0];
+    auto same = [](double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+    CHECK(same(got.loss, ref.loss));
+    CHECK(got.norm == ref.norm);
+    CHECK(got.scale == ref.scale);
+    CHECK(got.loss_sum == ref.loss_sum);
+    CHECK(got.norm_sum == ref.norm_sum);
+    CHECK(got.steps == ref.steps);
+    CHECK(got.bad_step == ref.bad_step);
+  };
+
+  // Step 1, finite: clipped as clip_grad_norm clips (2 ulp: the same double products).
+  const float loss1 = 0.5f + std::fabs(normal(gen));
+  record_step(loss1, 1);
+  CHECK(std::fabs(ref.norm - norm0) <= 1e-12 * norm0);
+  CHECK(ref.scale < 1.0);
+  cpu_clip_grad_norm(gref, max_norm);
+  size_t bad = 0;
+  const auto g1 = all(grads);
+  for (size_t k = 0; k < sizes.size(); ++k)
+    for (size_t i = 0; i < g1[k].size(); ++i)
+      if (!(std::fabs(g1[k][i] - gref[k][i]) <= 2 * FLT_EPSILON * std::fabs(gref[k][i]))) ++bad;
+  CHECK(bad == 0);
+
+  // The guarded Adam + EMA with a clean record: they step.
+  const auto args = diffuse::kernels::adam_step_args<float>(1e-3, 0.9, 0.999, 1e-8, 0.0, false, 1, 0.99);
+  auto guarded = args;
+  guarded.guard = record.get();
+  const auto w_before = all(ws);
+  diffuse::kernels::adam_ema_step(dtable.get(), dchunks.get(), nc, guarded);
+  CHECK(all(ws) != w_before);
+
+  // Step 2, a NaN loss: noted as the first bad step, no clipping, the sums unchanged.
+  record_step(std::numeric_limits<float>::quiet_NaN(), 2);
+  CHECK(ref.bad_step == 2.0);
+  CHECK(std::isnan(ref.bad_loss));
+  CHECK(ref.steps == 1.0);
+  CHECK(all(grads) == g1);  // not scaled
+  // Now the guarded kernels leave weights, moments and averages alone; the unguarded one does not.
+  const auto w2 = all(ws), m2 = all(ms), v2 = all(vs), e2 = all(es);
+  diffuse::kernels::adam_ema_step(dtable.get(), dchunks.get(), nc, guarded);
+  diffuse::kernels::ema_step(dtable.get(), dchunks.get(), nc, 0.5f, {}, 256, 4096, record.get());
+  CHECK(all(ws) == w2);
+  CHECK(all(ms) == m2);
+  CHECK(all(vs) == v2);
+  CHECK(all(es) == e2);
+  diffuse::kernels::ema_step(dtable.get(), dchunks.get(), nc, 0.5f);
+  CHECK(all(es) != e2);
+
+  // Step 3, finite again: the first bad step stays, nothing is added, nothing clipped.
+  record_step(loss1, 3);
+  CHECK(ref.bad_step == 2.0);
+  CHECK(ref.steps == 1.0);
+  CHECK(all(grads) == g1);
 }

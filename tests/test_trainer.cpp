@@ -392,13 +392,57 @@ TEST_CASE("trainer: a non-finite loss stops the run naming the step; the last ch
   }
   CHECK(weights(m) == w12);  // no update from the bad step
   CHECK(tr.step() == 12);
-  Generator g2(7);
-  CondMLP fresh(3, g2);
+  CHECK_THROWS_WITH(tr.save(), Catch::Contains("non-finite step"));  // its streams are past step 12
   // The checkpoint loads (into the wrapped model's names) and is the step-10 one.
   const safetensors::File f = safetensors::File::read((d / "checkpoint.safetensors").string());
   CHECK(f.metadata().at("step") == "10");
   CHECK(f.contains("net.l1.weight"));
   fs::remove_all(d);
+}
+
+// Without a step hook the loop reads the loss only for a log line (every 4), a checkpoint (every
+// 5) and the end, so the NaN of step 13 is seen at step 15: Adam and the EMA skipped steps 13-15
+// (the record said so where the weights are), and the run ends as if it had stopped at step 13.
+TEST_CASE("trainer: a non-finite loss seen steps later leaves the last good step's weights, EMA and checkpoint", "[trainer]") {
+  std::vector<std::vector<float>> w[2], ema[2];
+  std::string msg[2];
+  int64_t steps[2] = {0, 0}, adam_t[2] = {0, 0}, ema_n[2] = {0, 0};
+  for (int hooked = 0; hooked < 2; ++hooked) {
+    const fs::path d = fresh_dir("nan_late");  // the same path: the messages must be equal
+    Generator init(2);
+    Poisoned m(init, 13);
+    auto data = labelled_points(20, DataOrder::epochs);
+    TrainOptions o = small_options(d.string(), 30);
+    o.save_every = 5;
+    Trainer<float, Poisoned> tr(m, kSched, data, o);
+    int64_t seen = 0;
+    if (hooked) tr.on_step([&](const StepInfo& s) { seen = s.step; });
+    try {
+      tr.run();
+      FAIL("a NaN loss did not stop the run");
+    } catch (const std::runtime_error& e) {
+      msg[hooked] = e.what();
+    }
+    if (hooked) CHECK(seen == 12);  // the hook never saw the bad step
+    w[hooked] = weights(m);
+    for (auto& t : tr.ema().shadow()) ema[hooked].emplace_back(t.begin(), t.end());
+    steps[hooked] = tr.step(), adam_t[hooked] = tr.optimizer().steps(), ema_n[hooked] = tr.ema().updates();
+    const safetensors::File f = safetensors::File::read((d / "checkpoint.safetensors").string());
+    CHECK(f.metadata().at("step") == "10");
+    CHECK(msg[hooked].find("last good checkpoint: " + (d / "checkpoint.safetensors").string() + " at step 10") !=
+          std::string::npos);
+    fs::remove_all(d);
+  }
+  INFO(msg[0]);
+  CHECK(msg[0].find("loss is nan at step 13; no update from it on, the weights are step 12's") != std::string::npos);
+  CHECK(msg[0] == msg[1]);
+  CHECK(w[0] == w[1]);
+  CHECK(ema[0] == ema[1]);
+  CHECK(steps[0] == 12);
+  CHECK(steps[1] == 12);
+  CHECK(adam_t[0] == 12);
+  CHECK(adam_t[1] == 12);
+  CHECK(ema_n[0] == ema_n[1]);
 }
 
 TEST_CASE("trainer: callbacks see the EMA weights, the EMA is updated, label dropout reaches the model", "[trainer]") {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <diffuse/backend/op_types.hpp>
+#include <diffuse/optim/step_record.hpp>
 
 namespace diffuse {
 
@@ -43,9 +44,12 @@ struct ParamSlot {
 };
 
 // The scalars of one Adam(W) step, rounded to float as the CPU's Adam rounds them (optim/adam.hpp, clip_grad_norm.hpp).
+// guard: a StepRecord on the device (optim/step_record.hpp); the step is skipped there once it saw
+// a non-finite step (null: never).
 struct AdamArgs {
   float step_size, bc2_sqrt, b1, b2, eps, lr, wd, ema_decay;
   bool decoupled;
+  const StepRecord* guard = nullptr;
 };
 
 // One reverse sampler step (diffusion/samplers.hpp): DDPM without clipping x = (x - a eps) / b + sigma z;
@@ -260,11 +264,15 @@ class CudaBackend {
   // ------------------------------------------------------------------ optimisers
   // Adam(W) (+ EMA where a slot has one) over all slots in one launch.
   virtual void adam_step(const std::vector<ParamSlot>& slots, const AdamArgs& a) = 0;
-  // ema = d ema + (1 - d) w over all slots.
-  virtual void ema_update(const std::vector<ParamSlot>& slots, float decay) = 0;
+  // ema = d ema + (1 - d) w over all slots (nothing once `guard` saw a non-finite step).
+  virtual void ema_update(const std::vector<ParamSlot>& slots, float decay, const StepRecord* guard = nullptr) = 0;
   // The sum of g^2 over all slots, in double (waits for the device: the value comes back).
   virtual double grad_sq_norm(const std::vector<ParamSlot>& slots) = 0;
   virtual void grad_scale(const std::vector<ParamSlot>& slots, double c) = 0;  // g = float(double(g) c)
+  // clip_grad_norm_recorded: the sum of g^2, step_record_add(*record, sum, *loss, max_norm, step)
+  // and the gradients scaled by record->scale, all queued on the device (nothing comes back).
+  virtual void grad_clip_recorded(const std::vector<ParamSlot>& slots, double max_norm, const float* loss,
+                                  std::int64_t step, StepRecord* record) = 0;
 };
 
 namespace detail {

@@ -22,7 +22,7 @@ template <class T>
 void channel_bias_grad(const T* gd, GradSink<T>& s, int64_t N, int64_t HW, int64_t C) {
   constexpr int64_t kBlock = 64;
   const int64_t nblk = (C + kBlock - 1) / kBlock;
-  parallel_for(N * nblk, N * HW * C >= kParallelMin, [&](int64_t t) {
+  parallel_for(N * nblk, static_cast<size_t>(N * HW * C) >= kParallelMin, [&](int64_t t) {
     const int64_t nn = t / nblk, c0 = (t % nblk) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
     double acc[kBlock] = {};
     const T* gp = gd + nn * HW * C + c0;

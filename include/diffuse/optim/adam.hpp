@@ -44,9 +44,14 @@ class Adam {
   }
 
   // One step for every parameter that has a gradient.
-  void step() { step_impl(nullptr); }
+  void step() { step_impl(nullptr, nullptr); }
   // The step, then ema.update() with the new weights: on CUDA in the same launch.
-  void step(EMA<T>& ema) { step_impl(&ema); }
+  void step(EMA<T>& ema) { step_impl(&ema, nullptr); }
+  // Either, skipped (weights, moments and EMA untouched; the counts advance) once `record` (a
+  // StepRecord beside the weights, filled by clip_grad_norm_recorded) has seen a non-finite loss
+  // or gradient norm: read on the device, so a training loop need not wait for it.
+  void step(const Tensor<double>& record) { step_impl(nullptr, &record); }
+  void step(EMA<T>& ema, const Tensor<double>& record) { step_impl(&ema, &record); }
 
  private:
   void check_state_device(Device d) const {
@@ -56,7 +61,7 @@ class Adam {
                                     device_name(m_[k].device()) + ", the parameter on " + device_name(d) +
                                     " (create the optimiser after model.to(device), or load its state there)");
   }
-  void step_impl(EMA<T>* ema);
+  void step_impl(EMA<T>* ema, const Tensor<double>* record);
 
  public:
   void step_cpu();
@@ -120,10 +125,16 @@ void Adam<T>::step_cpu() {
 }
 
 template <class T>
-void Adam<T>::step_impl(EMA<T>* ema) {
+void Adam<T>::step_impl(EMA<T>* ema, const Tensor<double>* record) {
   const Device d = device();
   check_state_device(d);
+  const StepRecord* guard = detail::step_guard(record, d, "Adam");
   if (d == Device::CPU) {
+    if (guard && guard->bad_step != 0) {  // the record is in host memory: as the device would, skip
+      ++t_;
+      if (ema) ema->update(record);
+      return;
+    }
     step_cpu();
     if (ema) ema->update();
     return;
@@ -144,10 +155,10 @@ void Adam<T>::step_impl(EMA<T>* ema) {
                         static_cast<float>(opt_.beta1), static_cast<float>(opt_.beta2),
                         static_cast<float>(opt_.eps), static_cast<float>(opt_.lr),
                         static_cast<float>(opt_.weight_decay), fuse ? static_cast<float>(ema->current_decay()) : 0.0f,
-                        opt_.decoupled};
+                        opt_.decoupled, guard};
     be.adam_step(detail::param_slots(params_, &m_, &v_, fuse ? &ema->shadow() : nullptr), a);
     if (fuse) ema->set_updates(ema->updates() + 1);
-    else if (ema) ema->update();
+    else if (ema) ema->update(record);
   } else {
     detail::cuda_float_only("Adam");
   }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <diffuse/optim/params.hpp>
+#include <diffuse/optim/step_record.hpp>
 
 namespace diffuse {
 
@@ -28,7 +29,10 @@ class EMA {
   double current_decay() const {
     return warmup_ ? std::min(decay_, (1.0 + updates_) / (10.0 + updates_)) : decay_;
   }
-  void update();
+  void update() { update(nullptr); }
+  // The update unless `record` (a StepRecord beside the weights, optim/step_record.hpp) has seen a
+  // non-finite step: read where it lies, so nothing waits for the device. The count advances either way.
+  void update(const Tensor<double>* record);
   // Exchanges the live weights and the averages (call twice to restore): the tensors' handles,
   // so nothing is copied on either device.
   void swap_into_model();
@@ -55,8 +59,10 @@ class EMA {
 };
 
 template <class T>
-void EMA<T>::update() {
-  if (detail::params_device(params_, "EMA") == Device::CUDA) {
+void EMA<T>::update(const Tensor<double>* record) {
+  const Device dev = detail::params_device(params_, "EMA");
+  const StepRecord* guard = detail::step_guard(record, dev, "EMA");
+  if (dev == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) {
       std::vector<backend::ParamSlot> slots;
       for (size_t k = 0; k < params_.size(); ++k) {
@@ -64,12 +70,16 @@ void EMA<T>::update() {
         slots.push_back({params_[k].second.node()->value.data(), nullptr, nullptr, nullptr, shadow_[k].data(),
                          shadow_[k].numel()});
       }
-      backend::require_cuda("EMA").ema_update(slots, static_cast<float>(current_decay()));
+      backend::require_cuda("EMA").ema_update(slots, static_cast<float>(current_decay()), guard);
       ++updates_;
       return;
     } else {
       detail::cuda_float_only("EMA");
     }
+  }
+  if (guard && guard->bad_step != 0) {  // on the CPU the record is in host memory
+    ++updates_;
+    return;
   }
   const T d = static_cast<T>(current_decay());
   for (size_t k = 0; k < params_.size(); ++k) {

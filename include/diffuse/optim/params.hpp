@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <diffuse/core/autograd.hpp>
+#include <diffuse/optim/step_record.hpp>
 
 namespace diffuse {
 
@@ -49,6 +50,16 @@ inline std::vector<backend::ParamSlot> param_slots(const NamedParams<float>& par
     slots.push_back(s);
   }
   return slots;
+}
+
+// The StepRecord in `record` (null: none) for an optimiser whose parameters are on `d`.
+inline const StepRecord* step_guard(const Tensor<double>* record, Device d, const char* who) {
+  if (!record) return nullptr;
+  if (record->numel() != kStepRecordSize || record->device() != d)
+    throw std::invalid_argument(std::string("diffuse: ") + who + ": a step record is " +
+                                std::to_string(kStepRecordSize) + " doubles on the parameters' device, " +
+                                device_name(d));
+  return reinterpret_cast<const StepRecord*>(record->data());
 }
 }  // namespace detail
 

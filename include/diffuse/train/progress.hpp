@@ -60,6 +60,11 @@ class Progress {
   }
   // Redraws the bar (at most ~10 times a second).
   void bar(int64_t step, double loss, double eta_s);
+  // Whether bar() would redraw now (so that the loss is fetched only then).
+  bool bar_due(int64_t step) const {
+    return bar_ && (!drawn_ || std::chrono::steady_clock::now() - last_ >= std::chrono::milliseconds(100) ||
+                    step >= total_);
+  }
   void finish() { clear_bar(); }
 
  private:

@@ -1,9 +1,11 @@
 // The diffusion training loop: one step is
 //   batch x0 (and labels) from the source -> labels dropped to the null class (classifier-free
 //   guidance) -> t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x0, t, eps) -> the objective's loss
-//   -> backward -> gradient norm (clipped) -> non-finite check -> learning rate (warmup, decay)
-//   -> Adam (+ EMA in the same pass)
-// on the model's device, with a progress line and bar, train_log.csv, checkpoints every N steps
+//   -> backward -> gradient norm (clipped) and non-finite check into a StepRecord -> learning
+//   rate (warmup, decay) -> Adam (+ EMA in the same pass; skipped on the device after a
+//   non-finite step)
+// on the model's device without waiting for it (the record is read back only for a log line, a
+// hook, a callback, a checkpoint or the bar; a NaN is reported at that read, naming its step), with a progress line and bar, train_log.csv, checkpoints every N steps
 // and on SIGINT/SIGTERM (temporary file + rename, last K kept), callbacks for sample grids and
 // evaluations, and resume that continues bit for bit: the checkpoint holds the weights, Adam's
 // moments, the EMA, the step and every random stream's position (training, label dropout, model
@@ -18,6 +20,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <limits>
@@ -216,6 +219,17 @@ class TrainerCore {
   void check_replicas();
   // The tensors every rank must hold alike: weights and buffers, the EMA, and Adam's moments.
   std::vector<Tensor<T>*> replicated(bool moments);
+  // Zeroes the log window's sums, here and in the record on the device (read just before).
+  void record_window_reset(StepRecord& rec) {
+    rec.loss_sum = rec.norm_sum = rec.steps = 0;
+    Tensor<double> h({kStepRecordSize});
+    std::memcpy(h.data(), &rec, sizeof rec);
+    record_.copy_from(h);
+  }
+  // The run met a non-finite loss or gradient norm (rec.bad_step, or on another rank): the
+  // updates from that step on were skipped on the device, so the counters go back to the last
+  // good step; the random streams do not, hence no checkpoint from this trainer afterwards.
+  [[noreturn]] void fail(const StepRecord& rec);
   // OR of `flag` over the ranks (the flag itself alone).
   bool any_rank(bool flag) {
     if (!o_.comm) return flag;
@@ -234,7 +248,8 @@ class TrainerCore {
   int64_t step_ = 0, saved_step_ = -1;
   int rank_ = 0, ranks_ = 1;
   std::unique_ptr<GradReducer<T>> reducer_;
-  bool resumed_ = false, stop_requested_ = false;
+  bool resumed_ = false, stop_requested_ = false, failed_ = false;
+  Tensor<double> record_;  // the StepRecord of run() on the model's device
   std::vector<std::pair<int64_t, std::function<void()>>> callbacks_;
   std::vector<std::pair<int64_t, std::function<std::map<std::string, double>()>>> evals_;
   std::vector<std::string> eval_columns_;
@@ -243,7 +258,27 @@ class TrainerCore {
 };
 
 template <class T>
+[[noreturn]] void TrainerCore<T>::fail(const StepRecord& rec) {
+  failed_ = true;
+  if (rec.bad_step == 0)
+    throw std::runtime_error(o_.name + ": another rank's loss or gradient norm is not finite (at or before step " +
+                             std::to_string(step_) + "); " + last_good());
+  const auto bad = static_cast<int64_t>(rec.bad_step);
+  const int64_t skipped = step_ - (bad - 1);
+  step_ = bad - 1;
+  opt_.set_steps(opt_.steps() - skipped);
+  if (o_.ema > 0) ema_.set_updates(std::max<int64_t>(ema_.updates() - skipped, 0));
+  const bool loss_bad = !step_record_finite(rec.bad_loss);
+  throw std::runtime_error(o_.name + ": " + (loss_bad ? "loss" : "gradient norm") + " is " +
+                           std::to_string(loss_bad ? rec.bad_loss : rec.bad_norm) + " at step " + std::to_string(bad) +
+                           "; no update from it on, the weights are step " + std::to_string(bad - 1) + "'s (" +
+                           last_good() + "); try a lower learning rate or clipping");
+}
+
+template <class T>
 std::string TrainerCore<T>::save() {
+  if (failed_)
+    throw std::logic_error(o_.name + ": the run stopped on a non-finite step; resume from its last checkpoint instead");
   if (o_.out.empty() || rank_ != 0) return {};
   namespace fs = std::filesystem;
   const std::string path = checkpoint_path();
@@ -294,12 +329,33 @@ TrainResult TrainerCore<T>::run() {
   const auto t_run = clock::now();
   auto t_window = t_run;
   double paused = 0, paused_window = 0;  // seconds in callbacks, not counted as training
-  double loss_sum = 0, norm_sum = 0;
-  int64_t window = 0;
+  int64_t window = 0;  // steps since the last log line
   auto trained_s = [&] { return std::chrono::duration<double>(clock::now() - t_run).count() - paused; };
   auto eta = [&] {
     const double done = static_cast<double>(step_ - res.start_step);
     return done > 0 ? trained_s() / done * static_cast<double>(o_.steps - step_) : NAN;
+  };
+
+  // What each step leaves on the device (optim/step_record.hpp), read back only when needed: a
+  // step hook, a log line, an evaluation or callback, a checkpoint, the end, the bar's redraw.
+  // So the device never waits for the host (two waits per step before: the loss and the norm),
+  // and a non-finite step is caught at the next read; Adam and the EMA skip it and every later
+  // step on the device, so the weights stay the last good step's.
+  record_ = Tensor<double>::zeros({kStepRecordSize}, dev);
+  // Read every step when someone watches every step (on every rank if on any: the loss is agreed).
+  const bool every_step = any_rank(!step_hooks_.empty());
+  StepRecord rec{};
+  auto read = [&] {
+    const Tensor<double> h = record_.cpu();  // waits for the device
+    std::memcpy(static_cast<void*>(&rec), h.data(), sizeof rec);
+  };
+  // At a point every rank reaches: stops all ranks if any saw a non-finite step.
+  auto read_checked = [&] {
+    read();
+    if (any_rank(rec.bad_step != 0)) {
+      progress.finish();
+      fail(rec);
+    }
   };
 
   // Every rank stops at the same step: a signal or request on any of them stops all.
@@ -319,28 +375,34 @@ TrainResult TrainerCore<T>::run() {
     } else {
       backward(loss);
     }
-    const double norm = clip_grad_norm(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity());
-    double lv = static_cast<double>(loss.value().cpu()[0]);
-    if (o_.comm) {  // the loss of the whole batch: the mean of the ranks' means
-      o_.comm->all_reduce(&lv, 1, ReduceOp::sum);
-      lv /= ranks_;
-    }
-    if (!std::isfinite(lv) || !std::isfinite(norm)) {
-      progress.finish();
-      throw std::runtime_error(o_.name + ": " + (std::isfinite(lv) ? "gradient norm" : "loss") + " is " +
-                               std::to_string(std::isfinite(lv) ? norm : lv) + " at step " +
-                               std::to_string(step_ + 1) + "; stopped before the update (" + last_good() +
-                               "); try a lower learning rate or clipping");
-    }
+    clip_grad_norm_recorded(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity(),
+                            loss.value(), step_ + 1, record_);
     const double lr = o_.lr_decay == LrDecay::cosine ? warmup_cosine_lr(o_.lr, step_, o_.warmup, o_.steps)
                                                      : warmup_lr(o_.lr, step_, o_.warmup);
     opt_.set_lr(lr);
-    if (o_.ema > 0) opt_.step(ema_);
-    else opt_.step();
-    ++step_;
-    loss_sum += lv, norm_sum += norm, ++window;
-    const StepInfo info{step_, lv, lr, norm};
-    for (auto& h : step_hooks_) h(info);
+    if (o_.ema > 0) opt_.step(ema_, record_);
+    else opt_.step(record_);
+    ++step_, ++window;
+
+    const bool log_now = step_ % o_.log_every == 0 || step_ == o_.steps;
+    const bool save_now = o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps;
+    bool due = every_step || log_now || save_now;
+    for (auto& [n, fn] : evals_) due = due || step_ % n == 0;
+    for (auto& [n, fn] : callbacks_) due = due || step_ % n == 0;
+    if (due) {
+      read_checked();
+      if (every_step) {
+        double lv = rec.loss;
+        if (o_.comm) {  // the loss of the whole batch: the mean of the ranks' means
+          o_.comm->all_reduce(&lv, 1, ReduceOp::sum);
+          lv /= ranks_;
+        }
+        const StepInfo info{step_, lv, lr, rec.norm};
+        for (auto& h : step_hooks_) h(info);
+      }
+    } else if (progress.bar_due(step_)) {
+      read();  // this rank's loss for the bar (no collective: only some ranks draw)
+    }
 
     // Evaluations and callbacks, on rank 0 (their time is not training time).
     std::map<std::string, double> figures;
@@ -362,25 +424,31 @@ TrainResult TrainerCore<T>::run() {
     const double cb = std::chrono::duration<double>(clock::now() - t_cb).count();
     paused += cb, paused_window += cb;
 
-    const bool log_now = step_ % o_.log_every == 0 || step_ == o_.steps;
     if (log_now) {
+      // The window's means from the record's sums (the ranks' sums added: the mean of their means).
+      double sums[2] = {rec.loss_sum, rec.norm_sum};
+      if (o_.comm) o_.comm->all_reduce(sums, 2, ReduceOp::sum);
+      const double n = std::max(rec.steps, 1.0) * ranks_;
+      const double mean_loss = sums[0] / n, mean_norm = sums[1] / n;
+      record_window_reset(rec);
       const double w = std::chrono::duration<double>(clock::now() - t_window).count() - paused_window;
       const double ips = static_cast<double>(window * o_.batch) / std::max(w, 1e-9);
       const double el = trained_s();
-      progress.line(step_, loss_sum / window, lr, norm_sum / window, ips, el, eta());
-      figures["loss"] = loss_sum / window, figures["lr"] = lr, figures["grad_norm"] = norm_sum / window;
+      progress.line(step_, mean_loss, lr, mean_norm, ips, el, eta());
+      figures["loss"] = mean_loss, figures["lr"] = lr, figures["grad_norm"] = mean_norm;
       figures["images_per_s"] = ips, figures["elapsed_s"] = el;
-      loss_sum = norm_sum = 0, window = 0, paused_window = 0;
+      window = 0, paused_window = 0;
       t_window = clock::now();
     }
     if (log_ && !figures.empty()) log_->row(step_, figures);
     stop = any_rank(signals.requested() || stop_requested_);
-    if (o_.save_every > 0 && step_ % o_.save_every == 0 && step_ < o_.steps && !stop) {
+    if (save_now && !stop) {
       check_replicas();
       res.checkpoint = save();
     }
-    progress.bar(step_, lv, eta());
+    progress.bar(step_, rec.loss, eta());
   }
+  read_checked();  // before the last checkpoint: nothing non-finite since the last read
   progress.finish();
   res.step = step_;
   res.seconds = trained_s();

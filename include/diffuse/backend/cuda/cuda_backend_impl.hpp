@@ -609,13 +609,13 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "adam");
     const Table& t = table(slots);
     const kernels::AdamStepArgs<float> k{a.step_size, a.bc2_sqrt, a.b1, a.b2, a.eps, a.lr, a.wd, a.ema_decay,
-                                         a.decoupled ? 1 : 0};
+                                         a.decoupled ? 1 : 0, a.guard};
     kernels::adam_ema_step(t.tensors(), t.chunks(), t.num_chunks, k, stream_);
   }
-  void ema_update(const std::vector<ParamSlot>& slots, float decay) override {
+  void ema_update(const std::vector<ParamSlot>& slots, float decay, const StepRecord* guard) override {
     cuda::ProfileScope ps(prof_, "ema");
     const Table& t = table(slots);
-    kernels::ema_step(t.tensors(), t.chunks(), t.num_chunks, decay, stream_);
+    kernels::ema_step(t.tensors(), t.chunks(), t.num_chunks, decay, stream_, 256, 4096, guard);
   }
   double grad_sq_norm(const std::vector<ParamSlot>& slots) override {
     cuda::ProfileScope ps(prof_, "grad norm");
@@ -632,6 +632,15 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "grad scale");
     const Table& t = table(slots);
     kernels::grad_scale(t.tensors(), t.chunks(), t.num_chunks, c, stream_);
+  }
+  void grad_clip_recorded(const std::vector<ParamSlot>& slots, double max_norm, const float* loss, std::int64_t step,
+                          StepRecord* record) override {
+    cuda::ProfileScope ps(prof_, "grad clip");
+    const Table& t = table(slots);
+    double* part = static_cast<double*>(scratch(static_cast<std::size_t>(t.num_chunks) * sizeof(double)));
+    kernels::grad_sq_partials(t.tensors(), t.chunks(), t.num_chunks, part, stream_);
+    kernels::step_record_finish(part, t.num_chunks, loss, max_norm, step, record, stream_);
+    kernels::grad_scale_recorded(t.tensors(), t.chunks(), t.num_chunks, record, stream_);
   }
 
  private:
