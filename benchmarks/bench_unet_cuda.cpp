@@ -99,6 +99,50 @@ BENCHMARK(BM_unet_train_step)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
 
+// The whole product loop: the library's Trainer (noise and timesteps drawn, q_sample, the loss,
+// clipping, Adam + EMA, the step record) over 20 steps of random images from host memory, read
+// back only at the end (the loop's one wait: no log line, hook or checkpoint in between), so the
+// host queues step after step while the device runs: images per second of the loop as a user
+// runs it. Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32, 2 = BF16).
+void BM_unet_train_loop(benchmark::State& state) {
+  const bool cifar = state.range(0) == 1;
+  const std::int64_t B = state.range(1);
+  const auto math = static_cast<MathMode>(state.range(2));
+  backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
+  be.set_math_mode(math);
+  be.set_attention_kernel(AttentionKernel::Full);
+  be.set_conv_search(true, false);
+  const UNetConfig c = cifar ? UNetConfig::cifar10() : UNetConfig::mnist16();
+  Generator g(1234);
+  UNet<float> net(c, g);
+  net.to(Device::CUDA);
+  TensorDataset<float> data(Tensor<float>::randn({512, c.resolution, c.resolution, c.in_ch}, g));
+  const int steps = 20;
+  auto run = [&] {
+    TrainOptions o;
+    o.steps = steps, o.batch = B, o.lr = 2e-4, o.clip = 1.0, o.ema = 0.9999, o.log = nullptr, o.log_every = steps;
+    o.handle_signals = false;
+    Trainer<float, UNet<float>> tr(net, NoiseSchedule::linear(cifar ? 1000 : 200), data, o);
+    const auto s = std::chrono::steady_clock::now();
+    tr.run();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
+  };
+  run();  // plans, caches, the allocator
+  for (auto _ : state) state.SetIterationTime(run());
+  state.counters["img_per_s"] =
+      benchmark::Counter(static_cast<double>(B * steps * state.iterations()), benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + " " + math_mode_name(math) +
+                 " conv timed, Trainer loop of 20 steps (clip, Adam + EMA)");
+}
+BENCHMARK(BM_unet_train_loop)
+    ->Args({0, 128, 1})
+    ->Args({1, 128, 1})
+    ->Args({0, 128, 2})
+    ->Args({1, 128, 2})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+
 // --profile: device time per backend entry over 5 steps of each configuration, beside the wall time.
 void profile(std::int64_t B) {
   static const char* conv_name[] = {"conv heuristic", "conv timed", "conv timed+fft/winograd"};
