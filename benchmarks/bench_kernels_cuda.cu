@@ -15,6 +15,7 @@
 #include "kernels/elementwise.cuh"
 #include "kernels/flash_attention.cuh"
 #include "kernels/group_norm.cuh"
+#include "kernels/image.cuh"
 #include "kernels/reduce_sum.cuh"
 #include "kernels/silu.cuh"
 
@@ -79,37 +80,64 @@ void BM_device_copy(benchmark::State& state) {
 }
 BENCHMARK(BM_device_copy)->UseManualTime();
 
-// GroupNorm + SiLU at the U-Net's sizes: {N, HW, C, G, backward}.
+// GroupNorm + SiLU at the U-Net's sizes: {N, HW, C, G, backward, dropout}. dropout 0: none; 1:
+// p = 0.1 fused (group_norm_dropout: the keep bits drawn, then applied inside the normalisation's
+// kernels; the backward masks dy as it reads it); 2: p = 0.1 as two ops (group_norm, then the
+// dropout kernel; backward: dropout's, then group_norm's), what 1 replaced.
 void BM_group_norm_silu(benchmark::State& state) {
   const std::int64_t N = state.range(0), HW = state.range(1), C = state.range(2), G = state.range(3);
   const bool bwd = state.range(4) == 1;
+  const int drop = static_cast<int>(state.range(5));
   const auto n = static_cast<std::size_t>(N * HW * C);
+  const double p = 0.1;
+  const diffuse::DrawPos at(12345, 0);
+  const std::uint64_t seed = 7;
+  const float scale = 1.0f / 0.9f;
   Stream s;
   DeviceBuffer<float> x = filled(n), y(n), dy = filled(n, 0.1f), dx(n), gamma = filled(static_cast<std::size_t>(C)),
                       beta = filled(static_cast<std::size_t>(C)), dg(static_cast<std::size_t>(C)),
                       db(static_cast<std::size_t>(C)), mean(static_cast<std::size_t>(N * G)),
-                      rstd(static_cast<std::size_t>(N * G));
+                      rstd(static_cast<std::size_t>(N * G)), tmp(drop == 2 ? n : 1);
+  DeviceBuffer<std::uint32_t> keep((n + 31) / 32);
   dg.fill_bytes_async(0, s);
   db.fill_bytes_async(0, s);
   DeviceBuffer<unsigned char> ws(diffuse::kernels::group_norm_workspace_bytes(N, HW, C, G));
+  const std::uint32_t* k = drop == 1 ? keep.data() : nullptr;
+  diffuse::kernels::dropout_bits(keep.data(), static_cast<std::int64_t>(n), p, seed, at, s);
   diffuse::kernels::group_norm_forward(x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(), N, HW,
                                        C, G, 1e-6f, true, ws.data(), s);
   time_cold(state, s, [&] {
-    if (bwd)
-      diffuse::kernels::group_norm_backward(dy.data(), x.data(), gamma.data(), beta.data(), mean.data(), rstd.data(),
-                                            dx.data(), dg.data(), db.data(), N, HW, C, G, true, false, ws.data(), s);
-    else
-      diffuse::kernels::group_norm_forward(x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(), N,
-                                           HW, C, G, 1e-6f, true, ws.data(), s);
+    if (bwd) {
+      const float* g = dy.data();
+      if (drop == 2) {
+        diffuse::kernels::dropout_backward(dy.data(), tmp.data(), static_cast<std::int64_t>(n), p, seed, at, false, s);
+        g = tmp.data();
+      }
+      diffuse::kernels::group_norm_backward(g, x.data(), gamma.data(), beta.data(), mean.data(), rstd.data(), dx.data(),
+                                            false, dg.data(), true, db.data(), true, N, HW, C, G, true, ws.data(), s, 0,
+                                            65535, k, scale);
+    } else {
+      if (drop == 1) diffuse::kernels::dropout_bits(keep.data(), static_cast<std::int64_t>(n), p, seed, at, s);
+      diffuse::kernels::group_norm_forward(x.data(), gamma.data(), beta.data(), drop == 2 ? tmp.data() : y.data(),
+                                           mean.data(), rstd.data(), N, HW, C, G, 1e-6f, true, ws.data(), s, 0, 65535,
+                                           k, scale);
+      if (drop == 2)
+        diffuse::kernels::dropout_forward(tmp.data(), y.data(), static_cast<std::int64_t>(n), p, seed, at, s);
+    }
   });
   // The least traffic: forward reads x and writes y; backward reads dy and x and writes dx.
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * (bwd ? 3 : 2) * n * sizeof(float)));
+  state.SetLabel(drop == 0 ? "" : drop == 1 ? "dropout 0.1 fused" : "dropout 0.1 as its own kernel");
 }
 BENCHMARK(BM_group_norm_silu)
-    ->Args({128, 32 * 32, 128, 32, 0})
-    ->Args({128, 32 * 32, 128, 32, 1})
-    ->Args({128, 16 * 16, 256, 32, 0})
-    ->Args({128, 16 * 16, 256, 32, 1})
+    ->Args({128, 32 * 32, 128, 32, 0, 0})
+    ->Args({128, 32 * 32, 128, 32, 1, 0})
+    ->Args({128, 16 * 16, 256, 32, 0, 0})
+    ->Args({128, 16 * 16, 256, 32, 1, 0})
+    ->Args({128, 32 * 32, 128, 32, 0, 1})
+    ->Args({128, 32 * 32, 128, 32, 0, 2})
+    ->Args({128, 32 * 32, 128, 32, 1, 1})
+    ->Args({128, 32 * 32, 128, 32, 1, 2})
     ->UseManualTime();
 
 // Attention forward + backward (dq, dk, dv): {N, L, C, heads}; FLOP/s of the four GEMM pairs.

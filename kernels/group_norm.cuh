@@ -1,7 +1,9 @@
 // GroupNorm on the device, optionally fused with SiLU: the CPU backend's diffuse::group_norm
 // (include/diffuse/ops/group_norm.hpp), torch.nn.GroupNorm on NHWC x [N, HW, C], gamma and beta [C].
 // Per (sample n, group g): mean and biased variance over HW * Cg values (Cg = C / G), then
-//   y = (x - mean) * (rstd * gamma) + beta,  rstd = 1 / sqrt(var + eps),  and y * sigmoid(y) with silu.
+//   y = (x - mean) * (rstd * gamma) + beta,  rstd = 1 / sqrt(var + eps),  and y * sigmoid(y) with silu,
+// and, given a keep mask (bits, image.cuh's dropout_bits), dropout after it: the op
+// group_norm_dropout, whose backward masks dy as it reads it (no pass of dropout's own).
 // The backward, with dyv = dy (times SiLU'(y) when fused) and xhat = (x - mean) * rstd:
 //   dbeta[c] += sum_{n,p} dyv,  dgamma[c] += sum_{n,p} dyv * xhat,
 //   dx = rstd * (gamma * dyv - k1 - xhat * k2),  k1 = mean_g(gamma * dyv), k2 = mean_g(gamma * dyv * xhat).
@@ -137,6 +139,13 @@ struct XDy {
   float x, dy;
 };
 
+// Dropout fused into the op (group_norm_dropout): element i kept when bit i of `keep` is set
+// (bit i % 32 of word i / 32, dropout_bits in image.cuh), then scaled; no mask: v unchanged.
+__device__ __forceinline__ float keep_or_zero(const std::uint32_t* keep, std::int64_t i, float v, float scale) {
+  if (!keep) return v;
+  return (keep[i >> 5] >> (i & 31)) & 1u ? v * scale : 0.0f;
+}
+
 // Sum over the block (blockDim.x a multiple of 32), the same value returned to every thread.
 // sh: 33 floats of shared memory.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
@@ -240,7 +249,8 @@ __global__ void group_norm_combine_kernel(const F* __restrict__ part_mean, const
 template <class T, bool kSilu>
 __global__ void group_norm_apply_kernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                                         const float* __restrict__ mean, const float* __restrict__ rstd,
-                                        T* __restrict__ y, GroupNormGrid pl) {
+                                        T* __restrict__ y, GroupNormGrid pl, const std::uint32_t* __restrict__ keep,
+                                        float keep_scale) {
   for (std::int64_t t = blockIdx.x; t < pl.tasks(); t += gridDim.x) {
     const group_norm_detail::Task tk = group_norm_detail::task_of(pl, t);
     if (!tk.valid) continue;
@@ -252,7 +262,7 @@ __global__ void group_norm_apply_kernel(const T* __restrict__ x, const T* __rest
         [&](std::int64_t p, float xv) {
           float v = (xv - m) * a + b;
           if constexpr (kSilu) v = v * group_norm_detail::sigmoid(v);
-          y[off + p * pl.C] = static_cast<T>(v);
+          y[off + p * pl.C] = static_cast<T>(group_norm_detail::keep_or_zero(keep, off + p * pl.C, v, keep_scale));
         });
   }
 }
@@ -280,7 +290,8 @@ template <class T, bool kSilu>
 __global__ void group_norm_grad_partials_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                 const T* __restrict__ gamma, const T* __restrict__ beta,
                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
-                                                float* __restrict__ part1, float* __restrict__ part2, GroupNormGrid pl) {
+                                                float* __restrict__ part1, float* __restrict__ part2, GroupNormGrid pl,
+                                                const std::uint32_t* __restrict__ keep, float keep_scale) {
   DIFFUSE_SHARED(float, s1, kGroupNormTaskThreads);
   DIFFUSE_SHARED(float, s2, kGroupNormTaskThreads);
   const std::int64_t ty = threadIdx.y, by = blockDim.y, slot = ty * blockDim.x + threadIdx.x;
@@ -295,7 +306,9 @@ __global__ void group_norm_grad_partials_kernel(const T* __restrict__ dy, const 
       group_norm_detail::for_pixels(
           tk.p0, tk.p1, ty, by,
           [&](std::int64_t p) {
-            return group_norm_detail::XDy{static_cast<float>(x[off + p * pl.C]), static_cast<float>(dy[off + p * pl.C])};
+            const std::int64_t i = off + p * pl.C;
+            return group_norm_detail::XDy{static_cast<float>(x[i]),
+                                          group_norm_detail::keep_or_zero(keep, i, static_cast<float>(dy[i]), keep_scale)};
           },
           [&](std::int64_t, group_norm_detail::XDy v) {
             const float d = group_norm_detail::dy_pre<kSilu>(v.dy, v.x, m, a, b);
@@ -387,7 +400,8 @@ __global__ void group_norm_grad_input_kernel(const T* __restrict__ dy, const T* 
                                              const T* __restrict__ gamma, const T* __restrict__ beta,
                                              const float* __restrict__ mean, const float* __restrict__ rstd,
                                              const float* __restrict__ k1, const float* __restrict__ k2,
-                                             T* __restrict__ dx, GroupNormGrid pl, bool accumulate) {
+                                             T* __restrict__ dx, GroupNormGrid pl, bool accumulate,
+                                             const std::uint32_t* __restrict__ keep, float keep_scale) {
   for (std::int64_t t = blockIdx.x; t < pl.tasks(); t += gridDim.x) {
     const group_norm_detail::Task tk = group_norm_detail::task_of(pl, t);
     if (!tk.valid) continue;
@@ -398,7 +412,9 @@ __global__ void group_norm_grad_input_kernel(const T* __restrict__ dy, const T* 
     group_norm_detail::for_pixels(
         tk.p0, tk.p1, threadIdx.y, blockDim.y,
         [&](std::int64_t p) {
-          return group_norm_detail::XDy{static_cast<float>(x[off + p * pl.C]), static_cast<float>(dy[off + p * pl.C])};
+          const std::int64_t i = off + p * pl.C;
+          return group_norm_detail::XDy{static_cast<float>(x[i]),
+                                        group_norm_detail::keep_or_zero(keep, i, static_cast<float>(dy[i]), keep_scale)};
         },
         [&](std::int64_t p, group_norm_detail::XDy u) {
           const std::int64_t i = off + p * pl.C;
@@ -428,7 +444,8 @@ template <class T>
 inline void group_norm_forward(const T* x, const T* gamma, const T* beta, T* y, float* mean, float* rstd,
                                std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
                                void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
-                               unsigned max_blocks = 65535) {
+                               unsigned max_blocks = 65535, const std::uint32_t* keep = nullptr,
+                               float keep_scale = 1.0f) {
   const GroupNormGrid pl = group_norm_grid(N, HW, C, G, chunk_pixels);
   group_norm_detail::check_max_blocks("group_norm_forward", max_blocks);
   if (!(eps > 0.0f)) throw std::invalid_argument("group_norm_forward: eps must be positive");
@@ -444,10 +461,10 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, T* y, 
   if (pl.tasks() == 0) return;
   if (silu)
     cuda::launch(group_norm_apply_kernel<T, true>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0, stream,
-                 x, gamma, beta, mean, rstd, y, pl);
+                 x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
   else
     cuda::launch(group_norm_apply_kernel<T, false>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0,
-                 stream, x, gamma, beta, mean, rstd, y, pl);
+                 stream, x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
 }
 
 // The backward of group_norm_forward from dy [N, HW, C] and the forward's x, gamma, beta, mean and
@@ -459,7 +476,8 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
                                 const float* rstd, T* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                                 bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
                                 bool silu, void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
-                                unsigned max_blocks = 65535) {
+                                unsigned max_blocks = 65535, const std::uint32_t* keep = nullptr,
+                                float keep_scale = 1.0f) {
   const GroupNormGrid pl = group_norm_grid(N, HW, C, G, chunk_pixels);
   group_norm_detail::check_max_blocks("group_norm_backward", max_blocks);
   if (pl.tasks() == 0) return;  // no values: no gradient to add or write
@@ -471,10 +489,10 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
   const dim3 grid = group_norm_detail::grid_of(pl.tasks(), max_blocks);
   if (silu)
     cuda::launch(group_norm_grad_partials_kernel<T, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
-                 p2, pl);
+                 p2, pl, keep, keep_scale);
   else
     cuda::launch(group_norm_grad_partials_kernel<T, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
-                 p2, pl);
+                 p2, pl, keep, keep_scale);
   cuda::launch(group_norm_grad_combine_kernel<T>, group_norm_detail::grid_of(N * G, max_blocks),
                dim3(kGroupNormGroupThreads), 0, stream, gamma, p1, p2, k1, k2, pl);
   if (dgamma || dbeta)
@@ -484,10 +502,10 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
   if (!dx) return;
   if (silu)
     cuda::launch(group_norm_grad_input_kernel<T, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
-                 dx, pl, acc_dx);
+                 dx, pl, acc_dx, keep, keep_scale);
   else
     cuda::launch(group_norm_grad_input_kernel<T, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
-                 dx, pl, acc_dx);
+                 dx, pl, acc_dx, keep, keep_scale);
 }
 
 // The same with dgamma and dbeta always accumulated (parameter gradients) and dx required.

@@ -197,6 +197,28 @@ __global__ void dropout_kernel(const T* __restrict__ in, T* __restrict__ out, st
   }
 }
 
+// The keep mask of the same draws as bits, for kernels that apply dropout inside their own pass
+// (group_norm_dropout: group_norm.cuh): bit i % 32 of word i / 32 set when element i is kept.
+// One thread per word: the (up to 9) Philox blocks under its 32 elements.
+template <class W>
+__global__ void dropout_bits_kernel(W* __restrict__ bits, std::int64_t n, std::uint64_t seed, DrawPos at,
+                                    double keep_below) {
+  const std::int64_t words = (n + 31) / 32;
+  const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
+  for (std::int64_t w = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; w < words; w += stride) {
+    const std::int64_t i0 = 32 * w, i1 = i0 + 32 < n ? i0 + 32 : n;
+    W word = 0;
+    std::uint64_t have = ~std::uint64_t(0);
+    Philox4 b{};
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const std::uint64_t e = at.first + static_cast<std::uint64_t>(i), blk = e / 4;
+      if (blk != have) b = philox4x32_10(at.offset + blk, seed), have = blk;
+      if (static_cast<double>(uint_to_uniform(b.v[e % 4])) < keep_below) word |= W(1) << (i - i0);
+    }
+    bits[w] = word;
+  }
+}
+
 namespace detail {
 inline void dropout_check(const char* op, std::int64_t n, double p) {
   if (n < 0) throw std::invalid_argument(std::string(op) + ": negative n");
@@ -232,6 +254,15 @@ inline void dropout_backward(const T* dy, T* dx, std::int64_t n, double p, std::
   if (n == 0) return;
   cuda::launch(dropout_kernel<T>, grid, dim3(block), 0, stream, dy, dx, n, seed, at, 1.0 - p,
                detail::dropout_scale(p), accumulate);
+}
+
+// bits[(n + 31) / 32] = dropout's keep mask for n elements at (seed, at) (see dropout_bits_kernel).
+inline void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, DrawPos at,
+                         cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
+  detail::dropout_check("dropout_bits", n, p);
+  if (n == 0) return;
+  const dim3 grid = detail::image_grid("dropout_bits", (n + 31) / 32, block, max_blocks);
+  cuda::launch(dropout_bits_kernel<std::uint32_t>, grid, dim3(block), 0, stream, bits, n, seed, at, 1.0 - p);
 }
 
 }  // namespace diffuse::kernels

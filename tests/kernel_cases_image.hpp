@@ -207,6 +207,47 @@ TEST_CASE("kernel image dropout of a data-parallel rank's share is that share of
   }
 }
 
+// The mask as bits (group_norm_dropout's): bit i set exactly where the CPU's dropout keeps
+// element i, for offsets inside a Philox block, a rank's share (first != 0) and awkward n.
+TEST_CASE("kernel image dropout_bits holds the CPU dropout's mask") {
+  using namespace diffuse::testing;
+  using namespace diffuse::testing::image_cases;
+  namespace k = diffuse::kernels;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  for (const double p : {0.1, 0.5, 1.0}) {
+    for (const std::int64_t n : {1, 31, 32, 33, 66, 1001, 4099}) {
+      for (const std::uint32_t parts : {1u, 3u}) {
+        for (const Launch L : launches()) {
+          const std::uint32_t part = parts - 1;  // the last share: first = part * n, no multiple of 4 for odd n
+          const std::size_t un = static_cast<std::size_t>(n), whole = un * parts;
+          const std::uint64_t s = gen(), off = 4 * (gen() >> 40) + 1 + gen() % 3;
+          INFO("p " << p << " n " << n << " part " << part << " of " << parts << " block " << L.block);
+          const std::vector<float> x = randn(gen, whole), dy = randn(gen, whole);
+          const DropoutRef ref = cpu_dropout(x, dy, p, s, off, nullptr);  // x is never 0: y != 0 is the mask
+          diffuse::Generator g(s, off);
+          g.part = part, g.parts = parts;
+          const diffuse::DrawPos at = g.take(un);
+          const std::size_t words = (un + 31) / 32;
+          DeviceBuffer<std::uint32_t> bits(words);  // filled with 1 bits: a word never written shows
+          k::dropout_bits(bits.get(), n, p, s, at, {}, L.block, L.max_blocks);
+          const std::vector<std::uint32_t> b = bits.to_host();
+          std::size_t wrong = 0, kept = 0;
+          for (std::size_t i = 0; i < un; ++i) {
+            const bool bit = (b[i / 32] >> (i % 32)) & 1u;
+            kept += bit;
+            wrong += bit != (ref.y[part * un + i] != 0.0f);
+          }
+          for (std::size_t i = un; i < 32 * words; ++i) wrong += (b[i / 32] >> (i % 32)) & 1u;  // no bits past n
+          CHECK(wrong == 0);
+          if (p == 1.0) CHECK(kept == 0);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("kernel image timestep_embedding matches the CPU timestep_embedding") {
   using namespace diffuse::testing;
   using namespace diffuse::testing::image_cases;

@@ -227,6 +227,23 @@ TEST_CASE("backend ops: upsample, dropout, add_channel_bias, attention") {
              return dropout(v[0], 0.3, d, true);
            },
            inputs_of({randn_t({4, 33}, g)}));
+  // group_norm_dropout: on the CPU the two ops, on the device one (the mask as bits inside the
+  // normalisation's kernels); a rank's share of the draw (first = n: inside a Philox block).
+  for (const uint32_t parts : {1u, 2u}) {
+    check_op("group_norm + silu + dropout 0.3, " + std::to_string(parts) + " part(s)",
+             [seed, parts](const auto& v) {
+               Generator d(seed, 9);
+               d.part = parts - 1, d.parts = parts;
+               return group_norm_dropout(v[0], v[1], v[2], 4, 1e-6, true, 0.3, d);
+             },
+             inputs_of({randn_t({3, 5, 3, 12}, g), randn_t({12}, g), randn_t({12}, g)}), 2e-5);
+  }
+  check_op("group_norm + dropout 0.5 (no SiLU)",
+           [seed](const auto& v) {
+             Generator d(seed, 2);
+             return group_norm_dropout(v[0], v[1], v[2], 2, 1e-5, false, 0.5, d);
+           },
+           inputs_of({randn_t({2, 7, 5, 6}, g), randn_t({6}, g), randn_t({6}, g)}), 2e-5);
   check_op("add_channel_bias", [](const auto& v) { return add_channel_bias(v[0], v[1]); },
            inputs_of({randn_t({3, 4, 5, 6}, g), randn_t({3, 6}, g)}));
   // Both device kernels: the full-matrix reference and the fused (flash) one, whose blocks of 16

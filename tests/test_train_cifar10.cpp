@@ -262,7 +262,7 @@ TEST_CASE("train_cifar10: FID during training, on the CPU and on the emulated CU
     std::ifstream in(work / "train.npz", std::ios::binary);
     const std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::ofstream(work / "cut.npz", std::ios::binary).write(whole.data(), static_cast<std::streamsize>(whole.size() / 2));
-    for (const fs::path bad : {work / "cut.npz", work / "calib.npy"}) {
+    for (const fs::path& bad : {work / "cut.npz", work / "calib.npy"}) {
       const fs::path o = work / ("bad_" + bad.stem().string());
       REQUIRE(run(kTrain + " --data " + q(work / "data" / "archive") + " --preset tiny --batch 4 --steps 1 --fid-every 1" +
                       " --fid-stats " + q(bad) + " --fid-weights " + q(work / "inception.safetensors") +

@@ -186,12 +186,16 @@ class CudaBackend {
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
                                bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db) = 0;
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.
+  // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
+  // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.
   virtual void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
-                          std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu) = 0;
+                          std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
+                          const std::uint32_t* keep = nullptr, float keep_scale = 1.0f) = 0;
   virtual void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, float* dx, bool acc_dx, float* dgamma,
                                    bool acc_gamma, float* dbeta, bool acc_beta, std::int64_t N, std::int64_t HW,
-                                   std::int64_t C, std::int64_t G, bool silu) = 0;
+                                   std::int64_t C, std::int64_t G, bool silu, const std::uint32_t* keep = nullptr,
+                                   float keep_scale = 1.0f) = 0;
   // y = layer_norm over the last dimension C of `rows` rows (gamma, beta [C] may be null: no
   // affine); mean, rstd [rows] kept.
   virtual void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
@@ -209,6 +213,9 @@ class CudaBackend {
                        std::uint64_t first) = 0;
   virtual void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed,
                                 std::uint64_t off, std::uint64_t first, bool acc) = 0;
+  // The same keep mask as bits: bits[(n + 31) / 32], bit i % 32 of word i / 32 set when element i is kept.
+  virtual void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+                            std::uint64_t first) = 0;
   // y = x + b[n, :] over the HW pixels of image n; backward db (+)= sum over pixels.
   virtual void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                                 std::int64_t C) = 0;

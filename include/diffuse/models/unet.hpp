@@ -94,8 +94,7 @@ class ResBlock : public Module<T> {
   Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
     const Var<T> t = temb_proj(temb_act);
     Var<T> h = conv1(norm1(x, true), t, Var<T>());
-    h = norm2(h, true);
-    if (rng && dropout_ > 0) h = dropout(h, dropout_, *rng, true);
+    h = rng && dropout_ > 0 ? norm2(h, true, dropout_, *rng) : norm2(h, true);  // + SiLU (+ dropout), one op
     const Var<T> s = skip ? (*skip)(x) : x;
     return conv2(h, Var<T>(), s);
   }

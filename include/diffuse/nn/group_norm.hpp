@@ -25,6 +25,10 @@ class GroupNorm : public Module<T> {
   Var<T> operator()(const Var<T>& x, bool silu = false) const {
     return group_norm(x, weight, bias, groups_, eps_, silu);
   }
+  // Then dropout(., p, gen, true), fused (group_norm_dropout: the same numbers as the two ops).
+  Var<T> operator()(const Var<T>& x, bool silu, double p, Generator& gen) const {
+    return group_norm_dropout(x, weight, bias, groups_, eps_, silu, p, gen);
+  }
 
   Var<T> weight, bias;
 

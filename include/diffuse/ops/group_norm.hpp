@@ -1,5 +1,6 @@
 // group_norm(x, gamma, beta, groups, eps, silu): torch.nn.GroupNorm on NHWC images, with SiLU
-// fused when asked (the U-Net's norm + activation), on the device of its operands.
+// fused when asked (the U-Net's norm + activation), on the device of its operands; and
+// group_norm_dropout: the same followed by dropout, fused on the device.
 #pragma once
 
 #include <algorithm>
@@ -9,8 +10,10 @@
 #include <type_traits>
 #include <vector>
 
-#include <diffuse/ops/nhwc.hpp>
+#include <diffuse/core/rng.hpp>
 #include <diffuse/ops/common.hpp>
+#include <diffuse/ops/dropout.hpp>
+#include <diffuse/ops/nhwc.hpp>
 
 namespace diffuse {
 
@@ -59,16 +62,21 @@ using RowArr = Eigen::Array<T, 1, Eigen::Dynamic>;
 }  // namespace detail
 
 namespace detail {
+// keep: dropout's mask as bits (group_norm_dropout; undefined: none), applied with keep_scale.
 inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, const Var<float>& beta, int64_t groups,
-                                  double eps, bool silu) {
+                                  double eps, bool silu, Tensor<std::uint8_t> keep = {}, float keep_scale = 1.0f) {
   backend::CudaBackend& be = backend::require_cuda("group_norm");
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   Tensor<float> out(x.shape(), Device::CUDA);
   Tensor<float> stats({2 * N * groups}, Device::CUDA);  // mean, then rstd, per (sample, group)
+  auto bits = [](const Tensor<std::uint8_t>& k) {
+    return k.defined() ? reinterpret_cast<const std::uint32_t*>(k.data()) : nullptr;
+  };
   be.group_norm(x.value().data(), gamma.value().data(), beta.value().data(), out.data(), stats.data(),
-                stats.data() + N * groups, N, HW, C, groups, static_cast<float>(eps), silu);
-  return make_result<float>(std::move(out), {&x, &gamma, &beta}, [x, gamma, beta, stats, N, HW, C, groups, silu]() {
-    return [x, gamma, beta, stats, N, HW, C, groups, silu](const Tensor<float>& g) {
+                stats.data() + N * groups, N, HW, C, groups, static_cast<float>(eps), silu, bits(keep), keep_scale);
+  return make_result<float>(std::move(out), {&x, &gamma, &beta},
+                            [x, gamma, beta, stats, N, HW, C, groups, silu, keep, keep_scale, bits]() {
+    return [x, gamma, beta, stats, N, HW, C, groups, silu, keep, keep_scale, bits](const Tensor<float>& g) {
       GradSink<float> sx{}, sg{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
       if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
@@ -76,7 +84,7 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
       backend::cuda_backend()->group_norm_backward(g.data(), x.value().data(), gamma.value().data(), beta.value().data(),
                                                    stats.data(), stats.data() + N * groups, sx.data, sx.accumulate,
                                                    sg.data, sg.accumulate, sb.data, sb.accumulate, N, HW, C, groups,
-                                                   silu);
+                                                   silu, bits(keep), keep_scale);
     };
   });
 }
@@ -86,11 +94,11 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
 // gamma and beta [C]. Per (sample, group): mean and biased variance over
 // H * W * (C / groups) values, accumulated in double. With silu = true it
 // returns SiLU(group_norm(x)) as one op (the U-Net's norm + activation).
+namespace detail {
 template <class T>
-Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
-                  bool silu = false) {
+void check_group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps) {
   detail::require_nhwc("group_norm", x.shape());
-  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+  const int64_t C = x.size(3);
   if (groups <= 0 || C % groups != 0)
     throw std::invalid_argument("diffuse: group_norm: " + std::to_string(C) + " channels cannot be split into " +
                                 std::to_string(groups) + " groups (C % groups must be 0)");
@@ -99,6 +107,20 @@ Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int6
       throw std::invalid_argument("diffuse: group_norm: gamma and beta must have shape [" + std::to_string(C) +
                                   "], got " + (v->defined() ? shape_str(v->shape()) : std::string("undefined")));
   if (!(eps > 0)) throw std::invalid_argument("diffuse: group_norm: eps must be positive");
+}
+// The operands' device, once they are checked.
+template <class T>
+Device checked_group_norm_device(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps) {
+  check_group_norm(x, gamma, beta, groups, eps);
+  return op_device("group_norm", {&x, &gamma, &beta});
+}
+}  // namespace detail
+
+template <class T>
+Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
+                  bool silu = false) {
+  detail::check_group_norm(x, gamma, beta, groups, eps);
+  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   if (detail::op_device("group_norm", {&x, &gamma, &beta}) == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu);
     else detail::cuda_float_only("group_norm");
@@ -271,5 +293,37 @@ Var<T> group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int6
 // Compiled once for float where diffuse::diffuse is used (core/config.hpp).
 DIFFUSE_FLOAT_INSTANCE(Var<float> group_norm<float>(const Var<float>& x, const Var<float>& gamma,
     const Var<float>& beta, int64_t groups, double eps, bool silu))
+
+// dropout(group_norm(x, gamma, beta, groups, eps, silu), p, gen, true) as one op: the ResBlock's
+// norm + SiLU + dropout. The same draws from gen, the same mask and the same numbers as the two
+// ops. On the device the mask is drawn once as bits (n / 8 bytes, kept for the backward) and
+// applied inside the normalisation's own passes, forward and backward, so dropout costs no pass
+// over the activations and its output is not kept; on the CPU it is the two ops. p == 0: group_norm.
+template <class T>
+Var<T> group_norm_dropout(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps,
+                          bool silu, double p, Generator& gen) {
+  if (!(p >= 0.0 && p <= 1.0))
+    throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(p));
+  if (p > 0.0 && detail::checked_group_norm_device(x, gamma, beta, groups, eps) == Device::CUDA) {
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t n = x.value().numel();
+      const uint64_t seed = gen.seed;
+      const DrawPos at = gen.take(static_cast<uint64_t>(n));  // as dropout() takes them
+      Tensor<std::uint8_t> keep({4 * ((n + 31) / 32)}, Device::CUDA);
+      backend::require_cuda("group_norm").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed,
+                                                       at.offset, at.first);
+      const float scale = p >= 1.0 ? 0.0f : 1.0f / static_cast<float>(1.0 - p);  // dropout()'s scale
+      return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu, std::move(keep), scale);
+    } else {
+      detail::cuda_float_only("group_norm");
+    }
+  }
+  const Var<T> y = group_norm(x, gamma, beta, groups, eps, silu);
+  return p == 0.0 ? y : dropout(y, p, gen, true);
+}
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> group_norm_dropout<float>(const Var<float>& x, const Var<float>& gamma,
+    const Var<float>& beta, int64_t groups, double eps, bool silu, double p, Generator& gen))
 
 }  // namespace diffuse

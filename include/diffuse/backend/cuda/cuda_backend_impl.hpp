@@ -435,23 +435,26 @@ class CudaBackendImpl final : public CudaBackend {
     }
   }
   void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
-                  std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu) override {
-    cuda::ProfileScope ps(prof_, silu ? "group_norm+silu" : "group_norm");
+                  std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
+                  const std::uint32_t* keep, float keep_scale) override {
+    cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout" : silu ? "group_norm+silu" : "group_norm");
     kernels::group_norm_forward(x, gamma, beta, y, mean, rstd, N, HW, C, G, eps, silu,
-                                scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_);
+                                scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_, 0, 65535, keep,
+                                keep_scale);
   }
   void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta, const float* mean,
                            const float* rstd, float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                            bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
-                           bool silu) override {
-    cuda::ProfileScope ps(prof_, silu ? "group_norm+silu bwd" : "group_norm bwd");
+                           bool silu, const std::uint32_t* keep, float keep_scale) override {
+    cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout bwd" : silu ? "group_norm+silu bwd" : "group_norm bwd");
     if (N * HW == 0) {  // no values: the parameters' gradients are sums over nothing
       if (dgamma && !acc_gamma) kernels::fill(dgamma, C, 0.0f, stream_);
       if (dbeta && !acc_beta) kernels::fill(dbeta, C, 0.0f, stream_);
       return;
     }
     kernels::group_norm_backward(dy, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N, HW,
-                                 C, G, silu, scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_);
+                                 C, G, silu, scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_, 0,
+                                 65535, keep, keep_scale);
   }
   void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                   std::int64_t rows, std::int64_t C, float eps) override {
@@ -484,6 +487,11 @@ class CudaBackendImpl final : public CudaBackend {
                         std::uint64_t first, bool acc) override {
     cuda::ProfileScope ps(prof_, "dropout bwd");
     kernels::dropout_backward(g, dx, n, p, seed, DrawPos(off, first), acc, stream_);
+  }
+  void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
+                    std::uint64_t first) override {
+    cuda::ProfileScope ps(prof_, "dropout bits");
+    kernels::dropout_bits(bits, n, p, seed, DrawPos(off, first), stream_);
   }
   void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                         std::int64_t C) override {
