@@ -130,7 +130,7 @@ class AttnBlock : public Module<T> {
     const Shape tokens{s[0], s[1] * s[2], s[3]};
     Var<T> h = norm(x);
     Var<T> a = attention(reshape(q(h), tokens), reshape(k(h), tokens), reshape(v(h), tokens), static_cast<int>(heads_));
-    return add(x, proj(reshape(a, s)));
+    return proj(reshape(a, s), Var<T>(), x);  // x + proj(a): the residual in the convolution's epilogue
   }
 
   GroupNorm<T> norm;
