@@ -255,6 +255,9 @@ TEST_CASE("trainer: progress line every N steps, a bar only when asked or on a t
     // A temporary file is no terminal: no bar unless asked for.
     CHECK((s.find("\r[") != std::string::npos) == (bar == ProgressBar::on));
     if (bar == ProgressBar::on) CHECK(s.find("100%") != std::string::npos);
+    // The bar's loss is read back from the device record when the bar redraws: never the
+    // record's untouched 0.
+    CHECK(s.find("loss 0.0000") == std::string::npos);
   }
   CHECK(format_duration(42) == "42s");
   CHECK(format_duration(185) == "3m05s");
