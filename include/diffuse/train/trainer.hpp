@@ -338,7 +338,7 @@ TrainResult TrainerCore<T>::run() {
 
   // What each step leaves on the device (optim/step_record.hpp), read back only when needed: a
   // step hook, a log line, an evaluation or callback, a checkpoint, the end, the bar's redraw.
-  // So the device never waits for the host (two waits per step before: the loss and the norm),
+  // So the host never waits for the device (two waits per step before: the loss and the norm),
   // and a non-finite step is caught at the next read; Adam and the EMA skip it and every later
   // step on the device, so the weights stay the last good step's.
   record_ = Tensor<double>::zeros({kStepRecordSize}, dev);
