@@ -7,6 +7,7 @@
 #   scripts/gpu_bundle.sh [--arch 90] [--out build-gpubin] [--jobs N]
 #   ... copy the folder to the GPU machine, then there:
 #   build-gpubin/run.sh [OUTDIR]        # tests, then benchmarks; logs and summary.txt in OUTDIR
+#   BUDGET=900 build-gpubin/run.sh ...  # steps start until BUDGET seconds (default 480), most important first
 #
 # What it packs: test_kernels_cuda, test_cuda_memory, test_backend_ops_cuda, test_backend_models_cuda
 # (the CUDA tests: every kernel and every op against the CPU backend, device memory, the library's
@@ -31,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     --arch) ARCH=${2:?}; shift 2 ;;
     --out) OUT=${2:?}; shift 2 ;;
     --jobs) JOBS=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_bundle.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -82,16 +83,43 @@ if ! ldconfig -p | grep -q libnccl.so.2; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG"/summary.txt
 ldd ./test_backend_models_cuda | grep -E "nccl|not found" | tee -a "$LOG"/summary.txt
+# A lent machine gives a session about 15 minutes, one call at most 10: the steps run most
+# important first (the native tests, then ours beside PyTorch's for issue 18's goals, then the
+# profiles, then the trainers), and a step that would start after BUDGET seconds (default 480)
+# is skipped with a line in summary.txt, so what ran always comes back.
+BUDGET=${BUDGET:-480}
+T0=$EPOCHREALTIME
 step() {  # log-name command...
   local name=$1 s=$EPOCHREALTIME rc
   shift
+  if awk "BEGIN{exit !($EPOCHREALTIME - $T0 > $BUDGET)}"; then
+    echo "$name: skipped (past the ${BUDGET} s budget)" | tee -a "$LOG"/summary.txt
+    return 0
+  fi
   timeout 300 "$@" > "$LOG/$name.log" 2>&1; rc=$?
   echo "$name: rc=$rc, $(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME - $s}") s: $(tail -n 1 "$LOG/$name.log" | head -c 160)" | tee -a "$LOG"/summary.txt
 }
 for t in test_kernels_cuda test_cuda_memory test_backend_ops_cuda test_backend_models_cuda; do step "$t" ./"$t" -r compact; done
-step bench_unet_cuda ./bench_unet_cuda --benchmark_counters_tabular=true
+# Issue 18's comparison first: our train step (TF32 and bf16, timed convolutions, both attention
+# kernels) and the library's whole loop, then PyTorch's fp32/tf32/bf16 autocast and bf16 +
+# torch.compile on the same card; then ours again (the card's clocks drift: a second round).
+key='BM_unet_train_step/[01]/128/[12]/1/[01]|BM_unet_train_loop'
+have_torch=0
+[[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null && have_torch=1
+step bench_unet_key ./bench_unet_cuda --benchmark_counters_tabular=true --benchmark_filter="$key"
+if ((have_torch)); then
+  step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32,bf16 --iters 10
+  step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32,bf16 --iters 5
+  # What a PyTorch user would run: bf16 autocast with torch.compile (the goal of issue 18).
+  step torch_unet_cifar_compile python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes bf16-compile --iters 5
+  step torch_unet_mnist_compile python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes bf16-compile --iters 10
+fi
+step bench_unet_key_round2 ./bench_unet_cuda --benchmark_counters_tabular=true --benchmark_filter="$key"
 step bench_unet_profile ./bench_unet_cuda --profile
+((have_torch)) && step torch_profile_cifar python3 torch_profile_unet.py --model cifar --modes fp32,tf32
 step bench_kernels_cuda ./bench_kernels_cuda --benchmark_min_time=0.05
+((have_torch)) && step torch_kernels python3 torch_gpu_reference.py kernels
+step bench_unet_cuda ./bench_unet_cuda --benchmark_counters_tabular=true --benchmark_filter="-$key"
 if [[ -d mnist ]]; then
   common=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 20 --log-every 5)
   step train_mnist_cpu ./train_mnist --device cpu "${common[@]}" --out "$LOG"/train_cpu
@@ -141,14 +169,6 @@ if python3 -c "import numpy" 2>/dev/null; then
   step cifar10_paper_bf16_flash ./train_cifar10 --preset paper --steps 100 --precision bf16 --attention flash "${c10[@]}" --out "$LOG"/c10_paper_bf16_flash
   step cifar10_small_tf32 ./train_cifar10 --preset small --steps 200 --tf32 "${c10[@]}" --out "$LOG"/c10_small_tf32
   grep -h "^step" "$LOG"/cifar10_*.log | tee -a "$LOG"/summary.txt
-fi
-if [[ -f torch_gpu_reference.py ]] && python3 -c "import torch" 2>/dev/null; then
-  step torch_unet_mnist python3 torch_gpu_reference.py unet --model mnist --batch 128 --modes fp32,tf32,bf16 --iters 10
-  step torch_unet_cifar python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes fp32,tf32,bf16 --iters 5
-  # What a PyTorch user would run: bf16 autocast with torch.compile (the goal of issue 18).
-  step torch_unet_cifar_compile python3 torch_gpu_reference.py unet --model cifar --batch 128 --modes bf16-compile --iters 5
-  step torch_kernels python3 torch_gpu_reference.py kernels
-  step torch_profile_cifar python3 torch_profile_unet.py --model cifar --modes fp32,tf32
 fi
 RUN
 chmod +x "$OUT"/run.sh
