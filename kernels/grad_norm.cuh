@@ -49,14 +49,22 @@ __global__ void grad_sq_partials_kernel(const AdamTensor<T>* __restrict__ tensor
   }
 }
 
+// g = T(double(g) c) over every chunk: the body of grad_scale and grad_scale_recorded.
 template <class T>
-__global__ void grad_scale_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
-                                  std::int64_t num_chunks, double c) {
+__device__ __forceinline__ void scale_grad_chunks(const AdamTensor<T>* __restrict__ tensors,
+                                                  const AdamChunk* __restrict__ chunks, std::int64_t num_chunks,
+                                                  double c) {
   for (std::int64_t k = blockIdx.x; k < num_chunks; k += gridDim.x) {
     const AdamChunk ch = chunks[k];
     T* g = const_cast<T*>(tensors[ch.tensor].g) + ch.begin;  // the gradients are the model's, writable
     for (std::int64_t i = threadIdx.x; i < ch.count; i += blockDim.x) g[i] = static_cast<T>(static_cast<double>(g[i]) * c);
   }
+}
+
+template <class T>
+__global__ void grad_scale_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
+                                  std::int64_t num_chunks, double c) {
+  scale_grad_chunks(tensors, chunks, num_chunks, c);
 }
 
 template <class T>
@@ -75,8 +83,7 @@ template <class T>
 __global__ void step_record_finish_kernel(const double* __restrict__ partials, std::int64_t num_chunks,
                                           const T* __restrict__ loss, double max_norm, double step,
                                           StepRecord* __restrict__ record) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  double sq = 0;
+  double sq = 0;  // one thread
   for (std::int64_t k = 0; k < num_chunks; ++k) sq += partials[k];
   step_record_add(*record, sq, static_cast<double>(*loss), max_norm, step);
 }
@@ -85,12 +92,7 @@ template <class T>
 __global__ void grad_scale_recorded_kernel(const AdamTensor<T>* __restrict__ tensors, const AdamChunk* __restrict__ chunks,
                                            std::int64_t num_chunks, const StepRecord* __restrict__ record) {
   const double c = record->scale;
-  if (!(c < 1.0)) return;
-  for (std::int64_t k = blockIdx.x; k < num_chunks; k += gridDim.x) {
-    const AdamChunk ch = chunks[k];
-    T* g = const_cast<T*>(tensors[ch.tensor].g) + ch.begin;
-    for (std::int64_t i = threadIdx.x; i < ch.count; i += blockDim.x) g[i] = static_cast<T>(static_cast<double>(g[i]) * c);
-  }
+  if (c < 1.0) scale_grad_chunks(tensors, chunks, num_chunks, c);
 }
 
 // partials[k] = sum of g^2 over chunk k (device array of num_chunks doubles).
@@ -118,7 +120,7 @@ template <class T>
 inline void step_record_finish(const double* partials, std::int64_t num_chunks, const T* loss, double max_norm,
                                std::int64_t step, StepRecord* record, cuda::stream_t stream = {}) {
   if (num_chunks < 0 || !loss || !record) throw std::invalid_argument("step_record_finish: bad chunk count or null pointer");
-  cuda::launch(step_record_finish_kernel<T>, dim3(1), dim3(32), 0, stream, partials, num_chunks, loss, max_norm,
+  cuda::launch(step_record_finish_kernel<T>, dim3(1), dim3(1), 0, stream, partials, num_chunks, loss, max_norm,
                static_cast<double>(step), record);
 }
 

@@ -34,6 +34,12 @@ inline void dropout_mask(uint64_t seed, DrawPos at, size_t n, double p, F&& f) {
 }  // namespace detail
 
 namespace detail {
+// The kept values' factor, 1 / (1 - p) in T; 0 for p == 1 (all zeros, as PyTorch).
+template <class T>
+T dropout_scale(double p) {
+  return p >= 1.0 ? T(0) : T(1) / static_cast<T>(1.0 - p);
+}
+
 inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, DrawPos at) {
   backend::CudaBackend& be = backend::require_cuda("dropout");
   const int64_t n = x.value().numel();
@@ -65,7 +71,7 @@ Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
     if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, at);
     else detail::cuda_float_only("dropout");
   }
-  const T scale = p >= 1.0 ? T(0) : T(1) / static_cast<T>(1.0 - p);  // p == 1: all zeros, as PyTorch
+  const T scale = detail::dropout_scale<T>(p);
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();
   T* od = out.data();

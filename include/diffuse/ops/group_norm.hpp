@@ -69,14 +69,13 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
   const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
   Tensor<float> out(x.shape(), Device::CUDA);
   Tensor<float> stats({2 * N * groups}, Device::CUDA);  // mean, then rstd, per (sample, group)
-  auto bits = [](const Tensor<std::uint8_t>& k) {
-    return k.defined() ? reinterpret_cast<const std::uint32_t*>(k.data()) : nullptr;
-  };
+  const std::uint32_t* bits = keep.defined() ? reinterpret_cast<const std::uint32_t*>(keep.data()) : nullptr;
   be.group_norm(x.value().data(), gamma.value().data(), beta.value().data(), out.data(), stats.data(),
-                stats.data() + N * groups, N, HW, C, groups, static_cast<float>(eps), silu, bits(keep), keep_scale);
+                stats.data() + N * groups, N, HW, C, groups, static_cast<float>(eps), silu, bits, keep_scale);
+  // The backward holds `keep` (the bits' owner) as it holds stats.
   return make_result<float>(std::move(out), {&x, &gamma, &beta},
-                            [x, gamma, beta, stats, N, HW, C, groups, silu, keep, keep_scale, bits]() {
-    return [x, gamma, beta, stats, N, HW, C, groups, silu, keep, keep_scale, bits](const Tensor<float>& g) {
+                            [x, gamma, beta, stats, N, HW, C, groups, silu, keep, bits, keep_scale]() {
+    return [x, gamma, beta, stats, N, HW, C, groups, silu, keep, bits, keep_scale](const Tensor<float>& g) {
       GradSink<float> sx{}, sg{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
       if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
@@ -84,7 +83,7 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
       backend::cuda_backend()->group_norm_backward(g.data(), x.value().data(), gamma.value().data(), beta.value().data(),
                                                    stats.data(), stats.data() + N * groups, sx.data, sx.accumulate,
                                                    sg.data, sg.accumulate, sb.data, sb.accumulate, N, HW, C, groups,
-                                                   silu, bits(keep), keep_scale);
+                                                   silu, bits, keep_scale);
     };
   });
 }
@@ -312,8 +311,7 @@ Var<T> group_norm_dropout(const Var<T>& x, const Var<T>& gamma, const Var<T>& be
       Tensor<std::uint8_t> keep({4 * ((n + 31) / 32)}, Device::CUDA);
       backend::require_cuda("group_norm").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed,
                                                        at.offset, at.first);
-      const float scale = p >= 1.0 ? 0.0f : 1.0f / static_cast<float>(1.0 - p);  // dropout()'s scale
-      return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu, std::move(keep), scale);
+      return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu, std::move(keep), detail::dropout_scale<float>(p));
     } else {
       detail::cuda_float_only("group_norm");
     }

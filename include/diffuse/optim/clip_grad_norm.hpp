@@ -69,9 +69,9 @@ template <class T>
 void clip_grad_norm_recorded(const NamedParams<T>& params, double max_norm, const Tensor<T>& loss, int64_t step,
                              Tensor<double>& record) {
   const Device d = detail::params_device(params, "clip_grad_norm_recorded");
-  if (record.numel() != kStepRecordSize || record.device() != d || loss.numel() != 1 || loss.device() != d)
-    throw std::invalid_argument("diffuse: clip_grad_norm_recorded: the record (" + std::to_string(kStepRecordSize) +
-                                " doubles) and the loss (1 element) must be on the parameters' device, " +
+  detail::check_step_record(record, d, "clip_grad_norm_recorded");
+  if (loss.numel() != 1 || loss.device() != d)
+    throw std::invalid_argument(std::string("diffuse: clip_grad_norm_recorded: the loss must be 1 element on the parameters' device, ") +
                                 device_name(d));
   StepRecord* r = reinterpret_cast<StepRecord*>(record.data());
   if (d == Device::CUDA) {

@@ -52,13 +52,17 @@ inline std::vector<backend::ParamSlot> param_slots(const NamedParams<float>& par
   return slots;
 }
 
-// The StepRecord in `record` (null: none) for an optimiser whose parameters are on `d`.
-inline const StepRecord* step_guard(const Tensor<double>* record, Device d, const char* who) {
-  if (!record) return nullptr;
-  if (record->numel() != kStepRecordSize || record->device() != d)
+// Throws unless `record` can hold a StepRecord beside parameters on `d`.
+inline void check_step_record(const Tensor<double>& record, Device d, const char* who) {
+  if (record.numel() != kStepRecordSize || record.device() != d)
     throw std::invalid_argument(std::string("diffuse: ") + who + ": a step record is " +
                                 std::to_string(kStepRecordSize) + " doubles on the parameters' device, " +
                                 device_name(d));
+}
+// The StepRecord in `record` (null: none) for an optimiser whose parameters are on `d`.
+inline const StepRecord* step_guard(const Tensor<double>* record, Device d, const char* who) {
+  if (!record) return nullptr;
+  check_step_record(*record, d, who);
   return reinterpret_cast<const StepRecord*>(record->data());
 }
 }  // namespace detail
