@@ -180,6 +180,28 @@ TEST_CASE("backend ops: conv2d, linear, matmul and attention in bf16 stay within
   }
   check_op("bf16 conv2d 3x3 stride 2", [](const auto& v) { return conv2d(v[0], v[1], v[2], Conv2dOptions{2, 2, 1, 1}); },
            inputs_of({randn_t({3, 9, 8, 16}, g), randn_t({8, 3, 3, 16}, g), randn_t({8}, g)}), tol);
+  {
+    // The backward reads the bf16 operands its forward rounded (kept, as autocast keeps its casts),
+    // not the float tensors again: overwriting x and w after the forward leaves every gradient
+    // bit for bit as it was (and rounding them again would give other numbers).
+    const Tensor<float> x = randn_t({2, 7, 6, 5}, g), w = randn_t({9, 3, 3, 5}, g), R = randn_t({2, 7, 6, 9}, g);
+    const Tensor<float> x2 = randn_t(x.shape(), g), w2 = randn_t(w.shape(), g);
+    auto grads = [&](bool overwrite) {
+      Var<float> xv(x.cuda(), true), wv(w.cuda(), true);
+      const Var<float> y = conv2d(xv, wv, Var<float>(), Conv2dOptions{1, 1, 1, 1});
+      if (overwrite) {
+        xv.value().copy_from(x2);
+        wv.value().copy_from(w2);
+      }
+      backward(sum(mul(y, Var<float>(R.cuda()))));
+      return std::vector<Tensor<float>>{xv.grad().cpu(), wv.grad().cpu()};
+    };
+    const auto kept = grads(false), overwritten = grads(true);
+    for (size_t k = 0; k < 2; ++k) {
+      INFO("bf16 conv2d: gradient " << k << " after its operands were overwritten");
+      CHECK(rel_err(overwritten[k], kept[k]) == 0.0);
+    }
+  }
   check_op("bf16 linear", [](const auto& v) { return linear(v[0], v[1], v[2]); },
            inputs_of({randn_t({65, 33}, g), randn_t({17, 33}, g), randn_t({17}, g)}), tol);
   check_op("bf16 matmul", [](const auto& v) { return matmul(v[0], v[1]); },

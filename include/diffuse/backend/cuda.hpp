@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/op_types.hpp>
 #include <diffuse/optim/step_record.hpp>
 
@@ -181,10 +182,15 @@ class CudaBackend {
   // y = conv(x, w) + b [+ cb [N, O] per sample and channel] [+ res, y's shape]: the bias and what
   // follows the convolution in a ResBlock added in one pass over y, in that order (b, cb, res may
   // be null).
+  // Under MathMode::BF16 the convolution reads x and w rounded to bf16; keep_x / keep_w (x's and
+  // w's element counts; null: not kept) receive those copies for the backward, which is then
+  // given them as xb / wb instead of rounding x and w again (PyTorch's autocast saves its casts
+  // alike). Other modes ignore all four.
   virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb,
-                      const float* res, float* y) = 0;
+                      const float* res, float* y, bf16* keep_x = nullptr, bf16* keep_w = nullptr) = 0;
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
-                               bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db) = 0;
+                               bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb = nullptr,
+                               const bf16* wb = nullptr) = 0;
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.
   // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
   // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.

@@ -191,24 +191,32 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   }
 }
 
+// Under MathMode::BF16 the forward keeps the bf16 operands the backward needs (x for dw, w for
+// dx), as PyTorch's autocast saves its casts: the backward reads them instead of rounding again.
 inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, const Var<float>& cb,
                               const Var<float>& res, const ConvGeom& g) {
   backend::CudaBackend& be = backend::require_cuda("conv2d");
   const backend::ConvDesc d{g.N, g.H, g.W, g.C, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw};
   const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
   Tensor<float> y({g.N, g.Ho, g.Wo, g.O}, Device::CUDA);
+  Tensor<bf16> xb, wb;
+  if (be.math_mode() == MathMode::BF16 && Tape<float>::grad_enabled()) {
+    if (w.requires_grad()) xb = Tensor<bf16>(x.shape(), Device::CUDA);
+    if (x.requires_grad()) wb = Tensor<bf16>(w.shape(), Device::CUDA);
+  }
   be.conv2d(d, x.value().data(), w.value().data(), has_b ? b.value().data() : nullptr,
-            has_cb ? cb.value().data() : nullptr, has_res ? res.value().data() : nullptr, y.data());
+            has_cb ? cb.value().data() : nullptr, has_res ? res.value().data() : nullptr, y.data(), xb.data(),
+            wb.data());
   return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
-                            [x, w, b, cb, res, has_b, has_cb, has_res, d]() {
-    return [x, w, b, cb, res, has_b, has_cb, has_res, d](const Tensor<float>& dy) {
+                            [x, w, b, cb, res, has_b, has_cb, has_res, d, xb, wb]() {
+    return [x, w, b, cb, res, has_b, has_cb, has_res, d, xb, wb](const Tensor<float>& dy) {
       backend::CudaBackend& be = *backend::cuda_backend();
       GradSink<float> sx{}, sw{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
       if (w.requires_grad()) sw = grad_sink(*w.node());
       if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
       be.conv2d_backward(d, x.value().data(), w.value().data(), dy.data(), sx.data, sx.accumulate, sw.data,
-                         sw.accumulate, sb.data, sb.accumulate);
+                         sw.accumulate, sb.data, sb.accumulate, xb.data(), wb.data());
       if (has_cb && cb.requires_grad()) {
         GradSink<float> s = grad_sink(*cb.node());
         be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);

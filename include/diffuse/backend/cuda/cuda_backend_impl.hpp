@@ -385,18 +385,21 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // ------------------------------------------------------------------ image ops, NHWC
-  // MathMode::BF16: the operands are rounded into bf16 copies (kernels/convert.cuh), cuDNN
-  // convolves those with float accumulation into a bf16 result, which is widened (or added, for
-  // gradients) into the float tensor. The float activations and weights are not touched.
+  // MathMode::BF16: the operands are rounded into bf16 copies (kernels/convert.cuh), kept for the
+  // backward where the caller gives keep_x / keep_w; cuDNN convolves those with float
+  // accumulation into a bf16 result, which is widened (or added, for gradients) into the float
+  // tensor. The float activations and weights are not touched.
   void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb, const float* res,
-              float* y) override {
+              float* y, bf16* keep_x, bf16* keep_w) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     cuda::ProfileScope ps(prof_, "conv2d");
     const std::int64_t HW = d.Ho() * d.Wo();
     if (plan.bf16_tensors()) {
       const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * HW * d.O;
-      Bf16Scratch t(scratch(Bf16Scratch::bytes({nx, nw, ny})));
-      bf16 *xb = t.take(nx), *wb = t.take(nw), *yb = t.take(ny);
+      Bf16Scratch t(scratch(Bf16Scratch::bytes({keep_x ? 0 : nx, keep_w ? 0 : nw, ny})));
+      bf16* xb = keep_x ? keep_x : t.take(nx);
+      bf16* wb = keep_w ? keep_w : t.take(nw);
+      bf16* yb = t.take(ny);
       kernels::convert(x, xb, nx, false, stream_);
       kernels::convert(w, wb, nw, false, stream_);
       plan.forward(dnn(), xb, wb, yb);
@@ -407,7 +410,7 @@ class CudaBackendImpl final : public CudaBackend {
     }
   }
   void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
-                       float* dw, bool acc_dw, float* db, bool acc_db) override {
+                       float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb, const bf16* wb) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     const std::int64_t rows = d.N * d.Ho() * d.Wo();
     if (plan.bf16_tensors() && d.N > 0) {
@@ -415,7 +418,7 @@ class CudaBackendImpl final : public CudaBackend {
         cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
         bias_grad(dy, db, rows, d.O, acc_db);  // in float, from the float dy
       }
-      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw);
+      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw, xb, wb);
       return;
     }
     {
@@ -727,25 +730,27 @@ class CudaBackendImpl final : public CudaBackend {
     unsigned char* p_;
   };
 
-  // The backward of a MathMode::BF16 convolution (N > 0): dy rounded once for both products; the
-  // bf16 gradients are added into (or written to) the float dw and dx.
+  // The backward of a MathMode::BF16 convolution (N > 0): dy rounded once for both products; x
+  // and w are the forward's bf16 copies where given (xb, wb), else rounded here; the bf16
+  // gradients are added into (or written to) the float dw and dx.
   void conv2d_backward_bf16(const ConvDesc& d, const cuda::Conv2dPlan& plan, const float* x, const float* w,
-                            const float* dy, float* dx, bool acc_dx, float* dw, bool acc_dw) {
+                            const float* dy, float* dx, bool acc_dx, float* dw, bool acc_dw, const bf16* xb,
+                            const bf16* wb) {
     const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
     Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, nx, nw})));
-    bf16 *dyb = t.take(ny), *xb = t.take(nx), *wb = t.take(nw);  // xb then holds dx, wb dw
+    bf16 *dyb = t.take(ny), *xs = t.take(nx), *ws = t.take(nw);  // x's, w's shapes: dx, dw (and x, w when not kept)
     kernels::convert(dy, dyb, ny, false, stream_);
     if (dw) {
       cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
-      kernels::convert(x, xb, nx, false, stream_);
-      plan.backward_filter(dnn(), xb, dyb, wb);
-      kernels::convert(wb, dw, nw, acc_dw, stream_);
+      if (!xb) kernels::convert(x, xs, nx, false, stream_);
+      plan.backward_filter(dnn(), xb ? xb : xs, dyb, ws);
+      kernels::convert(ws, dw, nw, acc_dw, stream_);
     }
     if (dx) {
       cuda::ProfileScope ps(prof_, "conv2d bwd data");
-      kernels::convert(w, wb, nw, false, stream_);
-      plan.backward_data(dnn(), dyb, wb, xb);
-      kernels::convert(xb, dx, nx, acc_dx, stream_);
+      if (!wb) kernels::convert(w, ws, nw, false, stream_);
+      plan.backward_data(dnn(), dyb, wb ? wb : ws, xs);
+      kernels::convert(xs, dx, nx, acc_dx, stream_);
     }
   }
 
