@@ -245,11 +245,12 @@ __global__ void group_norm_combine_kernel(const F* __restrict__ part_mean, const
   }
 }
 
-// Forward stage 3: y = (x - mean) * (rstd * gamma) + beta (then SiLU), elementwise on the task grid.
-template <class T, bool kSilu>
+// Forward stage 3: y = (x - mean) * (rstd * gamma) + beta (then SiLU), elementwise on the task grid;
+// y's type Y may differ from x's (bf16 for a convolution that reads bf16: group_norm_conv2d).
+template <class T, class Y, bool kSilu>
 __global__ void group_norm_apply_kernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                                         const float* __restrict__ mean, const float* __restrict__ rstd,
-                                        T* __restrict__ y, GroupNormGrid pl, const std::uint32_t* __restrict__ keep,
+                                        Y* __restrict__ y, GroupNormGrid pl, const std::uint32_t* __restrict__ keep,
                                         float keep_scale) {
   for (std::int64_t t = blockIdx.x; t < pl.tasks(); t += gridDim.x) {
     const group_norm_detail::Task tk = group_norm_detail::task_of(pl, t);
@@ -262,7 +263,7 @@ __global__ void group_norm_apply_kernel(const T* __restrict__ x, const T* __rest
         [&](std::int64_t p, float xv) {
           float v = (xv - m) * a + b;
           if constexpr (kSilu) v = v * group_norm_detail::sigmoid(v);
-          y[off + p * pl.C] = static_cast<T>(group_norm_detail::keep_or_zero(keep, off + p * pl.C, v, keep_scale));
+          y[off + p * pl.C] = static_cast<Y>(group_norm_detail::keep_or_zero(keep, off + p * pl.C, v, keep_scale));
         });
   }
 }
@@ -439,9 +440,10 @@ inline dim3 grid_of(std::int64_t tasks, unsigned max_blocks) {
 // y = group_norm(x) (SiLU'd when silu), mean and rstd [N * G] saved for the backward. x, y [N, HW, C]
 // (NHWC, y must not overlap x), gamma, beta [C], all device pointers; workspace of
 // group_norm_workspace_bytes(N, HW, C, G, chunk_pixels) bytes. chunk_pixels: 0 automatic;
-// max_blocks caps each grid (grid-stride loops cover the rest).
-template <class T>
-inline void group_norm_forward(const T* x, const T* gamma, const T* beta, T* y, float* mean, float* rstd,
+// max_blocks caps each grid (grid-stride loops cover the rest). y may be of another type than x
+// (float x, bf16 y: each value computed in float, then rounded once).
+template <class T, class Y>
+inline void group_norm_forward(const T* x, const T* gamma, const T* beta, Y* y, float* mean, float* rstd,
                                std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
                                void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
                                unsigned max_blocks = 65535, const std::uint32_t* keep = nullptr,
@@ -460,10 +462,10 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, T* y, 
                0, stream, pm, pq, mean, rstd, pl, eps);
   if (pl.tasks() == 0) return;
   if (silu)
-    cuda::launch(group_norm_apply_kernel<T, true>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0, stream,
+    cuda::launch(group_norm_apply_kernel<T, Y, true>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0, stream,
                  x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
   else
-    cuda::launch(group_norm_apply_kernel<T, false>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0,
+    cuda::launch(group_norm_apply_kernel<T, Y, false>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0,
                  stream, x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
 }
 

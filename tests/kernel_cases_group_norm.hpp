@@ -44,6 +44,8 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/backend/cuda/bf16.hpp>
+
 #include "device_buffer.hpp"
 #include "kernel_reference_group_norm.hpp"
 #include "kernel_seed.hpp"
@@ -116,6 +118,20 @@ inline void run_case(const Shape& s, bool silu, std::mt19937_64& gen) {
     kernels::group_norm_forward(dx_in.get(), dgam.get(), dbet.get(), dyout.get(), dmean.get(), drstd.get(), N, HW, C,
                                 G, eps, silu, ws.get(), {}, chunk, max_blocks);
     const std::vector<float> y = dyout.to_host(), km = dmean.to_host(), kr = drstd.to_host();
+    {
+      // The same launch writing bf16 (group_norm_conv2d): each value is the float one rounded once,
+      // bit for bit, and the statistics are the float launch's.
+      DeviceBuffer<diffuse::bf16> dy16(n);
+      DeviceBuffer<float> dmean16(static_cast<std::size_t>(N * G)), drstd16(static_cast<std::size_t>(N * G));
+      kernels::group_norm_forward(dx_in.get(), dgam.get(), dbet.get(), dy16.get(), dmean16.get(), drstd16.get(), N, HW,
+                                  C, G, eps, silu, ws.get(), {}, chunk, max_blocks);
+      const std::vector<diffuse::bf16> y16 = dy16.to_host();
+      std::size_t bad = 0;
+      for (std::size_t i = 0; i < n; ++i) bad += y16[i].bits != diffuse::bf16(y[i]).bits;
+      CHECK(bad == 0);
+      CHECK(dmean16.to_host() == km);
+      CHECK(drstd16.to_host() == kr);
+    }
     // The spread of the partial means around the group mean, sum of cnt |m - mu| over the
     // threads' (sum_t) and over the chunks' (sum_k) partials, as the kernel's split makes them.
     std::vector<double> sum_t(km.size(), 0.0), sum_k(km.size(), 0.0);

@@ -211,6 +211,91 @@ TEST_CASE("backend ops: conv2d, linear, matmul and attention in bf16 stay within
            inputs_of({randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g), randn_t({2, 9, 8}, g)}), tol);
 }
 
+// group_norm_conv2d: the two ops (group_norm_dropout, then conv2d with its epilogue) on the CPU
+// and on the device in FP32 and TF32; under BF16 one op whose normalised activation exists only in
+// bf16. Checked against the CPU (FP32: 2e-5; BF16: the 4u bound of the test above), and, under BF16,
+// against the two ops on the device bit for bit (h rounded once from the same float either way).
+TEST_CASE("backend ops: group_norm_conv2d on both devices, and in bf16 bit for bit the two ops") {
+  CudaScope cuda;
+  struct RestoreFP32 {
+    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+  } restore;
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  const uint64_t seed = g.seed;
+  const Conv2dOptions same{1, 1, 1, 1};
+  const std::vector<Tensor<float>> t{randn_t({3, 5, 4, 8}, g), randn_t({8}, g), randn_t({8}, g),
+                                     randn_t({6, 3, 3, 8}, g), randn_t({6}, g),    randn_t({3, 6}, g),
+                                     randn_t({3, 5, 4, 6}, g)};
+  // v: x, gamma, beta, w, b, cb, res.
+  auto op = [seed, same](double p, bool silu, bool extras) {
+    return [seed, same, p, silu, extras](const std::vector<Var<float>>& v) {
+      Generator d(seed, 13);
+      const GroupNormArgs<float> n{v[1], v[2], 4, 1e-6, silu, p, &d};
+      return group_norm_conv2d(v[0], n, v[3], v[4], same, extras ? v[5] : Var<float>(), extras ? v[6] : Var<float>());
+    };
+  };
+  auto two_ops = [seed, same](double p, bool silu, bool extras) {
+    return [seed, same, p, silu, extras](const std::vector<Var<float>>& v) {
+      Generator d(seed, 13);
+      const Var<float> h = p > 0 ? group_norm_dropout(v[0], v[1], v[2], 4, 1e-6, silu, p, d)
+                                 : group_norm(v[0], v[1], v[2], 4, 1e-6, silu);
+      return conv2d(h, v[3], v[4], same, extras ? v[5] : Var<float>(), extras ? v[6] : Var<float>());
+    };
+  };
+  struct Case {
+    double p;
+    bool silu, extras;
+  };
+  for (const MathMode m : {MathMode::FP32, MathMode::BF16}) {
+    set_cuda_math_mode(m);
+    const double tol = m == MathMode::BF16 ? std::ldexp(1.0, -6) : 2e-5;
+    for (const Case c : {Case{0.0, true, false}, Case{0.3, true, true}, Case{0.0, false, true}}) {
+      const std::string what = std::string(math_mode_name(m)) + " group_norm_conv2d p " + std::to_string(c.p) +
+                               (c.silu ? " silu" : "") + (c.extras ? " + channel bias + residual" : "");
+      std::vector<OpInput> in = inputs_of(t);
+      if (!c.extras) in.resize(5);
+      check_op(what, op(c.p, c.silu, c.extras), in, tol);
+      if (m != MathMode::BF16) continue;
+      // Against the two ops on the device: output and every gradient equal, used once and twice.
+      INFO(what << ": against the two ops on the device");
+      const Tensor<float> R = randn_t({3, 5, 4, 6}, g);
+      for (const bool twice : {false, true}) {
+        const OpRun a = run_op(op(c.p, c.silu, c.extras), in, R, R, Device::CUDA, twice);
+        const OpRun b = run_op(two_ops(c.p, c.silu, c.extras), in, R, R, Device::CUDA, twice);
+        CHECK(rel_err(a.out, b.out) == 0.0);
+        for (size_t k = 0; k < in.size(); ++k) {
+          INFO("gradient of input " << k << (twice ? ", inputs used twice" : ""));
+          REQUIRE(a.grads[k].defined());
+          CHECK(rel_err(a.grads[k], b.grads[k]) == 0.0);
+        }
+      }
+    }
+  }
+  // Only some inputs needing a gradient (the normalisation's parameters frozen, x constant).
+  set_cuda_math_mode(MathMode::BF16);
+  std::vector<OpInput> in = inputs_of(t);
+  in.resize(5);
+  in[0].requires_grad = in[1].requires_grad = in[2].requires_grad = false;
+  check_op("bf16 group_norm_conv2d, x and the norm's parameters constant", op(0.0, true, false), in,
+           std::ldexp(1.0, -6));
+  in = inputs_of(t);
+  in.resize(5);
+  in[3].requires_grad = in[4].requires_grad = false;
+  check_op("bf16 group_norm_conv2d, the convolution's parameters constant", op(0.0, true, false), in,
+           std::ldexp(1.0, -6));
+  // Refusals: dropout without a generator, a probability outside [0, 1].
+  Var<float> x(t[0].cuda()), ga(t[1].cuda()), be(t[2].cuda()), w(t[3].cuda());
+  CHECK_THROWS_WITH(group_norm_conv2d(x, GroupNormArgs<float>{ga, be, 4, 1e-6, true, 0.2, nullptr}, w, Var<float>(), same),
+                    Catch::Contains("dropout needs a generator"));
+  Generator d(seed);
+  CHECK_THROWS_WITH(group_norm_conv2d(x, GroupNormArgs<float>{ga, be, 4, 1e-6, true, 1.5, &d}, w, Var<float>(), same),
+                    Catch::Contains("dropout probability must be in [0, 1]"));
+  CHECK_THROWS_WITH(group_norm_conv2d(x, GroupNormArgs<float>{ga, be, 4, 1e-6, true, 0.0, nullptr}, Var<float>(t[3]),
+                                      Var<float>(), same),
+                    Catch::Contains("operands on different devices"));
+}
+
 TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {
   CudaScope cuda;
   Generator g = gen();

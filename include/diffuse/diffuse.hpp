@@ -20,6 +20,7 @@
 #include <diffuse/ops/dropout.hpp>
 #include <diffuse/ops/elementwise.hpp>
 #include <diffuse/ops/group_norm.hpp>
+#include <diffuse/ops/group_norm_conv2d.hpp>
 #include <diffuse/ops/layer_norm.hpp>
 #include <diffuse/ops/linear.hpp>
 #include <diffuse/ops/loss.hpp>

@@ -185,7 +185,9 @@ class CudaBackend {
   // Under MathMode::BF16 the convolution reads x and w rounded to bf16; keep_x / keep_w (x's and
   // w's element counts; null: not kept) receive those copies for the backward, which is then
   // given them as xb / wb instead of rounding x and w again (PyTorch's autocast saves its casts
-  // alike). Other modes ignore all four.
+  // alike). Other modes ignore all four. x null: keep_x already holds x, in bf16 only (an
+  // activation written in bf16 by its producer, group_norm_conv2d); BF16 only, as is a null x in
+  // the backward with xb given.
   virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb,
                       const float* res, float* y, bf16* keep_x = nullptr, bf16* keep_w = nullptr) = 0;
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
@@ -194,9 +196,11 @@ class CudaBackend {
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.
   // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
   // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.
+  // y16 (then y is null): the output written in bf16 instead, each value rounded once from the
+  // float that y would hold (group_norm_conv2d under BF16).
   virtual void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                           std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
-                          const std::uint32_t* keep = nullptr, float keep_scale = 1.0f) = 0;
+                          const std::uint32_t* keep = nullptr, float keep_scale = 1.0f, bf16* y16 = nullptr) = 0;
   virtual void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, float* dx, bool acc_dx, float* dgamma,
                                    bool acc_gamma, float* dbeta, bool acc_beta, std::int64_t N, std::int64_t HW,

@@ -90,13 +90,14 @@ class ResBlock : public Module<T> {
   // temb_act = SiLU(temb), shared by all blocks. rng: dropout on when given.
   // The reference's h = conv1(silu(norm1(x))) + temb_proj(temb)[:, :, None, None];
   // h = conv2(dropout(silu(norm2(h)))); return skip(x) + h, with the time embedding and the skip
-  // connection added in the convolutions' epilogues (the same sums: ops/conv2d.hpp).
+  // connection added in the convolutions' epilogues (the same sums: ops/conv2d.hpp), and each
+  // norm + SiLU (+ dropout) one op with the convolution after it (ops/group_norm_conv2d.hpp).
   Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
     const Var<T> t = temb_proj(temb_act);
-    Var<T> h = conv1(norm1(x, true), t, Var<T>());
-    h = rng && dropout_ > 0 ? norm2(h, true, dropout_, *rng) : norm2(h, true);  // + SiLU (+ dropout), one op
+    const Var<T> h = conv1(x, norm1.args(true), t, Var<T>());
     const Var<T> s = skip ? (*skip)(x) : x;
-    return conv2(h, Var<T>(), s);
+    const bool drop = rng && dropout_ > 0;
+    return conv2(h, norm2.args(true, drop ? dropout_ : 0.0, drop ? rng : nullptr), Var<T>(), s);
   }
 
   GroupNorm<T> norm1;
@@ -268,7 +269,7 @@ class UNet : public Module<T> {
       }
       if (i != 0) h = (*upsample_[u++])(upsample_nearest2x(h));
     }
-    return (*conv_out_)((*norm_out_)(h, true));
+    return (*conv_out_)(h, norm_out_->args(true), Var<T>(), Var<T>());
   }
 
   const UNetConfig& config() const { return cfg_; }

@@ -7,6 +7,7 @@
 
 #include <diffuse/nn/module.hpp>
 #include <diffuse/ops/conv2d.hpp>
+#include <diffuse/ops/group_norm_conv2d.hpp>
 
 namespace diffuse {
 
@@ -33,6 +34,12 @@ class Conv2d : public Module<T> {
   // add fused (ops/conv2d.hpp), the same numbers.
   Var<T> operator()(const Var<T>& x, const Var<T>& cb, const Var<T>& res) const {
     return conv2d(x, weight, bias, opt_, cb, res);
+  }
+  // The convolution of norm(x): a GroupNorm (+ SiLU, + dropout) as its input side, then cb and
+  // res as above; one op (group_norm_conv2d: under bf16 on the device the normalised x is
+  // stored in bf16 only), the same numbers as the two layers.
+  Var<T> operator()(const Var<T>& x, const GroupNormArgs<T>& norm, const Var<T>& cb, const Var<T>& res) const {
+    return group_norm_conv2d(x, norm, weight, bias, opt_, cb, res);
   }
   // Zero weights and bias: the reference zero-initialises the last conv of
   // each residual branch and of the output so that blocks start as identities.

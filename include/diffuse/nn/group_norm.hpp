@@ -7,6 +7,7 @@
 
 #include <diffuse/nn/module.hpp>
 #include <diffuse/ops/group_norm.hpp>
+#include <diffuse/ops/group_norm_conv2d.hpp>
 
 namespace diffuse {
 
@@ -28,6 +29,12 @@ class GroupNorm : public Module<T> {
   // Then dropout(., p, gen, true), fused (group_norm_dropout: the same numbers as the two ops).
   Var<T> operator()(const Var<T>& x, bool silu, double p, Generator& gen) const {
     return group_norm_dropout(x, weight, bias, groups_, eps_, silu, p, gen);
+  }
+
+  // This normalisation as the input side of a convolution (Conv2d's operator()(x, norm, ...):
+  // group_norm_conv2d), with SiLU and dropout(p, *gen) after it (p = 0: none).
+  GroupNormArgs<T> args(bool silu, double p = 0.0, Generator* gen = nullptr) const {
+    return GroupNormArgs<T>{weight, bias, groups_, eps_, silu, p, gen};
   }
 
   Var<T> weight, bias;

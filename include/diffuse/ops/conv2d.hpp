@@ -229,6 +229,33 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
   });
 }
 
+// conv2d's operand checks on x's shape; its geometry when they pass.
+template <class T>
+ConvGeom checked_conv_geom(const Shape& xs, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt,
+                           const Var<T>& cb, const Var<T>& res) {
+  if (xs.size() != 4 || w.value().dim() != 4 || w.size(3) != xs[3])
+    throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,kh,kw,C] (OHWI); got x " +
+                                shape_str(xs) + ", weight " + shape_str(w.shape()));
+  if (opt.stride_h < 1 || opt.stride_w < 1 || opt.pad_h < 0 || opt.pad_w < 0)
+    throw std::invalid_argument("diffuse: conv2d stride must be >= 1 and padding >= 0");
+  ConvGeom g{xs[0], xs[1], xs[2], xs[3], w.size(0), w.size(1), w.size(2),
+             opt.stride_h,  opt.stride_w, opt.pad_h, opt.pad_w, 0, 0};
+  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  if (g.H + 2 * g.ph < g.kh || g.W + 2 * g.pw < g.kw)
+    throw std::invalid_argument("diffuse: conv2d kernel " + shape_str(w.shape()) + " larger than the padded input " +
+                                shape_str(xs));
+  if (b.defined() && (b.value().dim() != 1 || b.size(0) != g.O))
+    throw std::invalid_argument("diffuse: conv2d bias " + shape_str(b.shape()) + " for " + std::to_string(g.O) +
+                                " output channels");
+  if (cb.defined() && cb.shape() != Shape{g.N, g.O})
+    throw std::invalid_argument("diffuse: conv2d channel bias " + shape_str(cb.shape()) + ": expected [" +
+                                std::to_string(g.N) + ", " + std::to_string(g.O) + "] (samples, output channels)");
+  if (res.defined() && res.shape() != Shape{g.N, g.Ho, g.Wo, g.O})
+    throw std::invalid_argument("diffuse: conv2d residual " + shape_str(res.shape()) + ": expected the output's shape " +
+                                shape_str(Shape{g.N, g.Ho, g.Wo, g.O}));
+  return g;
+}
 }  // namespace detail
 
 // y = conv2d(x, w, b) with x NHWC [N, H, W, C], w [O, kh, kw, C] (OHWI), b [O] (or undefined),
@@ -240,28 +267,8 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
 template <class T>
 Var<T> conv2d(const Var<T>& x, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt, const Var<T>& cb,
               const Var<T>& res) {
-  if (x.value().dim() != 4 || w.value().dim() != 4 || w.size(3) != x.size(3))
-    throw std::invalid_argument("diffuse: conv2d needs x [N,H,W,C] and weight [O,kh,kw,C] (OHWI); got x " +
-                                shape_str(x.shape()) + ", weight " + shape_str(w.shape()));
-  if (opt.stride_h < 1 || opt.stride_w < 1 || opt.pad_h < 0 || opt.pad_w < 0)
-    throw std::invalid_argument("diffuse: conv2d stride must be >= 1 and padding >= 0");
-  detail::ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2),
-                     opt.stride_h,  opt.stride_w, opt.pad_h, opt.pad_w, 0, 0};
-  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
-  if (g.H + 2 * g.ph < g.kh || g.W + 2 * g.pw < g.kw)
-    throw std::invalid_argument("diffuse: conv2d kernel " + shape_str(w.shape()) + " larger than the padded input " +
-                                shape_str(x.shape()));
+  const detail::ConvGeom g = detail::checked_conv_geom(x.shape(), w, b, opt, cb, res);
   const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
-  if (has_b && (b.value().dim() != 1 || b.size(0) != g.O))
-    throw std::invalid_argument("diffuse: conv2d bias " + shape_str(b.shape()) + " for " + std::to_string(g.O) +
-                                " output channels");
-  if (has_cb && cb.shape() != Shape{g.N, g.O})
-    throw std::invalid_argument("diffuse: conv2d channel bias " + shape_str(cb.shape()) + ": expected [" +
-                                std::to_string(g.N) + ", " + std::to_string(g.O) + "] (samples, output channels)");
-  if (has_res && res.shape() != Shape{g.N, g.Ho, g.Wo, g.O})
-    throw std::invalid_argument("diffuse: conv2d residual " + shape_str(res.shape()) + ": expected the output's shape " +
-                                shape_str(Shape{g.N, g.Ho, g.Wo, g.O}));
   if (detail::op_device("conv2d", {&x, &w, &b, &cb, &res}) == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::conv2d_cuda(x, w, b, cb, res, g);
     else detail::cuda_float_only("conv2d");

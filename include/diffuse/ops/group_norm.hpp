@@ -62,6 +62,17 @@ using RowArr = Eigen::Array<T, 1, Eigen::Dynamic>;
 }  // namespace detail
 
 namespace detail {
+// Dropout's keep mask for n elements as bits on the device (bit i of word i / 32: element i kept),
+// drawn from gen exactly as dropout() draws its uniforms (the same Philox numbers, so the same mask).
+inline Tensor<std::uint8_t> dropout_keep_bits(int64_t n, double p, Generator& gen) {
+  const uint64_t seed = gen.seed;
+  const DrawPos at = gen.take(static_cast<uint64_t>(n));  // as dropout() takes them
+  Tensor<std::uint8_t> keep({4 * ((n + 31) / 32)}, Device::CUDA);
+  backend::require_cuda("dropout").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed, at.offset,
+                                                at.first);
+  return keep;
+}
+
 // keep: dropout's mask as bits (group_norm_dropout; undefined: none), applied with keep_scale.
 inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, const Var<float>& beta, int64_t groups,
                                   double eps, bool silu, Tensor<std::uint8_t> keep = {}, float keep_scale = 1.0f) {
@@ -305,13 +316,8 @@ Var<T> group_norm_dropout(const Var<T>& x, const Var<T>& gamma, const Var<T>& be
     throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(p));
   if (p > 0.0 && detail::checked_group_norm_device(x, gamma, beta, groups, eps) == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) {
-      const int64_t n = x.value().numel();
-      const uint64_t seed = gen.seed;
-      const DrawPos at = gen.take(static_cast<uint64_t>(n));  // as dropout() takes them
-      Tensor<std::uint8_t> keep({4 * ((n + 31) / 32)}, Device::CUDA);
-      backend::require_cuda("group_norm").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed,
-                                                       at.offset, at.first);
-      return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu, std::move(keep), detail::dropout_scale<float>(p));
+      return detail::group_norm_cuda(x, gamma, beta, groups, eps, silu, detail::dropout_keep_bits(x.value().numel(), p, gen),
+                                     detail::dropout_scale<float>(p));
     } else {
       detail::cuda_float_only("group_norm");
     }

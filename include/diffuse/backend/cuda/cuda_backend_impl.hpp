@@ -394,13 +394,15 @@ class CudaBackendImpl final : public CudaBackend {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     cuda::ProfileScope ps(prof_, "conv2d");
     const std::int64_t HW = d.Ho() * d.Wo();
+    if (!x && !(plan.bf16_tensors() && keep_x))
+      throw std::logic_error("diffuse: conv2d: x given in bf16 only needs MathMode::BF16");
     if (plan.bf16_tensors()) {
       const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * HW * d.O;
       Bf16Scratch t(scratch(Bf16Scratch::bytes({keep_x ? 0 : nx, keep_w ? 0 : nw, ny})));
       bf16* xb = keep_x ? keep_x : t.take(nx);
       bf16* wb = keep_w ? keep_w : t.take(nw);
       bf16* yb = t.take(ny);
-      kernels::convert(x, xb, nx, false, stream_);
+      if (x) kernels::convert(x, xb, nx, false, stream_);
       kernels::convert(w, wb, nw, false, stream_);
       plan.forward(dnn(), xb, wb, yb);
       kernels::conv_epilogue(yb, b, cb, res, y, d.N, HW, d.O, stream_);  // to float, with the additions
@@ -413,6 +415,8 @@ class CudaBackendImpl final : public CudaBackend {
                        float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb, const bf16* wb) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     const std::int64_t rows = d.N * d.Ho() * d.Wo();
+    if (!x && dw && !(plan.bf16_tensors() && xb))
+      throw std::logic_error("diffuse: conv2d backward: x given in bf16 only needs MathMode::BF16");
     if (plan.bf16_tensors() && d.N > 0) {
       if (db) {
         cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
@@ -439,11 +443,15 @@ class CudaBackendImpl final : public CudaBackend {
   }
   void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                   std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
-                  const std::uint32_t* keep, float keep_scale) override {
+                  const std::uint32_t* keep, float keep_scale, bf16* y16) override {
     cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout" : silu ? "group_norm+silu" : "group_norm");
-    kernels::group_norm_forward(x, gamma, beta, y, mean, rstd, N, HW, C, G, eps, silu,
-                                scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_, 0, 65535, keep,
-                                keep_scale);
+    void* ws = scratch(kernels::group_norm_workspace_bytes(N, HW, C, G));
+    if (y16)
+      kernels::group_norm_forward(x, gamma, beta, y16, mean, rstd, N, HW, C, G, eps, silu, ws, stream_, 0, 65535, keep,
+                                  keep_scale);
+    else
+      kernels::group_norm_forward(x, gamma, beta, y, mean, rstd, N, HW, C, G, eps, silu, ws, stream_, 0, 65535, keep,
+                                  keep_scale);
   }
   void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta, const float* mean,
                            const float* rstd, float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,

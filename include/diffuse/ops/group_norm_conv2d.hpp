@@ -1,0 +1,127 @@
+// group_norm_conv2d: a ResBlock's normalisation (GroupNorm, SiLU, dropout) and the convolution
+// that reads its output, as one op:
+//   conv2d(group_norm_dropout(x, gamma, beta, groups, eps, silu, p, gen), w, b, opt, cb, res)
+// On the CPU, and on the device in FP32 and TF32, it is exactly those two ops (the same numbers
+// and the same draws from gen). Under MathMode::BF16 on the device the normalised activation h,
+// which only the convolution reads and which the convolution reads in bf16, is written by the
+// normalisation's kernel in bf16 and stored only so: no float h, no conversion pass, half the
+// bytes kept for the backward (the activation stored in bf16, as torch.compile's fused kernels
+// store it). The numbers are those of the two ops under BF16 bit for bit: h rounded once from
+// the same float, the same convolution, h's gradient from the same bf16 product.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include <diffuse/core/rng.hpp>
+#include <diffuse/ops/common.hpp>
+#include <diffuse/ops/conv2d.hpp>
+#include <diffuse/ops/dropout.hpp>
+#include <diffuse/ops/group_norm.hpp>
+
+namespace diffuse {
+
+// The normalisation before a convolution: GroupNorm's parameters and settings, SiLU after it, and
+// dropout after that (p = 0: none; gen is then unused and may be null).
+template <class T>
+struct GroupNormArgs {
+  Var<T> gamma, beta;
+  int64_t groups = 1;
+  double eps = 1e-5;
+  bool silu = false;
+  double p = 0.0;
+  Generator* gen = nullptr;
+};
+
+namespace detail {
+
+// The device path under BF16 (see the top of the file). x [N, H, W, C] float; h exists only in bf16.
+inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArgs<float>& n, const Var<float>& w,
+                                         const Var<float>& b, const Conv2dOptions& opt, const Var<float>& cb,
+                                         const Var<float>& res) {
+  backend::CudaBackend& be = backend::require_cuda("group_norm_conv2d");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), G = n.groups;
+  const Tensor<std::uint8_t> keep = n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>();
+  const std::uint32_t* bits = keep.defined() ? reinterpret_cast<const std::uint32_t*>(keep.data()) : nullptr;
+  const float keep_scale = n.p > 0.0 ? dropout_scale<float>(n.p) : 1.0f;
+  Tensor<float> stats({2 * N * G}, Device::CUDA);  // mean, then rstd, per (sample, group)
+  Tensor<bf16> h(x.shape(), Device::CUDA);
+  be.group_norm(x.value().data(), n.gamma.value().data(), n.beta.value().data(), nullptr, stats.data(),
+                stats.data() + N * G, N, H * W, C, G, static_cast<float>(n.eps), n.silu, bits, keep_scale, h.data());
+
+  const backend::ConvDesc d{N, H, W, C, w.size(0), w.size(1), w.size(2), opt.stride_h, opt.stride_w, opt.pad_h,
+                            opt.pad_w};
+  const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
+  const Var<float>& gamma = n.gamma;
+  const Var<float>& beta = n.beta;
+  const bool need_h_grad = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
+  Tensor<bf16> wb;  // w in bf16, for h's gradient
+  if (need_h_grad && Tape<float>::grad_enabled()) wb = Tensor<bf16>(w.shape(), Device::CUDA);
+  Tensor<float> y({N, d.Ho(), d.Wo(), d.O}, Device::CUDA);
+  be.conv2d(d, nullptr, w.value().data(), has_b ? b.value().data() : nullptr, has_cb ? cb.value().data() : nullptr,
+            has_res ? res.value().data() : nullptr, y.data(), h.data(), wb.data());
+  const bool silu = n.silu;
+  return make_result<float>(
+      std::move(y), {&x, &gamma, &beta, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
+      [x, gamma, beta, w, b, cb, res, has_b, has_cb, has_res, d, G, silu, stats, keep, bits, keep_scale, h, wb,
+       need_h_grad]() {
+        return [x, gamma, beta, w, b, cb, res, has_b, has_cb, has_res, d, G, silu, stats, keep, bits, keep_scale, h, wb,
+                need_h_grad](const Tensor<float>& dy) {
+          backend::CudaBackend& be = *backend::cuda_backend();
+          GradSink<float> sw{}, sb{};
+          if (w.requires_grad()) sw = grad_sink(*w.node());
+          if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
+          // h's gradient (float: the normalisation's backward reads float), from the bf16 product.
+          Tensor<float> dh = need_h_grad ? Tensor<float>(x.shape(), Device::CUDA) : Tensor<float>();
+          be.conv2d_backward(d, nullptr, w.value().data(), dy.data(), dh.data(), false, sw.data, sw.accumulate, sb.data,
+                             sb.accumulate, h.data(), wb.data());
+          if (has_cb && cb.requires_grad()) {
+            GradSink<float> s = grad_sink(*cb.node());
+            be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
+          }
+          if (has_res && res.requires_grad()) {
+            GradSink<float> s = grad_sink(*res.node());
+            be.copy(dy.data(), s.data, dy.numel(), s.accumulate);
+          }
+          if (!need_h_grad) return;
+          GradSink<float> sx{}, sg{}, sbt{};
+          if (x.requires_grad()) sx = grad_sink(*x.node());
+          if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
+          if (beta.requires_grad()) sbt = grad_sink(*beta.node());
+          be.group_norm_backward(dh.data(), x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
+                                 stats.data() + d.N * G, sx.data, sx.accumulate, sg.data, sg.accumulate, sbt.data,
+                                 sbt.accumulate, d.N, d.H * d.W, d.C, G, silu, bits, keep_scale);
+        };
+      });
+}
+
+}  // namespace detail
+
+// conv2d(group_norm_dropout(x, ...), w, b, opt, cb, res) (see the top of the file); conv2d's and
+// group_norm_dropout's rules and errors.
+template <class T>
+Var<T> group_norm_conv2d(const Var<T>& x, const GroupNormArgs<T>& n, const Var<T>& w, const Var<T>& b,
+                         const Conv2dOptions& opt, const Var<T>& cb = Var<T>(), const Var<T>& res = Var<T>()) {
+  if (!(n.p >= 0.0 && n.p <= 1.0))
+    throw std::invalid_argument("diffuse: dropout probability must be in [0, 1], got " + std::to_string(n.p));
+  if (n.p > 0.0 && !n.gen) throw std::invalid_argument("diffuse: group_norm_conv2d: dropout needs a generator");
+  if constexpr (std::is_same_v<T, float>) {
+    if (detail::checked_group_norm_device(x, n.gamma, n.beta, n.groups, n.eps) == Device::CUDA &&
+        backend::require_cuda("group_norm_conv2d").math_mode() == MathMode::BF16) {
+      detail::checked_conv_geom(x.shape(), w, b, opt, cb, res);  // h has x's shape
+      detail::op_device("group_norm_conv2d", {&x, &w, &b, &cb, &res});
+      return detail::group_norm_conv2d_bf16(x, n, w, b, opt, cb, res);
+    }
+  }
+  const Var<T> h = n.p > 0.0 ? group_norm_dropout(x, n.gamma, n.beta, n.groups, n.eps, n.silu, n.p, *n.gen)
+                             : group_norm(x, n.gamma, n.beta, n.groups, n.eps, n.silu);
+  return conv2d(h, w, b, opt, cb, res);
+}
+
+// Compiled once for float where diffuse::diffuse is used (core/config.hpp).
+DIFFUSE_FLOAT_INSTANCE(Var<float> group_norm_conv2d<float>(const Var<float>& x, const GroupNormArgs<float>& n,
+    const Var<float>& w, const Var<float>& b, const Conv2dOptions& opt, const Var<float>& cb, const Var<float>& res))
+
+}  // namespace diffuse
