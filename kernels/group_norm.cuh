@@ -287,8 +287,8 @@ __device__ __forceinline__ float dy_pre(float dy, float xv, float m, float a, fl
 
 // Backward stage 1: per task and channel, sums of dyv and dyv * xhat over the chunk's pixels
 // (per thread, then the by lanes in order) -> part1, part2 [N, chunks, C].
-template <class T, bool kSilu>
-__global__ void group_norm_grad_partials_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+template <class T, class D, bool kSilu>
+__global__ void group_norm_grad_partials_kernel(const D* __restrict__ dy, const T* __restrict__ x,
                                                 const T* __restrict__ gamma, const T* __restrict__ beta,
                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
                                                 float* __restrict__ part1, float* __restrict__ part2, GroupNormGrid pl,
@@ -396,8 +396,8 @@ __global__ void group_norm_grad_params_kernel(const F* __restrict__ part1, const
 }
 
 // Backward stage 3: dx = rstd * (gamma * dyv - k1 - xhat * k2), written or accumulated.
-template <class T, bool kSilu>
-__global__ void group_norm_grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+template <class T, class D, bool kSilu>
+__global__ void group_norm_grad_input_kernel(const D* __restrict__ dy, const T* __restrict__ x,
                                              const T* __restrict__ gamma, const T* __restrict__ beta,
                                              const float* __restrict__ mean, const float* __restrict__ rstd,
                                              const float* __restrict__ k1, const float* __restrict__ k2,
@@ -472,9 +472,10 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, Y* y, 
 // The backward of group_norm_forward from dy [N, HW, C] and the forward's x, gamma, beta, mean and
 // rstd (with silu, y and sigmoid(y) are recomputed from them). dx, dgamma, dbeta [C] (float) are
 // each written, or added to when its acc flag says; a null one is skipped. dx must not overlap dy
-// or x.
-template <class T>
-inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T* beta, const float* mean,
+// or x. dy may be of another type than x (bf16: the gradient a bf16 convolution gives its input,
+// read as it is and widened exactly to float).
+template <class T, class D>
+inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T* beta, const float* mean,
                                 const float* rstd, T* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                                 bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
                                 bool silu, void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
@@ -490,10 +491,10 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
   const dim3 block(static_cast<unsigned>(pl.bx), static_cast<unsigned>(pl.by));
   const dim3 grid = group_norm_detail::grid_of(pl.tasks(), max_blocks);
   if (silu)
-    cuda::launch(group_norm_grad_partials_kernel<T, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
+    cuda::launch(group_norm_grad_partials_kernel<T, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
                  p2, pl, keep, keep_scale);
   else
-    cuda::launch(group_norm_grad_partials_kernel<T, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
+    cuda::launch(group_norm_grad_partials_kernel<T, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
                  p2, pl, keep, keep_scale);
   cuda::launch(group_norm_grad_combine_kernel<T>, group_norm_detail::grid_of(N * G, max_blocks),
                dim3(kGroupNormGroupThreads), 0, stream, gamma, p1, p2, k1, k2, pl);
@@ -503,16 +504,16 @@ inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T
                  dgamma, dbeta, N * pl.chunks, C, acc_gamma, acc_beta);
   if (!dx) return;
   if (silu)
-    cuda::launch(group_norm_grad_input_kernel<T, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
   else
-    cuda::launch(group_norm_grad_input_kernel<T, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
 }
 
 // The same with dgamma and dbeta always accumulated (parameter gradients) and dx required.
-template <class T>
-inline void group_norm_backward(const T* dy, const T* x, const T* gamma, const T* beta, const float* mean,
+template <class T, class D>
+inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T* beta, const float* mean,
                                 const float* rstd, T* dx, float* dgamma, float* dbeta, std::int64_t N, std::int64_t HW,
                                 std::int64_t C, std::int64_t G, bool silu, bool accumulate_dx, void* workspace,
                                 cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,

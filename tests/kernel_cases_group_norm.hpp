@@ -225,6 +225,28 @@ inline void run_case(const Shape& s, bool silu, std::mt19937_64& gen) {
                                    ddg.get(), ddb.get(), N, HW, C, G, silu, accumulate, ws.get(), {}, chunk,
                                    max_blocks);
       const std::vector<float> gx = ddx.to_host(), gg = ddg.to_host(), gb = ddb.to_host();
+      {
+        // dy given in bf16 (group_norm_conv2d: a bf16 convolution's input gradient), read as it is:
+        // bit for bit the float launch on dy's values rounded to bf16 and widened.
+        std::vector<diffuse::bf16> dy16(n);
+        std::vector<float> dyw(n);
+        for (std::size_t i = 0; i < n; ++i) {
+          dy16[i] = diffuse::bf16(dy[i]);
+          dyw[i] = static_cast<float>(dy16[i]);
+        }
+        DeviceBuffer<diffuse::bf16> ddy16(dy16);
+        DeviceBuffer<float> ddyw(dyw), dxa(accumulate ? dx0 : std::vector<float>(n, NAN)), dxb(dxa.to_host()),
+            dga(dg0), dgb(dg0), dba(db0), dbb(db0);
+        kernels::group_norm_backward(ddy16.get(), dx_in.get(), dgam.get(), dbet.get(), dmf.get(), drf.get(), dxa.get(),
+                                     dga.get(), dba.get(), N, HW, C, G, silu, accumulate, ws.get(), {}, chunk,
+                                     max_blocks);
+        kernels::group_norm_backward(ddyw.get(), dx_in.get(), dgam.get(), dbet.get(), dmf.get(), drf.get(), dxb.get(),
+                                     dgb.get(), dbb.get(), N, HW, C, G, silu, accumulate, ws.get(), {}, chunk,
+                                     max_blocks);
+        CHECK(dxa.to_host() == dxb.to_host());
+        CHECK(dga.to_host() == dgb.to_host());
+        CHECK(dba.to_host() == dbb.to_host());
+      }
       Mismatch mx, mp;
       for (std::size_t i = 0; i < n; ++i) {
         const std::size_t ng = ng_of(i), c = i % C;

@@ -190,9 +190,11 @@ class CudaBackend {
   // the backward with xb given.
   virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb,
                       const float* res, float* y, bf16* keep_x = nullptr, bf16* keep_w = nullptr) = 0;
+  // dx16 (then dx is null): x's gradient written in bf16 as the bf16 convolution computes it (not
+  // widened to float; for a producer that reads bf16 gradients, group_norm_conv2d); BF16 only.
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
                                bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb = nullptr,
-                               const bf16* wb = nullptr) = 0;
+                               const bf16* wb = nullptr, bf16* dx16 = nullptr) = 0;
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.
   // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
   // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.
@@ -201,11 +203,12 @@ class CudaBackend {
   virtual void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                           std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
                           const std::uint32_t* keep = nullptr, float keep_scale = 1.0f, bf16* y16 = nullptr) = 0;
+  // dy16 (then dy is null): the gradient given in bf16 (conv2d_backward's dx16), widened exactly.
   virtual void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, float* dx, bool acc_dx, float* dgamma,
                                    bool acc_gamma, float* dbeta, bool acc_beta, std::int64_t N, std::int64_t HW,
                                    std::int64_t C, std::int64_t G, bool silu, const std::uint32_t* keep = nullptr,
-                                   float keep_scale = 1.0f) = 0;
+                                   float keep_scale = 1.0f, const bf16* dy16 = nullptr) = 0;
   // y = layer_norm over the last dimension C of `rows` rows (gamma, beta [C] may be null: no
   // affine); mean, rstd [rows] kept.
   virtual void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,

@@ -6,8 +6,10 @@
 // which only the convolution reads and which the convolution reads in bf16, is written by the
 // normalisation's kernel in bf16 and stored only so: no float h, no conversion pass, half the
 // bytes kept for the backward (the activation stored in bf16, as torch.compile's fused kernels
-// store it). The numbers are those of the two ops under BF16 bit for bit: h rounded once from
-// the same float, the same convolution, h's gradient from the same bf16 product.
+// store it); h's gradient, which the bf16 convolution computes in bf16, likewise goes to the
+// normalisation's backward in bf16 (no float copy, no conversion pass). The numbers are those of
+// the two ops under BF16 bit for bit: h rounded once from the same float, the same convolution,
+// h's gradient the same bf16 product widened exactly.
 #pragma once
 
 #include <cstdint>
@@ -73,10 +75,11 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
           GradSink<float> sw{}, sb{};
           if (w.requires_grad()) sw = grad_sink(*w.node());
           if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
-          // h's gradient (float: the normalisation's backward reads float), from the bf16 product.
-          Tensor<float> dh = need_h_grad ? Tensor<float>(x.shape(), Device::CUDA) : Tensor<float>();
-          be.conv2d_backward(d, nullptr, w.value().data(), dy.data(), dh.data(), false, sw.data, sw.accumulate, sb.data,
-                             sb.accumulate, h.data(), wb.data());
+          // h's gradient in bf16, as the bf16 convolution writes it; the normalisation's backward
+          // reads it so (widened exactly: the same numbers as through a float copy).
+          Tensor<bf16> dh = need_h_grad ? Tensor<bf16>(x.shape(), Device::CUDA) : Tensor<bf16>();
+          be.conv2d_backward(d, nullptr, w.value().data(), dy.data(), nullptr, false, sw.data, sw.accumulate, sb.data,
+                             sb.accumulate, h.data(), wb.data(), dh.data());
           if (has_cb && cb.requires_grad()) {
             GradSink<float> s = grad_sink(*cb.node());
             be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
@@ -90,9 +93,9 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
           if (x.requires_grad()) sx = grad_sink(*x.node());
           if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
           if (beta.requires_grad()) sbt = grad_sink(*beta.node());
-          be.group_norm_backward(dh.data(), x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
+          be.group_norm_backward(nullptr, x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
                                  stats.data() + d.N * G, sx.data, sx.accumulate, sg.data, sg.accumulate, sbt.data,
-                                 sbt.accumulate, d.N, d.H * d.W, d.C, G, silu, bits, keep_scale);
+                                 sbt.accumulate, d.N, d.H * d.W, d.C, G, silu, bits, keep_scale, dh.data());
         };
       });
 }

@@ -412,17 +412,18 @@ class CudaBackendImpl final : public CudaBackend {
     }
   }
   void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
-                       float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb, const bf16* wb) override {
+                       float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb, const bf16* wb,
+                       bf16* dx16) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     const std::int64_t rows = d.N * d.Ho() * d.Wo();
-    if (!x && dw && !(plan.bf16_tensors() && xb))
-      throw std::logic_error("diffuse: conv2d backward: x given in bf16 only needs MathMode::BF16");
+    if ((!x && dw && !(plan.bf16_tensors() && xb)) || (dx16 && !plan.bf16_tensors()))
+      throw std::logic_error("diffuse: conv2d backward: x or dx in bf16 only needs MathMode::BF16");
     if (plan.bf16_tensors() && d.N > 0) {
       if (db) {
         cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
         bias_grad(dy, db, rows, d.O, acc_db);  // in float, from the float dy
       }
-      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw, xb, wb);
+      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw, xb, wb, dx16);
       return;
     }
     {
@@ -456,16 +457,20 @@ class CudaBackendImpl final : public CudaBackend {
   void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta, const float* mean,
                            const float* rstd, float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                            bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
-                           bool silu, const std::uint32_t* keep, float keep_scale) override {
+                           bool silu, const std::uint32_t* keep, float keep_scale, const bf16* dy16) override {
     cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout bwd" : silu ? "group_norm+silu bwd" : "group_norm bwd");
     if (N * HW == 0) {  // no values: the parameters' gradients are sums over nothing
       if (dgamma && !acc_gamma) kernels::fill(dgamma, C, 0.0f, stream_);
       if (dbeta && !acc_beta) kernels::fill(dbeta, C, 0.0f, stream_);
       return;
     }
-    kernels::group_norm_backward(dy, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N, HW,
-                                 C, G, silu, scratch(kernels::group_norm_workspace_bytes(N, HW, C, G)), stream_, 0,
-                                 65535, keep, keep_scale);
+    void* ws = scratch(kernels::group_norm_workspace_bytes(N, HW, C, G));
+    if (dy16)
+      kernels::group_norm_backward(dy16, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N,
+                                   HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
+    else
+      kernels::group_norm_backward(dy, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N,
+                                   HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
   }
   void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                   std::int64_t rows, std::int64_t C, float eps) override {
@@ -740,13 +745,16 @@ class CudaBackendImpl final : public CudaBackend {
 
   // The backward of a MathMode::BF16 convolution (N > 0): dy rounded once for both products; x
   // and w are the forward's bf16 copies where given (xb, wb), else rounded here; the bf16
-  // gradients are added into (or written to) the float dw and dx.
+  // gradients are added into (or written to) the float dw and dx, or dx is written as it is to
+  // dx16.
   void conv2d_backward_bf16(const ConvDesc& d, const cuda::Conv2dPlan& plan, const float* x, const float* w,
                             const float* dy, float* dx, bool acc_dx, float* dw, bool acc_dw, const bf16* xb,
-                            const bf16* wb) {
+                            const bf16* wb, bf16* dx16) {
     const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
-    Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, nx, nw})));
-    bf16 *dyb = t.take(ny), *xs = t.take(nx), *ws = t.take(nw);  // x's, w's shapes: dx, dw (and x, w when not kept)
+    Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, dx16 ? 0 : nx, nw})));
+    bf16* dyb = t.take(ny);
+    bf16* xs = dx16 ? dx16 : t.take(nx);  // dx (and x when not kept and dx16 is not given)
+    bf16* ws = t.take(nw);                // dw, then w when not kept
     kernels::convert(dy, dyb, ny, false, stream_);
     if (dw) {
       cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
@@ -754,11 +762,11 @@ class CudaBackendImpl final : public CudaBackend {
       plan.backward_filter(dnn(), xb ? xb : xs, dyb, ws);
       kernels::convert(ws, dw, nw, acc_dw, stream_);
     }
-    if (dx) {
+    if (dx || dx16) {
       cuda::ProfileScope ps(prof_, "conv2d bwd data");
       if (!wb) kernels::convert(w, ws, nw, false, stream_);
       plan.backward_data(dnn(), dyb, wb ? wb : ws, xs);
-      kernels::convert(xs, dx, nx, acc_dx, stream_);
+      if (dx) kernels::convert(xs, dx, nx, acc_dx, stream_);
     }
   }
 
