@@ -21,10 +21,13 @@ inline Device choose_device(const std::string& flag) {
   return Device::CUDA;
 }
 
-// "cpu (<n> threads)", or "cuda (<the device's name>)" for the tools' first line.
+// "cpu (<n> threads)", or "cuda (<the device's name>, <precision>[, flash attention])" for the tools' first line.
 inline std::string device_description(Device d) {
   if (d == Device::CPU) return "cpu (" + std::to_string(num_threads()) + (num_threads() == 1 ? " thread)" : " threads)");
-  return "cuda (" + backend::require_cuda("device").name() + ")";
+  // The device's settings too, so a log says how its numbers were computed.
+  const backend::CudaBackend& be = backend::require_cuda("device");
+  return "cuda (" + be.name() + ", " + math_mode_name(be.math_mode()) +
+         (be.attention_kernel() == AttentionKernel::Flash ? ", flash attention" : "") + ")";
 }
 
 // The help text of --precision, the same in every tool.

@@ -230,10 +230,15 @@ TEST_CASE("samplers: DPM-Solver++ of order 1 and Euler-ancestral with eta 0 are 
     SampleOptions oe = o;
     oe.ancestral_eta = 0;
     const Tensor<double> c = sample_with<double>(SamplerKind::EulerAncestral, s, mix.eps_model(s), {16, 2}, g3, oe);
+    // The three formulae round differently, and the first step (t = 199, trailing) divides by
+    // sqrt(abar) = 2.5e-4 (the cosine schedule's last beta is clipped to 0.999): each double
+    // rounding there is ~4000 u = 5e-13, a few 1e-12 after 17 steps (seen: up to 2e-12, seed
+    // 15505459043234075525, which failed the 1e-12 this had). 1e-10 is far below what a wrong
+    // coefficient moves (>1e-3).
     double clipped = 0;
     for (size_t i = 0; i < a.size(); ++i) {
-      CHECK(b[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
-      CHECK(c[i] == Approx(a[i]).epsilon(1e-12).margin(1e-12));
+      CHECK(b[i] == Approx(a[i]).epsilon(1e-10).margin(1e-10));
+      CHECK(c[i] == Approx(a[i]).epsilon(1e-10).margin(1e-10));
       clipped = std::max(clipped, std::fabs(a[i]));
     }
     if (clip) {
