@@ -65,6 +65,8 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
   be.conv2d(d, nullptr, w.value().data(), has_b ? b.value().data() : nullptr, has_cb ? cb.value().data() : nullptr,
             has_res ? res.value().data() : nullptr, y.data(), h.data(), wb.data());
   const bool silu = n.silu;
+  // The backward holds `keep` (the bits' owner), and h only where it makes dw.
+  if (!w.requires_grad()) h = Tensor<bf16>();
   return make_result<float>(
       std::move(y), {&x, &gamma, &beta, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
       [x, gamma, beta, w, b, cb, res, has_b, has_cb, has_res, d, G, silu, stats, keep, bits, keep_scale, h, wb,

@@ -753,7 +753,7 @@ class CudaBackendImpl final : public CudaBackend {
     const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
     Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, dx16 ? 0 : nx, nw})));
     bf16* dyb = t.take(ny);
-    bf16* xs = dx16 ? dx16 : t.take(nx);  // dx (and x when not kept and dx16 is not given)
+    bf16* xs = dx16 ? dx16 : t.take(nx);  // x when not kept, then dx
     bf16* ws = t.take(nw);                // dw, then w when not kept
     kernels::convert(dy, dyb, ny, false, stream_);
     if (dw) {
