@@ -191,6 +191,21 @@ inline void conv_backward(const T* dy, const T* x, const T* wr, GradSink<T>* gx,
   }
 }
 
+// The gradients of the device convolution's fused epilogue from dy: the channel bias cb [N, O]
+// gets dy summed over each sample's pixels, the residual gets dy itself (either may be undefined
+// or need no gradient).
+inline void conv_epilogue_backward_cuda(backend::CudaBackend& be, const backend::ConvDesc& d, const Tensor<float>& dy,
+                                        const Var<float>& cb, const Var<float>& res) {
+  if (cb.requires_grad()) {
+    GradSink<float> s = grad_sink(*cb.node());
+    be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
+  }
+  if (res.requires_grad()) {
+    GradSink<float> s = grad_sink(*res.node());
+    be.copy(dy.data(), s.data, dy.numel(), s.accumulate);
+  }
+}
+
 // Under MathMode::BF16 the forward keeps the bf16 operands the backward needs (x for dw, w for
 // dx), as PyTorch's autocast saves its casts: the backward reads them instead of rounding again.
 inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Var<float>& b, const Var<float>& cb,
@@ -208,8 +223,8 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
             has_cb ? cb.value().data() : nullptr, has_res ? res.value().data() : nullptr, y.data(), xb.data(),
             wb.data());
   return make_result<float>(std::move(y), {&x, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
-                            [x, w, b, cb, res, has_b, has_cb, has_res, d, xb, wb]() {
-    return [x, w, b, cb, res, has_b, has_cb, has_res, d, xb, wb](const Tensor<float>& dy) {
+                            [x, w, b, cb, res, has_b, d, xb, wb]() {
+    return [x, w, b, cb, res, has_b, d, xb, wb](const Tensor<float>& dy) {
       backend::CudaBackend& be = *backend::cuda_backend();
       GradSink<float> sx{}, sw{}, sb{};
       if (x.requires_grad()) sx = grad_sink(*x.node());
@@ -217,14 +232,7 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
       if (has_b && b.requires_grad()) sb = grad_sink(*b.node());
       be.conv2d_backward(d, x.value().data(), w.value().data(), dy.data(), sx.data, sx.accumulate, sw.data,
                          sw.accumulate, sb.data, sb.accumulate, xb.data(), wb.data());
-      if (has_cb && cb.requires_grad()) {
-        GradSink<float> s = grad_sink(*cb.node());
-        be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
-      }
-      if (has_res && res.requires_grad()) {
-        GradSink<float> s = grad_sink(*res.node());
-        be.copy(dy.data(), s.data, dy.numel(), s.accumulate);
-      }
+      conv_epilogue_backward_cuda(be, d, dy, cb, res);
     };
   });
 }

@@ -41,8 +41,8 @@ namespace detail {
 
 // The device path under BF16 (see the top of the file). x [N, H, W, C] float; h exists only in bf16.
 inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArgs<float>& n, const Var<float>& w,
-                                         const Var<float>& b, const Conv2dOptions& opt, const Var<float>& cb,
-                                         const Var<float>& res) {
+                                         const Var<float>& b, const Var<float>& cb, const Var<float>& res,
+                                         const ConvGeom& g) {
   backend::CudaBackend& be = backend::require_cuda("group_norm_conv2d");
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), G = n.groups;
   const Tensor<std::uint8_t> keep = n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>();
@@ -53,8 +53,7 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
   be.group_norm(x.value().data(), n.gamma.value().data(), n.beta.value().data(), nullptr, stats.data(),
                 stats.data() + N * G, N, H * W, C, G, static_cast<float>(n.eps), n.silu, bits, keep_scale, h.data());
 
-  const backend::ConvDesc d{N, H, W, C, w.size(0), w.size(1), w.size(2), opt.stride_h, opt.stride_w, opt.pad_h,
-                            opt.pad_w};
+  const backend::ConvDesc d{g.N, g.H, g.W, g.C, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw};
   const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
   const Var<float>& gamma = n.gamma;
   const Var<float>& beta = n.beta;
@@ -69,9 +68,9 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
   if (!w.requires_grad()) h = Tensor<bf16>();
   return make_result<float>(
       std::move(y), {&x, &gamma, &beta, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
-      [x, gamma, beta, w, b, cb, res, has_b, has_cb, has_res, d, G, silu, stats, keep, bits, keep_scale, h, wb,
+      [x, gamma, beta, w, b, cb, res, has_b, d, G, silu, stats, keep, bits, keep_scale, h, wb,
        need_h_grad]() {
-        return [x, gamma, beta, w, b, cb, res, has_b, has_cb, has_res, d, G, silu, stats, keep, bits, keep_scale, h, wb,
+        return [x, gamma, beta, w, b, cb, res, has_b, d, G, silu, stats, keep, bits, keep_scale, h, wb,
                 need_h_grad](const Tensor<float>& dy) {
           backend::CudaBackend& be = *backend::cuda_backend();
           GradSink<float> sw{}, sb{};
@@ -82,14 +81,7 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
           Tensor<bf16> dh = need_h_grad ? Tensor<bf16>(x.shape(), Device::CUDA) : Tensor<bf16>();
           be.conv2d_backward(d, nullptr, w.value().data(), dy.data(), nullptr, false, sw.data, sw.accumulate, sb.data,
                              sb.accumulate, h.data(), wb.data(), dh.data());
-          if (has_cb && cb.requires_grad()) {
-            GradSink<float> s = grad_sink(*cb.node());
-            be.channel_bias_backward(dy.data(), s.data, d.N, d.Ho() * d.Wo(), d.O, s.accumulate);
-          }
-          if (has_res && res.requires_grad()) {
-            GradSink<float> s = grad_sink(*res.node());
-            be.copy(dy.data(), s.data, dy.numel(), s.accumulate);
-          }
+          conv_epilogue_backward_cuda(be, d, dy, cb, res);
           if (!need_h_grad) return;
           GradSink<float> sx{}, sg{}, sbt{};
           if (x.requires_grad()) sx = grad_sink(*x.node());
@@ -115,9 +107,9 @@ Var<T> group_norm_conv2d(const Var<T>& x, const GroupNormArgs<T>& n, const Var<T
   if constexpr (std::is_same_v<T, float>) {
     if (detail::checked_group_norm_device(x, n.gamma, n.beta, n.groups, n.eps) == Device::CUDA &&
         backend::require_cuda("group_norm_conv2d").math_mode() == MathMode::BF16) {
-      detail::checked_conv_geom(x.shape(), w, b, opt, cb, res);  // h has x's shape
+      const detail::ConvGeom g = detail::checked_conv_geom(x.shape(), w, b, opt, cb, res);  // h has x's shape
       detail::op_device("group_norm_conv2d", {&x, &w, &b, &cb, &res});
-      return detail::group_norm_conv2d_bf16(x, n, w, b, opt, cb, res);
+      return detail::group_norm_conv2d_bf16(x, n, w, b, cb, res, g);
     }
   }
   const Var<T> h = n.p > 0.0 ? group_norm_dropout(x, n.gamma, n.beta, n.groups, n.eps, n.silu, n.p, *n.gen)
