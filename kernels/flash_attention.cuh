@@ -13,7 +13,9 @@
 //
 // Layout as the full-matrix path: q, k, v, out, g, dq, dk, dv are [N, L, C] row-major; head h
 // of image n is columns [h*d, (h+1)*d) of each token row (d = C / heads <= 256, the DDPM U-Net's
-// one head of 256 channels at 16x16 included).
+// one head of 256 channels at 16x16 included). q, k, v (and dq, dk, dv) may instead be rows of a
+// wider tensor, ldx >= C elements apart: q, k and v packed in one [N, L, 3C] tensor as one
+// 1x1 convolution of 3C outputs writes them (ldx = 3C, k = q + C, v = q + 2C).
 //
 // Work: a block of 128 threads takes 16 rows (queries in the forward and in dQ, keys in dK/dV)
 // of one (image, head), 8 threads per row, thread t of a row holding channels t, t+8, ... in
@@ -23,10 +25,11 @@
 // dK/dV and dQ are separate kernels that each own their outputs: no atomics, so results are
 // deterministic. Accumulation in float; exp via expf, log via logf.
 //
-// The kernels are templates on the element type of the [N, L, C] tensors (float here; bf16
-// later) with float arithmetic, lse and delta. CUDA-core FP32 (no tensor cores): the reference
-// and fallback for a cuDNN fused attention and a
-// bf16 variant (issue 18). ptxas for sm_90 (nvcc 13): 188 (forward), 242 (dK/dV) and 211 (dQ)
+// The kernels are templates on the element type T of q, k, v, out, g and the gradients (float,
+// or bf16 under MathMode::BF16: loaded widened exactly, stored rounded once) with float
+// arithmetic, lse and delta, so a bf16 launch computes what the float launch computes on the
+// widened values. CUDA-core FP32 (no tensor cores): the reference and fallback for a
+// tensor-core or cuDNN fused attention. ptxas for sm_90 (nvcc 13): 188 (forward), 242 (dK/dV) and 211 (dQ)
 // registers a thread, no spills, 32 KB of shared memory a block: 2 blocks (8 warps) an SM.
 // Compiled by nvcc; tested through the emulation against the CPU op; never run on a GPU yet.
 #pragma once
@@ -39,6 +42,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 // nvcc unrolls the fixed-length channel loops, so the per-thread arrays stay in registers; the
 // host compiler (the emulation) does not know the pragma.
@@ -121,8 +125,9 @@ __device__ __forceinline__ float flash_partial_dot(const float (&r)[kFlashChanne
 template <class T>
 __global__ void flash_attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                const T* __restrict__ v, T* __restrict__ out,
-                                               float* __restrict__ lse, std::int64_t L, std::int64_t C,
-                                               std::int64_t heads, std::int64_t d, float scale) {
+                                               float* __restrict__ lse, float* __restrict__ out32, std::int64_t L,
+                                               std::int64_t ldx, std::int64_t C, std::int64_t heads, std::int64_t d,
+                                               float scale) {
   DIFFUSE_SHARED(float, ks, kFlashRows * kFlashMaxHeadDim);
   DIFFUSE_SHARED(float, vs, kFlashRows * kFlashMaxHeadDim);
   const std::int64_t nh = blockIdx.y;
@@ -130,15 +135,15 @@ __global__ void flash_attention_forward_kernel(const T* __restrict__ q, const T*
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kFlashRows + r;
   const bool live = row < L;
   float qr[kFlashChannelsPerThread], acc[kFlashChannelsPerThread];
-  const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, row) : 0;
+  const std::int64_t base = live ? detail::flash_at(nh, heads, L, ldx, d, row) : 0;
   detail::flash_load_row(q, base, live, t, d, qr);
 DIFFUSE_FLASH_UNROLL
   for (int i = 0; i < kFlashChannelsPerThread; ++i) acc[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
   for (std::int64_t j0 = 0; j0 < L; j0 += kFlashRows) {
     __syncthreads();  // the previous tile is no longer read
-    detail::flash_load_tile(k, ks, nh, heads, L, C, d, j0);
-    detail::flash_load_tile(v, vs, nh, heads, L, C, d, j0);
+    detail::flash_load_tile(k, ks, nh, heads, L, ldx, d, j0);
+    detail::flash_load_tile(v, vs, nh, heads, L, ldx, d, j0);
     __syncthreads();
     const int nj = static_cast<int>(L - j0 < kFlashRows ? L - j0 : kFlashRows);
     float s[kFlashRows];
@@ -168,10 +173,13 @@ DIFFUSE_FLASH_UNROLL
   }
   if (!live) return;
   const float inv = 1.0f / l;
+  const std::int64_t obase = detail::flash_at(nh, heads, L, C, d, row);
 DIFFUSE_FLASH_UNROLL
   for (int i = 0; i < kFlashChannelsPerThread; ++i) {
     const std::int64_t c = t + i * kFlashThreadsPerRow;
-    if (c < d) out[base + c] = static_cast<T>(acc[i] * inv);
+    if (c >= d) continue;
+    out[obase + c] = static_cast<T>(acc[i] * inv);
+    if (out32) out32[obase + c] = acc[i] * inv;
   }
   if (t == 0) lse[nh * L + row] = m + logf(l);
 }
@@ -179,8 +187,8 @@ DIFFUSE_FLASH_UNROLL
 // ---------------------------------------------------------------- backward
 
 // delta[nh, i] = sum_c g[i, c] out[i, c] over the head's channels; one thread per row.
-template <class T>
-__global__ void flash_attention_delta_kernel(const T* __restrict__ out, const T* __restrict__ g,
+template <class O, class T>
+__global__ void flash_attention_delta_kernel(const O* __restrict__ out, const T* __restrict__ g,
                                              float* __restrict__ delta, std::int64_t rows, std::int64_t L,
                                              std::int64_t C, std::int64_t heads, std::int64_t d) {
   const std::int64_t stride = static_cast<std::int64_t>(blockDim.x) * gridDim.x;
@@ -199,8 +207,8 @@ __global__ void flash_attention_dkdv_kernel(const T* __restrict__ q, const T* __
                                             const T* __restrict__ v, const T* __restrict__ g,
                                             const float* __restrict__ lse, const float* __restrict__ delta,
                                             T* __restrict__ dk, T* __restrict__ dv, std::int64_t L,
-                                            std::int64_t C, std::int64_t heads, std::int64_t d, float scale,
-                                            bool add_dk, bool add_dv) {
+                                            std::int64_t ldx, std::int64_t C, std::int64_t heads, std::int64_t d,
+                                            float scale, bool add_dk, bool add_dv) {
   DIFFUSE_SHARED(float, qs, kFlashRows * kFlashMaxHeadDim);
   DIFFUSE_SHARED(float, gs, kFlashRows * kFlashMaxHeadDim);
   DIFFUSE_SHARED(float, lses, kFlashRows);
@@ -209,7 +217,7 @@ __global__ void flash_attention_dkdv_kernel(const T* __restrict__ q, const T* __
   const int r = static_cast<int>(threadIdx.x) / kFlashThreadsPerRow, t = static_cast<int>(threadIdx.x) % kFlashThreadsPerRow;
   const std::int64_t key = static_cast<std::int64_t>(blockIdx.x) * kFlashRows + r;
   const bool live = key < L;
-  const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, key) : 0;
+  const std::int64_t base = live ? detail::flash_at(nh, heads, L, ldx, d, key) : 0;
   float kr[kFlashChannelsPerThread], vr[kFlashChannelsPerThread], dkr[kFlashChannelsPerThread],
       dvr[kFlashChannelsPerThread];
   detail::flash_load_row(k, base, live, t, d, kr);
@@ -218,7 +226,7 @@ DIFFUSE_FLASH_UNROLL
   for (int i = 0; i < kFlashChannelsPerThread; ++i) dkr[i] = dvr[i] = 0.0f;
   for (std::int64_t i0 = 0; i0 < L; i0 += kFlashRows) {
     __syncthreads();
-    detail::flash_load_tile(q, qs, nh, heads, L, C, d, i0);
+    detail::flash_load_tile(q, qs, nh, heads, L, ldx, d, i0);
     detail::flash_load_tile(g, gs, nh, heads, L, C, d, i0);
     if (threadIdx.x < kFlashRows) {
       const std::int64_t i = i0 + threadIdx.x;
@@ -257,25 +265,26 @@ template <class T>
 __global__ void flash_attention_dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                           const T* __restrict__ v, const T* __restrict__ g,
                                           const float* __restrict__ lse, const float* __restrict__ delta,
-                                          T* __restrict__ dq, std::int64_t L, std::int64_t C, std::int64_t heads,
-                                          std::int64_t d, float scale, bool add_dq) {
+                                          T* __restrict__ dq, std::int64_t L, std::int64_t ldx, std::int64_t C,
+                                          std::int64_t heads, std::int64_t d, float scale, bool add_dq) {
   DIFFUSE_SHARED(float, ks, kFlashRows * kFlashMaxHeadDim);
   DIFFUSE_SHARED(float, vs, kFlashRows * kFlashMaxHeadDim);
   const std::int64_t nh = blockIdx.y;
   const int r = static_cast<int>(threadIdx.x) / kFlashThreadsPerRow, t = static_cast<int>(threadIdx.x) % kFlashThreadsPerRow;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kFlashRows + r;
   const bool live = row < L;
-  const std::int64_t base = live ? detail::flash_at(nh, heads, L, C, d, row) : 0;
+  const std::int64_t base = live ? detail::flash_at(nh, heads, L, ldx, d, row) : 0;
+  const std::int64_t gbase = live ? detail::flash_at(nh, heads, L, C, d, row) : 0;
   const float lse_i = live ? lse[nh * L + row] : 0.0f, delta_i = live ? delta[nh * L + row] : 0.0f;
   float qr[kFlashChannelsPerThread], gr[kFlashChannelsPerThread], dqr[kFlashChannelsPerThread];
   detail::flash_load_row(q, base, live, t, d, qr);
-  detail::flash_load_row(g, base, live, t, d, gr);
+  detail::flash_load_row(g, gbase, live, t, d, gr);
 DIFFUSE_FLASH_UNROLL
   for (int i = 0; i < kFlashChannelsPerThread; ++i) dqr[i] = 0.0f;
   for (std::int64_t j0 = 0; j0 < L; j0 += kFlashRows) {
     __syncthreads();
-    detail::flash_load_tile(k, ks, nh, heads, L, C, d, j0);
-    detail::flash_load_tile(v, vs, nh, heads, L, C, d, j0);
+    detail::flash_load_tile(k, ks, nh, heads, L, ldx, d, j0);
+    detail::flash_load_tile(v, vs, nh, heads, L, ldx, d, j0);
     __syncthreads();
     const int nj = static_cast<int>(L - j0 < kFlashRows ? L - j0 : kFlashRows);
     for (int j = 0; j < nj; ++j) {
@@ -326,37 +335,66 @@ inline dim3 flash_grid(const FlashShape& s) {
 // Floats of lse (and of the backward's delta workspace): N * heads * L.
 inline std::int64_t flash_attention_rows(std::int64_t N, std::int64_t L, std::int64_t heads) { return N * heads * L; }
 
-inline void flash_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse,
-                                    std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads,
-                                    cuda::stream_t stream = {}) {
+namespace detail {
+// ldx: the row stride of q, k, v and their gradients; 0 means C (the [N, L, C] layout).
+inline std::int64_t flash_ldx(const char* who, std::int64_t ldx, std::int64_t C) {
+  if (ldx == 0) return C;
+  if (ldx < C)
+    throw std::invalid_argument(std::string("diffuse::kernels::") + who + ": the row stride " + std::to_string(ldx) +
+                                " of q, k, v is less than C = " + std::to_string(C));
+  return ldx;
+}
+}  // namespace detail
+
+// T (from q; FlashSame<T>: the other pointers do not take part in deducing it, so a null one may be
+// nullptr): float, or bf16 (float arithmetic, see the top of this file). ldx: see detail::flash_ldx.
+template <class T>
+using FlashSame = std::type_identity_t<T>;
+
+// out32 (may be null): the output in float as well, before its rounding to T (for a bf16 launch's
+// backward: see flash_attention_backward).
+template <class T>
+inline void flash_attention_forward(const T* q, const FlashSame<T>* k, const FlashSame<T>* v, FlashSame<T>* out,
+                                    float* lse, std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads,
+                                    cuda::stream_t stream = {}, std::int64_t ldx = 0, float* out32 = nullptr) {
   const detail::FlashShape s = detail::flash_shape("flash_attention_forward", N, L, C, heads);
+  const std::int64_t ld = detail::flash_ldx("flash_attention_forward", ldx, C);
   if (N == 0 || L == 0 || C == 0) return;
   if (!q || !k || !v || !out || !lse) throw std::invalid_argument("flash_attention_forward: null pointer");
-  cuda::launch(flash_attention_forward_kernel<float>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, out,
-               lse, L, C, heads, s.d, s.scale);
+  cuda::launch(flash_attention_forward_kernel<T>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, out,
+               lse, out32, L, ld, C, heads, s.d, s.scale);
 }
 
 // dq, dk, dv: written, or added to where add_* is set; a null one is skipped. delta: the
-// caller's workspace of flash_attention_rows floats.
-inline void flash_attention_backward(const float* q, const float* k, const float* v, const float* out,
-                                     const float* lse, const float* g, float* dq, float* dk, float* dv, float* delta,
+// caller's workspace of flash_attention_rows floats. out and g are [N, L, C]; q, k, v, dq, dk
+// and dv rows ldx apart (0: C). out: the forward's output in T, or its float out32 (O = float):
+// delta = rowsum(g out) must equal sum_j P_ij dP_ij, which holds for out = P V in float but not
+// for out rounded to bf16, whose rounding error would enter every dS_ij = P_ij (dP_ij - delta_i)
+// of the row alike (rows of dS no longer summing to 0) and so q's and k's gradients coherently
+// (PyTorch's bf16 flash attention uses its bf16 output there). A bf16 launch passes out32.
+template <class T, class O>
+inline void flash_attention_backward(const T* q, const FlashSame<T>* k, const FlashSame<T>* v, const O* out,
+                                     const float* lse, const FlashSame<T>* g,
+                                     FlashSame<T>* dq, FlashSame<T>* dk, FlashSame<T>* dv, float* delta,
                                      std::int64_t N, std::int64_t L, std::int64_t C, std::int64_t heads,
-                                     cuda::stream_t stream = {}, bool add_dq = false, bool add_dk = false,
-                                     bool add_dv = false) {
+                                     cuda::stream_t stream = {},
+                                     bool add_dq = false, bool add_dk = false, bool add_dv = false,
+                                     std::int64_t ldx = 0) {
   const detail::FlashShape s = detail::flash_shape("flash_attention_backward", N, L, C, heads);
+  const std::int64_t ld = detail::flash_ldx("flash_attention_backward", ldx, C);
   if (N == 0 || L == 0 || C == 0 || (!dq && !dk && !dv)) return;
   if (!q || !k || !v || !out || !lse || !g || !delta)
     throw std::invalid_argument("flash_attention_backward: null input or workspace");
   const std::int64_t rows = flash_attention_rows(N, L, heads);
   const unsigned blocks = static_cast<unsigned>(std::min<std::int64_t>((rows + 255) / 256, 65535));
-  cuda::launch(flash_attention_delta_kernel<float>, dim3(blocks), dim3(256), 0, stream, out, g, delta, rows, L, C, heads,
+  cuda::launch(flash_attention_delta_kernel<O, T>, dim3(blocks), dim3(256), 0, stream, out, g, delta, rows, L, C, heads,
                s.d);
   if (dk || dv)
-    cuda::launch(flash_attention_dkdv_kernel<float>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, g, lse,
-                 delta, dk, dv, L, C, heads, s.d, s.scale, add_dk, add_dv);
+    cuda::launch(flash_attention_dkdv_kernel<T>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, g, lse,
+                 delta, dk, dv, L, ld, C, heads, s.d, s.scale, add_dk, add_dv);
   if (dq)
-    cuda::launch(flash_attention_dq_kernel<float>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, g, lse,
-                 delta, dq, L, C, heads, s.d, s.scale, add_dq);
+    cuda::launch(flash_attention_dq_kernel<T>, detail::flash_grid(s), dim3(kFlashThreads), 0, stream, q, k, v, g, lse,
+                 delta, dq, L, ld, C, heads, s.d, s.scale, add_dq);
 }
 
 }  // namespace diffuse::kernels

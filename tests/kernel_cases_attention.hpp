@@ -19,6 +19,7 @@
 #include <catch2/catch.hpp>
 
 #include <diffuse/backend/cuda/attention.hpp>
+#include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/blas.hpp>
 
 #include "kernels/flash_attention.cuh"
@@ -740,6 +741,83 @@ TEST_CASE("kernel attention: flash attention forward and backward match diffuse:
   }
 }
 
+// The bf16 launch (attention_block under BF16) on q, k, v packed in one [N, L, 3C] tensor (rows
+// 3C apart) against the float launch above on separate [N, L, C] tensors holding the same values
+// widened: the kernels load bf16 exactly and compute in float in the same order, so out, lse and
+// every gradient must be the float launch's values rounded once, bit for bit (lse and the float
+// copy of out equal; the backward reads that float out, as the float launch reads its own). The
+// gradient buffer starts as NaN: every one of its 3C channels must be written.
+TEST_CASE("kernel attention: flash attention in bf16 on packed q, k, v is the float launch on the widened values") {
+  using namespace attn_test;
+  using diffuse::bf16;
+  const std::uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (AttentionCase c : {AttentionCase{1, 1, 8, 1}, AttentionCase{2, 37, 24, 2}, AttentionCase{1, 20, 256, 1},
+                          AttentionCase{3, 17, 48, 4}}) {
+    const std::int64_t N = c.N, L = c.L, C = c.C, H = c.heads;
+    INFO("N " << N << " L " << L << " C " << C << " heads " << H);
+    const std::size_t nx = static_cast<std::size_t>(N * L * C), rows = static_cast<std::size_t>(N * L);
+    const std::size_t C3 = static_cast<std::size_t>(3 * C), Cs = static_cast<std::size_t>(C);
+    // Packed bf16 values, and the same values widened into three separate float tensors.
+    std::vector<bf16> qkv16(3 * nx), g16(nx);
+    std::vector<float> part[3] = {std::vector<float>(nx), std::vector<float>(nx), std::vector<float>(nx)}, g(nx);
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t j = 0; j < C3; ++j) {
+        const bf16 b(normal(gen) * (j < Cs ? 2.0f : 1.0f));
+        qkv16[r * C3 + j] = b;
+        part[j / Cs][r * Cs + j % Cs] = static_cast<float>(b);
+      }
+    for (std::size_t i = 0; i < nx; ++i) {
+      g16[i] = bf16(normal(gen));
+      g[i] = static_cast<float>(g16[i]);
+    }
+    const std::size_t nrows = static_cast<std::size_t>(diffuse::kernels::flash_attention_rows(N, L, H));
+    DeviceBuffer<float> dq(part[0]), dk(part[1]), dv(part[2]), out(nx), lse(nrows), delta(nrows);
+    DeviceBuffer<bf16> dqkv16(qkv16), out16(nx), dg16(g16);
+    DeviceBuffer<float> lse16(nrows), out32(nx);
+    TestStream stream;
+    stream.ready();
+    diffuse::kernels::flash_attention_forward(dq.get(), dk.get(), dv.get(), out.get(), lse.get(), N, L, C, H, stream.s);
+    const bf16* p16 = dqkv16.get();
+    diffuse::kernels::flash_attention_forward(p16, p16 + C, p16 + 2 * C, out16.get(), lse16.get(), N, L, C, H,
+                                              stream.s, 3 * C, out32.get());
+    stream.ready();
+    const std::vector<float> o = out.to_host(), l = lse.to_host(), l16 = lse16.to_host(), o32 = out32.to_host();
+    const std::vector<bf16> o16 = out16.to_host();
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < nx; ++i) bad += o16[i].bits != bf16(o[i]).bits || !(o32[i] == o[i]);
+    for (std::size_t i = 0; i < nrows; ++i) bad += !(l16[i] == l[i]);
+    CHECK(bad == 0);
+
+    // The backward: each launch reads the float output.
+    DeviceBuffer<float> dg(g), gq(nx), gk(nx), gv(nx);
+    DeviceBuffer<bf16> gqkv16(3 * nx);
+    stream.ready();
+    diffuse::kernels::flash_attention_backward(dq.get(), dk.get(), dv.get(), out.get(), lse.get(), dg.get(), gq.get(),
+                                               gk.get(), gv.get(), delta.get(), N, L, C, H, stream.s);
+    bf16* d16 = gqkv16.get();
+    const float* o32p = out32.get();
+    diffuse::kernels::flash_attention_backward(p16, p16 + C, p16 + 2 * C, o32p, lse16.get(), dg16.get(), d16, d16 + C,
+                                               d16 + 2 * C, delta.get(), N, L, C, H, stream.s, false, false, false,
+                                               3 * C);
+    stream.ready();
+    const std::vector<float> want[3] = {gq.to_host(), gk.to_host(), gv.to_host()};
+    const std::vector<bf16> got = gqkv16.to_host();
+    std::size_t bad_grad = 0;
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::size_t j = 0; j < C3; ++j) bad_grad += got[r * C3 + j].bits != bf16(want[j / Cs][r * Cs + j % Cs]).bits;
+    CHECK(bad_grad == 0);
+  }
+  // A row stride below C is refused.
+  DeviceBuffer<bf16> x(64);
+  DeviceBuffer<float> lse(8);
+  CHECK_THROWS_AS(diffuse::kernels::flash_attention_forward(x.get(), x.get(), x.get(), x.get(), lse.get(), 1, 2, 8, 1, {},
+                                                            4),
+                  std::invalid_argument);
+}
+
 TEST_CASE("kernel attention: flash attention refuses head dimensions over 256 and bad shapes") {
   using namespace attn_test;
   DeviceBuffer<float> x(1024), lse(64);
@@ -750,5 +828,5 @@ TEST_CASE("kernel attention: flash attention refuses head dimensions over 256 an
   CHECK_THROWS_AS(diffuse::kernels::flash_attention_backward(a, a, a, a, lse.get(), a, a, nullptr, nullptr, nullptr, 1,
                                                              2, 4, 1),
                   std::invalid_argument);  // the delta workspace
-  CHECK_NOTHROW(diffuse::kernels::flash_attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 4, 2));
+  CHECK_NOTHROW(diffuse::kernels::flash_attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 4, 2));
 }
