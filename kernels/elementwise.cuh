@@ -217,8 +217,8 @@ inline void add_channel_bias(const T* x, const T* b, T* y, std::int64_t N, std::
 // (the order of conv2d's bias, add_channel_bias and add, so the result is theirs bit for bit).
 // src is the convolution's result: y itself (in place), or the bf16 buffer of a BF16 plan, which
 // this converts on the way.
-template <class S, class T>
-__global__ void conv_epilogue_kernel(const S* src, const T* b, const T* cb, const T* res, T* y, std::int64_t n,
+template <class S, class T, class Y>
+__global__ void conv_epilogue_kernel(const S* src, const T* b, const T* cb, const T* res, Y* y, std::int64_t n,
                                      std::int64_t C, std::int64_t HWC) {
   const std::int64_t stride = elementwise_detail::grid_stride();
   std::int64_t i = elementwise_detail::first_index();
@@ -228,19 +228,20 @@ __global__ void conv_epilogue_kernel(const S* src, const T* b, const T* cb, cons
     if (b) v = v + static_cast<float>(b[col.r]);
     if (cb) v = v + static_cast<float>(cb[sample.q * C + col.r]);
     if (res) v = v + static_cast<float>(res[i]);
-    y[i] = static_cast<T>(v);
+    y[i] = static_cast<Y>(v);
   }
 }
 
-// y [N, HW, C] = src + b [C] + cb [N, C] + res [N, HW, C] (see the kernel); src may be y.
-template <class S, class T>
-inline void conv_epilogue(const S* src, const T* b, const T* cb, const T* res, T* y, std::int64_t N, std::int64_t HW,
+// y [N, HW, C] = src + b [C] + cb [N, C] + res [N, HW, C] (see the kernel); src may be y. Y: y's
+// type (T, or bf16 for a bf16 convolution's output kept in bf16: the float sum rounded once).
+template <class S, class T, class Y>
+inline void conv_epilogue(const S* src, const T* b, const T* cb, const T* res, Y* y, std::int64_t N, std::int64_t HW,
                           std::int64_t C, cuda::stream_t stream = {}, unsigned block = 256, unsigned max_blocks = 65535) {
   if (N < 0 || HW < 0 || C < 0) throw std::invalid_argument("conv_epilogue: negative size");
   const std::int64_t n = N * HW * C;
   elementwise_detail::check_flat("conv_epilogue", n, block, max_blocks);
   if (n == 0) return;
-  cuda::launch(conv_epilogue_kernel<S, T>, elementwise_detail::flat_grid(n, block, max_blocks), dim3(block), 0, stream,
+  cuda::launch(conv_epilogue_kernel<S, T, Y>, elementwise_detail::flat_grid(n, block, max_blocks), dim3(block), 0, stream,
                src, b, cb, res, y, n, C, HW * C);
 }
 
@@ -329,8 +330,8 @@ inline std::size_t column_sums_workspace_bytes(std::int64_t batch, std::int64_t 
   return p.chunks > 1 ? static_cast<std::size_t>(batch * p.chunks * C) * sizeof(float) : 0;
 }
 
-template <class T>
-inline void column_sums(const char* name, const T* dy, T* db, std::int64_t batch, std::int64_t rows, std::int64_t C,
+template <class S, class T>
+inline void column_sums(const char* name, const S* dy, T* db, std::int64_t batch, std::int64_t rows, std::int64_t C,
                         bool accumulate, void* workspace, cuda::stream_t stream, unsigned block, unsigned max_chunks) {
   check_column_sums(name, batch, rows, C, block, max_chunks);
   if (batch == 0 || C == 0) return;
@@ -338,12 +339,12 @@ inline void column_sums(const char* name, const T* dy, T* db, std::int64_t batch
   const std::int64_t W = std::min<std::int64_t>(C, 32);
   const dim3 grid(static_cast<unsigned>((C + W - 1) / W), static_cast<unsigned>(p.chunks), static_cast<unsigned>(batch));
   if (p.chunks == 1) {
-    cuda::launch(column_sums_kernel<T, T>, grid, dim3(block), 0, stream, dy, db, rows, C, p.rows_per_chunk, accumulate);
+    cuda::launch(column_sums_kernel<S, T>, grid, dim3(block), 0, stream, dy, db, rows, C, p.rows_per_chunk, accumulate);
     return;
   }
   check_ptr(name, workspace, "workspace (column_sums_workspace_bytes > 0)");
   float* part = static_cast<float*>(workspace);
-  cuda::launch(column_sums_kernel<T, float>, grid, dim3(block), 0, stream, dy, part, rows, C, p.rows_per_chunk, false);
+  cuda::launch(column_sums_kernel<S, float>, grid, dim3(block), 0, stream, dy, part, rows, C, p.rows_per_chunk, false);
   const std::int64_t n = batch * C;
   cuda::launch(column_sums_combine_kernel<T>, flat_grid(n, block, max_chunks), dim3(block), 0, stream,
                static_cast<const float*>(part), db, n, C, p.chunks, accumulate);
@@ -366,8 +367,9 @@ inline void row_bias_backward(const T* dy, T* db, std::int64_t rows, std::int64_
   elementwise_detail::column_sums("row_bias_backward", dy, db, 1, rows, C, true, workspace, stream, block, max_chunks);
 }
 // The same, written (accumulate = false) or added to: the autograd's first contribution writes.
-template <class T>
-inline void row_bias_backward(const T* dy, T* db, std::int64_t rows, std::int64_t C, bool accumulate, void* workspace,
+// dy may be bf16 (S) where db is float (T): the sums of the widened values.
+template <class S, class T>
+inline void row_bias_backward(const S* dy, T* db, std::int64_t rows, std::int64_t C, bool accumulate, void* workspace,
                               cuda::stream_t stream = {}, unsigned block = 256, unsigned max_chunks = 1024) {
   elementwise_detail::column_sums("row_bias_backward", dy, db, 1, rows, C, accumulate, workspace, stream, block,
                                   max_chunks);

@@ -319,15 +319,22 @@ TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the sam
 // 8u = 2^-5). A gradient rounds twice as many operands and a norm gain's gradient is a sum over
 // every pixel with much cancellation, which amplifies relative error: 6-13u seen, bound 32u. And
 // the rounding is really there: FP32 on the device is within 1e-5 of the CPU (the test above),
-// bf16 must be further than u / 16 = 2^-12.
+// bf16 must be further than u / 16 = 2^-12. Both attention kernels: with the flash ones the
+// attention blocks run all in bf16 (attention_block), the same bounds.
 TEST_CASE("backend models: the U-Net in bf16 stays within the bf16 bound of the FP32 CPU model") {
   CudaScope cuda;
   const uint64_t seed = fresh_seed();
   INFO("seed " << seed);
+  const AttentionKernel kernel = GENERATE(AttentionKernel::Full, AttentionKernel::Flash);
+  INFO("attention kernel " << (kernel == AttentionKernel::Full ? "full" : "flash"));
   struct RestoreFP32 {
-    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+    ~RestoreFP32() {
+      set_cuda_math_mode(MathMode::FP32);
+      set_cuda_attention_kernel(AttentionKernel::Full);
+    }
   } restore;
   set_cuda_math_mode(MathMode::BF16);
+  set_cuda_attention_kernel(kernel);
   const double u = std::ldexp(1.0, -8);
   const UNetConfig c = small_unet();
   Generator g0(seed), g1(seed);

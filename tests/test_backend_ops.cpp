@@ -296,6 +296,212 @@ TEST_CASE("backend ops: group_norm_conv2d on both devices, and in bf16 bit for b
                     Catch::Contains("operands on different devices"));
 }
 
+// The backend's bf16 convolution with its output written in bf16 (y16) and its output's gradient
+// read in bf16 (dy16), as attention_block uses it: y16 is the float output rounded once, and the
+// backward from a bf16 dy is the backward from the same values in float (which it rounds to
+// exactly them), bit for bit: dx, dw and the bias gradient.
+TEST_CASE("backend ops: a bf16 convolution writes its output and reads its gradient in bf16") {
+  CudaScope cuda;
+  struct RestoreFP32 {
+    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+  } restore;
+  set_cuda_math_mode(MathMode::BF16);
+  backend::CudaBackend& be = *backend::cuda_backend();
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  for (const bool pointwise : {true, false}) {
+    const int64_t N = 2, H = 5, W = 3, C = 6, O = 10, k = pointwise ? 1 : 3, pad = pointwise ? 0 : 1;
+    const backend::ConvDesc d{N, H, W, C, O, k, k, 1, 1, pad, pad};
+    const Tensor<float> x = randn_t({N, H, W, C}, g).cuda(), w = randn_t({O, k, k, C}, g).cuda(),
+                        b = randn_t({O}, g).cuda(), res = randn_t({N, H, W, O}, g).cuda();
+    INFO((pointwise ? "1x1" : "3x3") << " convolution");
+    Tensor<float> y({N, H, W, O}, Device::CUDA);
+    Tensor<bf16> y16({N, H, W, O}, Device::CUDA);
+    be.conv2d(d, x.data(), w.data(), b.data(), nullptr, res.data(), y.data());
+    be.conv2d(d, x.data(), w.data(), b.data(), nullptr, res.data(), nullptr, nullptr, nullptr, y16.data());
+    const Tensor<float> yc = y.cpu();
+    const Tensor<bf16> y16c = y16.cpu();
+    size_t bad = 0;
+    for (size_t i = 0; i < yc.size(); ++i) bad += y16c[i].bits != bf16(yc[i]).bits;
+    CHECK(bad == 0);
+    // dy in bf16, and the same values in float.
+    Tensor<float> dyf = randn_t({N, H, W, O}, g);
+    Tensor<bf16> dy16c({N, H, W, O});
+    for (size_t i = 0; i < dyf.size(); ++i) {
+      dy16c[i] = bf16(dyf[i]);
+      dyf[i] = static_cast<float>(dy16c[i]);
+    }
+    const Tensor<float> dy = dyf.cuda();
+    const Tensor<bf16> dy16 = dy16c.cuda();
+    Tensor<float> dx1({N, H, W, C}, Device::CUDA), dw1(w.shape(), Device::CUDA), db1({O}, Device::CUDA);
+    Tensor<float> dx2({N, H, W, C}, Device::CUDA), dw2(w.shape(), Device::CUDA), db2({O}, Device::CUDA);
+    be.conv2d_backward(d, x.data(), w.data(), dy.data(), dx1.data(), false, dw1.data(), false, db1.data(), false);
+    be.conv2d_backward(d, x.data(), w.data(), nullptr, dx2.data(), false, dw2.data(), false, db2.data(), false, nullptr,
+                       nullptr, nullptr, dy16.data());
+    CHECK(rel_err(dx2.cpu(), dx1.cpu()) == 0.0);
+    CHECK(rel_err(dw2.cpu(), dw1.cpu()) == 0.0);
+    CHECK(rel_err(db2.cpu(), db1.cpu()) == 0.0);
+  }
+  // Outside BF16 neither is accepted.
+  set_cuda_math_mode(MathMode::FP32);
+  const backend::ConvDesc d{1, 2, 2, 3, 4, 1, 1, 1, 1, 0, 0};
+  Tensor<float> x({1, 2, 2, 3}, Device::CUDA), w({4, 1, 1, 3}, Device::CUDA), dy({1, 2, 2, 4}, Device::CUDA);
+  Tensor<bf16> y16({1, 2, 2, 4}, Device::CUDA);
+  CHECK_THROWS_AS(be.conv2d(d, x.data(), w.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y16.data()),
+                  std::logic_error);
+  CHECK_THROWS_AS(be.conv2d_backward(d, x.data(), w.data(), nullptr, x.data(), false, nullptr, false, nullptr, false,
+                                     nullptr, nullptr, nullptr, y16.data()),
+                  std::logic_error);
+}
+
+// attention_block: group_norm, the q, k, v convolutions, attention and the projection with its
+// residual. On the CPU, in FP32 on the device (both attention kernels) and under BF16 with the
+// full-matrix kernels it is those ops; under BF16 with the flash kernels one op whose activations
+// are all bf16 (checked by the profiler's names: the bf16 flash kernels ran, no float ones).
+// Tolerances against the CPU: FP32 2e-5 (the attention test's 1e-5, doubled for the five ops in a
+// row). BF16: 2^-5 for the output: each of the chain's bf16 roundings (h, q/k/v, the attention's
+// output, the operands of the two convolutions) is u = 2^-8 relative per element, about u in
+// norm, and about five stand in a row: 2^-5 = 8u (the whole-model bound of the bf16 U-Net tests).
+// The same 2^-5 for the gradients of v's and the projection's parameters. The gradients behind the
+// scores (x, the norm's parameters, q's and k's weights, q's bias) pass through the softmax
+// backward, dS = P (dP - delta), where dP - delta cancels: their relative error is u times
+// |dO| |v| / |dP - delta|, unbounded in principle and heavy-tailed in practice: over 600 runs the
+// largest was 0.155 with the full-matrix kernels (whose GEMMs read bf16 operands) and 0.071 with
+// the flash ones (after their delta was made consistent with P: kernels/flash_attention.cuh;
+// 0.196 before), against 0.017 for the others. Their bound is 2^-1, checked with every input
+// needing a gradient; the others are then checked again, alone, at 2^-5. The kernels themselves
+// are checked bit for bit (kernel_cases_attention.hpp: bf16 flash = the float launch rounded; the
+// bf16 convolution's y16 / dy16 above), so this test checks the wiring, where a mistake (a slice
+// swapped, a term dropped, a missing scale) is an error of 0.6 or more (scripts/mutants.tsv).
+// k's bias gets a gradient of exactly 0 (softmax ignores a constant added to all of a query's
+// scores, and q . bk is one): on each device it is rounding noise, so it is not compared with the
+// CPU's but checked to be noise: below 2^-3 (FP32: 1e-5) of q's bias gradient, a sum of the same
+// size without the cancellation.
+// The weights are drawn with PyTorch's init scale (1 / sqrt(C)), so the scores are O(1) as in a
+// trained block.
+TEST_CASE("backend ops: attention_block on both devices; in bf16 with the flash kernels all of it bf16") {
+  CudaScope cuda;
+  struct Restore {
+    ~Restore() {
+      set_cuda_math_mode(MathMode::FP32);
+      set_cuda_attention_kernel(AttentionKernel::Full);
+    }
+  } restore;
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  const uint64_t seed = g.seed;
+  struct Case {
+    int64_t N, H, W, C;
+    int heads;
+    double p;
+    bool biases;
+  };
+  // v: x, gamma, beta, wq, wk, wv, wo, then bq, bk, bv, bo.
+  auto op = [seed](int heads, double p, bool biases) {
+    return [seed, heads, p, biases](const std::vector<Var<float>>& v) {
+      Generator d(seed, 21);
+      const GroupNormArgs<float> n{v[1], v[2], 4, 1e-6, false, p, &d};
+      const Var<float> none;
+      return attention_block(v[0], n,
+                             AttentionBlockParams<float>{v[3], biases ? v[7] : none, v[4], biases ? v[8] : none, v[5],
+                                                         biases ? v[9] : none, v[6], biases ? v[10] : none},
+                             heads);
+    };
+  };
+  auto inputs = [&](const Case& c) {
+    const double ws = 1.0 / std::sqrt(static_cast<double>(c.C));
+    std::vector<Tensor<float>> t{randn_t({c.N, c.H, c.W, c.C}, g), randn_t({c.C}, g), randn_t({c.C}, g)};
+    for (int i = 0; i < 4; ++i) {
+      Tensor<float> w = randn_t({c.C, 1, 1, c.C}, g);
+      for (size_t e = 0; e < w.size(); ++e) w[e] = static_cast<float>(w[e] * ws);
+      t.push_back(w);
+    }
+    if (c.biases)
+      for (int i = 0; i < 4; ++i) t.push_back(randn_t({c.C}, g));
+    return inputs_of(t);
+  };
+  const Case cases[] = {{2, 3, 5, 16, 2, 0.0, true}, {2, 4, 5, 8, 1, 0.0, false}, {2, 3, 3, 12, 3, 0.3, true}};
+  for (const MathMode m : {MathMode::FP32, MathMode::BF16}) {
+    set_cuda_math_mode(m);
+    for (const AttentionKernel k : {AttentionKernel::Full, AttentionKernel::Flash}) {
+      set_cuda_attention_kernel(k);
+      const bool bf16 = m == MathMode::BF16;
+      const double tol = bf16 ? std::ldexp(1.0, -5) : 2e-5;
+      const double grad_tol = bf16 ? std::ldexp(1.0, -1) : tol;
+      for (const Case& c : cases) {
+        const std::string what = std::string(math_mode_name(m)) + (k == AttentionKernel::Flash ? " flash" : " full") +
+                                 " attention_block " + shape_str({c.N, c.H, c.W, c.C}) + " heads " +
+                                 std::to_string(c.heads) + " p " + std::to_string(c.p) +
+                                 (c.biases ? "" : " no biases");
+        std::vector<OpInput> in = inputs(c);
+        if (c.biases) in[8].requires_grad = false;  // k's bias: below
+        check_op(what, op(c.heads, c.p, c.biases), in, tol, grad_tol);
+        if (bf16) {  // v's and the projection's parameters alone, at the output's bound
+          std::vector<OpInput> vp = in;
+          for (size_t i = 0; i < vp.size(); ++i) vp[i].requires_grad = i == 5 || i == 6 || i == 9 || i == 10;
+          check_op(what + ", v's and the projection's parameters alone", op(c.heads, c.p, c.biases), vp, tol, tol);
+        }
+        if (!c.biases) continue;
+        INFO(what << ": k's bias gradient (exactly 0) is rounding noise");
+        in[8].requires_grad = true;
+        const Tensor<float> R = randn_t({c.N, c.H, c.W, c.C}, g);
+        for (const Device dev : {Device::CPU, Device::CUDA}) {
+          const OpRun r = run_op(op(c.heads, c.p, c.biases), in, R, R, dev, false);
+          CHECK(norm2(r.grads[8]) <= (bf16 && dev == Device::CUDA ? std::ldexp(1.0, -3) : 1e-5) * norm2(r.grads[7]));
+        }
+      }
+    }
+  }
+  // The kernels that ran under BF16 + flash: the bf16 ones only, forward and backward.
+  set_cuda_math_mode(MathMode::BF16);
+  set_cuda_attention_kernel(AttentionKernel::Flash);
+  {
+    backend::CudaBackend& be = *backend::cuda_backend();
+    const std::vector<OpInput> in = inputs(cases[0]);
+    std::vector<Var<float>> v;
+    for (const auto& i : in) v.emplace_back(i.value.cuda(), true);
+    be.set_profiling(true);
+    backward(sum(op(2, 0.0, true)(v)));
+    const std::string t = be.profile_table(1);
+    be.set_profiling(false);
+    INFO(t);
+    auto ran = [&t](const std::string& name) {  // a row of the table: the name padded to 28 columns
+      return t.find("\n" + name + std::string(28 - name.size(), ' ')) != std::string::npos;
+    };
+    CHECK(ran("flash attention bf16"));
+    CHECK(ran("flash attention bf16 bwd"));
+    for (const char* name : {"flash attention", "flash attention bwd", "attention", "attention bwd"}) {
+      INFO(name);
+      CHECK(!ran(name));
+    }
+  }
+  // Only some inputs needing a gradient: x and the norm's parameters constant; q, k, v frozen
+  // (their convolution's input gradient only); the projection frozen.
+  for (const std::vector<int>& frozen : {std::vector<int>{0, 1, 2, 8}, std::vector<int>{3, 4, 5, 7, 8, 9},
+                                         std::vector<int>{6, 8, 10}, std::vector<int>{0, 3, 4, 5, 6, 7, 8, 9, 10}}) {
+    std::vector<OpInput> in = inputs(cases[0]);
+    std::string what = "bf16 flash attention_block, constant inputs:";
+    for (int i : frozen) {
+      in[static_cast<size_t>(i)].requires_grad = false;
+      what += " " + std::to_string(i);
+    }
+    check_op(what, op(2, 0.0, true), in, std::ldexp(1.0, -5), std::ldexp(1.0, -1));
+  }
+  // Refusals: a 3x3 projection, heads not dividing C, dropout without a generator.
+  const std::vector<OpInput> in = inputs(cases[0]);
+  std::vector<Var<float>> v;
+  for (const auto& i : in) v.emplace_back(i.value.cuda(), false);
+  const GroupNormArgs<float> n{v[1], v[2], 4, 1e-6, false, 0.0, nullptr};
+  const Var<float> w3(Tensor<float>::randn({16, 3, 3, 16}, g).cuda());
+  CHECK_THROWS_WITH(attention_block(v[0], n, AttentionBlockParams<float>{v[3], v[7], v[4], v[8], v[5], v[9], w3, v[10]}, 2),
+                    Catch::Contains("must be 1x1 convolutions"));
+  CHECK_THROWS_WITH(attention_block(v[0], n, AttentionBlockParams<float>{v[3], v[7], v[4], v[8], v[5], v[9], v[6], v[10]}, 3),
+                    Catch::Contains("must be a multiple of heads"));
+  CHECK_THROWS_WITH(attention_block(v[0], GroupNormArgs<float>{v[1], v[2], 4, 1e-6, false, 0.2, nullptr},
+                                    AttentionBlockParams<float>{v[3], v[7], v[4], v[8], v[5], v[9], v[6], v[10]}, 2),
+                    Catch::Contains("dropout needs a generator"));
+}
+
 TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {
   CudaScope cuda;
   Generator g = gen();

@@ -14,6 +14,7 @@
 
 // ops: one signature per op, run on the device of the operands
 #include <diffuse/ops/attention.hpp>
+#include <diffuse/ops/attention_block.hpp>
 #include <diffuse/ops/batch_norm.hpp>
 #include <diffuse/ops/channel_bias.hpp>
 #include <diffuse/ops/conv2d.hpp>

@@ -187,14 +187,18 @@ class CudaBackend {
   // given them as xb / wb instead of rounding x and w again (PyTorch's autocast saves its casts
   // alike). Other modes ignore all four. x null: keep_x already holds x, in bf16 only (an
   // activation written in bf16 by its producer, group_norm_conv2d); BF16 only, as is a null x in
-  // the backward with xb given.
+  // the backward with xb given. y16 (then y is null; BF16 only): the output in bf16, each value
+  // the float y would hold rounded once (for a consumer that reads bf16, attention_block).
   virtual void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb,
-                      const float* res, float* y, bf16* keep_x = nullptr, bf16* keep_w = nullptr) = 0;
+                      const float* res, float* y, bf16* keep_x = nullptr, bf16* keep_w = nullptr,
+                      bf16* y16 = nullptr) = 0;
   // dx16 (then dx is null): x's gradient written in bf16 as the bf16 convolution computes it (not
   // widened to float; for a producer that reads bf16 gradients, group_norm_conv2d); BF16 only.
+  // dy16 (then dy is null; BF16 only): the output's gradient given in bf16, as the bf16
+  // convolution reads it anyway (db is then the float sum of its widened values).
   virtual void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx,
                                bool acc_dx, float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb = nullptr,
-                               const bf16* wb = nullptr, bf16* dx16 = nullptr) = 0;
+                               const bf16* wb = nullptr, bf16* dx16 = nullptr, const bf16* dy16 = nullptr) = 0;
   // y = group_norm(x) (SiLU'd when silu); mean, rstd [N * G] kept for the backward.
   // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
   // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.
@@ -248,6 +252,17 @@ class CudaBackend {
                                         const float* lse, const float* g, float* dq, bool acc_q, float* dk,
                                         bool acc_k, float* dv, bool acc_v, std::int64_t N, std::int64_t L,
                                         std::int64_t C, std::int64_t heads) = 0;
+  // The fused kernels in bf16 (MathMode::BF16, attention_block): q, k and v packed in one bf16
+  // [N, L, 3C] tensor (each token's row: q's C channels, then k's, then v's, as one 1x1
+  // convolution of 3C outputs writes them); out and g [N, L, C] bf16; dqkv the three gradients
+  // packed alike, written. Float arithmetic, lse and delta. out32 (null: none): the output in
+  // float too, which the backward reads instead of the bf16 out (kernels/flash_attention.cuh: its
+  // delta then agrees with the probabilities, as in the float kernels).
+  virtual void flash_attention_bf16(const bf16* qkv, bf16* out, float* out32, float* lse, std::int64_t N,
+                                    std::int64_t L, std::int64_t C, std::int64_t heads) = 0;
+  virtual void flash_attention_backward_bf16(const bf16* qkv, const float* out32, const float* lse, const bf16* g,
+                                             bf16* dqkv, std::int64_t N, std::int64_t L, std::int64_t C,
+                                             std::int64_t heads) = 0;
   // Max pool: argmax [N, OH, OW, C] = the input pixel (h W + w) of each output's first maximum
   // (may be null when no backward follows).
   virtual void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) = 0;

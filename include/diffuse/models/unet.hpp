@@ -21,6 +21,7 @@
 #include <diffuse/ops/linear.hpp>
 #include <diffuse/ops/shape.hpp>
 #include <diffuse/ops/attention.hpp>
+#include <diffuse/ops/attention_block.hpp>
 #include <diffuse/ops/conv2d.hpp>
 #include <diffuse/ops/channel_bias.hpp>
 #include <diffuse/ops/dropout.hpp>
@@ -126,12 +127,14 @@ class AttnBlock : public Module<T> {
     this->register_module("v", v);
     this->register_module("proj", proj);
   }
+  // x + proj(attention(q(h), k(h), v(h))), h = norm(x): one op (ops/attention_block.hpp; under bf16
+  // on the device with the flash kernels every activation inside it is bf16), the same numbers as
+  // the layers one by one elsewhere.
   Var<T> operator()(const Var<T>& x) const {
-    const Shape s = x.shape();  // [B, H, W, C]
-    const Shape tokens{s[0], s[1] * s[2], s[3]};
-    Var<T> h = norm(x);
-    Var<T> a = attention(reshape(q(h), tokens), reshape(k(h), tokens), reshape(v(h), tokens), static_cast<int>(heads_));
-    return proj(reshape(a, s), Var<T>(), x);  // x + proj(a): the residual in the convolution's epilogue
+    return attention_block(x, norm.args(false),
+                           AttentionBlockParams<T>{q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, proj.weight,
+                                                   proj.bias},
+                           static_cast<int>(heads_));
   }
 
   GroupNorm<T> norm;

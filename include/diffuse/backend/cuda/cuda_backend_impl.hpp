@@ -332,7 +332,8 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
  private:
-  void bias_grad(const float* g, float* db, std::int64_t rows, std::int64_t C, bool acc) {
+  template <class G>
+  void bias_grad(const G* g, float* db, std::int64_t rows, std::int64_t C, bool acc) {
     if (rows == 0) {
       if (!acc) kernels::fill(db, C, 0.0f, stream_);
       return;
@@ -390,22 +391,25 @@ class CudaBackendImpl final : public CudaBackend {
   // accumulation into a bf16 result, which is widened (or added, for gradients) into the float
   // tensor. The float activations and weights are not touched.
   void conv2d(const ConvDesc& d, const float* x, const float* w, const float* b, const float* cb, const float* res,
-              float* y, bf16* keep_x, bf16* keep_w) override {
+              float* y, bf16* keep_x, bf16* keep_w, bf16* y16) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     cuda::ProfileScope ps(prof_, "conv2d");
     const std::int64_t HW = d.Ho() * d.Wo();
-    if (!x && !(plan.bf16_tensors() && keep_x))
-      throw std::logic_error("diffuse: conv2d: x given in bf16 only needs MathMode::BF16");
+    if ((!x && !(plan.bf16_tensors() && keep_x)) || (y16 && !plan.bf16_tensors()))
+      throw std::logic_error("diffuse: conv2d: x or y given in bf16 only needs MathMode::BF16");
     if (plan.bf16_tensors()) {
       const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * HW * d.O;
-      Bf16Scratch t(scratch(Bf16Scratch::bytes({keep_x ? 0 : nx, keep_w ? 0 : nw, ny})));
+      Bf16Scratch t(scratch(Bf16Scratch::bytes({keep_x ? 0 : nx, keep_w ? 0 : nw, y16 ? 0 : ny})));
       bf16* xb = keep_x ? keep_x : t.take(nx);
       bf16* wb = keep_w ? keep_w : t.take(nw);
-      bf16* yb = t.take(ny);
+      bf16* yb = y16 ? y16 : t.take(ny);
       if (x) kernels::convert(x, xb, nx, false, stream_);
       kernels::convert(w, wb, nw, false, stream_);
       plan.forward(dnn(), xb, wb, yb);
-      kernels::conv_epilogue(yb, b, cb, res, y, d.N, HW, d.O, stream_);  // to float, with the additions
+      if (!y16)
+        kernels::conv_epilogue(yb, b, cb, res, y, d.N, HW, d.O, stream_);  // to float, with the additions
+      else if (b || cb || res)  // the float sums rounded once, in place
+        kernels::conv_epilogue(static_cast<const bf16*>(yb), b, cb, res, yb, d.N, HW, d.O, stream_);
     } else {
       plan.forward(dnn(), x, w, y);
       if (b || cb || res) kernels::conv_epilogue(y, b, cb, res, y, d.N, HW, d.O, stream_);
@@ -413,17 +417,20 @@ class CudaBackendImpl final : public CudaBackend {
   }
   void conv2d_backward(const ConvDesc& d, const float* x, const float* w, const float* dy, float* dx, bool acc_dx,
                        float* dw, bool acc_dw, float* db, bool acc_db, const bf16* xb, const bf16* wb,
-                       bf16* dx16) override {
+                       bf16* dx16, const bf16* dy16) override {
     const cuda::Conv2dPlan& plan = conv_plan(d);
     const std::int64_t rows = d.N * d.Ho() * d.Wo();
-    if ((!x && dw && !(plan.bf16_tensors() && xb)) || (dx16 && !plan.bf16_tensors()))
-      throw std::logic_error("diffuse: conv2d backward: x or dx in bf16 only needs MathMode::BF16");
+    if ((!x && dw && !(plan.bf16_tensors() && xb)) || ((dx16 || dy16) && !plan.bf16_tensors()))
+      throw std::logic_error("diffuse: conv2d backward: x, dx or dy in bf16 only needs MathMode::BF16");
     if (plan.bf16_tensors() && d.N > 0) {
       if (db) {
         cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
-        bias_grad(dy, db, rows, d.O, acc_db);  // in float, from the float dy
+        if (dy16)
+          bias_grad(dy16, db, rows, d.O, acc_db);  // in float, from the widened bf16 dy
+        else
+          bias_grad(dy, db, rows, d.O, acc_db);  // in float, from the float dy
       }
-      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw, xb, wb, dx16);
+      conv2d_backward_bf16(d, plan, x, w, dy, dx, acc_dx, dw, acc_dw, xb, wb, dx16, dy16);
       return;
     }
     {
@@ -556,6 +563,19 @@ class CudaBackendImpl final : public CudaBackend {
                            kernels::flash_attention_backward(q, k, v, out, lse, g, gq, gk, gv, delta, N, L, C, heads,
                                                              stream_, aq, ak, av);
                          });
+  }
+  void flash_attention_bf16(const bf16* qkv, bf16* out, float* out32, float* lse, std::int64_t N, std::int64_t L,
+                            std::int64_t C, std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "flash attention bf16");
+    kernels::flash_attention_forward(qkv, qkv + C, qkv + 2 * C, out, lse, N, L, C, heads, stream_, 3 * C, out32);
+  }
+  void flash_attention_backward_bf16(const bf16* qkv, const float* out32, const float* lse, const bf16* g,
+                                     bf16* dqkv, std::int64_t N, std::int64_t L, std::int64_t C,
+                                     std::int64_t heads) override {
+    cuda::ProfileScope ps(prof_, "flash attention bf16 bwd");
+    float* delta = static_cast<float*>(scratch(sizeof(float) * kernels::flash_attention_rows(N, L, heads)));
+    kernels::flash_attention_backward(qkv, qkv + C, qkv + 2 * C, out32, lse, g, dqkv, dqkv + C, dqkv + 2 * C, delta,
+                                      N, L, C, heads, stream_, false, false, false, 3 * C);
   }
   void max_pool2d(const PoolDesc& d, const float* x, float* y, std::int32_t* argmax) override {
     cuda::ProfileScope ps(prof_, "max_pool2d");
@@ -749,13 +769,14 @@ class CudaBackendImpl final : public CudaBackend {
   // dx16.
   void conv2d_backward_bf16(const ConvDesc& d, const cuda::Conv2dPlan& plan, const float* x, const float* w,
                             const float* dy, float* dx, bool acc_dx, float* dw, bool acc_dw, const bf16* xb,
-                            const bf16* wb, bf16* dx16) {
+                            const bf16* wb, bf16* dx16, const bf16* dy16) {
     const std::int64_t nx = d.N * d.H * d.W * d.C, nw = d.O * d.kh * d.kw * d.C, ny = d.N * d.Ho() * d.Wo() * d.O;
-    Bf16Scratch t(scratch(Bf16Scratch::bytes({ny, dx16 ? 0 : nx, nw})));
-    bf16* dyb = t.take(ny);
+    Bf16Scratch t(scratch(Bf16Scratch::bytes({dy16 ? 0 : ny, dx16 ? 0 : nx, nw})));
+    bf16* dyw = dy16 ? nullptr : t.take(ny);
     bf16* xs = dx16 ? dx16 : t.take(nx);  // x when not kept, then dx
     bf16* ws = t.take(nw);                // dw, then w when not kept
-    kernels::convert(dy, dyb, ny, false, stream_);
+    if (dyw) kernels::convert(dy, dyw, ny, false, stream_);
+    const bf16* dyb = dy16 ? dy16 : dyw;
     if (dw) {
       cuda::ProfileScope ps(prof_, "conv2d bwd filter+bias");
       if (!xb) kernels::convert(x, xs, nx, false, stream_);
