@@ -18,6 +18,9 @@
 
 #include <diffuse/eval/lenet_score.hpp>
 #include <diffuse/train/trainer.hpp>
+#if DIFFUSE_EMULATED_CUDA
+#include <diffuse/backend/cuda_emulation.hpp>
+#endif
 
 #include <cmath>
 #include <memory>
@@ -50,6 +53,11 @@ struct Args {
 }  // namespace
 
 int main(int argc, char** argv) {
+#if DIFFUSE_EMULATED_CUDA
+  // The tests' build of this program (tests/CMakeLists.txt): --device cuda runs the CUDA backend's
+  // code on the CPU through the emulation of the CUDA execution model.
+  EmulatedCuda emulated_cuda;
+#endif
   Args a;
   CLI::App app{"Train a DDPM on MNIST digits (class-conditional, or one digit with --digit), then sample."};
   app.add_option("--data", a.data, "folder with the MNIST IDX files (scripts/get_mnist.sh builds data/mnist)")

@@ -35,6 +35,8 @@ const fs::path kWork = fs::path(DIFFUSE_BINARY_DIR) / "tests" / "train_mnist_cli
 const std::string kTrain = std::string(DIFFUSE_BINARY_DIR) + "/examples/train_mnist";
 const std::string kSample = std::string(DIFFUSE_BINARY_DIR) + "/examples/sample";
 const std::string kClassifier = std::string(DIFFUSE_BINARY_DIR) + "/examples/mnist_classifier";
+// train_mnist built with the CUDA emulation: --device cuda runs the CUDA backend's code on the CPU.
+const std::string kTrainEmulated = std::string(DIFFUSE_BINARY_DIR) + "/tests/train_mnist_emulated";
 
 // Runs a command, returns its exit status and puts stdout+stderr in out.
 int run(const std::string& cmd, std::string* out = nullptr, const fs::path& log = kWork / "last_command.log") {
@@ -233,4 +235,61 @@ TEST_CASE("train_mnist: attention, resize, data order, objective, checkpoints ke
   CHECK(by_spacing[0] != by_spacing[1]);
   CHECK(by_spacing[0] != by_spacing[2]);
   CHECK(by_spacing[1] != by_spacing[2]);
+}
+
+// --precision bf16 end to end through the emulated CUDA backend, with the flash kernels (the
+// attention block all bf16 inside, ops/attention_block.hpp) and class conditioning: each step's
+// loss within the whole-model bf16 bound (2^-5 relative, tests/test_backend_models.cpp) of the
+// CPU's FP32 run from the same seed, samples drawn under bf16 within a few gray levels of the
+// CPU's, and a checkpoint that loads (sample reads it on the CPU).
+TEST_CASE("train_mnist: bf16 on the emulated CUDA backend trains close to the CPU's FP32") {
+  const fs::path work = kWork.parent_path() / "train_mnist_bf16";
+  fs::remove_all(work);
+  fs::create_directories(work);
+  const fs::path data = work / "data";
+  const uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed << " (DIFFUSE_TEST_SEED replays it)");
+  write_dataset(data, 64, 16, seed);
+  auto run = [&](const std::string& cmd, std::string* o = nullptr) { return ::run(cmd, o, work / "last_command.log"); };
+  const std::string args = " --data '" + data.string() + "' --ch 8 --T 50 --batch 8 --log-every 1 --attn one8" +
+                           " --steps 5 --samples 4 --sample-batch 4 --sampler ddim --sample-steps 3 --seed " +
+                           std::to_string(seed % 1000);
+  std::string out;
+  REQUIRE(run(kTrain + args + " --device cpu --out '" + (work / "cpu").string() + "'", &out) == 0);
+  REQUIRE(run(kTrainEmulated + args + " --device cuda --precision bf16 --attention flash --out '" +
+                  (work / "bf16").string() + "'",
+              &out) == 0);
+  INFO(out);
+  CHECK(out.find("on cuda (CPU emulation of CUDA, bf16, flash attention)") != std::string::npos);
+  auto losses = [](const fs::path& csv) {
+    std::istringstream log(slurp(csv));
+    std::string line;
+    std::getline(log, line);  // the header: step,loss,...
+    std::vector<double> l;
+    while (std::getline(log, line)) l.push_back(std::stod(line.substr(line.find(',') + 1)));
+    return l;
+  };
+  const std::vector<double> lc = losses(work / "cpu" / "train_log.csv"), lb = losses(work / "bf16" / "train_log.csv");
+  REQUIRE(lc.size() == 5);
+  REQUIRE(lb.size() == 5);
+  for (size_t s = 0; s < lc.size(); ++s) {
+    INFO("step " << s + 1 << ": loss cpu fp32 " << lc[s] << ", emulated cuda bf16 " << lb[s]);
+    CHECK(std::isfinite(lb[s]));
+    CHECK(std::abs(lb[s] - lc[s]) <= std::ldexp(1.0, -5) * lc[s]);
+  }
+  const std::vector<uint8_t> sb = npy::load((work / "bf16" / "samples.npy").string()).as<uint8_t>(),
+                             sc = npy::load((work / "cpu" / "samples.npy").string()).as<uint8_t>();
+  REQUIRE(sb.size() == sc.size());
+  REQUIRE(!sb.empty());
+  double diff = 0;
+  for (size_t i = 0; i < sb.size(); ++i) diff += std::abs(int(sb[i]) - int(sc[i]));
+  diff /= static_cast<double>(sb.size());
+  INFO("mean |bf16 - cpu| " << diff << " gray levels");
+  CHECK(npy_u8_spread(work / "bf16" / "samples.npy") > 64);
+  CHECK(diff < 2.0);
+  // The checkpoint written under bf16 is FP32 and samples on the CPU.
+  REQUIRE(run(kSample + " '" + (work / "bf16" / "checkpoint.safetensors").string() +
+                  "' --n 2 --sampler ddim --steps 2 --device cpu --out '" + (work / "again").string() + "'",
+              &out) == 0);
+  CHECK(npy::load((work / "again" / "samples.npy").string()).shape.size() == 4);
 }
