@@ -105,7 +105,8 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
   Tensor<float> y(x.shape(), Device::CUDA);
   be.conv2d(dproj, nullptr, p.wo.value().data(), has_bo ? p.bo.value().data() : nullptr, nullptr, x.value().data(),
             y.data(), o.data(), wo16.data());
-  if (!need_w_grad) h = Tensor<bf16>();  // h is kept only where it makes the 3C convolution's dw
+  if (!need_w_grad) h = Tensor<bf16>();        // h is kept only where it makes the 3C convolution's dw,
+  if (!p.wo.requires_grad()) o = Tensor<bf16>();  // o where it makes the projection's
 
   const Var<float>& alt = x;  // stands in for an undefined bias in the input list
   return make_result<float>(
@@ -122,7 +123,7 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
           GradSink<float> swo{}, sbo{};
           if (p.wo.requires_grad()) swo = grad_sink(*p.wo.node());
           if (p.bo.defined() && p.bo.requires_grad()) sbo = grad_sink(*p.bo.node());
-          Tensor<bf16> dout = need_qkv_grad ? Tensor<bf16>(o.shape(), Device::CUDA) : Tensor<bf16>();
+          Tensor<bf16> dout = need_qkv_grad ? Tensor<bf16>(x.shape(), Device::CUDA) : Tensor<bf16>();
           if (swo.data || sbo.data || dout.defined())
             be.conv2d_backward(dproj, nullptr, p.wo.value().data(), dy.data(), nullptr, false, swo.data, swo.accumulate,
                                sbo.data, sbo.accumulate, o.data(), wo16.data(), dout.data());
