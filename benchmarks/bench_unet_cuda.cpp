@@ -103,14 +103,16 @@ BENCHMARK(BM_unet_train_step)
 // clipping, Adam + EMA, the step record) over 20 steps of random images from host memory, read
 // back only at the end (the loop's one wait: no log line, hook or checkpoint in between), so the
 // host queues step after step while the device runs: images per second of the loop as a user
-// runs it. Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32, 2 = BF16).
+// runs it. Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32, 2 = BF16),
+// attention (0 = full-matrix, 1 = flash: under BF16 the attention blocks all bf16, attention_block).
 void BM_unet_train_loop(benchmark::State& state) {
   const bool cifar = state.range(0) == 1;
   const std::int64_t B = state.range(1);
   const auto math = static_cast<MathMode>(state.range(2));
+  const bool flash = state.range(3) == 1;
   backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
   be.set_math_mode(math);
-  be.set_attention_kernel(AttentionKernel::Full);
+  be.set_attention_kernel(flash ? AttentionKernel::Flash : AttentionKernel::Full);
   be.set_conv_search(true, false);
   const UNetConfig c = cifar ? UNetConfig::cifar10() : UNetConfig::mnist16();
   Generator g(1234);
@@ -131,14 +133,16 @@ void BM_unet_train_loop(benchmark::State& state) {
   for (auto _ : state) state.SetIterationTime(run());
   state.counters["img_per_s"] =
       benchmark::Counter(static_cast<double>(B * steps * state.iterations()), benchmark::Counter::kIsRate);
-  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + " " + math_mode_name(math) +
+  state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + " " + math_mode_name(math) + (flash ? " flash" : "") +
                  " conv timed, Trainer loop of 20 steps (clip, Adam + EMA)");
 }
 BENCHMARK(BM_unet_train_loop)
-    ->Args({0, 128, 1})
-    ->Args({1, 128, 1})
-    ->Args({0, 128, 2})
-    ->Args({1, 128, 2})
+    ->Args({0, 128, 1, 0})
+    ->Args({1, 128, 1, 0})
+    ->Args({0, 128, 2, 0})
+    ->Args({1, 128, 2, 0})
+    ->Args({0, 128, 2, 1})
+    ->Args({1, 128, 2, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
