@@ -58,10 +58,7 @@ inline bool attention_block_bf16(backend::CudaBackend& be, int64_t N, int64_t C,
 inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNormArgs<float>& n,
                                             const AttentionBlockParams<float>& p, int64_t heads) {
   backend::CudaBackend& be = backend::require_cuda("attention_block");
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), G = n.groups, L = H * W;
-  const Tensor<std::uint8_t> keep = n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>();
-  const std::uint32_t* bits = keep.defined() ? reinterpret_cast<const std::uint32_t*>(keep.data()) : nullptr;
-  const float keep_scale = n.p > 0.0 ? dropout_scale<float>(n.p) : 1.0f;
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), L = H * W;
   const bool grad = Tape<float>::grad_enabled();
   const Var<float>& gamma = n.gamma;
   const Var<float>& beta = n.beta;
@@ -71,10 +68,7 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
                                     (p.bv.defined() && p.bv.requires_grad()));
   const bool need_qkv_grad = need_h_grad || need_w_grad || need_b_grad;
 
-  Tensor<float> stats({2 * N * G}, Device::CUDA);  // mean, then rstd, per (sample, group)
-  Tensor<bf16> h(x.shape(), Device::CUDA);
-  be.group_norm(x.value().data(), gamma.value().data(), beta.value().data(), nullptr, stats.data(),
-                stats.data() + N * G, N, L, C, G, static_cast<float>(n.eps), n.silu, bits, keep_scale, h.data());
+  Bf16GroupNorm norm = group_norm_bf16(be, x, n);  // h in bf16
 
   // q, k, v: one convolution of the three weights side by side ([3C, 1, 1, C], each a block of
   // C x C), written in bf16 as [N, H, W, 3C].
@@ -90,7 +84,8 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
   const backend::ConvDesc dqkv{N, H, W, C, 3 * C, 1, 1, 1, 1, 0, 0};
   Tensor<bf16> wqkv16 = need_h_grad ? Tensor<bf16>(wqkv.shape(), Device::CUDA) : Tensor<bf16>();  // for h's gradient
   Tensor<bf16> qkv({N, H, W, 3 * C}, Device::CUDA);
-  be.conv2d(dqkv, nullptr, wqkv.data(), bqkv.data(), nullptr, nullptr, nullptr, h.data(), wqkv16.data(), qkv.data());
+  be.conv2d(dqkv, nullptr, wqkv.data(), bqkv.data(), nullptr, nullptr, nullptr, norm.h.data(), wqkv16.data(),
+            qkv.data());
 
   // The output in bf16 (the projection's operand) and, for the backward, in float: the flash
   // backward's delta from the float output agrees with its probabilities (kernels/flash_attention.cuh).
@@ -105,7 +100,7 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
   Tensor<float> y(x.shape(), Device::CUDA);
   be.conv2d(dproj, nullptr, p.wo.value().data(), has_bo ? p.bo.value().data() : nullptr, nullptr, x.value().data(),
             y.data(), o.data(), wo16.data());
-  if (!need_w_grad) h = Tensor<bf16>();        // h is kept only where it makes the 3C convolution's dw,
+  if (!need_w_grad) norm.h = Tensor<bf16>();   // h is kept only where it makes the 3C convolution's dw,
   if (!p.wo.requires_grad()) o = Tensor<bf16>();  // o where it makes the projection's
 
   const Var<float>& alt = x;  // stands in for an undefined bias in the input list
@@ -113,10 +108,10 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
       std::move(y),
       {&x, &gamma, &beta, &p.wq, p.bq.defined() ? &p.bq : &alt, &p.wk, p.bk.defined() ? &p.bk : &alt, &p.wv,
        p.bv.defined() ? &p.bv : &alt, &p.wo, has_bo ? &p.bo : &alt},
-      [x, gamma, beta, p, heads, G, silu = n.silu, stats, keep, bits, keep_scale, h, wqkv16, qkv, o, o32, lse, wo16, dqkv,
-       dproj, need_h_grad, need_w_grad, need_b_grad, need_qkv_grad]() {
-        return [x, gamma, beta, p, heads, G, silu, stats, keep, bits, keep_scale, h, wqkv16, qkv, o, o32, lse, wo16, dqkv,
-                dproj, need_h_grad, need_w_grad, need_b_grad, need_qkv_grad](const Tensor<float>& dy) {
+      [x, p, heads, norm, wqkv16, qkv, o, o32, lse, wo16, dqkv, dproj, need_h_grad, need_w_grad, need_b_grad,
+       need_qkv_grad]() {
+        return [x, p, heads, norm, wqkv16, qkv, o, o32, lse, wo16, dqkv, dproj, need_h_grad, need_w_grad, need_b_grad,
+                need_qkv_grad](const Tensor<float>& dy) {
           backend::CudaBackend& be = *backend::cuda_backend();
           const int64_t N = dproj.N, C = dproj.C, L = dproj.H * dproj.W;
           // The projection: its parameters' gradients, o's gradient in bf16, and the residual's.
@@ -138,7 +133,7 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
           Tensor<float> db = need_b_grad ? Tensor<float>({3 * C}, Device::CUDA) : Tensor<float>();
           Tensor<bf16> dh = need_h_grad ? Tensor<bf16>(x.shape(), Device::CUDA) : Tensor<bf16>();
           be.conv2d_backward(dqkv, nullptr, nullptr, nullptr, nullptr, false, dw.data(), false, db.data(), false,
-                             h.data(), wqkv16.data(), dh.data(), dq.data());
+                             norm.h.data(), wqkv16.data(), dh.data(), dq.data());
           const Var<float>* ws[3] = {&p.wq, &p.wk, &p.wv};
           const Var<float>* bs[3] = {&p.bq, &p.bk, &p.bv};
           for (int i = 0; i < 3; ++i) {
@@ -151,15 +146,8 @@ inline Var<float> attention_block_cuda_bf16(const Var<float>& x, const GroupNorm
               be.copy(db.data() + i * C, s.data, C, s.accumulate);
             }
           }
-          if (!need_h_grad) return;
           // The normalisation's backward reads h's gradient in bf16; x's adds to the residual's.
-          GradSink<float> sx{}, sg{}, sbt{};
-          if (x.requires_grad()) sx = grad_sink(*x.node());
-          if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
-          if (beta.requires_grad()) sbt = grad_sink(*beta.node());
-          be.group_norm_backward(nullptr, x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
-                                 stats.data() + N * G, sx.data, sx.accumulate, sg.data, sg.accumulate, sbt.data,
-                                 sbt.accumulate, N, L, C, G, silu, bits, keep_scale, dh.data());
+          if (need_h_grad) norm.backward(be, x, dh.data());
         };
       });
 }

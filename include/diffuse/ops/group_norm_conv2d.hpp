@@ -39,19 +39,53 @@ struct GroupNormArgs {
 
 namespace detail {
 
+// The normalisation of a bf16 device path (group_norm_conv2d here, attention_block): its kernel
+// writes h in bf16 only; the statistics and the dropout mask stay for the backward, which reads
+// h's gradient in bf16.
+struct Bf16GroupNorm {
+  Var<float> gamma, beta;
+  int64_t groups;
+  bool silu;
+  double p;
+  Tensor<float> stats;         // mean, then rstd, per (sample, group)
+  Tensor<std::uint8_t> keep;   // the dropout mask's bits (their owner), or undefined
+  Tensor<bf16> h;              // the output; a caller releases it where no backward reads it
+
+  const std::uint32_t* bits() const {
+    return keep.defined() ? reinterpret_cast<const std::uint32_t*>(keep.data()) : nullptr;
+  }
+  float keep_scale() const { return p > 0.0 ? dropout_scale<float>(p) : 1.0f; }
+  // x's, gamma's and beta's gradients (those that need one) from h's gradient dh in bf16.
+  void backward(backend::CudaBackend& be, const Var<float>& x, const bf16* dh) const {
+    const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+    GradSink<float> sx{}, sg{}, sb{};
+    if (x.requires_grad()) sx = grad_sink(*x.node());
+    if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
+    if (beta.requires_grad()) sb = grad_sink(*beta.node());
+    be.group_norm_backward(nullptr, x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
+                           stats.data() + N * groups, sx.data, sx.accumulate, sg.data, sg.accumulate, sb.data,
+                           sb.accumulate, N, HW, C, groups, silu, bits(), keep_scale(), dh);
+  }
+};
+
+// n's normalisation (+ SiLU, + dropout) of x [N, H, W, C] float, written in bf16.
+inline Bf16GroupNorm group_norm_bf16(backend::CudaBackend& be, const Var<float>& x, const GroupNormArgs<float>& n) {
+  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+  Bf16GroupNorm r{n.gamma, n.beta, n.groups, n.silu, n.p, Tensor<float>({2 * N * n.groups}, Device::CUDA),
+                  n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>(),
+                  Tensor<bf16>(x.shape(), Device::CUDA)};
+  be.group_norm(x.value().data(), n.gamma.value().data(), n.beta.value().data(), nullptr, r.stats.data(),
+                r.stats.data() + N * n.groups, N, HW, C, n.groups, static_cast<float>(n.eps), n.silu, r.bits(),
+                r.keep_scale(), r.h.data());
+  return r;
+}
+
 // The device path under BF16 (see the top of the file). x [N, H, W, C] float; h exists only in bf16.
 inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArgs<float>& n, const Var<float>& w,
                                          const Var<float>& b, const Var<float>& cb, const Var<float>& res,
                                          const ConvGeom& g) {
   backend::CudaBackend& be = backend::require_cuda("group_norm_conv2d");
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), G = n.groups;
-  const Tensor<std::uint8_t> keep = n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>();
-  const std::uint32_t* bits = keep.defined() ? reinterpret_cast<const std::uint32_t*>(keep.data()) : nullptr;
-  const float keep_scale = n.p > 0.0 ? dropout_scale<float>(n.p) : 1.0f;
-  Tensor<float> stats({2 * N * G}, Device::CUDA);  // mean, then rstd, per (sample, group)
-  Tensor<bf16> h(x.shape(), Device::CUDA);
-  be.group_norm(x.value().data(), n.gamma.value().data(), n.beta.value().data(), nullptr, stats.data(),
-                stats.data() + N * G, N, H * W, C, G, static_cast<float>(n.eps), n.silu, bits, keep_scale, h.data());
+  Bf16GroupNorm norm = group_norm_bf16(be, x, n);
 
   const backend::ConvDesc d{g.N, g.H, g.W, g.C, g.O, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw};
   const bool has_b = b.defined(), has_cb = cb.defined(), has_res = res.defined();
@@ -60,18 +94,15 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
   const bool need_h_grad = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
   Tensor<bf16> wb;  // w in bf16, for h's gradient
   if (need_h_grad && Tape<float>::grad_enabled()) wb = Tensor<bf16>(w.shape(), Device::CUDA);
-  Tensor<float> y({N, d.Ho(), d.Wo(), d.O}, Device::CUDA);
+  Tensor<float> y({g.N, d.Ho(), d.Wo(), d.O}, Device::CUDA);
   be.conv2d(d, nullptr, w.value().data(), has_b ? b.value().data() : nullptr, has_cb ? cb.value().data() : nullptr,
-            has_res ? res.value().data() : nullptr, y.data(), h.data(), wb.data());
-  const bool silu = n.silu;
-  // The backward holds `keep` (the bits' owner), and h only where it makes dw.
-  if (!w.requires_grad()) h = Tensor<bf16>();
+            has_res ? res.value().data() : nullptr, y.data(), norm.h.data(), wb.data());
+  // The backward holds the norm's statistics and mask, and h only where it makes dw.
+  if (!w.requires_grad()) norm.h = Tensor<bf16>();
   return make_result<float>(
       std::move(y), {&x, &gamma, &beta, &w, has_b ? &b : &x, has_cb ? &cb : &x, has_res ? &res : &x},
-      [x, gamma, beta, w, b, cb, res, has_b, d, G, silu, stats, keep, bits, keep_scale, h, wb,
-       need_h_grad]() {
-        return [x, gamma, beta, w, b, cb, res, has_b, d, G, silu, stats, keep, bits, keep_scale, h, wb,
-                need_h_grad](const Tensor<float>& dy) {
+      [x, w, b, cb, res, has_b, d, norm, wb, need_h_grad]() {
+        return [x, w, b, cb, res, has_b, d, norm, wb, need_h_grad](const Tensor<float>& dy) {
           backend::CudaBackend& be = *backend::cuda_backend();
           GradSink<float> sw{}, sb{};
           if (w.requires_grad()) sw = grad_sink(*w.node());
@@ -80,16 +111,9 @@ inline Var<float> group_norm_conv2d_bf16(const Var<float>& x, const GroupNormArg
           // reads it so (widened exactly: the same numbers as through a float copy).
           Tensor<bf16> dh = need_h_grad ? Tensor<bf16>(x.shape(), Device::CUDA) : Tensor<bf16>();
           be.conv2d_backward(d, nullptr, w.value().data(), dy.data(), nullptr, false, sw.data, sw.accumulate, sb.data,
-                             sb.accumulate, h.data(), wb.data(), dh.data());
+                             sb.accumulate, norm.h.data(), wb.data(), dh.data());
           conv_epilogue_backward_cuda(be, d, dy, cb, res);
-          if (!need_h_grad) return;
-          GradSink<float> sx{}, sg{}, sbt{};
-          if (x.requires_grad()) sx = grad_sink(*x.node());
-          if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
-          if (beta.requires_grad()) sbt = grad_sink(*beta.node());
-          be.group_norm_backward(nullptr, x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
-                                 stats.data() + d.N * G, sx.data, sx.accumulate, sg.data, sg.accumulate, sbt.data,
-                                 sbt.accumulate, d.N, d.H * d.W, d.C, G, silu, bits, keep_scale, dh.data());
+          if (need_h_grad) norm.backward(be, x, dh.data());
         };
       });
 }
