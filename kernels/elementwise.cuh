@@ -383,9 +383,10 @@ inline std::size_t channel_bias_backward_workspace_bytes(std::int64_t N, std::in
 }
 
 // db [N, C] = sum over the HW pixels of dy [N, HW, C] (+= when accumulate: db is an activation's
-// gradient here, the time-embedding projection's output).
-template <class T>
-inline void channel_bias_backward(const T* dy, T* db, std::int64_t N, std::int64_t HW, std::int64_t C, bool accumulate,
+// gradient here, the time-embedding projection's output). dy may be bf16 (S) where db is float (T):
+// the sums of the widened values.
+template <class S, class T>
+inline void channel_bias_backward(const S* dy, T* db, std::int64_t N, std::int64_t HW, std::int64_t C, bool accumulate,
                                   void* workspace, cuda::stream_t stream = {}, unsigned block = 256,
                                   unsigned max_chunks = 1024) {
   elementwise_detail::column_sums("channel_bias_backward", dy, db, N, HW, C, accumulate, workspace, stream, block,

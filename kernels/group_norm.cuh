@@ -246,9 +246,10 @@ __global__ void group_norm_combine_kernel(const F* __restrict__ part_mean, const
 }
 
 // Forward stage 3: y = (x - mean) * (rstd * gamma) + beta (then SiLU), elementwise on the task grid;
-// y's type Y may differ from x's (bf16 for a convolution that reads bf16: group_norm_conv2d).
-template <class T, class Y, bool kSilu>
-__global__ void group_norm_apply_kernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+// y's type Y may differ from x's (bf16 for a convolution that reads bf16: group_norm_conv2d), and
+// x's from the parameters' P (a bf16 activation normalised with float gamma, beta: res_block).
+template <class T, class P, class Y, bool kSilu>
+__global__ void group_norm_apply_kernel(const T* __restrict__ x, const P* __restrict__ gamma, const P* __restrict__ beta,
                                         const float* __restrict__ mean, const float* __restrict__ rstd,
                                         Y* __restrict__ y, GroupNormGrid pl, const std::uint32_t* __restrict__ keep,
                                         float keep_scale) {
@@ -287,9 +288,9 @@ __device__ __forceinline__ float dy_pre(float dy, float xv, float m, float a, fl
 
 // Backward stage 1: per task and channel, sums of dyv and dyv * xhat over the chunk's pixels
 // (per thread, then the by lanes in order) -> part1, part2 [N, chunks, C].
-template <class T, class D, bool kSilu>
+template <class T, class P, class D, bool kSilu>
 __global__ void group_norm_grad_partials_kernel(const D* __restrict__ dy, const T* __restrict__ x,
-                                                const T* __restrict__ gamma, const T* __restrict__ beta,
+                                                const P* __restrict__ gamma, const P* __restrict__ beta,
                                                 const float* __restrict__ mean, const float* __restrict__ rstd,
                                                 float* __restrict__ part1, float* __restrict__ part2, GroupNormGrid pl,
                                                 const std::uint32_t* __restrict__ keep, float keep_scale) {
@@ -335,8 +336,8 @@ __global__ void group_norm_grad_partials_kernel(const D* __restrict__ dy, const 
 }
 
 // Backward stage 2a: per (n, g), k1 = sum(gamma * part1) / M and k2 = sum(gamma * part2) / M.
-template <class T>
-__global__ void group_norm_grad_combine_kernel(const T* __restrict__ gamma, const float* __restrict__ part1,
+template <class P>
+__global__ void group_norm_grad_combine_kernel(const P* __restrict__ gamma, const float* __restrict__ part1,
                                                const float* __restrict__ part2, float* __restrict__ k1,
                                                float* __restrict__ k2, GroupNormGrid pl) {
   DIFFUSE_SHARED(float, sh, 33);
@@ -396,9 +397,9 @@ __global__ void group_norm_grad_params_kernel(const F* __restrict__ part1, const
 }
 
 // Backward stage 3: dx = rstd * (gamma * dyv - k1 - xhat * k2), written or accumulated.
-template <class T, class D, bool kSilu>
+template <class T, class P, class D, bool kSilu>
 __global__ void group_norm_grad_input_kernel(const D* __restrict__ dy, const T* __restrict__ x,
-                                             const T* __restrict__ gamma, const T* __restrict__ beta,
+                                             const P* __restrict__ gamma, const P* __restrict__ beta,
                                              const float* __restrict__ mean, const float* __restrict__ rstd,
                                              const float* __restrict__ k1, const float* __restrict__ k2,
                                              T* __restrict__ dx, GroupNormGrid pl, bool accumulate,
@@ -441,9 +442,10 @@ inline dim3 grid_of(std::int64_t tasks, unsigned max_blocks) {
 // (NHWC, y must not overlap x), gamma, beta [C], all device pointers; workspace of
 // group_norm_workspace_bytes(N, HW, C, G, chunk_pixels) bytes. chunk_pixels: 0 automatic;
 // max_blocks caps each grid (grid-stride loops cover the rest). y may be of another type than x
-// (float x, bf16 y: each value computed in float, then rounded once).
-template <class T, class Y>
-inline void group_norm_forward(const T* x, const T* gamma, const T* beta, Y* y, float* mean, float* rstd,
+// (float x, bf16 y: each value computed in float, then rounded once), and x of another type than
+// gamma and beta (bf16 x, float parameters: each value widened exactly, then as for float).
+template <class T, class P, class Y>
+inline void group_norm_forward(const T* x, const P* gamma, const P* beta, Y* y, float* mean, float* rstd,
                                std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
                                void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
                                unsigned max_blocks = 65535, const std::uint32_t* keep = nullptr,
@@ -462,10 +464,10 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, Y* y, 
                0, stream, pm, pq, mean, rstd, pl, eps);
   if (pl.tasks() == 0) return;
   if (silu)
-    cuda::launch(group_norm_apply_kernel<T, Y, true>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0, stream,
+    cuda::launch(group_norm_apply_kernel<T, P, Y, true>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0, stream,
                  x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
   else
-    cuda::launch(group_norm_apply_kernel<T, Y, false>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0,
+    cuda::launch(group_norm_apply_kernel<T, P, Y, false>, group_norm_detail::grid_of(pl.tasks(), max_blocks), block, 0,
                  stream, x, gamma, beta, mean, rstd, y, pl, keep, keep_scale);
 }
 
@@ -473,9 +475,10 @@ inline void group_norm_forward(const T* x, const T* gamma, const T* beta, Y* y, 
 // rstd (with silu, y and sigmoid(y) are recomputed from them). dx, dgamma, dbeta [C] (float) are
 // each written, or added to when its acc flag says; a null one is skipped. dx must not overlap dy
 // or x. dy may be of another type than x (bf16: the gradient a bf16 convolution gives its input,
-// read as it is and widened exactly to float).
-template <class T, class D>
-inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T* beta, const float* mean,
+// read as it is and widened exactly to float); x (and so dx) may be bf16 with float gamma, beta
+// (each dx computed in float and rounded once; accumulation adds in float, then rounds).
+template <class T, class P, class D>
+inline void group_norm_backward(const D* dy, const T* x, const P* gamma, const P* beta, const float* mean,
                                 const float* rstd, T* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                                 bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
                                 bool silu, void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
@@ -491,12 +494,12 @@ inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T
   const dim3 block(static_cast<unsigned>(pl.bx), static_cast<unsigned>(pl.by));
   const dim3 grid = group_norm_detail::grid_of(pl.tasks(), max_blocks);
   if (silu)
-    cuda::launch(group_norm_grad_partials_kernel<T, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
+    cuda::launch(group_norm_grad_partials_kernel<T, P, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
                  p2, pl, keep, keep_scale);
   else
-    cuda::launch(group_norm_grad_partials_kernel<T, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
+    cuda::launch(group_norm_grad_partials_kernel<T, P, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, p1,
                  p2, pl, keep, keep_scale);
-  cuda::launch(group_norm_grad_combine_kernel<T>, group_norm_detail::grid_of(N * G, max_blocks),
+  cuda::launch(group_norm_grad_combine_kernel<P>, group_norm_detail::grid_of(N * G, max_blocks),
                dim3(kGroupNormGroupThreads), 0, stream, gamma, p1, p2, k1, k2, pl);
   if (dgamma || dbeta)
     cuda::launch(group_norm_grad_params_kernel<float>, group_norm_detail::grid_of((C + 31) / 32, max_blocks),
@@ -504,16 +507,16 @@ inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T
                  dgamma, dbeta, N * pl.chunks, C, acc_gamma, acc_beta);
   if (!dx) return;
   if (silu)
-    cuda::launch(group_norm_grad_input_kernel<T, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, P, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
   else
-    cuda::launch(group_norm_grad_input_kernel<T, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, P, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
 }
 
 // The same with dgamma and dbeta always accumulated (parameter gradients) and dx required.
-template <class T, class D>
-inline void group_norm_backward(const D* dy, const T* x, const T* gamma, const T* beta, const float* mean,
+template <class T, class P, class D>
+inline void group_norm_backward(const D* dy, const T* x, const P* gamma, const P* beta, const float* mean,
                                 const float* rstd, T* dx, float* dgamma, float* dbeta, std::int64_t N, std::int64_t HW,
                                 std::int64_t C, std::int64_t G, bool silu, bool accumulate_dx, void* workspace,
                                 cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,

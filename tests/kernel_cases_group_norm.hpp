@@ -347,3 +347,76 @@ TEST_CASE("kernel group_norm is deterministic and checks its arguments") {
   // Nothing to do: no launch, no throw.
   CHECK_NOTHROW(group_norm_forward(p, p, p, p, p, p, 0, 4, 6, 3, 1e-5f, false, nullptr));
 }
+
+TEST_CASE("kernel group_norm on a bf16 x with float gamma and beta is the float launch on the widened values") {
+  // res_block's second normalisation reads its input (a convolution's output) in bf16 and writes
+  // its input's gradient in bf16: x widened exactly, all arithmetic in float, each dx rounded once.
+  // So: bit for bit the float launch on the widened x (and widened dy), dx rounded to bf16 once.
+  using namespace diffuse::testing;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  struct S {
+    std::int64_t N, HW, C, G;
+  };
+  for (const S s : {S{2, 37, 40, 8}, S{1, 64, 300, 20}, S{3, 16, 32, 32}})
+    for (bool silu : {false, true})
+      for (bool drop : {false, true}) {
+        INFO("N " << s.N << " HW " << s.HW << " C " << s.C << " G " << s.G << " silu " << silu << " dropout " << drop);
+        const std::size_t n = static_cast<std::size_t>(s.N * s.HW * s.C), ng = static_cast<std::size_t>(s.N * s.G);
+        std::vector<diffuse::bf16> x16(n), dy16(n);
+        std::vector<float> xw(n), dyw(n), gamma(static_cast<std::size_t>(s.C)), beta(gamma.size());
+        for (std::size_t i = 0; i < n; ++i) {
+          x16[i] = diffuse::bf16(2 + 3 * normal(gen));
+          xw[i] = static_cast<float>(x16[i]);
+          dy16[i] = diffuse::bf16(normal(gen));
+          dyw[i] = static_cast<float>(dy16[i]);
+        }
+        for (float& v : gamma) v = 1 + 0.5f * normal(gen);
+        for (float& v : beta) v = normal(gen);
+        std::vector<std::uint32_t> keep((n + 31) / 32);
+        for (std::uint32_t& w : keep) w = static_cast<std::uint32_t>(gen());
+        const std::uint32_t* kp = nullptr;
+        DeviceBuffer<std::uint32_t> dkeep(keep);
+        if (drop) kp = dkeep.get();
+        const float scale = drop ? 1.25f : 1.0f;
+        DeviceBuffer<float> ws(diffuse::kernels::group_norm_workspace_bytes(s.N, s.HW, s.C, s.G) / sizeof(float));
+        DeviceBuffer<diffuse::bf16> dx16(x16), ddy16(dy16), y16a(n), y16b(n), gx16(n);
+        DeviceBuffer<float> dxw(xw), ddyw(dyw), g_(gamma), b_(beta), ma(ng), ra(ng), mb(ng), rb(ng), gxw(n),
+            gga(std::vector<float>(gamma.size(), 0.5f)), gba(gga.to_host()), ggb(gga.to_host()), gbb(gga.to_host());
+        diffuse::kernels::group_norm_forward(dx16.get(), g_.get(), b_.get(), y16a.get(), ma.get(), ra.get(), s.N, s.HW,
+                                             s.C, s.G, 1e-6f, silu, ws.get(), {}, 0, 65535, kp, scale);
+        diffuse::kernels::group_norm_forward(dxw.get(), g_.get(), b_.get(), y16b.get(), mb.get(), rb.get(), s.N, s.HW,
+                                             s.C, s.G, 1e-6f, silu, ws.get(), {}, 0, 65535, kp, scale);
+        const std::vector<diffuse::bf16> ya = y16a.to_host(), yb = y16b.to_host();
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < n; ++i) bad += ya[i].bits != yb[i].bits;
+        CHECK(bad == 0);
+        CHECK(ma.to_host() == mb.to_host());
+        CHECK(ra.to_host() == rb.to_host());
+        // A non-trivial output: values spread, and with dropout some zeros.
+        std::size_t zeros = 0;
+        for (const diffuse::bf16 v : ya) zeros += static_cast<float>(v) == 0.0f;
+        CHECK((drop ? zeros > n / 8 : zeros < n / 8));
+
+        diffuse::kernels::group_norm_backward(ddy16.get(), dx16.get(), g_.get(), b_.get(), ma.get(), ra.get(),
+                                              gx16.get(), false, gga.get(), true, gba.get(), true, s.N, s.HW, s.C, s.G,
+                                              silu, ws.get(), {}, 0, 65535, kp, scale);
+        diffuse::kernels::group_norm_backward(ddyw.get(), dxw.get(), g_.get(), b_.get(), mb.get(), rb.get(), gxw.get(),
+                                              false, ggb.get(), true, gbb.get(), true, s.N, s.HW, s.C, s.G, silu,
+                                              ws.get(), {}, 0, 65535, kp, scale);
+        const std::vector<diffuse::bf16> ga = gx16.to_host();
+        const std::vector<float> gb = gxw.to_host();
+        bad = 0;
+        double norm = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          bad += ga[i].bits != diffuse::bf16(gb[i]).bits;
+          norm += static_cast<double>(gb[i]) * gb[i];
+        }
+        CHECK(bad == 0);
+        CHECK(norm > 1e-3 * static_cast<double>(n));  // a gradient, not zeros
+        CHECK(gga.to_host() == ggb.to_host());
+        CHECK(gba.to_host() == gbb.to_host());
+      }
+}
