@@ -203,16 +203,21 @@ class CudaBackend {
   // keep (null: none): dropout after it, fused (group_norm_dropout): element i of y kept when bit i
   // of keep is set (dropout_bits) and then times keep_scale; the backward masks dy alike.
   // y16 (then y is null): the output written in bf16 instead, each value rounded once from the
-  // float that y would hold (group_norm_conv2d under BF16).
+  // float that y would hold (group_norm_conv2d under BF16). x16 (then x is null; y16 given): x in
+  // bf16 (a convolution's output written in bf16, res_block), widened exactly.
   virtual void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                           std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
-                          const std::uint32_t* keep = nullptr, float keep_scale = 1.0f, bf16* y16 = nullptr) = 0;
+                          const std::uint32_t* keep = nullptr, float keep_scale = 1.0f, bf16* y16 = nullptr,
+                          const bf16* x16 = nullptr) = 0;
   // dy16 (then dy is null): the gradient given in bf16 (conv2d_backward's dx16), widened exactly.
+  // x16 (then x is null, dy16 given): the forward's x16; dx16 (then dx is null, written, not
+  // accumulated): x's gradient in bf16, each value computed in float and rounded once.
   virtual void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, float* dx, bool acc_dx, float* dgamma,
                                    bool acc_gamma, float* dbeta, bool acc_beta, std::int64_t N, std::int64_t HW,
                                    std::int64_t C, std::int64_t G, bool silu, const std::uint32_t* keep = nullptr,
-                                   float keep_scale = 1.0f, const bf16* dy16 = nullptr) = 0;
+                                   float keep_scale = 1.0f, const bf16* dy16 = nullptr, const bf16* x16 = nullptr,
+                                   bf16* dx16 = nullptr) = 0;
   // y = layer_norm over the last dimension C of `rows` rows (gamma, beta [C] may be null: no
   // affine); mean, rstd [rows] kept.
   virtual void layer_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
@@ -236,8 +241,9 @@ class CudaBackend {
   // y = x + b[n, :] over the HW pixels of image n; backward db (+)= sum over pixels.
   virtual void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                                 std::int64_t C) = 0;
+  // g16 (then g is null): the gradient given in bf16; db the float sums of its widened values.
   virtual void channel_bias_backward(const float* g, float* db, std::int64_t N, std::int64_t HW, std::int64_t C,
-                                     bool acc) = 0;
+                                     bool acc, const bf16* g16 = nullptr) = 0;
   // Multi-head attention on [N, L, C] (ops/attention.hpp); P [N, heads, L, L] kept.
   virtual void attention(const float* q, const float* k, const float* v, float* out, float* P, std::int64_t N,
                          std::int64_t L, std::int64_t C, std::int64_t heads) = 0;

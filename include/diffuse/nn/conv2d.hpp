@@ -48,6 +48,8 @@ class Conv2d : public Module<T> {
     if (bias.defined()) bias.value().fill(T(0));
   }
 
+  const Conv2dOptions& options() const { return opt_; }
+
   Var<T> weight, bias;
 
  private:

@@ -105,10 +105,11 @@ inline Var<float> group_norm_cuda(const Var<float>& x, const Var<float>& gamma, 
 // H * W * (C / groups) values, accumulated in double. With silu = true it
 // returns SiLU(group_norm(x)) as one op (the U-Net's norm + activation).
 namespace detail {
+// On x's shape (res_block checks a normalisation of an activation it has not made yet).
 template <class T>
-void check_group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps) {
-  detail::require_nhwc("group_norm", x.shape());
-  const int64_t C = x.size(3);
+void check_group_norm(const Shape& xs, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps) {
+  detail::require_nhwc("group_norm", xs);
+  const int64_t C = xs[3];
   if (groups <= 0 || C % groups != 0)
     throw std::invalid_argument("diffuse: group_norm: " + std::to_string(C) + " channels cannot be split into " +
                                 std::to_string(groups) + " groups (C % groups must be 0)");
@@ -117,6 +118,10 @@ void check_group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, 
       throw std::invalid_argument("diffuse: group_norm: gamma and beta must have shape [" + std::to_string(C) +
                                   "], got " + (v->defined() ? shape_str(v->shape()) : std::string("undefined")));
   if (!(eps > 0)) throw std::invalid_argument("diffuse: group_norm: eps must be positive");
+}
+template <class T>
+void check_group_norm(const Var<T>& x, const Var<T>& gamma, const Var<T>& beta, int64_t groups, double eps) {
+  check_group_norm(x.shape(), gamma, beta, groups, eps);
 }
 // The operands' device, once they are checked.
 template <class T>

@@ -39,9 +39,9 @@ struct GroupNormArgs {
 
 namespace detail {
 
-// The normalisation of a bf16 device path (group_norm_conv2d here, attention_block): its kernel
-// writes h in bf16 only; the statistics and the dropout mask stay for the backward, which reads
-// h's gradient in bf16.
+// The normalisation of a bf16 device path (group_norm_conv2d here, attention_block, res_block): its
+// kernel writes h in bf16 only; the statistics and the dropout mask stay for the backward, which
+// reads h's gradient in bf16. Its input is float, or bf16 (res_block's first convolution's output).
 struct Bf16GroupNorm {
   Var<float> gamma, beta;
   int64_t groups;
@@ -57,27 +57,47 @@ struct Bf16GroupNorm {
   float keep_scale() const { return p > 0.0 ? dropout_scale<float>(p) : 1.0f; }
   // x's, gamma's and beta's gradients (those that need one) from h's gradient dh in bf16.
   void backward(backend::CudaBackend& be, const Var<float>& x, const bf16* dh) const {
-    const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
-    GradSink<float> sx{}, sg{}, sb{};
+    GradSink<float> sx{};
     if (x.requires_grad()) sx = grad_sink(*x.node());
+    run_backward(be, x.value().data(), nullptr, x.shape(), dh, sx.data, sx.accumulate, nullptr);
+  }
+  // The same for an input x16 in bf16 (the forward's): x's gradient written in bf16 to dx16 (null:
+  // not needed), each value computed in float and rounded once.
+  void backward(backend::CudaBackend& be, const Tensor<bf16>& x16, const bf16* dh, bf16* dx16) const {
+    run_backward(be, nullptr, x16.data(), x16.shape(), dh, nullptr, false, dx16);
+  }
+
+ private:
+  void run_backward(backend::CudaBackend& be, const float* x, const bf16* x16, const Shape& s, const bf16* dh,
+                    float* dx, bool acc_dx, bf16* dx16) const {
+    const int64_t N = s[0], HW = s[1] * s[2], C = s[3];
+    GradSink<float> sg{}, sb{};
     if (gamma.requires_grad()) sg = grad_sink(*gamma.node());
     if (beta.requires_grad()) sb = grad_sink(*beta.node());
-    be.group_norm_backward(nullptr, x.value().data(), gamma.value().data(), beta.value().data(), stats.data(),
-                           stats.data() + N * groups, sx.data, sx.accumulate, sg.data, sg.accumulate, sb.data,
-                           sb.accumulate, N, HW, C, groups, silu, bits(), keep_scale(), dh);
+    be.group_norm_backward(nullptr, x, gamma.value().data(), beta.value().data(), stats.data(),
+                           stats.data() + N * groups, dx, acc_dx, sg.data, sg.accumulate, sb.data, sb.accumulate, N, HW,
+                           C, groups, silu, bits(), keep_scale(), dh, x16, dx16);
   }
 };
 
-// n's normalisation (+ SiLU, + dropout) of x [N, H, W, C] float, written in bf16.
-inline Bf16GroupNorm group_norm_bf16(backend::CudaBackend& be, const Var<float>& x, const GroupNormArgs<float>& n) {
-  const int64_t N = x.size(0), HW = x.size(1) * x.size(2), C = x.size(3);
+// n's normalisation (+ SiLU, + dropout) of x [N, H, W, C], float (x) or bf16 (x16, widened
+// exactly; the other null), written in bf16.
+inline Bf16GroupNorm group_norm_bf16(backend::CudaBackend& be, const float* x, const bf16* x16, const Shape& s,
+                                     const GroupNormArgs<float>& n) {
+  const int64_t N = s[0], HW = s[1] * s[2], C = s[3];
   Bf16GroupNorm r{n.gamma, n.beta, n.groups, n.silu, n.p, Tensor<float>({2 * N * n.groups}, Device::CUDA),
-                  n.p > 0.0 ? dropout_keep_bits(x.value().numel(), n.p, *n.gen) : Tensor<std::uint8_t>(),
-                  Tensor<bf16>(x.shape(), Device::CUDA)};
-  be.group_norm(x.value().data(), n.gamma.value().data(), n.beta.value().data(), nullptr, r.stats.data(),
+                  n.p > 0.0 ? dropout_keep_bits(shape_numel(s), n.p, *n.gen) : Tensor<std::uint8_t>(),
+                  Tensor<bf16>(s, Device::CUDA)};
+  be.group_norm(x, n.gamma.value().data(), n.beta.value().data(), nullptr, r.stats.data(),
                 r.stats.data() + N * n.groups, N, HW, C, n.groups, static_cast<float>(n.eps), n.silu, r.bits(),
-                r.keep_scale(), r.h.data());
+                r.keep_scale(), r.h.data(), x16);
   return r;
+}
+inline Bf16GroupNorm group_norm_bf16(backend::CudaBackend& be, const Var<float>& x, const GroupNormArgs<float>& n) {
+  return group_norm_bf16(be, x.value().data(), nullptr, x.shape(), n);
+}
+inline Bf16GroupNorm group_norm_bf16(backend::CudaBackend& be, const Tensor<bf16>& x16, const GroupNormArgs<float>& n) {
+  return group_norm_bf16(be, nullptr, x16.data(), x16.shape(), n);
 }
 
 // The device path under BF16 (see the top of the file). x [N, H, W, C] float; h exists only in bf16.

@@ -451,10 +451,14 @@ class CudaBackendImpl final : public CudaBackend {
   }
   void group_norm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
                   std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G, float eps, bool silu,
-                  const std::uint32_t* keep, float keep_scale, bf16* y16) override {
+                  const std::uint32_t* keep, float keep_scale, bf16* y16, const bf16* x16) override {
     cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout" : silu ? "group_norm+silu" : "group_norm");
+    if (x16 && (x || !y16)) throw std::logic_error("diffuse: group_norm: x in bf16 (then x null) needs y in bf16");
     void* ws = scratch(kernels::group_norm_workspace_bytes(N, HW, C, G));
-    if (y16)
+    if (x16)
+      kernels::group_norm_forward(x16, gamma, beta, y16, mean, rstd, N, HW, C, G, eps, silu, ws, stream_, 0, 65535,
+                                  keep, keep_scale);
+    else if (y16)
       kernels::group_norm_forward(x, gamma, beta, y16, mean, rstd, N, HW, C, G, eps, silu, ws, stream_, 0, 65535, keep,
                                   keep_scale);
     else
@@ -464,15 +468,21 @@ class CudaBackendImpl final : public CudaBackend {
   void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta, const float* mean,
                            const float* rstd, float* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                            bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
-                           bool silu, const std::uint32_t* keep, float keep_scale, const bf16* dy16) override {
+                           bool silu, const std::uint32_t* keep, float keep_scale, const bf16* dy16,
+                           const bf16* x16, bf16* dx16) override {
     cuda::ProfileScope ps(prof_, keep ? "group_norm+silu+dropout bwd" : silu ? "group_norm+silu bwd" : "group_norm bwd");
     if (N * HW == 0) {  // no values: the parameters' gradients are sums over nothing
       if (dgamma && !acc_gamma) kernels::fill(dgamma, C, 0.0f, stream_);
       if (dbeta && !acc_beta) kernels::fill(dbeta, C, 0.0f, stream_);
       return;
     }
+    if ((x16 || dx16) && (x || dx || !x16 || !dy16 || acc_dx))
+      throw std::logic_error("diffuse: group_norm backward: x or dx in bf16 needs both, dy in bf16, and a written dx");
     void* ws = scratch(kernels::group_norm_workspace_bytes(N, HW, C, G));
-    if (dy16)
+    if (x16)
+      kernels::group_norm_backward(dy16, x16, gamma, beta, mean, rstd, dx16, false, dgamma, acc_gamma, dbeta, acc_beta,
+                                   N, HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
+    else if (dy16)
       kernels::group_norm_backward(dy16, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N,
                                    HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
     else
@@ -521,15 +531,18 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "channel bias");
     kernels::add_channel_bias(x, b, y, N, HW, C, stream_);
   }
-  void channel_bias_backward(const float* g, float* db, std::int64_t N, std::int64_t HW, std::int64_t C,
-                             bool acc) override {
+  void channel_bias_backward(const float* g, float* db, std::int64_t N, std::int64_t HW, std::int64_t C, bool acc,
+                             const bf16* g16) override {
     cuda::ProfileScope ps(prof_, "channel bias bwd");
     if (HW == 0) {
       if (!acc) kernels::fill(db, N * C, 0.0f, stream_);
       return;
     }
-    kernels::channel_bias_backward(g, db, N, HW, C, acc, scratch(kernels::channel_bias_backward_workspace_bytes(N, HW, C)),
-                                   stream_);
+    void* ws = scratch(kernels::channel_bias_backward_workspace_bytes(N, HW, C));
+    if (g16)
+      kernels::channel_bias_backward(g16, db, N, HW, C, acc, ws, stream_);
+    else
+      kernels::channel_bias_backward(g, db, N, HW, C, acc, ws, stream_);
   }
   void attention(const float* q, const float* k, const float* v, float* out, float* P, std::int64_t N, std::int64_t L,
                  std::int64_t C, std::int64_t heads) override {
