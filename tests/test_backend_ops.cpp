@@ -502,6 +502,147 @@ TEST_CASE("backend ops: attention_block on both devices; in bf16 with the flash 
                     Catch::Contains("dropout needs a generator"));
 }
 
+TEST_CASE("backend ops: res_block on both devices; in bf16 the activation between its convolutions bf16") {
+  CudaScope cuda;
+  struct RestoreFP32 {
+    ~RestoreFP32() { set_cuda_math_mode(MathMode::FP32); }
+  } restore;
+  Generator g = gen();
+  INFO("seed " << g.seed);
+  const uint64_t seed = g.seed;
+  struct Case {
+    int64_t N, H, W, C, O;
+    double p;
+    bool biases;
+  };
+  // v: x, gamma1, beta1, w1, temb, gamma2, beta2, w2, then (biases) b1, b2, then (C != O) w_skip, b_skip.
+  auto op = [seed](const Case& c) {
+    return [seed, c](const std::vector<Var<float>>& v) {
+      Generator d(seed, 31);
+      const Var<float> none;
+      const Conv2dOptions same{1, 1, 1, 1};
+      const size_t k = c.biases ? 10 : 8;
+      const ResBlockParams<float> p{GroupNormArgs<float>{v[1], v[2], 2, 1e-6, true, 0.0, nullptr},
+                                    v[3], c.biases ? v[8] : none, same, v[4],
+                                    GroupNormArgs<float>{v[5], v[6], 2, 1e-6, true, c.p, &d},
+                                    v[7], c.biases ? v[9] : none, same,
+                                    c.C != c.O ? v[k] : none, c.C != c.O ? v[k + 1] : none};
+      return res_block(v[0], p);
+    };
+  };
+  auto inputs = [&](const Case& c) {
+    auto scaled = [&](Shape s, double f) {
+      Tensor<float> t = randn_t(std::move(s), g);
+      for (size_t e = 0; e < t.size(); ++e) t[e] = static_cast<float>(t[e] * f);
+      return t;
+    };
+    std::vector<Tensor<float>> t{randn_t({c.N, c.H, c.W, c.C}, g), randn_t({c.C}, g), randn_t({c.C}, g),
+                                 scaled({c.O, 3, 3, c.C}, 1 / std::sqrt(9.0 * c.C)), randn_t({c.N, c.O}, g),
+                                 randn_t({c.O}, g), randn_t({c.O}, g), scaled({c.O, 3, 3, c.O}, 1 / std::sqrt(9.0 * c.O))};
+    if (c.biases) {
+      t.push_back(randn_t({c.O}, g));
+      t.push_back(randn_t({c.O}, g));
+    }
+    if (c.C != c.O) {
+      t.push_back(scaled({c.O, 1, 1, c.C}, 1 / std::sqrt(1.0 * c.C)));
+      t.push_back(randn_t({c.O}, g));
+    }
+    return inputs_of(t);
+  };
+  // The op as the ops it is made of, on the device (the reference of the BF16 path's difference).
+  auto three_ops = [seed](const Case& c) {
+    return [seed, c](const std::vector<Var<float>>& v) {
+      Generator d(seed, 31);
+      const Var<float> none;
+      const Conv2dOptions same{1, 1, 1, 1};
+      const size_t k = c.biases ? 10 : 8;
+      const Var<float> h = group_norm_conv2d(v[0], GroupNormArgs<float>{v[1], v[2], 2, 1e-6, true, 0.0, nullptr}, v[3],
+                                             c.biases ? v[8] : none, same, v[4], none);
+      const Var<float> s = c.C != c.O ? conv2d(v[0], v[k], v[k + 1], Conv2dOptions{}) : v[0];
+      return group_norm_conv2d(h, GroupNormArgs<float>{v[5], v[6], 2, 1e-6, true, c.p, &d}, v[7],
+                               c.biases ? v[9] : none, same, none, s);
+    };
+  };
+  const Case cases[] = {{2, 5, 4, 8, 6, 0.0, true}, {2, 4, 3, 6, 6, 0.3, true}, {1, 3, 5, 4, 8, 0.0, false}};
+  for (const MathMode m : {MathMode::FP32, MathMode::BF16}) {
+    set_cuda_math_mode(m);
+    const bool bf16 = m == MathMode::BF16;
+    // BF16: operands of both convolutions and h rounded to bf16 (u = 2^-8 each, random signs):
+    // a few u in norm, as group_norm_conv2d's 2^-6 for one of them; 2^-5 for two in a row, for
+    // the output and the gradients of x and of the convolutions' weights (over 200 runs: at most
+    // 0.013). The gradients that are sums over pixels of h's gradient (conv1's bias, temb, both
+    // norms' gamma and beta) cancel: GroupNorm's input gradient sums to 0 over each group, so
+    // their per-channel sums are small beside their terms and the terms' rounding is relatively
+    // large: over 200 runs up to 0.104 (conv1's bias; 0.037 for the three ops under BF16, whose h
+    // gradient is float; the medians 0.004 and 0.003). They are checked at 2^-2: wiring errors
+    // (a missing term, a wrong buffer) give 0.5 and more.
+    const double tol = bf16 ? std::ldexp(1.0, -5) : 2e-5;
+    const double sum_tol = bf16 ? std::ldexp(1.0, -2) : tol;
+    for (const Case& c : cases) {
+      const std::string what = std::string(math_mode_name(m)) + " res_block " + shape_str({c.N, c.H, c.W, c.C}) +
+                               " -> " + std::to_string(c.O) + " p " + std::to_string(c.p) +
+                               (c.biases ? "" : " no biases");
+      const std::vector<OpInput> in = inputs(c);
+      check_op(what, op(c), in, tol, sum_tol);
+      if (!bf16) continue;
+      {  // x's and the weights' gradients alone, at the output's bound
+        std::vector<OpInput> part = in;
+        for (size_t i = 0; i < part.size(); ++i)
+          part[i].requires_grad = i == 0 || i == 3 || i == 7 || (c.C != c.O && i >= (c.biases ? 10u : 8u));
+        check_op(what + ", x and the weights alone", op(c), part, tol);
+      }
+      // The bf16 path ran: h rounded to bf16 makes it differ from the three ops under BF16 (which
+      // keep h in float), by about bf16's rounding.
+      INFO(what << ": against the three ops under BF16");
+      const Tensor<float> R = randn_t({c.N, c.H, c.W, c.O}, g);
+      const OpRun a = run_op(op(c), in, R, R, Device::CUDA, false);
+      const OpRun b = run_op(three_ops(c), in, R, R, Device::CUDA, false);
+      CHECK(rel_err(a.out, b.out) > 0.0);
+      CHECK(rel_err(a.out, b.out) <= std::ldexp(1.0, -6));
+    }
+  }
+  // Only some inputs needing a gradient: x and norm1 constant; conv1 and temb constant (h's
+  // gradient still made for norm2's parameters); norm2 and conv2 constant; everything but temb.
+  set_cuda_math_mode(MathMode::BF16);
+  for (const std::vector<int>& frozen : {std::vector<int>{0, 1, 2}, std::vector<int>{3, 4, 8},
+                                         std::vector<int>{5, 6, 7, 9}, std::vector<int>{0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11},
+                                         std::vector<int>{0, 1, 2, 3, 4, 8, 10, 11}}) {
+    std::vector<OpInput> in = inputs(cases[0]);
+    std::string what = "bf16 res_block, constant inputs:";
+    for (int i : frozen) {
+      in[static_cast<size_t>(i)].requires_grad = false;
+      what += " " + std::to_string(i);
+    }
+    check_op(what, op(cases[0]), in, std::ldexp(1.0, -5), std::ldexp(1.0, -2));
+  }
+  // Refusals, as the ops it is made of give them: dropout without a generator, a wrong time
+  // embedding, no skip where the channels change, groups not dividing conv1's outputs.
+  const std::vector<OpInput> in = inputs(cases[0]);
+  std::vector<Var<float>> v;
+  for (const auto& i : in) v.emplace_back(i.value.cuda(), false);
+  const Conv2dOptions same{1, 1, 1, 1};
+  auto params = [&] {
+    return ResBlockParams<float>{GroupNormArgs<float>{v[1], v[2], 2, 1e-6, true, 0.0, nullptr}, v[3], v[8], same, v[4],
+                                 GroupNormArgs<float>{v[5], v[6], 2, 1e-6, true, 0.0, nullptr}, v[7], v[9], same, v[10],
+                                 v[11]};
+  };
+  ResBlockParams<float> p = params();
+  p.norm2.p = 0.2;
+  CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("dropout needs a generator"));
+  p = params();
+  p.temb = Var<float>(Tensor<float>::randn({2, 5}, g).cuda());
+  CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("conv2d"));
+  p = params();
+  p.w_skip = p.b_skip = Var<float>();
+  CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("conv2d"));
+  p = params();
+  p.norm2.groups = 4;
+  CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("cannot be split into 4 groups"));
+  p = params();
+  p.w2 = Var<float>(in[7].value);  // on the CPU
+  CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("operands on different devices"));
+}
+
 TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {
   CudaScope cuda;
   Generator g = gen();

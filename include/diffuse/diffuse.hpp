@@ -28,6 +28,7 @@
 #include <diffuse/ops/nhwc.hpp>
 #include <diffuse/ops/pool.hpp>
 #include <diffuse/ops/reduce.hpp>
+#include <diffuse/ops/res_block.hpp>
 #include <diffuse/ops/shape.hpp>
 #include <diffuse/ops/upsample.hpp>
 

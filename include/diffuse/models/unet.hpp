@@ -22,6 +22,7 @@
 #include <diffuse/ops/shape.hpp>
 #include <diffuse/ops/attention.hpp>
 #include <diffuse/ops/attention_block.hpp>
+#include <diffuse/ops/res_block.hpp>
 #include <diffuse/ops/conv2d.hpp>
 #include <diffuse/ops/channel_bias.hpp>
 #include <diffuse/ops/dropout.hpp>
@@ -90,15 +91,15 @@ class ResBlock : public Module<T> {
   }
   // temb_act = SiLU(temb), shared by all blocks. rng: dropout on when given.
   // The reference's h = conv1(silu(norm1(x))) + temb_proj(temb)[:, :, None, None];
-  // h = conv2(dropout(silu(norm2(h)))); return skip(x) + h, with the time embedding and the skip
-  // connection added in the convolutions' epilogues (the same sums: ops/conv2d.hpp), and each
-  // norm + SiLU (+ dropout) one op with the convolution after it (ops/group_norm_conv2d.hpp).
+  // h = conv2(dropout(silu(norm2(h)))); return skip(x) + h: one op (ops/res_block.hpp: the time
+  // embedding and the skip connection added in the convolutions' epilogues, each norm + SiLU
+  // (+ dropout) fused with the convolution after it; under bf16 on the device h is bf16 only).
   Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
-    const Var<T> t = temb_proj(temb_act);
-    const Var<T> h = conv1(x, norm1.args(true), t, Var<T>());
-    const Var<T> s = skip ? (*skip)(x) : x;
     const bool drop = rng && dropout_ > 0;
-    return conv2(h, norm2.args(true, drop ? dropout_ : 0.0, drop ? rng : nullptr), Var<T>(), s);
+    return res_block(x, ResBlockParams<T>{norm1.args(true), conv1.weight, conv1.bias, conv1.options(), temb_proj(temb_act),
+                                          norm2.args(true, drop ? dropout_ : 0.0, drop ? rng : nullptr), conv2.weight,
+                                          conv2.bias, conv2.options(), skip ? skip->weight : Var<T>(),
+                                          skip ? skip->bias : Var<T>()});
   }
 
   GroupNorm<T> norm1;
