@@ -396,13 +396,14 @@ __global__ void group_norm_grad_params_kernel(const F* __restrict__ part1, const
   }
 }
 
-// Backward stage 3: dx = rstd * (gamma * dyv - k1 - xhat * k2), written or accumulated.
-template <class T, class P, class D, bool kSilu>
+// Backward stage 3: dx = rstd * (gamma * dyv - k1 - xhat * k2), written or accumulated (in float,
+// then rounded once to DX).
+template <class T, class P, class D, class DX, bool kSilu>
 __global__ void group_norm_grad_input_kernel(const D* __restrict__ dy, const T* __restrict__ x,
                                              const P* __restrict__ gamma, const P* __restrict__ beta,
                                              const float* __restrict__ mean, const float* __restrict__ rstd,
                                              const float* __restrict__ k1, const float* __restrict__ k2,
-                                             T* __restrict__ dx, GroupNormGrid pl, bool accumulate,
+                                             DX* __restrict__ dx, GroupNormGrid pl, bool accumulate,
                                              const std::uint32_t* __restrict__ keep, float keep_scale) {
   for (std::int64_t t = blockIdx.x; t < pl.tasks(); t += gridDim.x) {
     const group_norm_detail::Task tk = group_norm_detail::task_of(pl, t);
@@ -422,7 +423,7 @@ __global__ void group_norm_grad_input_kernel(const D* __restrict__ dy, const T* 
           const std::int64_t i = off + p * pl.C;
           const float d = group_norm_detail::dy_pre<kSilu>(u.dy, u.x, m, a, b);
           const float v = r * (ga * d - q1 - (u.x - m) * r * q2);
-          dx[i] = static_cast<T>(accumulate ? static_cast<float>(dx[i]) + v : v);
+          dx[i] = static_cast<DX>(accumulate ? static_cast<float>(dx[i]) + v : v);
         });
   }
 }
@@ -475,11 +476,11 @@ inline void group_norm_forward(const T* x, const P* gamma, const P* beta, Y* y, 
 // rstd (with silu, y and sigmoid(y) are recomputed from them). dx, dgamma, dbeta [C] (float) are
 // each written, or added to when its acc flag says; a null one is skipped. dx must not overlap dy
 // or x. dy may be of another type than x (bf16: the gradient a bf16 convolution gives its input,
-// read as it is and widened exactly to float); x (and so dx) may be bf16 with float gamma, beta
-// (each dx computed in float and rounded once; accumulation adds in float, then rounds).
-template <class T, class P, class D>
+// read as it is and widened exactly to float); x may be bf16 with float gamma, beta, and dx of
+// either type (each dx computed in float and rounded once; accumulation adds in float, then rounds).
+template <class T, class P, class D, class DX>
 inline void group_norm_backward(const D* dy, const T* x, const P* gamma, const P* beta, const float* mean,
-                                const float* rstd, T* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
+                                const float* rstd, DX* dx, bool acc_dx, float* dgamma, bool acc_gamma, float* dbeta,
                                 bool acc_beta, std::int64_t N, std::int64_t HW, std::int64_t C, std::int64_t G,
                                 bool silu, void* workspace, cuda::stream_t stream = {}, std::int64_t chunk_pixels = 0,
                                 unsigned max_blocks = 65535, const std::uint32_t* keep = nullptr,
@@ -507,10 +508,10 @@ inline void group_norm_backward(const D* dy, const T* x, const P* gamma, const P
                  dgamma, dbeta, N * pl.chunks, C, acc_gamma, acc_beta);
   if (!dx) return;
   if (silu)
-    cuda::launch(group_norm_grad_input_kernel<T, P, D, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, P, D, DX, true>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
   else
-    cuda::launch(group_norm_grad_input_kernel<T, P, D, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
+    cuda::launch(group_norm_grad_input_kernel<T, P, D, DX, false>, grid, block, 0, stream, dy, x, gamma, beta, mean, rstd, k1, k2,
                  dx, pl, acc_dx, keep, keep_scale);
 }
 

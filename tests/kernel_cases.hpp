@@ -180,3 +180,43 @@ TEST_CASE("kernel convert: float -> bf16 rounds to nearest even, bf16 -> float i
                   std::invalid_argument);
   diffuse::kernels::convert(static_cast<const float*>(nullptr), static_cast<bf16*>(nullptr), 0, false);  // nothing
 }
+
+TEST_CASE("kernel convert_2d writes float rows into the bf16 columns of a wider matrix, rounded once") {
+  // res_block's input on the up path: the concatenation's operands written straight into their
+  // columns of one bf16 [rows, C] matrix; the other columns untouched.
+  using namespace diffuse::testing;
+  using diffuse::bf16;
+  const std::uint64_t seed = diffuse::testing::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  struct Case {
+    std::int64_t rows, width, x_ld, y_ld, col;
+  };
+  for (const Case c : {Case{1, 7, 7, 7, 0}, Case{37, 5, 5, 13, 8}, Case{300, 64, 70, 96, 32}, Case{5, 3, 3, 3, 0}}) {
+    INFO("rows " << c.rows << " width " << c.width << " x_ld " << c.x_ld << " y_ld " << c.y_ld << " column " << c.col);
+    std::vector<float> x(static_cast<size_t>(c.rows * c.x_ld));
+    for (float& v : x) v = normal(gen);
+    std::vector<bf16> y0(static_cast<size_t>(c.rows * c.y_ld));
+    for (bf16& v : y0) v = bf16(normal(gen));
+    DeviceBuffer<float> dx(x);
+    DeviceBuffer<bf16> dy(y0);
+    diffuse::kernels::convert_2d(dx.get(), c.x_ld, dy.get() + c.col, c.y_ld, c.rows, c.width, {}, 64, 3);
+    const std::vector<bf16> y = dy.to_host();
+    size_t bad = 0, changed = 0;
+    for (std::int64_t r = 0; r < c.rows; ++r)
+      for (std::int64_t j = 0; j < c.y_ld; ++j) {
+        const size_t i = static_cast<size_t>(r * c.y_ld + j);
+        const bool inside = j >= c.col && j < c.col + c.width;
+        const std::uint16_t want = inside ? bf16(x[static_cast<size_t>(r * c.x_ld + j - c.col)]).bits : y0[i].bits;
+        bad += y[i].bits != want;
+        changed += y[i].bits != y0[i].bits;
+      }
+    CHECK(bad == 0);
+    CHECK(changed > 0);
+  }
+  float* p = nullptr;
+  CHECK_THROWS_WITH(diffuse::kernels::convert_2d(p, 3, static_cast<bf16*>(nullptr), 3, 2, 4), Catch::Contains("leading"));
+  CHECK_THROWS_WITH(diffuse::kernels::convert_2d(p, 4, static_cast<bf16*>(nullptr), 4, -1, 4), Catch::Contains("negative"));
+  diffuse::kernels::convert_2d(p, 0, static_cast<bf16*>(nullptr), 0, 0, 4);  // nothing
+}

@@ -351,7 +351,8 @@ TEST_CASE("kernel group_norm is deterministic and checks its arguments") {
 TEST_CASE("kernel group_norm on a bf16 x with float gamma and beta is the float launch on the widened values") {
   // res_block's second normalisation reads its input (a convolution's output) in bf16 and writes
   // its input's gradient in bf16: x widened exactly, all arithmetic in float, each dx rounded once.
-  // So: bit for bit the float launch on the widened x (and widened dy), dx rounded to bf16 once.
+  // So: bit for bit the float launch on the widened x (and widened dy), dx rounded to bf16 once;
+  // or dx in float (res_block's first normalisation on the up path), bit for bit.
   using namespace diffuse::testing;
   const std::uint64_t seed = fresh_seed();
   INFO("seed " << seed);
@@ -418,5 +419,18 @@ TEST_CASE("kernel group_norm on a bf16 x with float gamma and beta is the float 
         CHECK(norm > 1e-3 * static_cast<double>(n));  // a gradient, not zeros
         CHECK(gga.to_host() == ggb.to_host());
         CHECK(gba.to_host() == gbb.to_host());
+        // x's gradient in float, added to a prefilled buffer (res_block's concatenated input,
+        // whose gradient the skip convolution's adds to): the float launch's, bit for bit.
+        std::vector<float> pre(n);
+        for (float& v : pre) v = normal(gen);
+        DeviceBuffer<float> gxa(pre), gxb(pre);
+        diffuse::kernels::group_norm_backward(ddy16.get(), dx16.get(), g_.get(), b_.get(), ma.get(), ra.get(), gxa.get(),
+                                              true, static_cast<float*>(nullptr), false, static_cast<float*>(nullptr),
+                                              false, s.N, s.HW, s.C, s.G, silu, ws.get(), {}, 0, 65535, kp, scale);
+        diffuse::kernels::group_norm_backward(ddyw.get(), dxw.get(), g_.get(), b_.get(), mb.get(), rb.get(), gxb.get(),
+                                              true, static_cast<float*>(nullptr), false, static_cast<float*>(nullptr),
+                                              false, s.N, s.HW, s.C, s.G, silu, ws.get(), {}, 0, 65535, kp, scale);
+        CHECK(gxa.to_host() == gxb.to_host());
+        CHECK(gxa.to_host() != pre);
       }
 }
