@@ -175,6 +175,10 @@ class CudaBackend {
   // dst[r * dst_ld + j] (+)= src[r * src_ld + j] for r < rows, j < width (concat, slice).
   virtual void copy_2d(const float* src, std::int64_t src_ld, float* dst, std::int64_t dst_ld, std::int64_t rows,
                        std::int64_t width, bool acc) = 0;
+  // dst[r * dst_ld + j] = bf16(src[r * src_ld + j]) (one operand of a concatenation written into its
+  // columns of a bf16 matrix: res_block's input on the up path under BF16).
+  virtual void convert_2d(const float* src, std::int64_t src_ld, bf16* dst, std::int64_t dst_ld, std::int64_t rows,
+                          std::int64_t width) = 0;
   // y (+)= x.permute(perm): x has `ndim` dims of sizes x_shape; y's dim i is x's dim perm[i].
   virtual void permute(const float* x, float* y, int ndim, const std::int64_t* x_shape, const int* perm, bool acc) = 0;
 
@@ -210,8 +214,9 @@ class CudaBackend {
                           const std::uint32_t* keep = nullptr, float keep_scale = 1.0f, bf16* y16 = nullptr,
                           const bf16* x16 = nullptr) = 0;
   // dy16 (then dy is null): the gradient given in bf16 (conv2d_backward's dx16), widened exactly.
-  // x16 (then x is null, dy16 given): the forward's x16; dx16 (then dx is null, written, not
-  // accumulated): x's gradient in bf16, each value computed in float and rounded once.
+  // x16 (then x is null, dy16 given): the forward's x16; x's gradient then in float (dx, written or
+  // added to) or in bf16 (dx16, then dx is null; written, not accumulated), each value computed in
+  // float and rounded once.
   virtual void group_norm_backward(const float* dy, const float* x, const float* gamma, const float* beta,
                                    const float* mean, const float* rstd, float* dx, bool acc_dx, float* dgamma,
                                    bool acc_gamma, float* dbeta, bool acc_beta, std::int64_t N, std::int64_t HW,

@@ -237,6 +237,13 @@ inline Var<float> conv2d_cuda(const Var<float>& x, const Var<float>& w, const Va
   });
 }
 
+// A residual of shape rs added to the output of geometry g: it must have the output's shape.
+inline void check_conv_residual(const ConvGeom& g, const Shape& rs) {
+  if (rs != Shape{g.N, g.Ho, g.Wo, g.O})
+    throw std::invalid_argument("diffuse: conv2d residual " + shape_str(rs) + ": expected the output's shape " +
+                                shape_str(Shape{g.N, g.Ho, g.Wo, g.O}));
+}
+
 // conv2d's operand checks on x's shape; its geometry when they pass.
 template <class T>
 ConvGeom checked_conv_geom(const Shape& xs, const Var<T>& w, const Var<T>& b, const Conv2dOptions& opt,
@@ -259,9 +266,7 @@ ConvGeom checked_conv_geom(const Shape& xs, const Var<T>& w, const Var<T>& b, co
   if (cb.defined() && cb.shape() != Shape{g.N, g.O})
     throw std::invalid_argument("diffuse: conv2d channel bias " + shape_str(cb.shape()) + ": expected [" +
                                 std::to_string(g.N) + ", " + std::to_string(g.O) + "] (samples, output channels)");
-  if (res.defined() && res.shape() != Shape{g.N, g.Ho, g.Wo, g.O})
-    throw std::invalid_argument("diffuse: conv2d residual " + shape_str(res.shape()) + ": expected the output's shape " +
-                                shape_str(Shape{g.N, g.Ho, g.Wo, g.O}));
+  if (res.defined()) check_conv_residual(g, res.shape());
   return g;
 }
 }  // namespace detail

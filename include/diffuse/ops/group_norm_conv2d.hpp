@@ -66,6 +66,10 @@ struct Bf16GroupNorm {
   void backward(backend::CudaBackend& be, const Tensor<bf16>& x16, const bf16* dh, bf16* dx16) const {
     run_backward(be, nullptr, x16.data(), x16.shape(), dh, nullptr, false, dx16);
   }
+  // The same with x's gradient in float, written or added to (acc).
+  void backward(backend::CudaBackend& be, const Tensor<bf16>& x16, const bf16* dh, float* dx, bool acc) const {
+    run_backward(be, nullptr, x16.data(), x16.shape(), dh, dx, acc, nullptr);
+  }
 
  private:
   void run_backward(backend::CudaBackend& be, const float* x, const bf16* x16, const Shape& s, const bf16* dh,

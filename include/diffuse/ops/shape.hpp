@@ -44,9 +44,11 @@ inline Var<float> concat_cuda(const std::vector<Var<float>>& xs, const Shape& os
 }
 }  // namespace detail
 
-// Concatenation along `axis`.
+namespace detail {
+// concat's checks (shapes, then devices): the output's shape; axis normalised in place (res_block
+// checks its concatenated input with them).
 template <class T>
-Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
+Shape checked_concat_shape(const std::vector<Var<T>>& xs, int64_t& axis) {
   if (xs.empty()) throw std::invalid_argument("diffuse: concat of nothing");
   const Shape& s0 = xs[0].shape();
   const int64_t nd = static_cast<int64_t>(s0.size());
@@ -60,14 +62,24 @@ Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
         detail::shape_error("concat", s0, v.shape());
     os[axis] += v.shape()[axis];
   }
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < axis; ++d) outer *= s0[d];
-  for (int64_t d = axis + 1; d < nd; ++d) inner *= s0[d];
   const Device dev = xs[0].device();
   for (const auto& v : xs)
     if (v.device() != dev)
       throw std::invalid_argument("diffuse: concat: operands on different devices (" + std::string(device_name(dev)) +
                                   " and " + device_name(v.device()) + "); move them with .to(Device::...) first");
+  return os;
+}
+}  // namespace detail
+
+// Concatenation along `axis`.
+template <class T>
+Var<T> concat(const std::vector<Var<T>>& xs, int64_t axis) {
+  const Shape os = detail::checked_concat_shape(xs, axis);
+  const Shape& s0 = xs[0].shape();
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= s0[d];
+  for (int64_t d = axis + 1; d < static_cast<int64_t>(s0.size()); ++d) inner *= s0[d];
+  const Device dev = xs[0].device();
   if (dev == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) return detail::concat_cuda(xs, os, axis, outer, inner);
     else detail::cuda_float_only("concat");

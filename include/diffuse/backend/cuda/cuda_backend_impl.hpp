@@ -375,6 +375,11 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "scatter rows");
     kernels::scatter_rows(idx, g, dtable, N, R, D, acc, stream_);
   }
+  void convert_2d(const float* src, std::int64_t src_ld, bf16* dst, std::int64_t dst_ld, std::int64_t rows,
+                  std::int64_t width) override {
+    cuda::ProfileScope ps(prof_, "convert_2d");
+    kernels::convert_2d(src, src_ld, dst, dst_ld, rows, width, stream_);
+  }
   void copy_2d(const float* src, std::int64_t src_ld, float* dst, std::int64_t dst_ld, std::int64_t rows,
                std::int64_t width, bool acc) override {
     cuda::ProfileScope ps(prof_, "copy 2d");
@@ -476,11 +481,15 @@ class CudaBackendImpl final : public CudaBackend {
       if (dbeta && !acc_beta) kernels::fill(dbeta, C, 0.0f, stream_);
       return;
     }
-    if ((x16 || dx16) && (x || dx || !x16 || !dy16 || acc_dx))
-      throw std::logic_error("diffuse: group_norm backward: x or dx in bf16 needs both, dy in bf16, and a written dx");
+    if ((x16 && (x || !dy16 || (dx16 && (dx || acc_dx)))) || (dx16 && !x16))
+      throw std::logic_error("diffuse: group_norm backward: x in bf16 needs dy in bf16 (and x null); dx in bf16 "
+                             "needs x in bf16 and is written");
     void* ws = scratch(kernels::group_norm_workspace_bytes(N, HW, C, G));
-    if (x16)
+    if (dx16)
       kernels::group_norm_backward(dy16, x16, gamma, beta, mean, rstd, dx16, false, dgamma, acc_gamma, dbeta, acc_beta,
+                                   N, HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
+    else if (x16)
+      kernels::group_norm_backward(dy16, x16, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta,
                                    N, HW, C, G, silu, ws, stream_, 0, 65535, keep, keep_scale);
     else if (dy16)
       kernels::group_norm_backward(dy16, x, gamma, beta, mean, rstd, dx, acc_dx, dgamma, acc_gamma, dbeta, acc_beta, N,
