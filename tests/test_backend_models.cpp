@@ -317,10 +317,18 @@ TEST_CASE("backend models: U-Net train steps (clipping, AdamW, EMA) give the sam
 // O(u), not O(n u)); through the U-Net's ~20 layers, whose normalisations do not amplify relative
 // errors, the output and the loss stay within a few u of FP32's (2-4u seen over 10 seeds; bound
 // 8u = 2^-5). A gradient rounds twice as many operands and a norm gain's gradient is a sum over
-// every pixel with much cancellation, which amplifies relative error: 6-13u seen, bound 32u. And
+// every pixel with much cancellation, which amplifies relative error (likewise a bias before a
+// normalisation: conv1's and the time embedding's, sums of GroupNorm's input gradient, which sums
+// to 0 over each group; and q's and k's, behind the softmax). With res_block under BF16 (h and its
+// gradient bf16 inside each ResBlock) over 380 runs: median 9.3u, largest 27u (the time
+// embedding's bias); before it (88e15b2, h float) over 200 runs the same: median 9.4u, largest
+// 27.9u. The earlier bound, 32u, sat in that tail (one run reached 33.7u, conv1's bias), so the
+// bound is 64u = 2^-2, the op test's bound for such sums (tests/test_backend_ops.cpp, res_block);
+// a wiring error moves a gradient by O(1). And
 // the rounding is really there: FP32 on the device is within 1e-5 of the CPU (the test above),
 // bf16 must be further than u / 16 = 2^-12. Both attention kernels: with the flash ones the
-// attention blocks run all in bf16 (attention_block), the same bounds.
+// attention blocks run all in bf16 (attention_block), the same bounds; the output's, 4u the
+// largest seen over those 380 runs.
 TEST_CASE("backend models: the U-Net in bf16 stays within the bf16 bound of the FP32 CPU model") {
   CudaScope cuda;
   const uint64_t seed = fresh_seed();
@@ -367,7 +375,7 @@ TEST_CASE("backend models: the U-Net in bf16 stays within the bf16 bound of the 
     if (e > worst) worst = e, worst_name = n;
   }
   INFO("worst gradient relative error " << worst / u << " u (" << worst_name << ")");
-  CHECK(worst < 32 * u);
+  CHECK(worst < 64 * u);
   CHECK(worst > u / 16);
 
   // Three train steps (clipping, AdamW, EMA): Adam's early updates are about lr sign(g), so a

@@ -514,10 +514,15 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
     int64_t N, H, W, C, O;
     double p;
     bool biases;
+    int64_t Ca = 0;  // > 0: x given as two parts of Ca and C - Ca channels (the up path's concat)
   };
-  // v: x, gamma1, beta1, w1, temb, gamma2, beta2, w2, then (biases) b1, b2, then (C != O) w_skip, b_skip.
-  auto op = [seed](const Case& c) {
-    return [seed, c](const std::vector<Var<float>>& v) {
+  // v: x (its first part), gamma1, beta1, w1, temb, gamma2, beta2, w2, then (biases) b1, b2, then
+  // (C != O) w_skip, b_skip, then (Ca > 0) x's second part.
+  auto parts = [](const Case& c, const std::vector<Var<float>>& v) {
+    return c.Ca > 0 ? std::vector<Var<float>>{v[0], v.back()} : std::vector<Var<float>>{v[0]};
+  };
+  auto op = [seed, parts](const Case& c) {
+    return [seed, c, parts](const std::vector<Var<float>>& v) {
       Generator d(seed, 31);
       const Var<float> none;
       const Conv2dOptions same{1, 1, 1, 1};
@@ -527,7 +532,7 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
                                     GroupNormArgs<float>{v[5], v[6], 2, 1e-6, true, c.p, &d},
                                     v[7], c.biases ? v[9] : none, same,
                                     c.C != c.O ? v[k] : none, c.C != c.O ? v[k + 1] : none};
-      return res_block(v[0], p);
+      return res_block(parts(c, v), p);
     };
   };
   auto inputs = [&](const Case& c) {
@@ -536,7 +541,7 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
       for (size_t e = 0; e < t.size(); ++e) t[e] = static_cast<float>(t[e] * f);
       return t;
     };
-    std::vector<Tensor<float>> t{randn_t({c.N, c.H, c.W, c.C}, g), randn_t({c.C}, g), randn_t({c.C}, g),
+    std::vector<Tensor<float>> t{randn_t({c.N, c.H, c.W, c.Ca > 0 ? c.Ca : c.C}, g), randn_t({c.C}, g), randn_t({c.C}, g),
                                  scaled({c.O, 3, 3, c.C}, 1 / std::sqrt(9.0 * c.C)), randn_t({c.N, c.O}, g),
                                  randn_t({c.O}, g), randn_t({c.O}, g), scaled({c.O, 3, 3, c.O}, 1 / std::sqrt(9.0 * c.O))};
     if (c.biases) {
@@ -547,23 +552,28 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
       t.push_back(scaled({c.O, 1, 1, c.C}, 1 / std::sqrt(1.0 * c.C)));
       t.push_back(randn_t({c.O}, g));
     }
+    if (c.Ca > 0) t.push_back(randn_t({c.N, c.H, c.W, c.C - c.Ca}, g));
     return inputs_of(t);
   };
   // The op as the ops it is made of, on the device (the reference of the BF16 path's difference).
-  auto three_ops = [seed](const Case& c) {
-    return [seed, c](const std::vector<Var<float>>& v) {
+  auto three_ops = [seed, parts](const Case& c) {
+    return [seed, c, parts](const std::vector<Var<float>>& v) {
       Generator d(seed, 31);
       const Var<float> none;
       const Conv2dOptions same{1, 1, 1, 1};
       const size_t k = c.biases ? 10 : 8;
-      const Var<float> h = group_norm_conv2d(v[0], GroupNormArgs<float>{v[1], v[2], 2, 1e-6, true, 0.0, nullptr}, v[3],
+      const Var<float> x = c.Ca > 0 ? concat(parts(c, v), 3) : v[0];
+      const Var<float> h = group_norm_conv2d(x, GroupNormArgs<float>{v[1], v[2], 2, 1e-6, true, 0.0, nullptr}, v[3],
                                              c.biases ? v[8] : none, same, v[4], none);
-      const Var<float> s = c.C != c.O ? conv2d(v[0], v[k], v[k + 1], Conv2dOptions{}) : v[0];
+      const Var<float> s = c.C != c.O ? conv2d(x, v[k], v[k + 1], Conv2dOptions{}) : x;
       return group_norm_conv2d(h, GroupNormArgs<float>{v[5], v[6], 2, 1e-6, true, c.p, &d}, v[7],
                                c.biases ? v[9] : none, same, none, s);
     };
   };
-  const Case cases[] = {{2, 5, 4, 8, 6, 0.0, true}, {2, 4, 3, 6, 6, 0.3, true}, {1, 3, 5, 4, 8, 0.0, false}};
+  // The last two: x in two parts, with a skip convolution (under BF16 written once into a bf16 x;
+  // the parts' boundary inside a group of norm1) and without (concatenated first).
+  const Case cases[] = {{2, 5, 4, 8, 6, 0.0, true},      {2, 4, 3, 6, 6, 0.3, true}, {1, 3, 5, 4, 8, 0.0, false},
+                        {2, 4, 4, 12, 8, 0.3, true, 5}, {2, 3, 4, 6, 6, 0.0, true, 2}};
   for (const MathMode m : {MathMode::FP32, MathMode::BF16}) {
     set_cuda_math_mode(m);
     const bool bf16 = m == MathMode::BF16;
@@ -581,14 +591,17 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
     for (const Case& c : cases) {
       const std::string what = std::string(math_mode_name(m)) + " res_block " + shape_str({c.N, c.H, c.W, c.C}) +
                                " -> " + std::to_string(c.O) + " p " + std::to_string(c.p) +
-                               (c.biases ? "" : " no biases");
+                               (c.biases ? "" : " no biases") +
+                               (c.Ca > 0 ? " in parts of " + std::to_string(c.Ca) + " and " + std::to_string(c.C - c.Ca)
+                                         : std::string());
       const std::vector<OpInput> in = inputs(c);
       check_op(what, op(c), in, tol, sum_tol);
       if (!bf16) continue;
       {  // x's and the weights' gradients alone, at the output's bound
         std::vector<OpInput> part = in;
         for (size_t i = 0; i < part.size(); ++i)
-          part[i].requires_grad = i == 0 || i == 3 || i == 7 || (c.C != c.O && i >= (c.biases ? 10u : 8u));
+          part[i].requires_grad = i == 0 || i == 3 || i == 7 || (c.C != c.O && i >= (c.biases ? 10u : 8u)) ||
+                                  (c.Ca > 0 && i + 1 == part.size());
         check_op(what + ", x and the weights alone", op(c), part, tol);
       }
       // The bf16 path ran: h rounded to bf16 makes it differ from the three ops under BF16 (which
@@ -614,6 +627,18 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
       what += " " + std::to_string(i);
     }
     check_op(what, op(cases[0]), in, std::ldexp(1.0, -5), std::ldexp(1.0, -2));
+  }
+  // x in parts: one part constant, the other; both and norm1 (no x gradient: the skip
+  // convolution's weights still get theirs); the skip convolution constant.
+  for (const std::vector<int>& frozen : {std::vector<int>{0}, std::vector<int>{12}, std::vector<int>{0, 1, 2, 12},
+                                         std::vector<int>{10, 11}}) {
+    std::vector<OpInput> in = inputs(cases[3]);
+    std::string what = "bf16 res_block in parts, constant inputs:";
+    for (int i : frozen) {
+      in[static_cast<size_t>(i)].requires_grad = false;
+      what += " " + std::to_string(i);
+    }
+    check_op(what, op(cases[3]), in, std::ldexp(1.0, -5), std::ldexp(1.0, -2));
   }
   // Refusals, as the ops it is made of give them: dropout without a generator, a wrong time
   // embedding, no skip where the channels change, groups not dividing conv1's outputs.
@@ -641,6 +666,11 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
   p = params();
   p.w2 = Var<float>(in[7].value);  // on the CPU
   CHECK_THROWS_WITH(res_block(v[0], p), Catch::Contains("operands on different devices"));
+  // Parts that do not agree in N, H, W (concat's error), or one on the CPU.
+  CHECK_THROWS_WITH(res_block({v[0], Var<float>(Tensor<float>::randn({2, 4, 4, 3}, g).cuda())}, params()),
+                    Catch::Contains("concat"));
+  CHECK_THROWS_WITH(res_block({v[0], Var<float>(Tensor<float>::randn({2, 5, 4, 3}, g))}, params()),
+                    Catch::Contains("operands on different devices"));
 }
 
 TEST_CASE("backend ops: group_norm, layer_norm, batch_norm_inference") {

@@ -94,12 +94,17 @@ class ResBlock : public Module<T> {
   // h = conv2(dropout(silu(norm2(h)))); return skip(x) + h: one op (ops/res_block.hpp: the time
   // embedding and the skip connection added in the convolutions' epilogues, each norm + SiLU
   // (+ dropout) fused with the convolution after it; under bf16 on the device h is bf16 only).
-  Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
+  // x given as its parts along the channels (the up path's concat(h, skip): under bf16 on the
+  // device written once into a bf16 x, no float concatenation).
+  Var<T> operator()(const std::vector<Var<T>>& x, const Var<T>& temb_act, Generator* rng) const {
     const bool drop = rng && dropout_ > 0;
     return res_block(x, ResBlockParams<T>{norm1.args(true), conv1.weight, conv1.bias, conv1.options(), temb_proj(temb_act),
                                           norm2.args(true, drop ? dropout_ : 0.0, drop ? rng : nullptr), conv2.weight,
                                           conv2.bias, conv2.options(), skip ? skip->weight : Var<T>(),
                                           skip ? skip->bias : Var<T>()});
+  }
+  Var<T> operator()(const Var<T>& x, const Var<T>& temb_act, Generator* rng) const {
+    return (*this)(std::vector<Var<T>>{x}, temb_act, rng);
   }
 
   GroupNorm<T> norm1;
@@ -267,7 +272,7 @@ class UNet : public Module<T> {
     size_t u = 0;
     for (int64_t i = L - 1; i >= 0; --i) {
       for (int64_t j = 0; j < c.num_res_blocks + 1; ++j, ++k) {
-        h = (*up_[k])(concat<T>({h, hs.back()}, 3), temb_act, rng);
+        h = (*up_[k])(std::vector<Var<T>>{h, hs.back()}, temb_act, rng);  // concat(h, skip) inside
         hs.pop_back();
         if (up_attn_[k]) h = (*up_attn_[k])(h);
       }
