@@ -65,6 +65,14 @@ while IFS= read -r line; do
 done < "$list"
 [ ${#rows[@]} -gt 0 ] || { say "no mutant matches: $*"; exit 2; }
 
+# The copy keeps the source's mtimes (tar), so objects a previous run built from a mutated file
+# can look newer than the restored file: touch the files the mutants change so the baseline and
+# every mutant rebuild from what is really there.
+for line in "${rows[@]}"; do
+  IFS=$'\t' read -r id file _ <<< "$line"
+  touch "$src/$file"
+done
+
 # The unmutated tests must pass, or every mutant would look killed.
 declare -A base=()
 for line in "${rows[@]}"; do
