@@ -34,8 +34,8 @@ inline std::string device_description(Device d) {
 inline constexpr const char* kPrecisionHelp =
     "with --device cuda, how the GEMMs and convolutions round their inputs: fp32 (exact float products, as the CPU), "
     "tf32 (tensor cores, inputs rounded to 10 mantissa bits) or bf16 (tensor cores, operands rounded to bf16, float "
-    "accumulation; a normalisation's output that a convolution reads and a ResBlock's activation between its "
-    "convolutions are stored in bf16, and with --attention flash every activation of an attention block; norm statistics, softmax, loss, optimiser and weights stay float)";
+    "accumulation; a normalisation's output that a convolution reads, a ResBlock's concatenated input and "
+    "its activation between its convolutions are stored in bf16, and with --attention flash every activation of an attention block; norm statistics, softmax, loss, optimiser and weights stay float)";
 
 // --precision fp32|tf32|bf16 (and the older --tf32, the same as --precision tf32): the device's
 // MathMode for the GEMMs and convolutions; tf32 and bf16 are refused on the CPU, as is a --tf32
