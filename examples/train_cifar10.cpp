@@ -122,6 +122,7 @@ struct Args {
   bool class_cond = false, no_flip = false, tf32 = false, dry_run = false;
   std::string precision = "fp32";
   std::string attention = "full";
+  bool cuda_graph = false;
   uint64_t seed = 0;
 };
 
@@ -186,6 +187,7 @@ int main(int argc, char** argv) {
                  "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
       ->capture_default_str()
       ->check(CLI::IsMember({"full", "flash"}));
+  app.add_flag("--cuda-graph", a.cuda_graph, kCudaGraphHelp);
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint (bit for bit)");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps, 0: only at the end and on Ctrl-C "
@@ -262,6 +264,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
+    check_cuda_graph(a.cuda_graph, dev);
     if (!a.dry_run && ranks.lead()) require_writable_folder("--out", a.out);  // fails now, not at the first checkpoint
 
     // The data, and the model sized to it.
@@ -336,6 +339,7 @@ int main(int argc, char** argv) {
     o.resume = a.resume;
     o.identity = {{"model", info.json()}};
     o.comm = ranks.comm.get();
+    o.cuda_graph = a.cuda_graph;
     Trainer<float, UNet<float>> trainer(model, sched, source, o);
     if (ranks.lead())
       std::printf("train_cifar10: preset %s, %s (%s): %lld images %lldx%lldx%lld%s, U-Net %lld parameters (ch %lld, "

@@ -40,6 +40,7 @@ struct Args {
   bool tf32 = false;
   std::string precision = "fp32";
   std::string attention = "full";
+  bool cuda_graph = false;
   std::string data = "data/mnist", out = "out/mnist", resume, schedule = "linear", resize = "area", attn = "none";
   std::string sampler = "ddpm", variance = "large", classifier, device, order = "replacement";
   int64_t size = 16, digit = -1, steps = 0, batch = 64, warmup = 200, save_every = 500, log_every = 50, keep = 1;
@@ -110,6 +111,7 @@ int main(int argc, char** argv) {
                  "or the fused flash kernels (one log-sum-exp per query kept; head dims up to 256)")
       ->capture_default_str()
       ->check(CLI::IsMember({"full", "flash"}));
+  app.add_flag("--cuda-graph", a.cuda_graph, kCudaGraphHelp);
   app.add_option("--out", a.out, "output directory")->capture_default_str();
   app.add_option("--resume", a.resume, "continue training from this checkpoint");
   app.add_option("--save-every", a.save_every, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
@@ -166,6 +168,7 @@ int main(int argc, char** argv) {
     const Device dev = choose_device(a.device);  // refuses cuda without a device before loading anything
     apply_precision(a.precision, a.tf32, dev);
     apply_attention_kernel(a.attention, dev);
+    check_cuda_graph(a.cuda_graph, dev);
     if (ranks.lead()) require_writable_folder("--out", a.out);  // a read-only --out fails now, not at the first checkpoint
     // Data: the training split (one digit, or all with labels).
     const MnistSplit train = load_mnist(a.data, "train");
@@ -222,6 +225,7 @@ int main(int argc, char** argv) {
     o.resume = a.resume;
     o.identity = {{"model", info.json()}};
     o.comm = ranks.comm.get();
+    o.cuda_graph = a.cuda_graph;
     Trainer<float, UNet<float>> trainer(model, sched, source, o);
     if (ranks.lead())
       std::printf("train_mnist: %s, %lld images of %s at %lldx%lld (%s), U-Net %lld parameters, T=%d %s, batch %lld, "

@@ -184,7 +184,7 @@ __global__ void dropout_kernel(const T* __restrict__ in, T* __restrict__ out, st
   const std::uint64_t b0 = at.first / 4, end = at.first + static_cast<std::uint64_t>(n);
   for (std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += stride) {
     const std::uint64_t blk = b0 + static_cast<std::uint64_t>(j);
-    const Philox4 b = philox4x32_10(at.offset + blk, seed);
+    const Philox4 b = philox4x32_10(at.counter(blk), seed);
     for (unsigned l = 0; l < 4; ++l) {
       const std::uint64_t e = 4 * blk + l;
       if (e < at.first || e >= end) continue;
@@ -212,7 +212,7 @@ __global__ void dropout_bits_kernel(W* __restrict__ bits, std::int64_t n, std::u
     Philox4 b{};
     for (std::int64_t i = i0; i < i1; ++i) {
       const std::uint64_t e = at.first + static_cast<std::uint64_t>(i), blk = e / 4;
-      if (blk != have) b = philox4x32_10(at.offset + blk, seed), have = blk;
+      if (blk != have) b = philox4x32_10(at.counter(blk), seed), have = blk;
       if (static_cast<double>(uint_to_uniform(b.v[e % 4])) < keep_below) word |= W(1) << (i - i0);
     }
     bits[w] = word;

@@ -29,7 +29,7 @@ __global__ void philox_normal_kernel(T* __restrict__ out, std::int64_t n, std::u
   for (std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += stride) {
     const std::uint64_t blk = b0 + static_cast<std::uint64_t>(j);
     float z[4];
-    philox_normal4(seed, at.offset + blk, z);
+    philox_normal4(seed, at.counter(blk), z);
     for (unsigned l = 0; l < 4; ++l) {
       const std::uint64_t e = 4 * blk + l;
       if (e >= at.first && e < end) out[e - at.first] = static_cast<T>(z[l]);
@@ -44,7 +44,7 @@ __global__ void philox_uniform_kernel(T* __restrict__ out, std::int64_t n, std::
   const std::uint64_t b0 = at.first / 4, end = at.first + static_cast<std::uint64_t>(n);
   for (std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += stride) {
     const std::uint64_t blk = b0 + static_cast<std::uint64_t>(j);
-    const Philox4 b = philox4x32_10(at.offset + blk, seed);
+    const Philox4 b = philox4x32_10(at.counter(blk), seed);
     for (unsigned l = 0; l < 4; ++l) {
       const std::uint64_t e = 4 * blk + l;
       if (e >= at.first && e < end) out[e - at.first] = static_cast<T>(uint_to_uniform(b.v[l]));

@@ -103,3 +103,4 @@
 
 // backends: the CUDA backend's interface (its implementation is compiled by diffuse::cuda)
 #include <diffuse/backend/cuda.hpp>
+#include <diffuse/backend/cuda_graph.hpp>

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/backend/capture_state.hpp>
 #include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/op_types.hpp>
 #include <diffuse/optim/step_record.hpp>
@@ -80,6 +81,14 @@ class CudaCollectives {
   virtual void wait() = 0;
 };
 
+// Device work captured by CudaBackend::capture_begin / capture_end, launched as one unit (a CUDA
+// graph; in the emulation, the queued work run in order). backend/cuda_graph.hpp is the public side.
+class CapturedGraph {
+ public:
+  virtual ~CapturedGraph() = default;
+  virtual void launch() = 0;  // queued on the backend's stream, after the work queued before it
+};
+
 class CudaBackend {
  public:
   virtual ~CudaBackend() = default;
@@ -99,6 +108,13 @@ class CudaBackend {
   // the device and returns the time per entry kind divided by `steps`, then starts afresh.
   virtual void set_profiling(bool on) = 0;
   virtual std::string profile_table(std::int64_t steps) = 0;
+  // CUDA graphs (use CudaGraphCapture, backend/cuda_graph.hpp): from capture_begin() on, this
+  // thread's device work is recorded, not run, until capture_end() returns it as a graph;
+  // capture_abort() ends a capture that failed (no graph). One capture at a time; not while
+  // profiling.
+  virtual void capture_begin() = 0;
+  virtual std::unique_ptr<CapturedGraph> capture_end() = 0;
+  virtual void capture_abort() noexcept = 0;
   // The devices this process can see, and the one it uses (chosen before any other use; 0 unless set).
   virtual int device_count() = 0;
   virtual void set_device(int device) = 0;
@@ -234,15 +250,14 @@ class CudaBackend {
                                   std::int64_t C) = 0;
   virtual void upsample_nearest2x_backward(const float* g, float* dx, std::int64_t N, std::int64_t H, std::int64_t W,
                                            std::int64_t C, bool acc) = 0;
-  // The CPU's dropout mask: uniform draw i of (seed, off) below 1 - p keeps element i (scaled); i
-  // counted from `first` (0 but in a data-parallel rank's share of a draw, core/rng.hpp's DrawPos).
-  virtual void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-                       std::uint64_t first) = 0;
-  virtual void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed,
-                                std::uint64_t off, std::uint64_t first, bool acc) = 0;
+  // The CPU's dropout mask: uniform draw i of (seed, at) below 1 - p keeps element i (scaled); i
+  // counted from at.first (0 but in a data-parallel rank's share of a draw, core/rng.hpp's DrawPos;
+  // at.base: a captured graph's device word, backend/capture_state.hpp's device_draw).
+  virtual void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, DrawPos at) = 0;
+  virtual void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed, DrawPos at,
+                                bool acc) = 0;
   // The same keep mask as bits: bits[(n + 31) / 32], bit i % 32 of word i / 32 set when element i is kept.
-  virtual void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-                            std::uint64_t first) = 0;
+  virtual void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, DrawPos at) = 0;
   // y = x + b[n, :] over the HW pixels of image n; backward db (+)= sum over pixels.
   virtual void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                                 std::int64_t C) = 0;

@@ -83,11 +83,19 @@ DIFFUSE_HD inline void philox_normal4(uint64_t seed, uint64_t ctr, float out[4])
 // Where a draw of n numbers lies in its stream: element i is element first + i of the numbers
 // that start at block `offset` (block offset + (first + i) / 4, lane (first + i) % 4). `first` is
 // 0 except in one process's share of a data-parallel draw (Generator::part).
+//
+// base (device draws inside a captured CUDA graph only, backend/capture_state.hpp): a device word
+// added to offset when the kernel runs, so each replay of the graph draws where the generator
+// stands then, as the same code run eagerly would. Null everywhere else.
 struct DrawPos {
   uint64_t offset = 0;
   uint64_t first = 0;
+  const uint64_t* base = nullptr;
   // An offset alone: a whole draw.
-  DIFFUSE_HD constexpr DrawPos(uint64_t off = 0, uint64_t first_element = 0) : offset(off), first(first_element) {}
+  DIFFUSE_HD constexpr DrawPos(uint64_t off = 0, uint64_t first_element = 0, const uint64_t* base_word = nullptr)
+      : offset(off), first(first_element), base(base_word) {}
+  // The Philox counter of block blk of the draw (blk counted from the draw's start).
+  DIFFUSE_HD uint64_t counter(uint64_t blk) const { return (base ? *base : 0) + offset + blk; }
 };
 
 // The Philox blocks that hold elements [first, first + n) of a draw, counted from block first / 4.
@@ -152,6 +160,7 @@ struct Generator {
   // `counter` are elements i, i + 1, ... of the output.
   template <class F>
   static void for_blocks(const DrawPos d, const size_t n, F&& f, const bool may_parallel = true) {
+    if (d.base) throw std::logic_error("diffuse: a draw placed by a device word (a captured CUDA graph's) on the CPU");
     const uint64_t b0 = d.first / 4, blocks = draw_blocks(d.first, n);
     parallel_for(static_cast<int64_t>(blocks), may_parallel && n > (1u << 16), [&](int64_t j) {
       const uint64_t blk = b0 + static_cast<uint64_t>(j);

@@ -11,6 +11,7 @@
 
 #include <diffuse/core/parallel.hpp>
 #include <diffuse/core/tensor.hpp>
+#include <diffuse/ops/common.hpp>
 
 namespace diffuse {
 
@@ -22,7 +23,7 @@ Tensor<T> timestep_embedding(const std::vector<int32_t>& t, int64_t dim, Device 
   if (dev == Device::CUDA) {
     if constexpr (std::is_same_v<T, float>) {
       backend::CudaBackend& be = backend::require_cuda("timestep_embedding");
-      const Tensor<int32_t> td = Tensor<int32_t>::from(t, {n}).to(Device::CUDA);
+      const Tensor<int32_t> td = detail::device_indices(t);
       Tensor<T> e({n, dim}, Device::CUDA);
       be.timestep_embedding(td.data(), e.data(), n, dim);
       return e;

@@ -56,9 +56,13 @@ inline void parallel_rows(int64_t m, double flops, F&& f) {
 template <class T>
 using RowVec = Eigen::Matrix<T, 1, Eigen::Dynamic>;
 
-// Host indices as a device int32 tensor (an asynchronous upload: no wait for the device).
+// Host indices as a device int32 tensor (an asynchronous upload: no wait for the device). Copied
+// straight from idx's own memory, so that inside a captured CUDA graph an input named to the
+// capture (CudaGraphCapture::input: the timesteps, the labels) is recognised by its address.
 inline Tensor<int32_t> device_indices(const std::vector<int32_t>& idx) {
-  return Tensor<int32_t>::from(idx, {static_cast<int64_t>(idx.size())}).to(Device::CUDA);
+  Tensor<int32_t> d({static_cast<int64_t>(idx.size())}, Device::CUDA);
+  if (!idx.empty()) require_device_memory().copy(d.data(), idx.data(), idx.size() * sizeof(int32_t), DeviceMemory::Copy::HostToDevice);
+  return d;
 }
 
 }  // namespace detail

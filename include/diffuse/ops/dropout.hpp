@@ -20,11 +20,12 @@ namespace detail {
 // gen.uniform() at the same place in the stream, in any thread count.
 template <class F>
 inline void dropout_mask(uint64_t seed, DrawPos at, size_t n, double p, F&& f) {
+  if (at.base) throw std::logic_error("diffuse: dropout on the CPU with a draw placed by a device word");
   const double keep_below = 1.0 - p;
   const uint64_t b0 = at.first / 4, end = at.first + n;
   parallel_for(static_cast<int64_t>(draw_blocks(at.first, n)), n >= kParallelMin / 4, [&](int64_t j) {
     const uint64_t blk = b0 + static_cast<uint64_t>(j);
-    const Philox4 b = philox4x32_10(at.offset + blk, seed);
+    const Philox4 b = philox4x32_10(at.counter(blk), seed);
     for (unsigned l = 0; l < 4; ++l) {
       const uint64_t e = 4 * blk + l;
       if (e >= at.first && e < end) f(static_cast<size_t>(e - at.first), static_cast<double>(uint_to_uniform(b.v[l])) < keep_below);
@@ -44,11 +45,11 @@ inline Var<float> dropout_cuda(const Var<float>& x, double p, uint64_t seed, Dra
   backend::CudaBackend& be = backend::require_cuda("dropout");
   const int64_t n = x.value().numel();
   Tensor<float> out(x.shape(), Device::CUDA);
-  be.dropout(x.value().data(), out.data(), n, p, seed, at.offset, at.first);
+  be.dropout(x.value().data(), out.data(), n, p, seed, at);
   return make_result<float>(std::move(out), {&x}, [x, n, p, seed, at]() {
     return [x, n, p, seed, at](const Tensor<float>& g) {
       GradSink<float> s = grad_sink(*x.node());
-      backend::cuda_backend()->dropout_backward(g.data(), s.data, n, p, seed, at.offset, at.first, s.accumulate);
+      backend::cuda_backend()->dropout_backward(g.data(), s.data, n, p, seed, at, s.accumulate);
     };
   });
 }
@@ -66,11 +67,11 @@ Var<T> dropout(const Var<T>& x, double p, Generator& gen, bool training) {
   if (!training || p == 0.0) return x;
   const size_t n = x.value().size();
   const uint64_t seed = gen.seed;
-  const DrawPos at = gen.take(n);
   if (x.device() == Device::CUDA) {
-    if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, at);
+    if constexpr (std::is_same_v<T, float>) return detail::dropout_cuda(x, p, seed, backend::device_draw(gen, n));
     else detail::cuda_float_only("dropout");
   }
+  const DrawPos at = gen.take(n);
   const T scale = detail::dropout_scale<T>(p);
   Tensor<T> out(x.shape());
   const T* xd = x.value().data();

@@ -66,10 +66,9 @@ namespace detail {
 // drawn from gen exactly as dropout() draws its uniforms (the same Philox numbers, so the same mask).
 inline Tensor<std::uint8_t> dropout_keep_bits(int64_t n, double p, Generator& gen) {
   const uint64_t seed = gen.seed;
-  const DrawPos at = gen.take(static_cast<uint64_t>(n));  // as dropout() takes them
+  const DrawPos at = backend::device_draw(gen, static_cast<uint64_t>(n));  // as dropout() takes them
   Tensor<std::uint8_t> keep({4 * ((n + 31) / 32)}, Device::CUDA);
-  backend::require_cuda("dropout").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed, at.offset,
-                                                at.first);
+  backend::require_cuda("dropout").dropout_bits(reinterpret_cast<std::uint32_t*>(keep.data()), n, p, seed, at);
   return keep;
 }
 

@@ -17,6 +17,7 @@
 //   TrainResult r = tr.run();
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -31,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include <diffuse/backend/cuda_graph.hpp>
 #include <diffuse/data/dataset.hpp>
 #include <diffuse/diffusion/denoiser.hpp>
 #include <diffuse/diffusion/guidance.hpp>
@@ -83,6 +85,13 @@ struct TrainOptions {
   // prints, writes the log and the checkpoints and runs the callbacks; every rank resumes from
   // the same checkpoint.
   Communicator* comm = nullptr;
+  // CUDA: after two eager steps, the forward and backward are captured once into a CUDA graph
+  // (backend/cuda_graph.hpp) and replayed each step: no host work and one launch instead of
+  // hundreds. The same numbers as without it. Needs fixed shapes (every batch the same size), one
+  // process, and work the capture accepts: not min-SNR weighting or v prediction, whose per-sample
+  // numbers are computed on the host; when the capture is refused the run goes on without it, with
+  // a message.
+  bool cuda_graph = false;
 };
 
 // One finished step: `step` is the number of steps done (1 after the first).
@@ -219,6 +228,12 @@ class TrainerCore {
   void check_replicas();
   // The tensors every rank must hold alike: weights and buffers, the EMA, and Adam's moments.
   std::vector<Tensor<T>*> replicated(bool moments);
+  // The loss of one noised batch and the parameters' gradients: run eagerly, or by replaying the
+  // captured graph (TrainOptions::cuda_graph; captured at the first call once `warm`).
+  Tensor<T> loss_and_gradients(const NoisedBatch<T>& nb, const Labels* y, bool warm,
+                               const typename Tape<T>::LeafDone& leaf_done);
+  // Captures the step on the fixed inputs graph_in_ (false, with a message, when refused).
+  bool capture_step(const Labels* y);
   // Zeroes the log window's sums, here and in the record on the device (read just before).
   void record_window_reset(StepRecord& rec) {
     rec.loss_sum = rec.norm_sum = rec.steps = 0;
@@ -255,6 +270,12 @@ class TrainerCore {
   std::vector<std::string> eval_columns_;
   std::vector<std::function<void(const StepInfo&)>> step_hooks_;
   std::unique_ptr<CsvLog> log_;
+  // TrainOptions::cuda_graph: the graph, its fixed inputs (refilled in place each step) and its loss.
+  bool graph_wanted_ = false;
+  CudaGraph graph_;
+  NoisedBatch<T> graph_in_;
+  Labels graph_labels_;
+  Tensor<T> graph_loss_;
 };
 
 template <class T>
@@ -273,6 +294,70 @@ template <class T>
                            std::to_string(loss_bad ? rec.bad_loss : rec.bad_norm) + " at step " + std::to_string(bad) +
                            "; no update from it on, the weights are step " + std::to_string(bad - 1) + "'s (" +
                            last_good() + "); try a lower learning rate or clipping");
+}
+
+template <class T>
+Tensor<T> TrainerCore<T>::loss_and_gradients(const NoisedBatch<T>& nb, const Labels* y, bool warm,
+                                             const typename Tape<T>::LeafDone& leaf_done) {
+  if (graph_.defined() || (graph_wanted_ && warm)) {
+    if (graph_.defined()) {  // the new step's numbers into the graph's fixed inputs, in place
+      if (nb.x_t.shape() != graph_in_.x_t.shape() || nb.t.size() != graph_in_.t.size() ||
+          (y ? y->size() : 0) != graph_labels_.size())
+        throw std::runtime_error(o_.name + ": --cuda-graph needs the same batch shape every step (captured " +
+                                 shape_str(graph_in_.x_t.shape()) + ", now " + shape_str(nb.x_t.shape()) + ")");
+      graph_in_.x_t.copy_from(nb.x_t);
+      graph_in_.eps.copy_from(nb.eps);
+      graph_in_.x0.copy_from(nb.x0);
+      std::copy(nb.t.begin(), nb.t.end(), graph_in_.t.begin());
+      if (y) std::copy(y->begin(), y->end(), graph_labels_.begin());
+    } else {
+      graph_in_.x_t = nb.x_t.clone();
+      graph_in_.eps = nb.eps.clone();
+      graph_in_.x0 = nb.x0.clone();
+      graph_in_.t = nb.t;
+      graph_labels_ = y ? *y : Labels{};
+      graph_wanted_ = capture_step(y);
+    }
+    if (graph_.defined()) {
+      graph_.replay();
+      return graph_loss_;
+    }
+  }
+  opt_.zero_grad();
+  Var<T> loss = compute_loss(nb, y);
+  if (reducer_) {  // the gradients averaged over the ranks, the first buckets during the backward
+    reducer_->begin();
+    backward(loss, leaf_done);
+    reducer_->finish();
+  } else {
+    backward(loss);
+  }
+  return loss.value();
+}
+
+template <class T>
+bool TrainerCore<T>::capture_step(const Labels* y) {
+  const Labels* gy = y ? &graph_labels_ : nullptr;
+  try {
+    CudaGraphCapture cap;
+    cap.input(graph_in_.t.data(), graph_in_.t.size() * sizeof(int32_t));
+    if (gy) cap.input(graph_labels_.data(), graph_labels_.size() * sizeof(int32_t));
+    cap.random(dropout_rng_);
+    opt_.zero_grad();
+    Var<T> loss = compute_loss(graph_in_, gy);
+    backward(loss);
+    graph_loss_ = loss.value();
+    graph_ = cap.end();
+  } catch (const std::exception& e) {
+    Tape<T>::current().clear();  // what the failed capture recorded
+    graph_loss_ = Tensor<T>();
+    if (o_.log) std::fprintf(o_.log, "%s: --cuda-graph: the step could not be captured, training without it (%s)\n",
+                             o_.name.c_str(), e.what());
+    return false;
+  }
+  if (o_.log) std::fprintf(o_.log, "%s: --cuda-graph: step captured, replayed from step %lld on\n", o_.name.c_str(),
+                           static_cast<long long>(step_ + 1));
+  return true;
 }
 
 template <class T>
@@ -320,6 +405,14 @@ TrainResult TrainerCore<T>::run() {
     agree_on_start();
   }
   const typename Tape<T>::LeafDone leaf_done = [this](const Node<T>* n) { reducer_->ready(n); };
+  graph_wanted_ = o_.cuda_graph && !graph_.defined();
+  if (o_.cuda_graph && (model_.device() != Device::CUDA || o_.comm)) {
+    graph_wanted_ = false;
+    if (o_.log)
+      std::fprintf(o_.log, "%s: --cuda-graph ignored: %s\n", o_.name.c_str(),
+                   o_.comm ? "not with data parallelism (the gradients are averaged during the backward)"
+                           : "the model is not on the CUDA device");
+  }
   const int64_t B = o_.batch / ranks_;  // this rank's share of the batch
   model_.train();
   TrainResult res;
@@ -366,17 +459,9 @@ TrainResult TrainerCore<T>::run() {
         o_.label_dropout > 0 ? drop_labels(batch.labels, o_.label_dropout, o_.null_class, label_rng_) : batch.labels;
     const Labels* y = labels.empty() ? nullptr : &labels;
     const NoisedBatch<T> nb = make_noised_batch(sched_, batch.x0.to(dev), rng_);
-    opt_.zero_grad();
-    Var<T> loss = compute_loss(nb, y);
-    if (reducer_) {  // the gradients averaged over the ranks, the first buckets during the backward
-      reducer_->begin();
-      backward(loss, leaf_done);
-      reducer_->finish();
-    } else {
-      backward(loss);
-    }
+    const Tensor<T> loss = loss_and_gradients(nb, y, step_ - res.start_step >= 2, leaf_done);
     clip_grad_norm_recorded(opt_.params(), o_.clip > 0 ? o_.clip : std::numeric_limits<double>::infinity(),
-                            loss.value(), step_ + 1, record_);
+                            loss, step_ + 1, record_);
     const double lr = o_.lr_decay == LrDecay::cosine ? warmup_cosine_lr(o_.lr, step_, o_.warmup, o_.steps)
                                                      : warmup_lr(o_.lr, step_, o_.warmup);
     opt_.set_lr(lr);

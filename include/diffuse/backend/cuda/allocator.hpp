@@ -25,6 +25,12 @@
 // the allocator frees its whole cache back to the backend and tries once more; if that fails too it
 // throws diffuse::cuda::OutOfMemory with the request and the allocator's state.
 //
+// CUDA graphs: between open_graph_pool() and close_graph_pool() (a capture), every block handed
+// out, and every block freed, joins that pool, and a freed pool block serves only that pool's later
+// requests (inside the capture, where stream order makes reuse safe). After the capture the pool
+// stays reserved: the graph reads and writes those addresses at each replay, so no other request
+// may get them, until release_graph_pool() (the graph is gone) returns its free blocks to the cache.
+//
 // Thread-safe (one mutex). Not stream-aware: a block freed while work queued on a stream still
 // uses it may be handed to the next request at once. That is safe when all work runs in one stream
 // order (the legacy default stream and streams created with cudaStreamDefault synchronise with
@@ -75,6 +81,7 @@ struct AllocatorStats {
   std::uint64_t system_allocations = 0;  // successful Backend::allocate calls
   std::uint64_t system_frees = 0;        // Backend::free calls
   std::uint64_t cache_flushes = 0;       // the cache was emptied to retry a failed Backend::allocate
+  std::size_t bytes_graph_reserved = 0;  // freed blocks kept for CUDA graphs' pools (not in bytes_cached)
   // What the backend holds for this allocator: in use + cached.
   std::size_t bytes_reserved() const { return bytes_in_use + bytes_cached; }
 };
@@ -92,9 +99,11 @@ class CachingAllocator {
       : max_cached_(max_cached_bytes) {}
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
-  // Frees the cache. Blocks still in use are not freed: their owners must not outlive the allocator.
+  // Frees the cache and the graph pools' free blocks (graphs must not outlive the allocator).
+  // Blocks still in use are not freed: their owners must not outlive the allocator.
   ~CachingAllocator() {
     try {
+      while (!pool_free_.empty()) release_graph_pool(pool_free_.begin()->first);
       empty_cache();
     } catch (...) {  // a failing Backend::free during destruction: nothing left to do
     }
@@ -125,6 +134,18 @@ class CachingAllocator {
     const std::size_t size = round_size(bytes);
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.allocations;
+    if (open_pool_) {  // a capture: the pool's own freed blocks first
+      auto& pf = pool_free_[open_pool_];
+      if (auto it = pf.find(size); it != pf.end()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        if (it->second.empty()) pf.erase(it);
+        stats_.bytes_graph_reserved -= size;
+        ++stats_.cache_hits;
+        track_locked(p, size);
+        return p;
+      }
+    }
     if (auto it = free_.find(size); it != free_.end()) {
       void* p = it->second.back();
       it->second.pop_back();
@@ -175,6 +196,14 @@ class CachingAllocator {
     in_use_.erase(it);
     stats_.bytes_in_use -= size;
     --stats_.blocks_in_use;
+    std::uint64_t pool = 0;
+    if (const auto t = pool_of_.find(p); t != pool_of_.end()) pool = t->second;
+    else if (open_pool_) pool = pool_of_[p] = open_pool_;  // made before the capture, freed inside it
+    if (pool) {
+      pool_free_[pool][size].push_back(p);
+      stats_.bytes_graph_reserved += size;
+      return;
+    }
     if (size > max_cached_ || stats_.bytes_cached > max_cached_ - size) {
       ++stats_.system_frees;
       Backend::free(p);
@@ -198,6 +227,38 @@ class CachingAllocator {
     release_cache_locked();
   }
 
+  // A capture begins: blocks handed out or freed from now on join a new pool (its id, never 0).
+  std::uint64_t open_graph_pool() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (open_pool_) throw std::logic_error("diffuse::cuda::CachingAllocator: a graph pool is already open");
+    open_pool_ = ++last_pool_;
+    return open_pool_;
+  }
+  // The capture ended (or failed): the pool keeps its blocks, but new ones no longer join it.
+  void close_graph_pool() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_pool_ = 0;
+  }
+  // The graph is gone (the device is past its last replay): the pool's freed blocks go back to
+  // the cache, its blocks still in use to the cache when freed.
+  void release_graph_pool(std::uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (id == open_pool_) open_pool_ = 0;
+    if (const auto it = pool_free_.find(id); it != pool_free_.end()) {
+      for (auto& [size, blocks] : it->second)
+        for (void* p : blocks) {
+          pool_of_.erase(p);
+          stats_.bytes_graph_reserved -= size;
+          free_[size].push_back(p);
+          stats_.bytes_cached += size;
+          ++stats_.blocks_cached;
+        }
+      pool_free_.erase(it);
+    }
+    for (auto it = pool_of_.begin(); it != pool_of_.end();)
+      it = it->second == id ? pool_of_.erase(it) : std::next(it);
+  }
+
   AllocatorStats stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     return stats_;
@@ -217,6 +278,7 @@ class CachingAllocator {
 
  private:
   void track_locked(void* p, std::size_t size) {
+    if (open_pool_) pool_of_[p] = open_pool_;
     in_use_.emplace(p, size);
     stats_.bytes_in_use += size;
     ++stats_.blocks_in_use;
@@ -244,6 +306,10 @@ class CachingAllocator {
   std::size_t max_cached_;
   std::unordered_map<void*, std::size_t> in_use_;  // block -> bucket size
   std::map<std::size_t, std::vector<void*>> free_;  // bucket size -> cached blocks (reused last in, first out)
+  // CUDA graphs' pools: the pool of each block that belongs to one, each pool's freed blocks.
+  std::uint64_t open_pool_ = 0, last_pool_ = 0;
+  std::unordered_map<void*, std::uint64_t> pool_of_;
+  std::map<std::uint64_t, std::map<std::size_t, std::vector<void*>>> pool_free_;
   AllocatorStats stats_;
 };
 
@@ -313,7 +379,12 @@ struct CudaMallocBackend {
   static const char* name() { return "cudaMalloc"; }
   static void* allocate(std::size_t bytes) {
     void* p = nullptr;
+    // cudaMalloc is not a stream operation: legal while this thread captures a graph only in the
+    // relaxed mode (the pool keeps the block for the graph, allocator above).
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    DIFFUSE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     const cudaError_t e = cudaMalloc(&p, bytes);
+    DIFFUSE_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     if (e == cudaErrorMemoryAllocation) {
       (void)cudaGetLastError();  // not a sticky error: clear it, the allocator frees its cache and retries
       return nullptr;

@@ -48,6 +48,7 @@
 #include <utility>
 #include <vector>
 
+#include <diffuse/backend/capture_state.hpp>
 #include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/math_mode.hpp>  // MathMode: FP32 (CUBLAS_DEFAULT_MATH, matches the CPU), TF32, BF16
 #include <diffuse/core/parallel.hpp>
@@ -79,13 +80,16 @@ class Blas {
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
   Blas(Blas&& o) noexcept
-      : h_(std::exchange(o.h_, nullptr)), stream_(std::exchange(o.stream_, nullptr)), mode_(o.mode_) {}
+      : h_(std::exchange(o.h_, nullptr)), stream_(std::exchange(o.stream_, nullptr)), mode_(o.mode_),
+        ws_(std::exchange(o.ws_, nullptr)), ws_bytes_(std::exchange(o.ws_bytes_, 0)) {}
   Blas& operator=(Blas&& o) noexcept {
     if (this != &o) {
       if (h_) (void)cublasDestroy(h_);
       h_ = std::exchange(o.h_, nullptr);
       stream_ = std::exchange(o.stream_, nullptr);
       mode_ = o.mode_;
+      ws_ = std::exchange(o.ws_, nullptr);
+      ws_bytes_ = std::exchange(o.ws_bytes_, 0);
     }
     return *this;
   }
@@ -93,10 +97,19 @@ class Blas {
     if (h_) (void)cublasDestroy(h_);  // a destructor cannot throw
   }
 
-  // Later calls are queued on `s` (nullptr: the legacy default stream).
+  // Later calls are queued on `s` (nullptr: the legacy default stream). cublasSetStream puts
+  // cuBLAS's default workspace back, so a workspace given with set_workspace is given again.
   void set_stream(stream_t s) {
+    if (s == stream_) return;
     DIFFUSE_CUBLAS_CHECK(cublasSetStream(handle(), s));
     stream_ = s;
+    if (ws_) DIFFUSE_CUBLAS_CHECK(cublasSetWorkspace(handle(), ws_, ws_bytes_));
+  }
+  // cuBLAS's scratch from now on (256-byte aligned; kept by the caller): a CUDA graph capture
+  // needs one, as the default one may be allocated inside the capture.
+  void set_workspace(void* p, std::size_t bytes) {
+    DIFFUSE_CUBLAS_CHECK(cublasSetWorkspace(handle(), p, bytes));
+    ws_ = p, ws_bytes_ = bytes;
   }
   stream_t stream() const noexcept { return stream_; }
   // BF16 keeps the handle's default math: its GEMMs name their compute type (cublasGemmEx).
@@ -116,6 +129,8 @@ class Blas {
   cublasHandle_t h_ = nullptr;
   stream_t stream_ = nullptr;
   MathMode mode_ = MathMode::FP32;
+  void* ws_ = nullptr;
+  std::size_t ws_bytes_ = 0;
 };
 #else
 // The emulation's Blas: no handle; the stream is remembered and ignored (the host loop is
@@ -261,8 +276,8 @@ inline void gemm(Blas& blas, bool trans_a, bool trans_b, std::int64_t m, std::in
                                    static_cast<int>(k), &alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda),
                                    &beta, C, static_cast<int>(ldc)));
 #else
-  detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1,
-                            blas.math_mode() == MathMode::BF16);
+  const bool bf = blas.math_mode() == MathMode::BF16;
+  backend::device_work([=] { detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1, bf); });
 #endif
 }
 
@@ -296,8 +311,11 @@ inline void gemm_strided_batched(Blas& blas, bool trans_a, bool trans_b, std::in
       static_cast<int>(lda), static_cast<long long>(stride_a), &beta, C, static_cast<int>(ldc),
       static_cast<long long>(stride_c), static_cast<int>(batch)));
 #else
-  detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
-                            stride_c, batch, blas.math_mode() == MathMode::BF16);
+  const bool bf = blas.math_mode() == MathMode::BF16;
+  backend::device_work([=] {
+    detail::host_gemm_batched(trans_a, trans_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc,
+                              stride_c, batch, bf);
+  });
 #endif
 }
 

@@ -42,6 +42,8 @@
 // double sums, the result rounded to float and then to bf16.
 #pragma once
 
+#include <diffuse/backend/capture_state.hpp>
+
 #include <diffuse/backend/cuda/bf16.hpp>
 #include <diffuse/backend/cuda/check.hpp>
 #include <diffuse/backend/cuda/math_mode.hpp>
@@ -694,29 +696,29 @@ class Conv2dPlan {
 
   void forward(Dnn&, const float* x, const float* w, float* y, void* = nullptr, std::size_t = 0) const {
     detail::check_conv_dtype(bf16_, false, "forward");
-    if (s_.N > 0) detail::conv2d_forward_host(s_, x, w, y);
+    if (s_.N > 0) backend::device_work([s = s_, x, w, y] { detail::conv2d_forward_host(s, x, w, y); });
   }
   void backward_data(Dnn&, const float* dy, const float* w, float* dx, bool accumulate = false, void* = nullptr,
                      std::size_t = 0) const {
     detail::check_conv_dtype(bf16_, false, "backward_data");
-    if (s_.N > 0) detail::conv2d_backward_data_host(s_, dy, w, dx, accumulate);
+    if (s_.N > 0) backend::device_work([s = s_, dy, w, dx, accumulate] { detail::conv2d_backward_data_host(s, dy, w, dx, accumulate); });
   }
   void backward_filter(Dnn&, const float* x, const float* dy, float* dw, void* = nullptr, std::size_t = 0,
                        bool accumulate = true) const {
     detail::check_conv_dtype(bf16_, false, "backward_filter");
-    if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw, accumulate);
+    if (s_.N > 0) backend::device_work([s = s_, x, dy, dw, accumulate] { detail::conv2d_backward_filter_host(s, x, dy, dw, accumulate); });
   }
   void forward(Dnn&, const bf16* x, const bf16* w, bf16* y, void* = nullptr, std::size_t = 0) const {
     detail::check_conv_dtype(bf16_, true, "forward");
-    if (s_.N > 0) detail::conv2d_forward_host(s_, x, w, y);
+    if (s_.N > 0) backend::device_work([s = s_, x, w, y] { detail::conv2d_forward_host(s, x, w, y); });
   }
   void backward_data(Dnn&, const bf16* dy, const bf16* w, bf16* dx, void* = nullptr, std::size_t = 0) const {
     detail::check_conv_dtype(bf16_, true, "backward_data");
-    if (s_.N > 0) detail::conv2d_backward_data_host(s_, dy, w, dx, false);
+    if (s_.N > 0) backend::device_work([s = s_, dy, w, dx] { detail::conv2d_backward_data_host(s, dy, w, dx, false); });
   }
   void backward_filter(Dnn&, const bf16* x, const bf16* dy, bf16* dw, void* = nullptr, std::size_t = 0) const {
     detail::check_conv_dtype(bf16_, true, "backward_filter");
-    if (s_.N > 0) detail::conv2d_backward_filter_host(s_, x, dy, dw, false);
+    if (s_.N > 0) backend::device_work([s = s_, x, dy, dw] { detail::conv2d_backward_filter_host(s, x, dy, dw, false); });
   }
   bool bf16_tensors() const noexcept { return bf16_; }
 

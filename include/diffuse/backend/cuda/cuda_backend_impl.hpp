@@ -42,10 +42,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace diffuse::backend {
@@ -123,6 +126,66 @@ class NcclCollectives final : public CudaCollectives {
 };
 #endif
 
+#ifdef __CUDACC__
+// A captured CUDA graph, instantiated; it keeps its allocator pool (allocator.hpp) until it is gone.
+class RuntimeGraph final : public CapturedGraph {
+ public:
+  RuntimeGraph(cudaGraph_t g, std::uint64_t pool, cudaStream_t stream) : g_(g), pool_(pool), stream_(stream) {
+    const cudaError_t e = cudaGraphInstantiate(&exec_, g_, 0);
+    if (e != cudaSuccess) {
+      release();
+      cuda::detail::check_cuda(e, "cudaGraphInstantiate(&exec_, g_, 0)", __FILE__, __LINE__);
+    }
+  }
+  RuntimeGraph(const RuntimeGraph&) = delete;
+  RuntimeGraph& operator=(const RuntimeGraph&) = delete;
+  ~RuntimeGraph() override { release(); }
+  void launch() override { DIFFUSE_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  // Launches already queued complete; later work on the stream (which may reuse the pool's
+  // blocks) is ordered after them.
+  void release() noexcept {
+    if (exec_) (void)cudaGraphExecDestroy(std::exchange(exec_, nullptr));
+    if (g_) (void)cudaGraphDestroy(std::exchange(g_, nullptr));
+    try {
+      cuda::device_allocator().release_graph_pool(pool_);
+    } catch (...) {  // no current device: the blocks stay reserved
+    }
+  }
+  cudaGraph_t g_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  std::uint64_t pool_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+#else
+// The emulation's graph: the queued device work, run in order at each launch, after the blocks
+// made before the capture and freed inside it are refilled with 0xFF (capture_state.hpp).
+class EmulatedGraph final : public CapturedGraph {
+ public:
+  EmulatedGraph(std::vector<std::function<void()>> ops, std::shared_ptr<EmulatedGraphMemory> memory)
+      : ops_(std::move(ops)), mem_(std::move(memory)) {}
+  EmulatedGraph(const EmulatedGraph&) = delete;
+  EmulatedGraph& operator=(const EmulatedGraph&) = delete;
+  ~EmulatedGraph() override { free_deferred(*mem_); }
+  void launch() override {
+    for (const auto& [p, bytes] : mem_->stale) std::memset(p, 0xFF, bytes);
+    for (const auto& op : ops_) op();
+  }
+  // The frees the graph held back (the emulated memory's, cuda/tensor.hpp).
+  static void free_deferred(EmulatedGraphMemory& m) noexcept {
+    for (const auto& [p, bytes] : m.deferred) ::operator delete(p, std::align_val_t{256});
+    m.deferred.clear();
+    m.stale.clear();
+    m.owned.clear();
+  }
+
+ private:
+  std::vector<std::function<void()>> ops_;
+  std::shared_ptr<EmulatedGraphMemory> mem_;
+};
+#endif
+
 class CudaBackendImpl final : public CudaBackend {
  public:
   CudaBackendImpl() = default;
@@ -156,6 +219,7 @@ class CudaBackendImpl final : public CudaBackend {
 #endif
   }
   void synchronize() override {
+    if (capture_state().active) capture_refuse("a wait for the device inside the captured work (nothing runs until a replay)");
 #ifdef __CUDACC__
     DIFFUSE_CUDA_CHECK(cudaDeviceSynchronize());
 #endif
@@ -177,6 +241,83 @@ class CudaBackendImpl final : public CudaBackend {
     profiler_.reset();
     return t;
   }
+
+  // ------------------------------------------------------------------ CUDA graphs
+  // The CUDA runtime: the work goes to a blocking stream of the backend's own while it is
+  // captured (the legacy default stream cannot be), cuBLAS with a fixed workspace from the first
+  // capture on (its default one may be allocated inside the capture), every block allocated or freed meanwhile into a pool of
+  // the allocator's that the graph keeps. The emulation: queued (capture_state.hpp).
+  void capture_begin() override {
+    CaptureState& c = capture_state();
+    if (c.active) throw std::logic_error("diffuse: CUDA graph capture: a capture is already in progress");
+    if (prof_) capture_refuse("the profiler times each entry with events; turn profiling off to capture");
+#ifdef __CUDACC__
+    blas(), dnn();  // made before: creating a handle allocates
+    if (!capture_stream_) DIFFUSE_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_stream_, cudaStreamDefault));
+    if (!blas_workspace_.defined()) {
+      blas_workspace_ = Tensor<std::uint8_t>({kBlasWorkspaceBytes}, Device::CUDA);
+      blas_->set_workspace(blas_workspace_.data(), blas_workspace_.size());  // kept from now on
+    }
+    pool_ = cuda::device_allocator().open_graph_pool();
+    use_stream(capture_stream_);
+    const cudaError_t e = cudaStreamBeginCapture(capture_stream_, cudaStreamCaptureModeThreadLocal);
+    if (e != cudaSuccess) {
+      use_stream(nullptr);
+      cuda::device_allocator().release_graph_pool(pool_);
+      cuda::detail::check_cuda(e, "cudaStreamBeginCapture", __FILE__, __LINE__);
+    }
+    c.stream = capture_stream_;
+#else
+    auto ops = std::make_shared<std::vector<std::function<void()>>>();
+    emu_ops_ = ops;
+    c.queue = [ops](std::function<void()> f) { ops->push_back(std::move(f)); };
+    c.emulated_memory = std::make_shared<EmulatedGraphMemory>();
+#endif
+    c.active = true;
+  }
+  std::unique_ptr<CapturedGraph> capture_end() override {
+    CaptureState& c = capture_state();
+    if (!c.active) throw std::logic_error("diffuse: CUDA graph capture: capture_end without capture_begin");
+#ifdef __CUDACC__
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(capture_stream_, &g);
+    end_capture_state();
+    cuda::device_allocator().close_graph_pool();
+    if (e != cudaSuccess || !g) {
+      if (g) (void)cudaGraphDestroy(g);
+      cuda::device_allocator().release_graph_pool(pool_);
+      cuda::detail::check_cuda(e != cudaSuccess ? e : cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture",
+                               __FILE__, __LINE__);
+    }
+    return std::make_unique<RuntimeGraph>(g, pool_, stream_);
+#else
+    auto g = std::make_unique<EmulatedGraph>(std::move(*emu_ops_), c.emulated_memory);
+    auto& live = c.emulated_graphs;
+    std::erase_if(live, [](const std::weak_ptr<EmulatedGraphMemory>& w) { return w.expired(); });
+    live.push_back(c.emulated_memory);
+    end_capture_state();
+    return g;
+#endif
+  }
+  void capture_abort() noexcept override {
+    CaptureState& c = capture_state();
+    if (!c.active) return;
+#ifdef __CUDACC__
+    cudaGraph_t g = nullptr;
+    (void)cudaStreamEndCapture(capture_stream_, &g);
+    if (g) (void)cudaGraphDestroy(g);
+    (void)cudaGetLastError();  // the error that failed the capture, not sticky
+    end_capture_state();
+    try {
+      cuda::device_allocator().release_graph_pool(pool_);  // nothing ran: the blocks are free to use
+    } catch (...) {
+    }
+#else
+    if (c.emulated_memory) EmulatedGraph::free_deferred(*c.emulated_memory);
+    end_capture_state();
+#endif
+  }
+
   int device_count() override {
 #ifdef __CUDACC__
     int n = 0;
@@ -520,20 +661,21 @@ class CudaBackendImpl final : public CudaBackend {
     cuda::ProfileScope ps(prof_, "upsample bwd");
     kernels::upsample_nearest2x_backward(g, dx, N, H, W, C, acc, stream_);
   }
-  void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-               std::uint64_t first) override {
+  void dropout(const float* x, float* y, std::int64_t n, double p, std::uint64_t seed, DrawPos at) override {
+    if (!at.base) refuse_fixed_draw("dropout");
     cuda::ProfileScope ps(prof_, "dropout");
-    kernels::dropout_forward(x, y, n, p, seed, DrawPos(off, first), stream_);
+    kernels::dropout_forward(x, y, n, p, seed, at, stream_);
   }
-  void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-                        std::uint64_t first, bool acc) override {
+  void dropout_backward(const float* g, float* dx, std::int64_t n, double p, std::uint64_t seed, DrawPos at,
+                        bool acc) override {
+    if (!at.base) refuse_fixed_draw("dropout");
     cuda::ProfileScope ps(prof_, "dropout bwd");
-    kernels::dropout_backward(g, dx, n, p, seed, DrawPos(off, first), acc, stream_);
+    kernels::dropout_backward(g, dx, n, p, seed, at, acc, stream_);
   }
-  void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, std::uint64_t off,
-                    std::uint64_t first) override {
+  void dropout_bits(std::uint32_t* bits, std::int64_t n, double p, std::uint64_t seed, DrawPos at) override {
+    if (!at.base) refuse_fixed_draw("dropout");
     cuda::ProfileScope ps(prof_, "dropout bits");
-    kernels::dropout_bits(bits, n, p, seed, DrawPos(off, first), stream_);
+    kernels::dropout_bits(bits, n, p, seed, at, stream_);
   }
   void add_channel_bias(const float* x, const float* b, float* y, std::int64_t N, std::int64_t HW,
                         std::int64_t C) override {
@@ -646,10 +788,12 @@ class CudaBackendImpl final : public CudaBackend {
 
   // ------------------------------------------------------------------ random numbers, diffusion
   void normal(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) override {
+    refuse_fixed_draw("randn");
     cuda::ProfileScope ps(prof_, "randn");
     kernels::philox_normal_at(out, n, seed, DrawPos(off, first), stream_);
   }
   void uniform(float* out, std::int64_t n, std::uint64_t seed, std::uint64_t off, std::uint64_t first) override {
+    refuse_fixed_draw("rand");
     cuda::ProfileScope ps(prof_, "rand");
     kernels::philox_uniform_at(out, n, seed, DrawPos(off, first), stream_);
   }
@@ -835,7 +979,44 @@ class CudaBackendImpl final : public CudaBackend {
     return plans_.get(dnn(), s, o);
   }
 
-  cuda::stream_t stream_{};  // the legacy default stream
+  // Inside a capture every random draw must be placed by its generator's device word (capture_state.hpp's
+  // device_draw); a fixed position would repeat the capture's numbers at every replay.
+  static void refuse_fixed_draw(const char* what) {
+    if (capture_state().active)
+      capture_refuse(std::string(what) + " inside the captured work at a fixed place in its stream (draw through "
+                     "backend::device_draw from a generator named with CudaGraphCapture::random)");
+  }
+  void end_capture_state() noexcept {
+    CaptureState& c = capture_state();
+#ifdef __CUDACC__
+    try {
+      use_stream(nullptr);
+    } catch (...) {
+    }
+#else
+    emu_ops_.reset();
+#endif
+    c.active = false;
+    c.queue = nullptr;
+    c.emulated_memory.reset();
+    c.stream = nullptr;
+  }
+#ifdef __CUDACC__
+  // Every later entry, cuBLAS and cuDNN on `s`.
+  void use_stream(cudaStream_t s) {
+    stream_ = s;
+    if (blas_) blas_->set_stream(s);
+    if (dnn_) dnn_->set_stream(s);
+  }
+  static constexpr std::int64_t kBlasWorkspaceBytes = 32 << 20;  // what cuBLAS asks for on Hopper
+  cudaStream_t capture_stream_ = nullptr;  // never destroyed: the backend lives as long as the program
+  Tensor<std::uint8_t> blas_workspace_;
+  std::uint64_t pool_ = 0;
+#else
+  std::shared_ptr<std::vector<std::function<void()>>> emu_ops_;
+#endif
+
+  cuda::stream_t stream_{};  // the legacy default stream (a stream of the backend's own while capturing)
   MathMode math_ = MathMode::FP32;
   AttentionKernel attn_ = AttentionKernel::Full;
   cuda::Conv2dPlanOptions conv_opt_;

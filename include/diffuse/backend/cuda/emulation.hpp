@@ -17,6 +17,8 @@
 // Not modelled: concurrency inside a block (lanes run one at a time, so there are no data races
 // to observe and no memory-ordering effects), timing, streams (a launch runs to completion before
 // it returns), bank conflicts, coalescing, out-of-bounds detection, dynamic parallelism.
+// Graphs are: while the emulated backend captures (backend/capture_state.hpp), a launch is checked
+// and queued into the graph instead of run, and runs at each replay.
 //
 // Included by <diffuse/backend/cuda/device.hpp> when the compiler is not nvcc; never under nvcc.
 #pragma once
@@ -51,6 +53,7 @@ the emulation defines dim3, threadIdx, ... itself. Compile kernels either with n
 #include <utility>
 #include <vector>
 
+#include <diffuse/backend/capture_state.hpp>
 #include <diffuse/core/parallel.hpp>
 
 // How a fiber's stack is switched. On x86-64 a few instructions (below): glibc's swapcontext
@@ -616,6 +619,11 @@ inline void launch(const dim3& grid, const dim3& block, std::size_t shared_bytes
     fail("dynamic shared memory of " + std::to_string(shared_bytes) + " bytes exceeds the limit of " +
          std::to_string(lim.max_shared_bytes) + " bytes per block (see diffuse::emu::limits())");
 
+  // Inside a captured graph (backend/capture_state.hpp): checked now, run at each replay.
+  if (diffuse::backend::capture_state().queue) {
+    diffuse::backend::capture_state().queue([grid, block, shared_bytes, body] { launch(grid, block, shared_bytes, body); });
+    return;
+  }
   const std::int64_t blocks = static_cast<std::int64_t>(std::uint64_t{grid.x} * grid.y * grid.z);
   std::exception_ptr first;
   std::atomic<bool> failed{false};

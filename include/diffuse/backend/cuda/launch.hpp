@@ -12,6 +12,7 @@
 #include <diffuse/backend/cuda/device.hpp>
 
 #include <cstddef>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -36,9 +37,10 @@ using stream_t = void*;  // the emulation has no streams; pass nullptr or {}
 template <class... P, class... A>
 inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared_bytes, stream_t, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "diffuse::cuda::launch: wrong number of kernel arguments");
-  // Converted once, as a launch copies its arguments; each thread gets its own copy.
-  const std::tuple<P...> params(std::forward<A>(args)...);
-  diffuse::emu::launch(grid, block, shared_bytes, [kernel, &params] { std::apply(kernel, params); });
+  // Converted once, as a launch copies its arguments; each thread gets its own copy. Shared, not
+  // on the stack: a launch inside a captured graph runs at each replay, after this returns.
+  const auto params = std::make_shared<const std::tuple<P...>>(std::forward<A>(args)...);
+  diffuse::emu::launch(grid, block, shared_bytes, [kernel, params] { std::apply(kernel, *params); });
 }
 #endif
 

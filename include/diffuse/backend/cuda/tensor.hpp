@@ -17,6 +17,7 @@
 // (NaN as float) so that an output a kernel never writes shows.
 #pragma once
 
+#include <diffuse/backend/capture_state.hpp>
 #include <diffuse/backend/cuda/allocator.hpp>
 #include <diffuse/backend/cuda/check.hpp>
 #include <diffuse/core/tensor.hpp>
@@ -36,16 +37,57 @@ class EmulatedDeviceMemory {
   EmulatedDeviceMemory(const EmulatedDeviceMemory&) = delete;
   EmulatedDeviceMemory& operator=(const EmulatedDeviceMemory&) = delete;
 
+  // Under a capture of the emulated backend (backend/capture_state.hpp): blocks allocated are the
+  // graph's; frees are deferred until the graph is gone (it writes and reads them at each replay);
+  // a block made before the capture and freed inside it is also marked stale (refilled with 0xFF
+  // before each replay: on the GPU nothing keeps its contents); copies are queued into the graph;
+  // a copy to the host is refused, and one from the host must be a named input's.
   static const DeviceMemory& memory() {
     static const DeviceMemory m{
         "CPU emulation",
         [](std::size_t bytes) -> void* {
           void* p = ::operator new(bytes ? bytes : 1, std::align_val_t{256});
           std::memset(p, 0xFF, bytes);
+          backend::CaptureState& c = backend::capture_state();
+          if (c.active && c.emulated_memory) {
+            try {
+              c.emulated_memory->owned.insert(p);
+            } catch (...) {
+              ::operator delete(p, std::align_val_t{256});
+              throw;
+            }
+          }
           return p;
         },
-        [](void* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{256}); },
-        [](void* dst, const void* src, std::size_t bytes, DeviceMemory::Copy) { std::memcpy(dst, src, bytes); }};
+        [](void* p, std::size_t bytes) noexcept {
+          try {
+            backend::CaptureState& c = backend::capture_state();
+            if (c.active && c.emulated_memory) {
+              backend::EmulatedGraphMemory& g = *c.emulated_memory;
+              if (!g.owned.count(p)) g.stale.emplace_back(p, bytes);
+              g.deferred.emplace_back(p, bytes);
+              return;
+            }
+            for (const auto& w : c.emulated_graphs)
+              if (const auto g = w.lock(); g && g->owned.count(p)) {
+                g->deferred.emplace_back(p, bytes);
+                return;
+              }
+          } catch (...) {  // no memory for the bookkeeping: keep the block (leaked rather than reused too early)
+            return;
+          }
+          ::operator delete(p, std::align_val_t{256});
+        },
+        [](void* dst, const void* src, std::size_t bytes, DeviceMemory::Copy kind) {
+          if (backend::capture_state().active) {
+            if (kind == DeviceMemory::Copy::DeviceToHost)
+              backend::capture_refuse("a copy to the host inside the captured work (nothing runs until a replay)");
+            if (kind == DeviceMemory::Copy::HostToDevice) src = backend::capture_upload_source(src, bytes);
+            backend::device_work([dst, src, bytes] { std::memcpy(dst, src, bytes); });
+            return;
+          }
+          std::memcpy(dst, src, bytes);
+        }};
     return m;
   }
 
@@ -72,7 +114,15 @@ inline const DeviceMemory& cuda_runtime_memory() {
         // (pageable memory, as every CPU tensor's) and device to device: queued on the legacy
         // stream. cudaMemcpyAsync stages pageable host memory before it returns, so the source may
         // be reused at once, and it does not wait for earlier kernels as cudaMemcpy would.
-        if (kind == DeviceMemory::Copy::DeviceToHost) {
+        // Inside a capture (backend/capture_state.hpp): on the capturing stream; to the host
+        // refused; from the host only a named input's bytes, copied from its staging buffer.
+        if (backend::capture_state().active) {
+          if (kind == DeviceMemory::Copy::DeviceToHost)
+            backend::capture_refuse("a copy to the host inside the captured work (nothing runs until a replay)");
+          if (kind == DeviceMemory::Copy::HostToDevice) src = backend::capture_upload_source(src, bytes);
+          DIFFUSE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                             static_cast<cudaStream_t>(backend::capture_state().stream)));
+        } else if (kind == DeviceMemory::Copy::DeviceToHost) {
           DIFFUSE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
         } else {
           const cudaMemcpyKind k = kind == DeviceMemory::Copy::HostToDevice ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice;
