@@ -104,12 +104,15 @@ BENCHMARK(BM_unet_train_step)
 // back only at the end (the loop's one wait: no log line, hook or checkpoint in between), so the
 // host queues step after step while the device runs: images per second of the loop as a user
 // runs it. Args: model (0 = MNIST16, 1 = CIFAR-10), batch, math (0 = FP32, 1 = TF32, 2 = BF16),
-// attention (0 = full-matrix, 1 = flash: under BF16 the attention blocks all bf16, attention_block).
+// attention (0 = full-matrix, 1 = flash: under BF16 the attention blocks all bf16, attention_block),
+// CUDA graph (1: TrainOptions::cuda_graph, the forward and backward captured at the third step of
+// each 20-step run and replayed; the capture is inside the timed run).
 void BM_unet_train_loop(benchmark::State& state) {
   const bool cifar = state.range(0) == 1;
   const std::int64_t B = state.range(1);
   const auto math = static_cast<MathMode>(state.range(2));
   const bool flash = state.range(3) == 1;
+  const bool graph = state.range(4) == 1;
   backend::CudaBackend& be = backend::require_cuda("bench_unet_cuda");
   be.set_math_mode(math);
   be.set_attention_kernel(flash ? AttentionKernel::Flash : AttentionKernel::Full);
@@ -124,6 +127,7 @@ void BM_unet_train_loop(benchmark::State& state) {
     TrainOptions o;
     o.steps = steps, o.batch = B, o.lr = 2e-4, o.clip = 1.0, o.ema = 0.9999, o.log = nullptr, o.log_every = steps;
     o.handle_signals = false;
+    o.cuda_graph = graph;
     Trainer<float, UNet<float>> tr(net, NoiseSchedule::linear(cifar ? 1000 : 200), data, o);
     const auto s = std::chrono::steady_clock::now();
     tr.run();
@@ -134,15 +138,18 @@ void BM_unet_train_loop(benchmark::State& state) {
   state.counters["img_per_s"] =
       benchmark::Counter(static_cast<double>(B * steps * state.iterations()), benchmark::Counter::kIsRate);
   state.SetLabel(std::string(cifar ? "cifar10" : "mnist16") + " " + math_mode_name(math) + (flash ? " flash" : "") +
-                 " conv timed, Trainer loop of 20 steps (clip, Adam + EMA)");
+                 (graph ? " cuda graph" : "") + " conv timed, Trainer loop of 20 steps (clip, Adam + EMA)");
 }
 BENCHMARK(BM_unet_train_loop)
-    ->Args({0, 128, 1, 0})
-    ->Args({1, 128, 1, 0})
-    ->Args({0, 128, 2, 0})
-    ->Args({1, 128, 2, 0})
-    ->Args({0, 128, 2, 1})
-    ->Args({1, 128, 2, 1})
+    ->Args({0, 128, 1, 0, 0})
+    ->Args({1, 128, 1, 0, 0})
+    ->Args({0, 128, 2, 0, 0})
+    ->Args({1, 128, 2, 0, 0})
+    ->Args({0, 128, 2, 1, 0})
+    ->Args({1, 128, 2, 1, 0})
+    ->Args({0, 128, 1, 0, 1})
+    ->Args({0, 128, 2, 1, 1})
+    ->Args({1, 128, 2, 1, 1})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);

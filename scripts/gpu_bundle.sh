@@ -124,7 +124,10 @@ if [[ -d mnist ]]; then
   common=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 20 --log-every 5)
   step train_mnist_cpu ./train_mnist --device cpu "${common[@]}" --out "$LOG"/train_cpu
   step train_mnist_cuda ./train_mnist --device cuda "${common[@]}" --out "$LOG"/train_cuda
-  grep -h "^step" "$LOG"/train_mnist_cpu.log "$LOG"/train_mnist_cuda.log | tee -a "$LOG"/summary.txt
+  # The same run with the step captured into a CUDA graph (issue 18): the same losses (up to
+  # cuDNN's run-to-run rounding), and the capture's message.
+  step train_mnist_cuda_graph ./train_mnist --device cuda --cuda-graph "${common[@]}" --out "$LOG"/train_cuda_graph
+  grep -h "^step\|cuda-graph" "$LOG"/train_mnist_cpu.log "$LOG"/train_mnist_cuda.log "$LOG"/train_mnist_cuda_graph.log | tee -a "$LOG"/summary.txt
   # The same checkpoint continues on either device: from the GPU's step 20 to 30 on each.
   more=(--data mnist --samples 0 --seed 3 --warmup 5 --save-every 0 --steps 30 --log-every 5)
   step resume_cuda ./train_mnist --device cuda "${more[@]}" --resume "$LOG"/train_cuda/checkpoint.safetensors --out "$LOG"/resume_cuda
