@@ -61,8 +61,8 @@ inline MathMode apply_precision(const std::string& precision, bool tf32, Device 
 // --cuda-graph: its help text (the same in every trainer), and its check.
 inline constexpr const char* kCudaGraphHelp =
     "with --device cuda: capture the forward and backward into a CUDA graph after two steps and replay it each step "
-    "(one launch, no host work per step; the same numbers). Needs a fixed batch shape, one process, no "
-    "--min-snr and --prediction eps or x0; otherwise the run goes on without it, with a message";
+    "(one launch, no host work per step; the same numbers). Needs a fixed batch shape and one process; "
+    "when the step cannot be captured the run goes on without it, with a message";
 inline void check_cuda_graph(bool on, Device d) {
   if (on && d != Device::CUDA) throw std::invalid_argument("--cuda-graph needs --device cuda");
 }

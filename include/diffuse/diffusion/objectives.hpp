@@ -103,18 +103,39 @@ inline std::vector<double> loss_weights(const NoiseSchedule& s, const std::vecto
   return w;
 }
 
-// The objective's loss for `model` (Var x_t, t -> Var prediction) on a noised batch.
+namespace detail {
+// sqrt(w_b) as [B, 1, ..., 1] on `dev`: the min-SNR weights as a row scale.
+template <class T>
+inline Tensor<T> min_snr_row_scale(const NoiseSchedule& s, const std::vector<int32_t>& t, const Objective& o, int dims,
+                                   Device dev) {
+  const std::vector<double> w = loss_weights(s, t, o);
+  std::vector<int32_t> idx(t.size());
+  for (size_t b = 0; b < idx.size(); ++b) idx[b] = static_cast<int32_t>(b);
+  return row_coefficients<T>(idx, dims, dev, [&](int b) { return std::sqrt(w[static_cast<size_t>(b)]); });
+}
+}  // namespace detail
+
+// Fills nb.target and (with min-SNR weighting) nb.loss_scale on nb's device, from the numbers the
+// host computes per sample, so that diffusion_loss then reads device tensors only: what a step
+// captured into a CUDA graph needs (TrainOptions::cuda_graph), the same numbers as without it.
+template <class T>
+inline void precompute_objective(const NoiseSchedule& s, NoisedBatch<T>& nb, const Objective& o) {
+  nb.target = prediction_target(s, nb, o.prediction);
+  nb.loss_scale = o.min_snr_gamma > 0 ? detail::min_snr_row_scale<T>(s, nb.t, o, nb.x_t.dim(), nb.x_t.device())
+                                      : Tensor<T>();
+}
+
+// The objective's loss for `model` (Var x_t, t -> Var prediction) on a noised batch (its target
+// and row scale from nb when precompute_objective made them).
 template <class T, class Model>
 inline Var<T> diffusion_loss(Model&& model, const NoiseSchedule& s, const NoisedBatch<T>& nb, const Objective& o) {
   const Var<T> out = model(Var<T>(nb.x_t), nb.t);
-  const Tensor<T> target = prediction_target(s, nb, o.prediction);
+  const Tensor<T> target = nb.target.defined() ? nb.target : prediction_target(s, nb, o.prediction);
   if (o.min_snr_gamma == 0) return mse(out, Var<T>(target));
   // mean_b w_b mean_i (out - target)^2 = mse(sqrt(w) out, sqrt(w) target), rows scaled by broadcasting.
-  const std::vector<double> w = loss_weights(s, nb.t, o);
-  std::vector<int32_t> idx(nb.t.size());
-  for (size_t b = 0; b < idx.size(); ++b) idx[b] = static_cast<int32_t>(b);
-  const Tensor<T> sw = detail::row_coefficients<T>(idx, out.value().dim(), out.device(),
-                                                   [&](int b) { return std::sqrt(w[static_cast<size_t>(b)]); });
+  const Tensor<T> sw = nb.loss_scale.defined()
+                           ? nb.loss_scale
+                           : detail::min_snr_row_scale<T>(s, nb.t, o, out.value().dim(), out.device());
   Tensor<T> scaled_target;
   {
     NoGrad ng;

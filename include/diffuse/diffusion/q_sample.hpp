@@ -63,6 +63,9 @@ struct NoisedBatch {
   Tensor<T> x_t, eps;
   std::vector<int32_t> t;
   Tensor<T> x0;  // the clean batch (the target of an x0 or v objective)
+  // Optional (objectives.hpp's precompute_objective): the objective's target and min-SNR row
+  // scale, made beforehand so that the loss uploads no host numbers (a captured CUDA graph).
+  Tensor<T> target, loss_scale;
 };
 
 template <class T>

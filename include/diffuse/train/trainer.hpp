@@ -88,9 +88,10 @@ struct TrainOptions {
   // CUDA: after two eager steps, the forward and backward are captured once into a CUDA graph
   // (backend/cuda_graph.hpp) and replayed each step: no host work and one launch instead of
   // hundreds. The same numbers as without it. Needs fixed shapes (every batch the same size), one
-  // process, and work the capture accepts: not min-SNR weighting or v prediction, whose per-sample
-  // numbers are computed on the host; when the capture is refused the run goes on without it, with
-  // a message.
+  // process, and work the capture accepts (the library's objectives all are: their per-sample
+  // numbers are made on the device before the graph runs); when the capture is refused (a model
+  // that reads the device back or uploads host data, ...) the run goes on without it, with a
+  // message.
   bool cuda_graph = false;
 };
 
@@ -300,21 +301,30 @@ template <class T>
 Tensor<T> TrainerCore<T>::loss_and_gradients(const NoisedBatch<T>& nb, const Labels* y, bool warm,
                                              const typename Tape<T>::LeafDone& leaf_done) {
   if (graph_.defined() || (graph_wanted_ && warm)) {
+    // The objective's host-computed numbers (v's target, min-SNR weights) made on the device here,
+    // outside the graph, which reads them from its fixed inputs.
+    NoisedBatch<T> in = nb;
+    if (o_.objective.prediction == Prediction::V || o_.objective.min_snr_gamma > 0)
+      precompute_objective(sched_, in, o_.objective);
     if (graph_.defined()) {  // the new step's numbers into the graph's fixed inputs, in place
-      if (nb.x_t.shape() != graph_in_.x_t.shape() || nb.t.size() != graph_in_.t.size() ||
+      if (in.x_t.shape() != graph_in_.x_t.shape() || in.t.size() != graph_in_.t.size() ||
           (y ? y->size() : 0) != graph_labels_.size())
         throw std::runtime_error(o_.name + ": --cuda-graph needs the same batch shape every step (captured " +
-                                 shape_str(graph_in_.x_t.shape()) + ", now " + shape_str(nb.x_t.shape()) + ")");
-      graph_in_.x_t.copy_from(nb.x_t);
-      graph_in_.eps.copy_from(nb.eps);
-      graph_in_.x0.copy_from(nb.x0);
-      std::copy(nb.t.begin(), nb.t.end(), graph_in_.t.begin());
+                                 shape_str(graph_in_.x_t.shape()) + ", now " + shape_str(in.x_t.shape()) + ")");
+      graph_in_.x_t.copy_from(in.x_t);
+      graph_in_.eps.copy_from(in.eps);
+      graph_in_.x0.copy_from(in.x0);
+      if (in.target.defined()) graph_in_.target.copy_from(in.target);
+      if (in.loss_scale.defined()) graph_in_.loss_scale.copy_from(in.loss_scale);
+      std::copy(in.t.begin(), in.t.end(), graph_in_.t.begin());
       if (y) std::copy(y->begin(), y->end(), graph_labels_.begin());
     } else {
-      graph_in_.x_t = nb.x_t.clone();
-      graph_in_.eps = nb.eps.clone();
-      graph_in_.x0 = nb.x0.clone();
-      graph_in_.t = nb.t;
+      graph_in_.x_t = in.x_t.clone();
+      graph_in_.eps = in.eps.clone();
+      graph_in_.x0 = in.x0.clone();
+      if (in.target.defined()) graph_in_.target = in.target.clone();
+      if (in.loss_scale.defined()) graph_in_.loss_scale = in.loss_scale.clone();
+      graph_in_.t = in.t;
       graph_labels_ = y ? *y : Labels{};
       graph_wanted_ = capture_step(y);
     }
