@@ -146,4 +146,19 @@ inline void check_op(const std::string& what, const OpFn& f, const std::vector<O
   }
 }
 
+// check_op once per subset of the inputs made constant (requires_grad off): an op must still give
+// the other inputs' gradients, and skip the work of the constant ones' without losing a term.
+inline void check_frozen(const std::string& what, const OpFn& f, const std::vector<OpInput>& in,
+                         const std::vector<std::vector<int>>& subsets, double tol, double grad_tol) {
+  for (const std::vector<int>& frozen : subsets) {
+    std::vector<OpInput> part = in;
+    std::string name = what + ", constant inputs:";
+    for (int i : frozen) {
+      part.at(static_cast<size_t>(i)).requires_grad = false;
+      name += " " + std::to_string(i);
+    }
+    check_op(name, f, part, tol, grad_tol);
+  }
+}
+
 }  // namespace diffuse::testing

@@ -477,16 +477,9 @@ TEST_CASE("backend ops: attention_block on both devices; in bf16 with the flash 
   }
   // Only some inputs needing a gradient: x and the norm's parameters constant; q, k, v frozen
   // (their convolution's input gradient only); the projection frozen.
-  for (const std::vector<int>& frozen : {std::vector<int>{0, 1, 2, 8}, std::vector<int>{3, 4, 5, 7, 8, 9},
-                                         std::vector<int>{6, 8, 10}, std::vector<int>{0, 3, 4, 5, 6, 7, 8, 9, 10}}) {
-    std::vector<OpInput> in = inputs(cases[0]);
-    std::string what = "bf16 flash attention_block, constant inputs:";
-    for (int i : frozen) {
-      in[static_cast<size_t>(i)].requires_grad = false;
-      what += " " + std::to_string(i);
-    }
-    check_op(what, op(2, 0.0, true), in, std::ldexp(1.0, -5), std::ldexp(1.0, -1));
-  }
+  check_frozen("bf16 flash attention_block", op(2, 0.0, true), inputs(cases[0]),
+               {{0, 1, 2, 8}, {3, 4, 5, 7, 8, 9}, {6, 8, 10}, {0, 3, 4, 5, 6, 7, 8, 9, 10}}, std::ldexp(1.0, -5),
+               std::ldexp(1.0, -1));
   // Refusals: a 3x3 projection, heads not dividing C, dropout without a generator.
   const std::vector<OpInput> in = inputs(cases[0]);
   std::vector<Var<float>> v;
@@ -617,29 +610,13 @@ TEST_CASE("backend ops: res_block on both devices; in bf16 the activation betwee
   // Only some inputs needing a gradient: x and norm1 constant; conv1 and temb constant (h's
   // gradient still made for norm2's parameters); norm2 and conv2 constant; everything but temb.
   set_cuda_math_mode(MathMode::BF16);
-  for (const std::vector<int>& frozen : {std::vector<int>{0, 1, 2}, std::vector<int>{3, 4, 8},
-                                         std::vector<int>{5, 6, 7, 9}, std::vector<int>{0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11},
-                                         std::vector<int>{0, 1, 2, 3, 4, 8, 10, 11}}) {
-    std::vector<OpInput> in = inputs(cases[0]);
-    std::string what = "bf16 res_block, constant inputs:";
-    for (int i : frozen) {
-      in[static_cast<size_t>(i)].requires_grad = false;
-      what += " " + std::to_string(i);
-    }
-    check_op(what, op(cases[0]), in, std::ldexp(1.0, -5), std::ldexp(1.0, -2));
-  }
+  check_frozen("bf16 res_block", op(cases[0]), inputs(cases[0]),
+               {{0, 1, 2}, {3, 4, 8}, {5, 6, 7, 9}, {0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11}, {0, 1, 2, 3, 4, 8, 10, 11}},
+               std::ldexp(1.0, -5), std::ldexp(1.0, -2));
   // x in parts: one part constant, the other; both and norm1 (no x gradient: the skip
   // convolution's weights still get theirs); the skip convolution constant.
-  for (const std::vector<int>& frozen : {std::vector<int>{0}, std::vector<int>{12}, std::vector<int>{0, 1, 2, 12},
-                                         std::vector<int>{10, 11}}) {
-    std::vector<OpInput> in = inputs(cases[3]);
-    std::string what = "bf16 res_block in parts, constant inputs:";
-    for (int i : frozen) {
-      in[static_cast<size_t>(i)].requires_grad = false;
-      what += " " + std::to_string(i);
-    }
-    check_op(what, op(cases[3]), in, std::ldexp(1.0, -5), std::ldexp(1.0, -2));
-  }
+  check_frozen("bf16 res_block in parts", op(cases[3]), inputs(cases[3]), {{0}, {12}, {0, 1, 2, 12}, {10, 11}},
+               std::ldexp(1.0, -5), std::ldexp(1.0, -2));
   // Refusals, as the ops it is made of give them: dropout without a generator, a wrong time
   // embedding, no skip where the channels change, groups not dividing conv1's outputs.
   const std::vector<OpInput> in = inputs(cases[0]);
