@@ -659,7 +659,7 @@ TEST_CASE("backend models: data-parallel training with one rank on the device eq
     o.steps = 2, o.batch = 2, o.lr = 1e-3, o.clip = 0.5, o.ema = 0.9, o.seed = seed;  // the emulation is slow
     o.label_dropout = 0.3, o.null_class = 3, o.log = nullptr;
     if (dp) o.comm = &one;
-    Trainer<float, std::remove_reference_t<decltype(m)>> tr(m, NoiseSchedule::linear(100), data, o);
+    Trainer<float, UNet<float>> tr(m, NoiseSchedule::linear(100), data, o);
     tr.on_step([&](const StepInfo& s) { losses[dp].push_back(s.loss); });
     tr.run();
     for (auto& [n, p] : m.named_parameters()) {
