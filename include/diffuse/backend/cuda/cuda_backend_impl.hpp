@@ -245,8 +245,9 @@ class CudaBackendImpl final : public CudaBackend {
   // ------------------------------------------------------------------ CUDA graphs
   // The CUDA runtime: the work goes to a blocking stream of the backend's own while it is
   // captured (the legacy default stream cannot be), cuBLAS with a fixed workspace from the first
-  // capture on (its default one may be allocated inside the capture), every block allocated or freed meanwhile into a pool of
-  // the allocator's that the graph keeps. The emulation: queued (capture_state.hpp).
+  // capture on (its default one may be allocated inside the capture), every block allocated or
+  // freed meanwhile into a pool of the allocator's that the graph keeps. The emulation: queued
+  // (capture_state.hpp).
   void capture_begin() override {
     CaptureState& c = capture_state();
     if (c.active) throw std::logic_error("diffuse: CUDA graph capture: a capture is already in progress");
