@@ -254,6 +254,8 @@ class Dnn {
     return ws_.data();
   }
   std::size_t workspace_size() const noexcept { return ws_.size(); }
+  // Gives the workspace back now (the next workspace() call makes a new one).
+  void release_workspace() { ws_.reset(); }
 
  private:
   cudnnHandle_t h_ = nullptr;
@@ -672,6 +674,7 @@ class Dnn {
   stream_t stream() const noexcept { return stream_; }
   void* workspace(std::size_t) noexcept { return nullptr; }
   std::size_t workspace_size() const noexcept { return 0; }
+  void release_workspace() noexcept {}
 
  private:
   stream_t stream_ = nullptr;

@@ -252,6 +252,11 @@ class CudaBackendImpl final : public CudaBackend {
     CaptureState& c = capture_state();
     if (c.active) throw std::logic_error("diffuse: CUDA graph capture: a capture is already in progress");
     if (prof_) capture_refuse("the profiler times each entry with events; turn profiling off to capture");
+    // The backend's own scratch and cuDNN's workspace are made afresh inside the capture, so that
+    // they are the graph's blocks: were the graph to use older ones, a later request for more
+    // (a sampling callback's larger batch) would free a block the graph still writes.
+    scratch_ = Tensor<std::uint8_t>();
+    if (dnn_) dnn_->release_workspace();
 #ifdef __CUDACC__
     blas(), dnn();  // made before: creating a handle allocates
     if (!capture_stream_) DIFFUSE_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_stream_, cudaStreamDefault));
