@@ -248,6 +248,40 @@ TEST_CASE("kernel image dropout_bits holds the CPU dropout's mask") {
   }
 }
 
+// Inside a captured CUDA graph a dropout mask is placed by a device word (DrawPos::base, where
+// the generator stands at a replay) plus its offset within the step: forward, backward and the
+// bits must be the CPU dropout's at word + offset.
+TEST_CASE("kernel image dropout placed by a device word is the CPU dropout at word + offset") {
+  using namespace diffuse::testing;
+  using namespace diffuse::testing::image_cases;
+  namespace k = diffuse::kernels;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 gen(seed);
+  for (const std::int64_t n : {1, 33, 1001}) {
+    for (const Launch L : launches()) {
+      const std::uint64_t s = gen(), word = (gen() >> 30) | (std::uint64_t{1} << 32), rel = 4 * (gen() % 100) + 1;
+      INFO("n " << n << " word " << word << " offset " << rel << " block " << L.block);
+      const std::size_t un = static_cast<std::size_t>(n);
+      const std::vector<float> x = randn(gen, un), dy = randn(gen, un);
+      const DropoutRef ref = cpu_dropout(x, dy, 0.3, s, word + rel, nullptr);  // x is never 0: y != 0 is the mask
+      DeviceBuffer<std::uint64_t> dword(std::vector<std::uint64_t>{word});
+      const diffuse::DrawPos at(rel, 0, dword.get());
+      DeviceBuffer<float> dx_in(x), dy_out(un), ddy(dy), ddx(un);
+      k::dropout_forward(dx_in.get(), dy_out.get(), n, 0.3, s, at, {}, L.block, L.max_blocks);
+      k::dropout_backward(ddy.get(), ddx.get(), n, 0.3, s, at, false, {}, L.block, L.max_blocks);
+      CHECK(count_unequal(dy_out.to_host(), ref.y) == 0);
+      CHECK(count_unequal(ddx.to_host(), ref.dx) == 0);
+      DeviceBuffer<std::uint32_t> bits((un + 31) / 32);
+      k::dropout_bits(bits.get(), n, 0.3, s, at, {}, L.block, L.max_blocks);
+      const std::vector<std::uint32_t> b = bits.to_host();
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < un; ++i) wrong += (((b[i / 32] >> (i % 32)) & 1u) != 0) != (ref.y[i] != 0.0f);
+      CHECK(wrong == 0);
+    }
+  }
+}
+
 TEST_CASE("kernel image timestep_embedding matches the CPU timestep_embedding") {
   using namespace diffuse::testing;
   using namespace diffuse::testing::image_cases;

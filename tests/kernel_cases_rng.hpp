@@ -96,3 +96,44 @@ TEST_CASE("kernels philox_normal_at and philox_uniform_at draw a data-parallel r
     }
   }
 }
+
+// Inside a captured CUDA graph a draw is placed by a device word (DrawPos::base, written before
+// each replay) plus its offset within the step: the kernels must draw the CPU Generator's numbers
+// at word + offset, also across the counter's 32-bit boundary and inside a rank's share.
+TEST_CASE("kernels philox_normal_at and philox_uniform_at placed by a device word draw the CPU's numbers at word + offset") {
+  using namespace diffuse::testing;
+  const std::uint64_t seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 pick(seed);
+  for (std::int64_t n : {1, 5, 1001}) {
+    for (std::uint32_t parts : {1u, 3u}) {
+      const std::uint64_t s = pick(), word = (pick() >> 30) | (std::uint64_t{1} << 32), rel = pick() % 1000;
+      const std::size_t whole = static_cast<std::size_t>(n) * parts;
+      std::vector<float> zc(whole), uc(whole);
+      diffuse::Generator one(s, word + rel);
+      one.normal(zc.data(), whole);
+      const std::uint64_t rel_u = one.offset - word;  // the uniform draw's place after the normal one
+      one.uniform(uc.data(), whole);
+      const std::uint32_t part = parts - 1;
+      INFO("n " << n << " part " << part << " of " << parts << " word " << word);
+      DeviceBuffer<std::uint64_t> dword(std::vector<std::uint64_t>{word});
+      DeviceBuffer<float> zd(static_cast<size_t>(n)), ud(static_cast<size_t>(n));
+      const std::uint64_t first = static_cast<std::uint64_t>(part) * static_cast<std::uint64_t>(n);
+      diffuse::kernels::philox_normal_at(zd.get(), n, s, diffuse::DrawPos(rel, first, dword.get()), {}, 64, 3);
+      diffuse::kernels::philox_uniform_at(ud.get(), n, s, diffuse::DrawPos(rel_u, first, dword.get()), {}, 64, 3);
+      const std::vector<float> z = zd.to_host(), u = ud.to_host();
+      size_t bad_u = 0, bad_z = 0;
+      for (size_t i = 0; i < z.size(); ++i) {
+        const size_t w = first + i;
+        bad_u += !(u[i] == uc[w]);
+#ifdef __CUDACC__
+        bad_z += !(std::fabs(z[i] - zc[w]) <= 16 * FLT_EPSILON * 6.0f);
+#else
+        bad_z += !(z[i] == zc[w]);
+#endif
+      }
+      CHECK(bad_u == 0);
+      CHECK(bad_z == 0);
+    }
+  }
+}
