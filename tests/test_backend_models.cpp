@@ -54,6 +54,42 @@ double norm_of(const Tensor<float>& t) {
   return std::sqrt(s);
 }
 
+// Where a training run ended, on the host: its losses (from a step hook), weights and EMA.
+struct RunEnd {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> w, ema;
+};
+void keep_end(const Module<float>& m, TrainerCore<float>& tr, RunEnd& r) {
+  for (auto& [n, p] : m.named_parameters()) {
+    const Tensor<float> h = p.value().cpu();
+    r.w.emplace_back(h.begin(), h.end());
+  }
+  for (auto& t : tr.ema().shadow()) {
+    const Tensor<float> h = t.cpu();
+    r.ema.emplace_back(h.begin(), h.end());
+  }
+}
+// Two runs that must train alike: bit for bit through the emulation; natively cuDNN's algorithms
+// may add in another order from one run to the next (atomics), so there the runs agree to that
+// rounding, amplified a little by a few Adam steps.
+void check_same_training(const RunEnd& a, const RunEnd& b) {
+  REQUIRE(a.losses.size() == b.losses.size());
+#ifdef DIFFUSE_TEST_NATIVE_CUDA
+  auto flat = [](const std::vector<std::vector<float>>& v) {
+    std::vector<float> f;
+    for (const auto& x : v) f.insert(f.end(), x.begin(), x.end());
+    return Tensor<float>::from(f, {static_cast<int64_t>(f.size())});
+  };
+  for (size_t s = 0; s < a.losses.size(); ++s) CHECK(std::abs(b.losses[s] - a.losses[s]) <= 1e-5 * a.losses[s]);
+  CHECK(rel_err(flat(b.w), flat(a.w)) < 1e-5);
+  CHECK(rel_err(flat(b.ema), flat(a.ema)) < 1e-5);
+#else
+  CHECK(b.losses == a.losses);
+  CHECK(b.w == a.w);
+  CHECK(b.ema == a.ema);
+#endif
+}
+
 // An attention block's key bias adds the same vector to every key, which shifts each query's
 // logits by one constant: softmax ignores it, so its gradient is 0 up to rounding on either device.
 bool is_key_bias(const std::string& n) { return n.size() > 7 && n.compare(n.size() - 7, 7, ".k.bias") == 0; }
@@ -647,8 +683,7 @@ TEST_CASE("backend models: data-parallel training with one rank on the device eq
   Tensor<float> images = Tensor<float>::randn({11, c.resolution, c.resolution, c.in_ch}, gd);
   std::vector<int32_t> labels;
   for (int32_t i = 0; i < 11; ++i) labels.push_back(i % 3);
-  std::vector<std::vector<float>> w[2], ema[2];
-  std::vector<double> losses[2];
+  RunEnd end[2];
   for (int dp = 0; dp < 2; ++dp) {
     Generator g(seed);
     UNet<float> m(c, g);
@@ -660,33 +695,11 @@ TEST_CASE("backend models: data-parallel training with one rank on the device eq
     o.label_dropout = 0.3, o.null_class = 3, o.log = nullptr;
     if (dp) o.comm = &one;
     Trainer<float, UNet<float>> tr(m, NoiseSchedule::linear(100), data, o);
-    tr.on_step([&](const StepInfo& s) { losses[dp].push_back(s.loss); });
+    tr.on_step([&](const StepInfo& s) { end[dp].losses.push_back(s.loss); });
     tr.run();
-    for (auto& [n, p] : m.named_parameters()) {
-      const Tensor<float> h = p.value().cpu();
-      w[dp].emplace_back(h.begin(), h.end());
-    }
-    for (auto& t : tr.ema().shadow()) {
-      const Tensor<float> h = t.cpu();
-      ema[dp].emplace_back(h.begin(), h.end());
-    }
+    keep_end(m, tr, end[dp]);
   }
-#ifdef DIFFUSE_TEST_NATIVE_CUDA
-  // cuDNN's algorithms may add in another order from one run to the next (atomics), so natively
-  // the two runs agree to that rounding, amplified a little by 2 Adam steps.
-  auto flat = [](const std::vector<std::vector<float>>& v) {
-    std::vector<float> f;
-    for (const auto& x : v) f.insert(f.end(), x.begin(), x.end());
-    return Tensor<float>::from(f, {static_cast<int64_t>(f.size())});
-  };
-  for (size_t s = 0; s < losses[0].size(); ++s) CHECK(std::abs(losses[1][s] - losses[0][s]) <= 1e-5 * losses[0][s]);
-  CHECK(rel_err(flat(w[1]), flat(w[0])) < 1e-5);
-  CHECK(rel_err(flat(ema[1]), flat(ema[0])) < 1e-5);
-#else
-  CHECK(losses[1] == losses[0]);
-  CHECK(w[1] == w[0]);
-  CHECK(ema[1] == ema[0]);
-#endif
+  check_same_training(end[0], end[1]);
 }
 
 // The loop reads the loss back only for log lines, hooks, callbacks and checkpoints; a NaN in
@@ -700,7 +713,7 @@ TEST_CASE("backend models: a NaN between reads stops the device loop at the last
   ToyMLPConfig c;
   c.hidden = 16, c.layers = 2, c.temb_dim = 16;
   std::string msg[3];
-  std::vector<std::vector<float>> w[3], ema[3];
+  RunEnd end[3];
   int64_t step[3] = {0, 0, 0};
   for (int run = 0; run < 3; ++run) {  // 0: CPU, 1: device, 2: device reading every step
     const Device dev = run == 0 ? Device::CPU : Device::CUDA;
@@ -725,15 +738,9 @@ TEST_CASE("backend models: a NaN between reads stops the device loop at the last
       msg[run] = e.what();
     }
     step[run] = tr.step();
-    for (auto& [n, p] : m.named_parameters()) {
-      const Tensor<float> h = p.value().cpu();
-      w[run].emplace_back(h.begin(), h.end());
-    }
-    for (auto& t : tr.ema().shadow()) {
-      const Tensor<float> h = t.cpu();
-      ema[run].emplace_back(h.begin(), h.end());
-    }
+    keep_end(m, tr, end[run]);
   }
+  const std::vector<std::vector<float>>* w[3] = {&end[0].w, &end[1].w, &end[2].w};
   INFO(msg[0]);
   CHECK(msg[0].find("loss is nan at step 6; no update from it on, the weights are step 5's") != std::string::npos);
   CHECK(msg[1] == msg[0]);
@@ -741,17 +748,17 @@ TEST_CASE("backend models: a NaN between reads stops the device loop at the last
   CHECK(step[1] == 5);
   CHECK(step[2] == 5);
   for (int run = 0; run < 3; ++run)
-    for (const auto& t : w[run])
+    for (const auto& t : *w[run])
       for (float x : t) REQUIRE(std::isfinite(x));
   // The device's two runs queue the same kernels on the same numbers.
 #ifdef DIFFUSE_TEST_NATIVE_CUDA
-  for (size_t k = 0; k < w[1].size(); ++k) {
-    CHECK(rel_err(Tensor<float>::from(w[1][k], {static_cast<int64_t>(w[1][k].size())}),
-                  Tensor<float>::from(w[2][k], {static_cast<int64_t>(w[2][k].size())})) < 1e-6);
+  for (size_t k = 0; k < w[1]->size(); ++k) {
+    CHECK(rel_err(Tensor<float>::from((*w[1])[k], {static_cast<int64_t>((*w[1])[k].size())}),
+                  Tensor<float>::from((*w[2])[k], {static_cast<int64_t>((*w[2])[k].size())})) < 1e-6);
   }
 #else
-  CHECK(w[1] == w[2]);
-  CHECK(ema[1] == ema[2]);
+  CHECK(end[1].w == end[2].w);
+  CHECK(end[1].ema == end[2].ema);
 #endif
 }
 
@@ -949,8 +956,7 @@ TEST_CASE("backend models: training with --cuda-graph equals the eager loop bit 
   Tensor<float> images = Tensor<float>::randn({7, c.resolution, c.resolution, c.in_ch}, gd);
   std::vector<int32_t> labels;
   for (int32_t i = 0; i < 7; ++i) labels.push_back(i % 3);
-  std::vector<std::vector<float>> w[2], ema[2];
-  std::vector<double> losses[2];
+  RunEnd end[2];
   std::string said[2];
   uint64_t offsets[2];
   auto train = [&](auto& m, int graphed) {
@@ -967,19 +973,12 @@ TEST_CASE("backend models: training with --cuda-graph equals the eager loop bit 
     o.objective.min_snr_gamma = mode.min_snr;
     o.cuda_graph = graphed;
     Trainer<float, std::remove_reference_t<decltype(m)>> tr(m, NoiseSchedule::linear(100), data, o);
-    tr.on_step([&](const StepInfo& s) { losses[graphed].push_back(s.loss); });
+    tr.on_step([&](const StepInfo& s) { end[graphed].losses.push_back(s.loss); });
     tr.run();
     std::fclose(log);
     const Bytes text = read_bytes(log_path);
     said[graphed].assign(text.begin(), text.end());
-    for (auto& [n, p] : m.named_parameters()) {
-      const Tensor<float> h = p.value().cpu();
-      w[graphed].emplace_back(h.begin(), h.end());
-    }
-    for (auto& t : tr.ema().shadow()) {
-      const Tensor<float> h = t.cpu();
-      ema[graphed].emplace_back(h.begin(), h.end());
-    }
+    keep_end(m, tr, end[graphed]);
     offsets[graphed] = tr.rng().offset;
   };
   for (int graphed = 0; graphed < 2; ++graphed) {
@@ -1001,19 +1000,6 @@ TEST_CASE("backend models: training with --cuda-graph equals the eager loop bit 
     CHECK_THAT(said[1], Catch::Contains("could not be captured, training without it (diffuse: CUDA graph capture: "
                                         "a copy to the host"));
   CHECK(offsets[1] == offsets[0]);
-  REQUIRE(losses[1].size() == 5);
-#ifdef DIFFUSE_TEST_NATIVE_CUDA
-  auto flat = [](const std::vector<std::vector<float>>& v) {
-    std::vector<float> f;
-    for (const auto& x : v) f.insert(f.end(), x.begin(), x.end());
-    return Tensor<float>::from(f, {static_cast<int64_t>(f.size())});
-  };
-  for (size_t s = 0; s < losses[0].size(); ++s) CHECK(std::abs(losses[1][s] - losses[0][s]) <= 1e-5 * losses[0][s]);
-  CHECK(rel_err(flat(w[1]), flat(w[0])) < 1e-5);
-  CHECK(rel_err(flat(ema[1]), flat(ema[0])) < 1e-5);
-#else
-  CHECK(losses[1] == losses[0]);
-  CHECK(w[1] == w[0]);
-  CHECK(ema[1] == ema[0]);
-#endif
+  REQUIRE(end[1].losses.size() == 5);
+  check_same_training(end[0], end[1]);
 }
